@@ -1,0 +1,343 @@
+//! The job file: raw TOML sections with every key documented, `--set` overrides, and the
+//! checks that turn it into a job we can run. Every key is described in `configs/README.md`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A whole job file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    pub job: JobSection,
+    pub model: ModelSection,
+    #[serde(default)]
+    pub data: DataSection,
+    /// Absent: full-parameter fine-tuning.
+    pub lora: Option<LoraSection>,
+    #[serde(default)]
+    pub training: TrainingSection,
+    #[serde(default)]
+    pub export: ExportSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    /// Name of the job, used in logs and as the default run directory `runs/<name>`.
+    pub name: String,
+    /// Where the run directory goes (config.toml, events.jsonl, export/).
+    pub run_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face model directory: config.json, safetensors (+ index), tokenizer files.
+    pub path: PathBuf,
+    /// Compute dtype. Only "f32" today; weights stored as bf16/f16 are widened on load.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training JSONL (needed by `train`).
+    pub train: Option<PathBuf>,
+    /// Evaluation JSONL (needed by `eval`; with `train`, evaluated every `training.eval_every` steps and at the end).
+    pub eval: Option<PathBuf>,
+    /// Longest row in tokens; longer samples are truncated (and counted in the audit).
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// Pack several short samples into one row (attention never crosses samples).
+    #[serde(default = "yes")]
+    pub packing: bool,
+    /// Supervise prompt tokens too (default: only assistant/completion tokens).
+    #[serde(default)]
+    pub train_on_prompt: bool,
+    /// Drop samples with no supervised token instead of failing.
+    #[serde(default)]
+    pub allow_empty_samples: bool,
+    /// Shuffle rows every epoch (deterministically from `training.seed`).
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            train: None,
+            eval: None,
+            max_seq_len: default_max_seq_len(),
+            packing: true,
+            train_on_prompt: false,
+            allow_empty_samples: false,
+            shuffle: true,
+        }
+    }
+}
+
+fn default_max_seq_len() -> usize {
+    2048
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// Rank of the update.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Dropout on the LoRA input during training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// PEFT module names to adapt.
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+    /// Rank-stabilised scaling alpha / sqrt(r).
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Start from this PEFT adapter directory instead of fresh adapters (its
+    /// adapter_config.json then defines r, alpha, targets, rslora).
+    pub init_adapter: Option<PathBuf>,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> Vec<String> {
+    vec!["q_proj".into(), "v_proj".into()]
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    /// Optimizer steps to take.
+    #[serde(default = "default_max_steps")]
+    pub max_steps: u64,
+    /// Rows per optimizer step.
+    #[serde(default = "default_global_batch")]
+    pub global_batch: usize,
+    /// Rows per forward/backward pass (gradients accumulate over global_batch / micro_batch).
+    #[serde(default = "default_micro_batch")]
+    pub micro_batch: usize,
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// "constant", "linear" or "cosine" (after warm-up), as in transformers.
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    /// Linear warm-up steps from 0 to `lr`.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// AdamW decoupled weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "default_eps")]
+    pub adam_eps: f64,
+    /// Clip the global gradient L2 norm to this; 0 disables clipping.
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    /// Seeds data order, LoRA init and dropout.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Evaluate on data.eval every N steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+}
+
+fn default_max_steps() -> u64 {
+    100
+}
+fn default_global_batch() -> usize {
+    8
+}
+fn default_micro_batch() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn default_schedule() -> String {
+    "linear".into()
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_seed() -> u64 {
+    42
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        // Deserialising an empty table applies every serde default above.
+        toml::from_str("").unwrap_or_else(|_| unreachable!("all training keys have defaults"))
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSection {
+    /// With LoRA, also write the adapter merged into the base as an HF model in export/merged.
+    #[serde(default)]
+    pub merged: bool,
+    /// Dtype of exported HF weights: "f32", "bf16" or "f16".
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+impl Default for ExportSection {
+    fn default() -> Self {
+        Self {
+            merged: false,
+            dtype: default_dtype(),
+        }
+    }
+}
+
+impl JobConfig {
+    /// Read a job file and apply `--set section.key=value` overrides.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigIo {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut value: toml::Table = toml::from_str(&text).map_err(|e| Error::Config {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        for o in overrides {
+            apply_override(&mut value, o).map_err(|message| Error::Config {
+                file: PathBuf::from("--set"),
+                message,
+            })?;
+        }
+        let config: JobConfig = toml::Value::Table(value).try_into().map_err(|e: toml::de::Error| Error::Config {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| Error::Config {
+            file: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// `runs/<name>` unless `job.run_dir` says otherwise.
+    pub fn run_dir(&self) -> PathBuf {
+        self.job.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(&self.job.name))
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.job.name.is_empty() {
+            return Err("job.name: must not be empty".into());
+        }
+        if self.model.dtype != "f32" {
+            return Err(format!("model.dtype: `{}` is not supported; use \"f32\"", self.model.dtype));
+        }
+        if !["f32", "bf16", "f16"].contains(&self.export.dtype.as_str()) {
+            return Err(format!("export.dtype: `{}`: expected \"f32\", \"bf16\" or \"f16\"", self.export.dtype));
+        }
+        if !["constant", "linear", "cosine"].contains(&self.training.schedule.as_str()) {
+            return Err(format!(
+                "training.schedule: `{}`: expected \"constant\", \"linear\" or \"cosine\"",
+                self.training.schedule
+            ));
+        }
+        if self.data.max_seq_len < 2 {
+            return Err("data.max_seq_len: must be at least 2".into());
+        }
+        Ok(())
+    }
+}
+
+/// `section.key=value`: the value is parsed as TOML (number, bool, array, quoted string) and
+/// otherwise taken as a bare string.
+fn apply_override(root: &mut toml::Table, spec: &str) -> std::result::Result<(), String> {
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("`{spec}`: expected section.key=value"))?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+        return Err(format!("`{spec}`: expected section.key=value"));
+    }
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let (last, sections) = path.split_last().ok_or_else(|| format!("`{spec}`: empty key"))?;
+    let mut table = root;
+    for s in sections {
+        let entry = table
+            .entry(s.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{spec}`: `{s}` is not a section"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[job]\nname = \"t\"\n[model]\npath = \"m\"\n";
+
+    fn parse(text: &str, sets: &[&str]) -> Result<JobConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, text).unwrap();
+        JobConfig::load(&path, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = parse(MIN, &["training.lr=0.5", "data.packing=false", "lora.r=4", "job.run_dir=out/x"]).unwrap();
+        assert_eq!(c.training.lr, 0.5);
+        assert!(!c.data.packing);
+        assert_eq!(c.lora.as_ref().map(|l| l.r), Some(4));
+        assert_eq!(c.run_dir(), PathBuf::from("out/x"));
+        assert_eq!(c.training.max_grad_norm, 1.0);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse(&format!("{MIN}[training]\nlearning_rate = 1.0\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("learning_rate"), "{err}");
+        let err = parse(MIN, &["training.bogus=1"]).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = parse(&format!("{MIN}[training]\nschedule = \"step\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("training.schedule"), "{err}");
+    }
+}

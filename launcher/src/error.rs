@@ -1,0 +1,61 @@
+//! Errors of the `launch` CLI and the exit code each maps to.
+
+use std::path::PathBuf;
+
+/// What `launch` can fail with. [`Error::exit_code`]: 2 for bad configuration or usage,
+/// 1 for failures while running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The job file or an override is invalid (the message names the key).
+    #[error("{file}: {message}")]
+    Config { file: PathBuf, message: String },
+    /// The job file cannot be read.
+    #[error("{path}: {source}")]
+    ConfigIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A path named by the config or the command line does not exist or is of the wrong kind.
+    #[error("{key}: {path}: {message}")]
+    BadPath {
+        key: String,
+        path: PathBuf,
+        message: String,
+    },
+    /// The run directory cannot be written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Trainer(#[from] trainer::Error),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::Error),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config { .. } | Error::ConfigIo { .. } | Error::BadPath { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error for a path named by `key` that is missing.
+pub fn require_exists(key: &str, path: &std::path::Path) -> Result<()> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(Error::BadPath {
+            key: key.into(),
+            path: path.to_path_buf(),
+            message: "no such file or directory".into(),
+        })
+    }
+}

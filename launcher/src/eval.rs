@@ -1,0 +1,52 @@
+//! `launch eval`: mean token loss of `model.path` (+ an adapter) on `data.eval`.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use serde_json::json;
+
+use crate::config::JobConfig;
+use crate::error::{require_exists, Error, Result};
+use crate::setup;
+
+/// The numbers `launch eval` prints as its last line.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EvalReport {
+    pub loss: f64,
+    pub tokens: usize,
+    pub samples: usize,
+}
+
+pub fn run(cfg: &JobConfig, adapter: Option<&Path>) -> Result<EvalReport> {
+    run_on::<setup::Cpu>(cfg, adapter, &Default::default())
+}
+
+pub fn run_on<B: Backend>(cfg: &JobConfig, adapter: Option<&Path>, device: &B::Device) -> Result<EvalReport> {
+    let eval_path = cfg.data.eval.clone().ok_or_else(|| Error::Config {
+        file: "config".into(),
+        message: "data.eval: required by `launch eval`".into(),
+    })?;
+    setup::require_dir("model.path", &cfg.model.path)?;
+    require_exists("data.eval", &eval_path)?;
+    if let Some(a) = adapter {
+        setup::require_dir("--adapter", a)?;
+    }
+    let tokenizer = setup::tokenizer_for(&cfg.model.path, &[&eval_path])?;
+    let (rows, audit) = setup::dataset("data.eval", &eval_path, tokenizer.as_ref(), &cfg.data)?;
+    eprintln!("{audit}");
+    let mut model = trainer::load_hf_model::<B>(&cfg.model.path, false, device)?;
+    if let Some(dir) = adapter {
+        model = trainer::lora::load_adapter(model, dir, false)?.0;
+    }
+    let r = trainer::evaluate(&model, &rows, cfg.training.micro_batch)?;
+    Ok(EvalReport {
+        loss: r.loss,
+        tokens: r.tokens,
+        samples: audit.samples,
+    })
+}
+
+/// The single JSON line `launch eval` ends with.
+pub fn report_line(r: &EvalReport) -> String {
+    json!({"loss": r.loss, "tokens": r.tokens, "samples": r.samples}).to_string()
+}

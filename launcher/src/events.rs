@@ -1,0 +1,58 @@
+//! `events.jsonl`: one JSON object per line, appended and flushed as things happen.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+use crate::error::{Error, Result};
+
+/// The job's event log. Every event carries `event`, `time` (Unix seconds), `generation`
+/// and `rank`.
+pub struct EventLog {
+    file: File,
+    path: PathBuf,
+    generation: u64,
+    rank: usize,
+}
+
+impl EventLog {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            generation: 0,
+            rank: 0,
+        })
+    }
+
+    /// Append `{"event": kind, "time", "generation", "rank", ...fields}`.
+    pub fn emit(&mut self, kind: &str, fields: Value) -> Result<()> {
+        let time = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let mut obj = Map::new();
+        obj.insert("event".into(), json!(kind));
+        obj.insert("time".into(), json!(time));
+        obj.insert("generation".into(), json!(self.generation));
+        obj.insert("rank".into(), json!(self.rank));
+        if let Value::Object(extra) = fields {
+            obj.extend(extra);
+        }
+        let line = Value::Object(obj).to_string();
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.flush())
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}

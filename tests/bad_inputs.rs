@@ -1,0 +1,150 @@
+//! Bad input gets a clear error naming the file, key or line — never a panic, and `launch`
+//! exits 2 for bad configuration, 1 for failures while running.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use tidemill::trainer::load_hf_model;
+
+/// A copy of a fixture model in a temp dir, to damage.
+fn copy_model(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for entry in std::fs::read_dir(model_dir(name)).expect("fixture dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    (tmp, dir)
+}
+
+fn load_err(dir: &Path) -> String {
+    match load_hf_model::<Cpu>(dir, false, &Default::default()) {
+        Ok(_) => panic!("{} should not load", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn job(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("job.toml");
+    std::fs::write(&path, body).expect("write job");
+    path
+}
+
+fn eval_job(dir: &Path, model: &Path, eval: &Path) -> PathBuf {
+    job(
+        dir,
+        &format!(
+            "[job]\nname = \"bad\"\nrun_dir = \"{}\"\n[model]\npath = \"{}\"\n[data]\neval = \"{}\"\npacking = false\n",
+            dir.join("run").display(),
+            model.display(),
+            eval.display()
+        ),
+    )
+}
+
+#[test]
+fn unknown_config_key_exits_2_naming_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = job(tmp.path(), "[job]\nname = \"x\"\n[model]\npath = \"m\"\n[training]\nlearnin_rate = 1\n");
+    let out = launch(&["train", path.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("learnin_rate"), "{}", stderr(&out));
+    let out = launch(&["train", path.to_str().expect("utf8"), "--set", "lora.rank=4"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn missing_files_exit_2_naming_the_key() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = launch(&["train", tmp.path().join("nope.toml").to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("nope.toml"), "{}", stderr(&out));
+
+    let missing = tmp.path().join("no-model");
+    let eval = fixtures().join("data/eval_tokens.jsonl");
+    let path = eval_job(tmp.path(), &missing, &eval);
+    let out = launch(&["eval", path.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("model.path") && stderr(&out).contains("no-model"), "{}", stderr(&out));
+
+    let path = eval_job(tmp.path(), &model_dir("llama2"), &tmp.path().join("gone.jsonl"));
+    let out = launch(&["eval", path.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("data.eval") && stderr(&out).contains("gone.jsonl"), "{}", stderr(&out));
+}
+
+#[test]
+fn truncated_safetensors_names_the_file() {
+    let (_tmp, dir) = copy_model("llama2");
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).expect("read");
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).expect("truncate");
+    let msg = load_err(&dir);
+    assert!(msg.contains("model.safetensors"), "{msg}");
+}
+
+#[test]
+fn header_lying_about_offsets_names_file_and_tensor() {
+    let (_tmp, dir) = copy_model("llama2");
+    let file = dir.join("model.safetensors");
+    let header = r#"{"model.norm.weight":{"dtype":"F32","shape":[32],"data_offsets":[0,4096]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0u8; 128]);
+    std::fs::write(&file, bytes).expect("write");
+    let msg = load_err(&dir);
+    assert!(msg.contains("model.safetensors") && msg.contains("model.norm.weight"), "{msg}");
+}
+
+#[test]
+fn wrong_shapes_name_tensor_and_both_shapes() {
+    let (_tmp, dir) = copy_model("llama2");
+    let config = std::fs::read_to_string(dir.join("config.json")).expect("config");
+    let changed = config.replace("\"intermediate_size\": 64", "\"intermediate_size\": 65");
+    assert_ne!(config, changed, "fixture config has intermediate_size 64");
+    std::fs::write(dir.join("config.json"), changed).expect("write");
+    let msg = load_err(&dir);
+    assert!(msg.contains("mlp.gate_proj.weight") && msg.contains("[65, 32]") && msg.contains("[64, 32]"), "{msg}");
+}
+
+#[test]
+fn missing_and_unexpected_tensors_are_named() {
+    let (_tmp, dir) = copy_model("llama2");
+    let mut tensors = tidemill::checkpoint::read_safetensors(&dir.join("model.safetensors")).expect("read");
+    let norm = tensors.remove("model.norm.weight").expect("norm");
+    let meta = Default::default();
+    let file = dir.join("model.safetensors");
+    tidemill::checkpoint::write_safetensors(&file, &tensors, tidemill::checkpoint::DType::F32, &meta).expect("write");
+    let msg = load_err(&dir);
+    assert!(msg.contains("missing tensor `model.norm.weight`"), "{msg}");
+    tensors.insert("model.norm.weight".into(), norm.clone());
+    tensors.insert("model.extra.weight".into(), norm);
+    tidemill::checkpoint::write_safetensors(&file, &tensors, tidemill::checkpoint::DType::F32, &meta).expect("write");
+    let msg = load_err(&dir);
+    assert!(msg.contains("unexpected tensor `model.extra.weight`"), "{msg}");
+}
+
+#[test]
+fn malformed_jsonl_names_the_line() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("eval.jsonl");
+    std::fs::write(&data, "{\"input_ids\":[1,2,3]}\n\n{\"input_ids\":[1,2,\n{\"input_ids\":[4,5]}\n").expect("write");
+    let path = eval_job(tmp.path(), &model_dir("llama2"), &data);
+    let out = launch(&["eval", path.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("eval.jsonl:3"), "{}", stderr(&out));
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_an_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("eval.jsonl");
+    std::fs::write(&data, "{\"input_ids\":[1,2,3]}\n{\"input_ids\":[1,96000]}\n").expect("write");
+    let path = eval_job(tmp.path(), &model_dir("llama2"), &data);
+    let out = launch(&["eval", path.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("96000"), "{}", stderr(&out));
+}

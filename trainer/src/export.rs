@@ -1,0 +1,78 @@
+//! Writing a fine-tuned model as a Hugging Face model directory that
+//! `AutoModelForCausalLM.from_pretrained` loads unchanged.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use checkpoint::DType;
+
+use crate::error::{Error, Result};
+use crate::model::hf::to_hf_tensors;
+use crate::model::CausalLm;
+
+/// Files of an HF model directory, besides the weights, that travel with an export.
+const COMPANION_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// Largest single safetensors file before the export is sharded (as transformers' 5 GB).
+const MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Write `model` (LoRA merged) into `out` as an HF model: the weights in `dtype`, and
+/// config/tokenizer files copied from `base_dir`. Written into a sibling temporary directory
+/// and renamed into place, so a failed export leaves nothing that looks complete.
+pub fn save_hf_model<B: Backend>(model: &CausalLm<B>, base_dir: &Path, out: &Path, dtype: DType) -> Result<()> {
+    let tmp = sibling_tmp(out);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let result = (|| {
+        for name in COMPANION_FILES {
+            let src = base_dir.join(name);
+            if src.is_file() {
+                std::fs::copy(&src, tmp.join(name)).map_err(io(&src))?;
+            }
+        }
+        checkpoint::save_hf_weights(&tmp, &to_hf_tensors(model), dtype, MAX_SHARD_BYTES)?;
+        replace_dir(&tmp, out)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// `out` with a `.tmp-<pid>` suffix, in the same parent directory (same filesystem).
+pub fn sibling_tmp(out: &Path) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Move a finished directory into place, replacing what was there.
+pub fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(io(out))?;
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    std::fs::rename(tmp, out).map_err(io(out))
+}

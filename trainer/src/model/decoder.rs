@@ -1,0 +1,241 @@
+//! The decoder-only transformer shared by Llama, Mistral, Qwen2 and Mixtral.
+//!
+//! Shapes: `b` batch, `s` sequence, `h` hidden, `n = b·s` tokens, `d` head dim.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use super::config::ModelConfig;
+use super::linear::Linear;
+use super::rope;
+
+/// RMSNorm as transformers computes it: `w · x / sqrt(mean(x²) + eps)`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// `x: [n, h]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let variance = x.clone().powi_scalar(2).mean_dim(1);
+        let normed = x * variance.add_scalar(self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze_dim(0)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Everything about a batch that every layer shares.
+pub struct Context<B: Backend> {
+    pub batch: usize,
+    pub seq: usize,
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+    /// Additive attention mask `[b, 1, s, s]`: 0 where attention is allowed, -inf elsewhere.
+    pub mask: Tensor<B, 4>,
+    pub train: bool,
+}
+
+impl<B: Backend> Attention<B> {
+    fn heads(&self, x: Tensor<B, 2>, heads: usize, ctx: &Context<B>) -> Tensor<B, 4> {
+        x.reshape([ctx.batch, ctx.seq, heads, self.head_dim]).swap_dims(1, 2)
+    }
+
+    /// `[b, kv, s, d]` → `[b, kv·groups, s, d]`, each kv head repeated `groups` times in place
+    /// (transformers' `repeat_kv`).
+    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let groups = self.num_heads / self.num_kv_heads;
+        if groups == 1 {
+            return x;
+        }
+        let [b, kv, s, d] = x.dims();
+        x.unsqueeze_dim::<5>(2).expand([b, kv, groups, s, d]).reshape([b, kv * groups, s, d])
+    }
+
+    /// `x: [n, h]` → `[n, h]`.
+    pub fn forward(&self, x: Tensor<B, 2>, ctx: &Context<B>) -> Tensor<B, 2> {
+        let q = self.heads(self.q_proj.forward(x.clone(), ctx.train), self.num_heads, ctx);
+        let k = self.heads(self.k_proj.forward(x.clone(), ctx.train), self.num_kv_heads, ctx);
+        let v = self.heads(self.v_proj.forward(x, ctx.train), self.num_kv_heads, ctx);
+        let q = rope::apply(q, &ctx.cos, &ctx.sin);
+        let k = self.repeat_kv(rope::apply(k, &ctx.cos, &ctx.sin));
+        let v = self.repeat_kv(v);
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + ctx.mask.clone();
+        let out = softmax(scores, 3).matmul(v);
+        let n = ctx.batch * ctx.seq;
+        let out = out.swap_dims(1, 2).reshape([n, self.num_heads * self.head_dim]);
+        self.o_proj.forward(out, ctx.train)
+    }
+}
+
+/// The SwiGLU feed-forward: `down(silu(gate(x)) · up(x))`. Mixtral's experts name the
+/// same three projections `w1` (gate), `w3` (up) and `w2` (down).
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+        let gate = silu(self.gate_proj.forward(x.clone(), train));
+        self.down_proj.forward(gate * self.up_proj.forward(x, train), train)
+    }
+}
+
+/// Mixtral's sparse block: softmax over the router logits, keep the top-k, renormalise them
+/// to sum to 1, and add each chosen expert's output weighted by its share.
+#[derive(Module, Debug)]
+pub struct Moe<B: Backend> {
+    pub gate: Linear<B>,
+    pub experts: Vec<Mlp<B>>,
+    pub top_k: usize,
+}
+
+impl<B: Backend> Moe<B> {
+    pub fn forward(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+        let [n, h] = x.dims();
+        let probs = softmax(self.gate.forward(x.clone(), train), 1);
+        let (top, index) = probs.topk_with_indices(self.top_k, 1);
+        let weights = top.clone() / top.sum_dim(1);
+        // Route on the host: which (token, slot) pairs go to each expert.
+        let index = index.into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default();
+        let mut routes: Vec<Vec<(i64, i64)>> = vec![Vec::new(); self.experts.len()];
+        for (i, &e) in index.iter().enumerate() {
+            let token = (i / self.top_k) as i64;
+            let slot = (i % self.top_k) as i64;
+            if let Some(route) = usize::try_from(e).ok().and_then(|e| routes.get_mut(e)) {
+                route.push((token, slot));
+            }
+        }
+        let device = x.device();
+        let mut out = Tensor::<B, 2>::zeros([n, h], &device);
+        for (expert, route) in self.experts.iter().zip(&routes) {
+            if route.is_empty() {
+                continue;
+            }
+            let m = route.len();
+            let tokens: Vec<i64> = route.iter().map(|r| r.0).collect();
+            let slots: Vec<i64> = route.iter().map(|r| r.1).collect();
+            let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(tokens, [m]), &device);
+            let slots = Tensor::<B, 2, Int>::from_data(TensorData::new(slots, [m, 1]), &device);
+            let share = weights.clone().select(0, tokens.clone()).gather(1, slots);
+            let y = expert.forward(x.clone().select(0, tokens.clone()), train) * share;
+            out = out.select_assign(0, tokens, y, IndexingUpdateOp::Add);
+        }
+        out
+    }
+}
+
+/// The feed-forward half of a layer: dense or mixture of experts.
+#[derive(Module, Debug)]
+pub enum FeedForward<B: Backend> {
+    Dense(Mlp<B>),
+    Sparse(Moe<B>),
+}
+
+#[derive(Module, Debug)]
+pub struct Layer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub ffn: FeedForward<B>,
+}
+
+impl<B: Backend> Layer<B> {
+    pub fn forward(&self, x: Tensor<B, 2>, ctx: &Context<B>) -> Tensor<B, 2> {
+        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), ctx);
+        let normed = self.post_attention_layernorm.forward(x.clone());
+        let y = match &self.ffn {
+            FeedForward::Dense(mlp) => mlp.forward(normed, ctx.train),
+            FeedForward::Sparse(moe) => moe.forward(normed, ctx.train),
+        };
+        x + y
+    }
+}
+
+/// A causal language model: embeddings, decoder layers, final norm, LM head.
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<Layer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the head is tied to the embeddings.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    pub config: ModelConfig,
+    #[module(skip)]
+    pub inv_freq: Vec<f32>,
+}
+
+/// The token-level inputs of one forward pass, on the host, row-major `[batch, seq]`.
+pub struct Inputs<'a> {
+    pub batch: usize,
+    pub seq: usize,
+    pub tokens: &'a [u32],
+    /// Position ids (restart at 0 for each packed sample).
+    pub positions: &'a [u32],
+    /// Sample id of each token; attention never crosses samples.
+    pub segments: &'a [u32],
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Logits `[b·s, vocab]`.
+    pub fn forward(&self, inputs: &Inputs<'_>, train: bool) -> Tensor<B, 2> {
+        let device = self.embed_tokens.device();
+        let (b, s) = (inputs.batch, inputs.seq);
+        let ids: Vec<i64> = inputs.tokens.iter().map(|&t| i64::from(t)).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * s]), &device);
+        let (cos, sin) = rope::cos_sin::<B>(&self.inv_freq, inputs.positions, b, s, &device);
+        let mask = attention_mask::<B>(inputs, self.config.sliding_window, &device);
+        let ctx = Context {
+            batch: b,
+            seq: s,
+            cos,
+            sin,
+            mask,
+            train,
+        };
+        let mut x = self.embed_tokens.val().select(0, ids);
+        for layer in &self.layers {
+            x = layer.forward(x, &ctx);
+        }
+        let x = self.norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x, train),
+            None => x.matmul(self.embed_tokens.val().transpose()),
+        }
+    }
+}
+
+/// Causal, per-sample (packing) and optional sliding-window mask, `[b, 1, s, s]`.
+fn attention_mask<B: Backend>(inputs: &Inputs<'_>, window: Option<usize>, device: &B::Device) -> Tensor<B, 4> {
+    let (b, s) = (inputs.batch, inputs.seq);
+    let mut mask = vec![f32::NEG_INFINITY; b * s * s];
+    for row in 0..b {
+        let seg = &inputs.segments[row * s..(row + 1) * s];
+        for i in 0..s {
+            for j in 0..=i {
+                let in_window = window.is_none_or(|w| i - j < w);
+                if seg[i] == seg[j] && in_window {
+                    mask[(row * s + i) * s + j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(mask, [b, 1, s, s]), device)
+}

@@ -1,0 +1,107 @@
+//! A linear projection with an optional, unmerged LoRA branch:
+//! `y = x·W + b + s · dropout(x)·A·B`.
+
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
+
+use checkpoint::HostTensor;
+
+/// The low-rank update of one [`Linear`] (PEFT's `lora_A`, `lora_B`).
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// `[in, r]` — PEFT stores its transpose, `lora_A.weight: [r, in]`.
+    pub a: Param<Tensor<B, 2>>,
+    /// `[r, out]` — PEFT stores its transpose, `lora_B.weight: [out, r]`.
+    pub b: Param<Tensor<B, 2>>,
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub scale: f64,
+    /// Dropout probability on the LoRA input, applied only in training.
+    pub dropout: f64,
+}
+
+/// A dense projection. The weight is kept as `[in, out]` (burn's layout); HF stores `[out, in]`.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<Lora<B>>,
+}
+
+/// Make a parameter from host data, trainable or frozen.
+pub fn param<B: Backend, const D: usize>(
+    t: HostTensor,
+    trainable: bool,
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    let tensor = Tensor::from_data(TensorData::new(t.data, t.shape), device);
+    Param::from_tensor(tensor).set_require_grad(trainable)
+}
+
+/// Transpose a row-major `[rows, cols]` host matrix.
+pub fn transpose(t: &HostTensor) -> HostTensor {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let mut out = vec![0.0; t.data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = t.data[r * cols + c];
+        }
+    }
+    HostTensor::new(vec![cols, rows], out)
+}
+
+/// Copy a tensor back to the host.
+pub fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
+    let shape = t.dims().to_vec();
+    let data = t.into_data().convert::<f32>();
+    // A float tensor converted to f32 always yields an f32 vector.
+    let values = data.to_vec::<f32>().unwrap_or_default();
+    HostTensor::new(shape, values)
+}
+
+impl<B: Backend> Linear<B> {
+    /// From HF tensors: `weight: [out, in]`, `bias: [out]`.
+    pub fn from_hf(weight: HostTensor, bias: Option<HostTensor>, trainable: bool, device: &B::Device) -> Self {
+        Self {
+            weight: param(transpose(&weight), trainable, device),
+            bias: bias.map(|b| param(b, trainable, device)),
+            lora: None,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// `x: [n, in]` → `[n, out]`.
+    pub fn forward(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+        let mut y = x.clone().matmul(self.weight.val());
+        if let Some(bias) = &self.bias {
+            y = y + bias.val().unsqueeze_dim(0);
+        }
+        if let Some(lora) = &self.lora {
+            let x = if train && lora.dropout > 0.0 {
+                let keep = 1.0 - lora.dropout;
+                let mask = Tensor::<B, 2>::random(x.dims(), Distribution::Bernoulli(keep), &x.device());
+                x * mask.div_scalar(keep)
+            } else {
+                x
+            };
+            let update = x.matmul(lora.a.val()).matmul(lora.b.val());
+            y = y + update.mul_scalar(lora.scale);
+        }
+        y
+    }
+
+    /// HF `[out, in]` weight with the LoRA update merged in: `W + s·(A·B)ᵀ`.
+    pub fn merged_hf_weight(&self) -> HostTensor {
+        let mut w = self.weight.val();
+        if let Some(lora) = &self.lora {
+            w = w + lora.a.val().matmul(lora.b.val()).mul_scalar(lora.scale);
+        }
+        transpose(&to_host(w))
+    }
+}

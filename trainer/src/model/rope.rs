@@ -1,0 +1,102 @@
+//! Rotary position embeddings, computed the way transformers' `LlamaRotaryEmbedding` does.
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use super::config::{ModelConfig, RopeScaling};
+
+/// Inverse frequencies `1 / theta^(2i/d)` for `i < d/2`, scaled as the config asks.
+pub fn inv_freq(config: &ModelConfig) -> Vec<f32> {
+    let dim = config.head_dim as f64;
+    let base: Vec<f64> = (0..config.head_dim / 2)
+        .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim))
+        .collect();
+    let scaled: Vec<f64> = match config.rope_scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old_len,
+        } => {
+            let low_freq_wavelen = old_len / low_freq_factor;
+            let high_freq_wavelen = old_len / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_freq_wavelen {
+                        f
+                    } else if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    };
+    scaled.into_iter().map(|f| f as f32).collect()
+}
+
+/// `cos` and `sin` tables for the given position ids, each `[batch, 1, seq, head_dim]`
+/// (the frequencies repeated twice along the last dim, as in transformers' `rotate_half` form).
+pub fn cos_sin<B: Backend>(
+    inv_freq: &[f32],
+    positions: &[u32],
+    batch: usize,
+    seq: usize,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let half = inv_freq.len();
+    let dim = 2 * half;
+    let mut cos = Vec::with_capacity(positions.len() * dim);
+    let mut sin = Vec::with_capacity(positions.len() * dim);
+    for &p in positions {
+        let angles = inv_freq.iter().map(|f| p as f32 * f);
+        let (c, s): (Vec<f32>, Vec<f32>) = angles.map(|a| (a.cos(), a.sin())).unzip();
+        cos.extend_from_slice(&c);
+        cos.extend_from_slice(&c);
+        sin.extend_from_slice(&s);
+        sin.extend_from_slice(&s);
+    }
+    let shape = [batch, 1, seq, dim];
+    (
+        Tensor::from_data(TensorData::new(cos, shape), device),
+        Tensor::from_data(TensorData::new(sin, shape), device),
+    )
+}
+
+/// `x * cos + rotate_half(x) * sin` for `x: [batch, heads, seq, head_dim]`.
+pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, s, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::ModelConfig;
+    use std::path::Path;
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let json = r#"{"model_type":"llama","vocab_size":8,"hidden_size":64,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":1,"rope_theta":500000.0,
+            "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":64}}"#;
+        let scaled = ModelConfig::from_json_str(json, Path::new("c.json")).unwrap();
+        let mut plain = scaled.clone();
+        plain.rope_scaling = RopeScaling::None;
+        let (s, p) = (inv_freq(&scaled), inv_freq(&plain));
+        // Highest frequency: wavelength 2π < 64/4, untouched.
+        assert_eq!(s[0], p[0]);
+        // Lowest frequency: wavelength far above 64, divided by the factor.
+        let last = s.len() - 1;
+        assert!((s[last] * 8.0 - p[last]).abs() <= p[last] * 1e-6);
+    }
+}

@@ -1,0 +1,231 @@
+//! The training loop: micro-batches, gradient accumulation over a global batch, clipping,
+//! AdamW, schedule. One process; parallel layouts build on it.
+
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ElementConversion;
+
+use crate::data::{collate, epoch_order, Batch, Row};
+use crate::error::{Error, Result};
+use crate::loss::{cross_entropy, supervised};
+use crate::model::{CausalLm, Inputs};
+use crate::optim::{clip_grad_norm, AdamWOptions, Schedule};
+
+/// How to train: batch sizes, optimizer, schedule, clipping, seed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOptions {
+    /// Rows (packed or single samples) per optimizer step.
+    pub global_batch: usize,
+    /// Rows per forward/backward pass; `global_batch / micro_batch` passes are accumulated.
+    pub micro_batch: usize,
+    pub schedule: Schedule,
+    pub adamw: AdamWOptions,
+    /// Global L2 norm above which gradients are scaled down; `None` disables clipping.
+    pub max_grad_norm: Option<f64>,
+    /// Seeds data order and dropout.
+    pub seed: u64,
+    /// Shuffle rows each epoch (deterministically from `seed`).
+    pub shuffle: bool,
+}
+
+impl TrainOptions {
+    pub fn validate(&self, rows: usize) -> Result<()> {
+        let bad = |key: &str, message: String| Err(Error::Training { key: key.into(), message });
+        if self.micro_batch == 0 {
+            return bad("micro_batch", "must be at least 1".into());
+        }
+        if self.global_batch == 0 || self.global_batch % self.micro_batch != 0 {
+            return bad(
+                "global_batch",
+                format!("{} must be a positive multiple of micro_batch {}", self.global_batch, self.micro_batch),
+            );
+        }
+        if rows == 0 {
+            return bad("data.train", "the dataset has no rows".into());
+        }
+        if !(self.schedule.lr.is_finite() && self.schedule.lr > 0.0) {
+            return bad("lr", format!("{} must be a positive number", self.schedule.lr));
+        }
+        if self.max_grad_norm.is_some_and(|m| !(m > 0.0)) {
+            return bad("max_grad_norm", "must be positive".into());
+        }
+        self.adamw.validate()
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepStats {
+    /// 1-based number of the step just taken.
+    pub step: u64,
+    /// Mean cross-entropy over the supervised tokens of the global batch.
+    pub loss: f64,
+    pub lr: f64,
+    /// Gradient L2 norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed (padding excluded) and supervised.
+    pub tokens: usize,
+    pub supervised_tokens: usize,
+    pub seconds: f64,
+}
+
+/// A model, its optimizer and a position in the data stream.
+pub struct Trainer<B: AutodiffBackend> {
+    model: Option<CausalLm<B>>,
+    optim: OptimizerAdaptor<AdamW, CausalLm<B>, B>,
+    rows: Vec<Row>,
+    opts: TrainOptions,
+    step: u64,
+    epoch: u64,
+    order: Vec<usize>,
+    cursor: usize,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    pub fn new(model: CausalLm<B>, rows: Vec<Row>, opts: TrainOptions) -> Result<Self> {
+        opts.validate(rows.len())?;
+        check_vocab(&rows, model.config.vocab_size)?;
+        B::seed(&model.embed_tokens.device(), opts.seed);
+        let order = epoch_order(rows.len(), opts.seed, 0, opts.shuffle);
+        Ok(Self {
+            model: Some(model),
+            optim: opts.adamw.build(),
+            rows,
+            opts,
+            step: 0,
+            epoch: 0,
+            order,
+            cursor: 0,
+        })
+    }
+
+    /// Steps taken so far.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    pub fn model(&self) -> &CausalLm<B> {
+        // Only `step` takes the model out, and it always puts it back.
+        self.model.as_ref().expect("model is present between steps")
+    }
+
+    pub fn into_model(mut self) -> CausalLm<B> {
+        self.model.take().expect("model is present between steps")
+    }
+
+    /// The next `n` rows of the (shuffled, repeating) data stream.
+    fn next_rows(&mut self, n: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            if self.cursor == self.order.len() {
+                self.epoch += 1;
+                self.order = epoch_order(self.rows.len(), self.opts.seed, self.epoch, self.opts.shuffle);
+                self.cursor = 0;
+            }
+            out.push(self.order[self.cursor]);
+            self.cursor += 1;
+        }
+        out
+    }
+
+    /// One optimizer step over one global batch.
+    pub fn step(&mut self) -> Result<StepStats> {
+        let start = Instant::now();
+        let picked = self.next_rows(self.opts.global_batch);
+        let batches: Vec<Batch> = picked
+            .chunks(self.opts.micro_batch)
+            .map(|ids| collate(&ids.iter().map(|&i| &self.rows[i]).collect::<Vec<_>>()))
+            .collect();
+        let denominator: usize = batches.iter().map(|b| supervised(&b.targets)).sum();
+        let tokens: usize = picked.iter().map(|&i| self.rows[i].tokens.len()).sum();
+        let model = self.model.take().expect("model is present between steps");
+        let mut accumulated = GradientsAccumulator::<CausalLm<B>>::new();
+        let mut loss_sum = 0.0;
+        for batch in &batches {
+            let logits = model.forward(&inputs(batch), true);
+            let loss = cross_entropy(logits, &batch.targets, denominator.max(1) as f64);
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulated.accumulate(&model, grads);
+        }
+        let mut grads = accumulated.grads();
+        let grad_norm = clip_grad_norm(&model, &mut grads, self.opts.max_grad_norm);
+        let lr = self.opts.schedule.lr_at(self.step);
+        self.step += 1;
+        self.model = Some(self.optim.step(lr, model, grads));
+        if !loss_sum.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                step: self.step,
+                loss: loss_sum,
+            });
+        }
+        Ok(StepStats {
+            step: self.step,
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            tokens,
+            supervised_tokens: denominator,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Host-side view of a batch for [`CausalLm::forward`].
+pub fn inputs(batch: &Batch) -> Inputs<'_> {
+    Inputs {
+        batch: batch.batch,
+        seq: batch.seq,
+        tokens: &batch.tokens,
+        positions: &batch.positions,
+        segments: &batch.segments,
+    }
+}
+
+/// Every token and target id must be inside the vocabulary.
+pub fn check_vocab(rows: &[Row], vocab: usize) -> Result<()> {
+    for (r, row) in rows.iter().enumerate() {
+        let bad_token = row.tokens.iter().find(|&&t| t as usize >= vocab).map(|&t| i64::from(t));
+        let bad_target = row.targets.iter().find(|&&t| t != crate::loss::IGNORE && (t < 0 || t as usize >= vocab));
+        if let Some(id) = bad_token.or(bad_target.copied()) {
+            return Err(Error::Training {
+                key: "data".into(),
+                message: format!("row {r}: token id {id} is outside the model's vocabulary of {vocab}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Mean token loss of a model over a set of rows.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub tokens: usize,
+}
+
+/// Mean cross-entropy over all supervised tokens of `rows`, `micro_batch` rows at a time.
+pub fn evaluate<B: Backend>(model: &CausalLm<B>, rows: &[Row], micro_batch: usize) -> Result<EvalResult> {
+    check_vocab(rows, model.config.vocab_size)?;
+    let mut sum = 0.0;
+    let mut tokens = 0;
+    for chunk in rows.chunks(micro_batch.max(1)) {
+        let batch = collate(&chunk.iter().collect::<Vec<_>>());
+        let logits = model.forward(&inputs(&batch), false);
+        sum += cross_entropy(logits, &batch.targets, 1.0).into_scalar().elem::<f64>();
+        tokens += supervised(&batch.targets);
+    }
+    Ok(EvalResult {
+        loss: if tokens == 0 { 0.0 } else { sum / tokens as f64 },
+        tokens,
+    })
+}
+
+/// [`evaluate`] on the inner (non-autodiff) backend of a training model.
+pub fn evaluate_trained<B: AutodiffBackend>(model: &CausalLm<B>, rows: &[Row], micro_batch: usize) -> Result<EvalResult> {
+    evaluate(&model.valid(), rows, micro_batch)
+}
