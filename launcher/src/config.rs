@@ -30,6 +30,13 @@ pub struct JobSection {
     pub name: String,
     /// Where the run directory goes (config.toml, events.jsonl, export/).
     pub run_dir: Option<PathBuf>,
+    /// "cpu" (burn's Flex backend) or "cuda" (GPU 0; needs a build with `--features cuda`).
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -260,6 +267,12 @@ impl JobConfig {
     fn validate(&self) -> std::result::Result<(), String> {
         if self.job.name.is_empty() {
             return Err("job.name: must not be empty".into());
+        }
+        match self.job.device.as_str() {
+            "cpu" => {}
+            "cuda" if cfg!(feature = "cuda") => {}
+            "cuda" => return Err("job.device: `cuda` needs a build with `--features cuda`".into()),
+            other => return Err(format!("job.device: `{other}`: expected \"cpu\" or \"cuda\"")),
         }
         if self.model.dtype != "f32" {
             return Err(format!("model.dtype: `{}` is not supported; use \"f32\"", self.model.dtype));

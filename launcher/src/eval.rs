@@ -17,8 +17,13 @@ pub struct EvalReport {
     pub samples: usize,
 }
 
+/// Evaluate on the backend `job.device` names.
 pub fn run(cfg: &JobConfig, adapter: Option<&Path>) -> Result<EvalReport> {
-    run_on::<setup::Cpu>(cfg, adapter, &Default::default())
+    match cfg.job.device.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => run_on::<burn::backend::Cuda>(cfg, adapter, &Default::default()),
+        _ => run_on::<setup::Cpu>(cfg, adapter, &Default::default()),
+    }
 }
 
 pub fn run_on<B: Backend>(cfg: &JobConfig, adapter: Option<&Path>, device: &B::Device) -> Result<EvalReport> {

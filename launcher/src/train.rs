@@ -50,9 +50,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Run a training job on the CPU backend.
+/// Run a training job on the backend `job.device` names.
 pub fn run(config: &JobConfig) -> Result<()> {
-    run_on::<setup::Cpu>(config, &Default::default())
+    match config.job.device.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => run_on::<burn::backend::Cuda>(config, &Default::default()),
+        _ => run_on::<setup::Cpu>(config, &Default::default()),
+    }
 }
 
 pub fn run_on<B: Backend>(cfg: &JobConfig, device: &B::Device) -> Result<()> {

@@ -37,19 +37,32 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-/// Everything about a batch that every layer shares.
+/// Everything about a batch that every layer shares. Tables are laid out to need no
+/// broadcasting (strided iteration is the slow path of the CPU backend).
 pub struct Context<B: Backend> {
     pub batch: usize,
     pub seq: usize,
-    pub cos: Tensor<B, 4>,
-    pub sin: Tensor<B, 4>,
-    /// Additive attention mask `[b, 1, s, s]`: 0 where attention is allowed, -inf elsewhere.
+    /// RoPE tables `[n·heads, d]` for the query heads and for the key/value heads.
+    pub q_cos: Tensor<B, 2>,
+    pub q_sin: Tensor<B, 2>,
+    pub k_cos: Tensor<B, 2>,
+    pub k_sin: Tensor<B, 2>,
+    /// `[d, d]` signed permutation computing `rotate_half`.
+    pub rotate: Tensor<B, 2>,
+    /// Additive attention mask `[b, heads, s, s]`: 0 where attention is allowed, -inf elsewhere.
     pub mask: Tensor<B, 4>,
     pub train: bool,
 }
 
 impl<B: Backend> Attention<B> {
-    fn heads(&self, x: Tensor<B, 2>, heads: usize, ctx: &Context<B>) -> Tensor<B, 4> {
+    /// `[n, heads·d]` → `[b, heads, s, d]`, rotated by RoPE on the way when tables are given.
+    fn heads(&self, x: Tensor<B, 2>, heads: usize, rope: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>, ctx: &Context<B>) -> Tensor<B, 4> {
+        let n = ctx.batch * ctx.seq;
+        let x = x.reshape([n * heads, self.head_dim]);
+        let x = match rope {
+            Some((cos, sin)) => rope::apply(x, cos, sin, &ctx.rotate),
+            None => x,
+        };
         x.reshape([ctx.batch, ctx.seq, heads, self.head_dim]).swap_dims(1, 2)
     }
 
@@ -66,12 +79,11 @@ impl<B: Backend> Attention<B> {
 
     /// `x: [n, h]` → `[n, h]`.
     pub fn forward(&self, x: Tensor<B, 2>, ctx: &Context<B>) -> Tensor<B, 2> {
-        let q = self.heads(self.q_proj.forward(x.clone(), ctx.train), self.num_heads, ctx);
-        let k = self.heads(self.k_proj.forward(x.clone(), ctx.train), self.num_kv_heads, ctx);
-        let v = self.heads(self.v_proj.forward(x, ctx.train), self.num_kv_heads, ctx);
-        let q = rope::apply(q, &ctx.cos, &ctx.sin);
-        let k = self.repeat_kv(rope::apply(k, &ctx.cos, &ctx.sin));
-        let v = self.repeat_kv(v);
+        let q = self.q_proj.forward(x.clone(), ctx.train);
+        let q = self.heads(q, self.num_heads, Some((&ctx.q_cos, &ctx.q_sin)), ctx);
+        let k = self.k_proj.forward(x.clone(), ctx.train);
+        let k = self.repeat_kv(self.heads(k, self.num_kv_heads, Some((&ctx.k_cos, &ctx.k_sin)), ctx));
+        let v = self.repeat_kv(self.heads(self.v_proj.forward(x, ctx.train), self.num_kv_heads, None, ctx));
         let scale = (self.head_dim as f64).powf(-0.5);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + ctx.mask.clone();
         let out = softmax(scores, 3).matmul(v);
@@ -200,13 +212,18 @@ impl<B: Backend> CausalLm<B> {
         let (b, s) = (inputs.batch, inputs.seq);
         let ids: Vec<i64> = inputs.tokens.iter().map(|&t| i64::from(t)).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * s]), &device);
-        let (cos, sin) = rope::cos_sin::<B>(&self.inv_freq, inputs.positions, b, s, &device);
-        let mask = attention_mask::<B>(inputs, self.config.sliding_window, &device);
+        let c = &self.config;
+        let (q_cos, q_sin) = rope::cos_sin::<B>(&self.inv_freq, inputs.positions, c.num_heads, &device);
+        let (k_cos, k_sin) = rope::cos_sin::<B>(&self.inv_freq, inputs.positions, c.num_kv_heads, &device);
+        let mask = attention_mask::<B>(inputs, c.sliding_window, &device).repeat_dim(1, c.num_heads);
         let ctx = Context {
             batch: b,
             seq: s,
-            cos,
-            sin,
+            q_cos,
+            q_sin,
+            k_cos,
+            k_sin,
+            rotate: rope::rotate_half_matrix(c.head_dim, &device),
             mask,
             train,
         };

@@ -39,41 +39,49 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f32> {
     scaled.into_iter().map(|f| f as f32).collect()
 }
 
-/// `cos` and `sin` tables for the given position ids, each `[batch, 1, seq, head_dim]`
-/// (the frequencies repeated twice along the last dim, as in transformers' `rotate_half` form).
+/// `cos` and `sin` tables for the given position ids, each `[tokens·heads, head_dim]`: the
+/// frequencies repeated twice along the last dim (transformers' `rotate_half` form), and
+/// repeated for every head so that applying them needs no broadcasting.
 pub fn cos_sin<B: Backend>(
     inv_freq: &[f32],
     positions: &[u32],
-    batch: usize,
-    seq: usize,
+    heads: usize,
     device: &B::Device,
-) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let half = inv_freq.len();
-    let dim = 2 * half;
-    let mut cos = Vec::with_capacity(positions.len() * dim);
-    let mut sin = Vec::with_capacity(positions.len() * dim);
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let dim = 2 * inv_freq.len();
+    let rows = positions.len() * heads;
+    let mut cos = Vec::with_capacity(rows * dim);
+    let mut sin = Vec::with_capacity(rows * dim);
     for &p in positions {
-        let angles = inv_freq.iter().map(|f| p as f32 * f);
-        let (c, s): (Vec<f32>, Vec<f32>) = angles.map(|a| (a.cos(), a.sin())).unzip();
-        cos.extend_from_slice(&c);
-        cos.extend_from_slice(&c);
-        sin.extend_from_slice(&s);
-        sin.extend_from_slice(&s);
+        let (c, s): (Vec<f32>, Vec<f32>) = inv_freq.iter().map(|f| p as f32 * f).map(|a| (a.cos(), a.sin())).unzip();
+        for _ in 0..heads {
+            cos.extend_from_slice(&c);
+            cos.extend_from_slice(&c);
+            sin.extend_from_slice(&s);
+            sin.extend_from_slice(&s);
+        }
     }
-    let shape = [batch, 1, seq, dim];
     (
-        Tensor::from_data(TensorData::new(cos, shape), device),
-        Tensor::from_data(TensorData::new(sin, shape), device),
+        Tensor::from_data(TensorData::new(cos, [rows, dim]), device),
+        Tensor::from_data(TensorData::new(sin, [rows, dim]), device),
     )
 }
 
-/// `x * cos + rotate_half(x) * sin` for `x: [batch, heads, seq, head_dim]`.
-pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, h, s, d] = x.dims();
-    let half = d / 2;
-    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+/// The `[d, d]` matrix R with `x·R = rotate_half(x) = cat(-x[d/2..], x[..d/2])`. Each output
+/// picks one input with sign ±1, so the product is exact.
+pub fn rotate_half_matrix<B: Backend>(dim: usize, device: &B::Device) -> Tensor<B, 2> {
+    let half = dim / 2;
+    let mut r = vec![0.0f32; dim * dim];
+    for j in 0..half {
+        r[(j + half) * dim + j] = -1.0; // out[j] = -x[j + half]
+        r[j * dim + j + half] = 1.0; // out[j + half] = x[j]
+    }
+    Tensor::from_data(TensorData::new(r, [dim, dim]), device)
+}
+
+/// `x·cos + rotate_half(x)·sin` for `x: [tokens·heads, head_dim]`.
+pub fn apply<B: Backend>(x: Tensor<B, 2>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, rotate: &Tensor<B, 2>) -> Tensor<B, 2> {
+    let rotated = x.clone().matmul(rotate.clone());
     x * cos.clone() + rotated * sin.clone()
 }
 
