@@ -89,3 +89,28 @@ fn full_sft_export_loads_in_transformers() {
     let loaded = evaluate(&model, &token_rows("eval_tokens.jsonl", false, 64), 4).expect("eval").loss;
     assert!(rel_diff(loaded, hf_loss) < 1e-4, "committed export {loaded} vs transformers {hf_loss}");
 }
+
+#[test]
+fn mixtral_expert_lora_with_rslora_loads_in_peft() {
+    // peft (transformers 5) fuses w1/w3 adapters; tidemill writes rsLoRA as the equivalent
+    // plain alpha so the fused branch keeps the alpha/sqrt(r) scale.
+    lora_roundtrip("mixtral");
+    let config = std::fs::read_to_string(fixtures().join("roundtrip/lora_mixtral/adapter_config.json")).expect("config");
+    let config: Value = serde_json::from_str(&config).expect("json");
+    assert_eq!(config["use_rslora"], false);
+    assert!((config["lora_alpha"].as_f64().expect("alpha") - 16.0).abs() < 1e-9, "8·sqrt(4) = 16: {config}");
+}
+
+#[test]
+fn mixtral_w1_without_w2_and_w3_is_refused() {
+    let model = load_hf_model::<Cpu>(&model_dir("mixtral"), false, &Default::default()).expect("base");
+    let spec = tidemill::trainer::LoraSpec {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: vec!["w1".into(), "q_proj".into()],
+        use_rslora: false,
+    };
+    let err = lora::add_lora(model, &spec, 0).err().expect("refused").to_string();
+    assert!(err.contains("w1, w2 and w3"), "{err}");
+}

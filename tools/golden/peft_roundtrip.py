@@ -1,7 +1,7 @@
 """Golden values for the PEFT / transformers round trip of tidemill's own outputs.
 
 tools/golden/roundtrip.sh trains with tidemill (tests/fixtures/roundtrip/*.toml) and copies
-the results to tests/fixtures/roundtrip/{lora_llama2,lora_qwen2,sft_llama2}/; this script
+the results to tests/fixtures/roundtrip/{lora_llama2,lora_qwen2,lora_mixtral,sft_llama2}/; this script
 loads them with peft.PeftModel.from_pretrained / AutoModelForCausalLM.from_pretrained,
 unchanged, and writes the mean token loss on tests/fixtures/data/eval_tokens.jsonl to
 tests/fixtures/roundtrip/golden.json (same loss definition as make_fixtures.py).
@@ -46,7 +46,7 @@ def main():
             "script": "tools/golden/peft_roundtrip.py",
         }
     }
-    for name in ["llama2", "qwen2"]:
+    for name in ["llama2", "qwen2", "mixtral"]:
         adapter = FIX / "roundtrip" / f"lora_{name}"
         model = peft.PeftModel.from_pretrained(base(name), adapter)
         model.eval()

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."
 py=${1:-/tmp/refenv}/bin/python
 cargo build --bin launch
 fix=tests/fixtures/roundtrip
-for job in lora_llama2 lora_qwen2 sft_llama2; do
+for job in lora_llama2 lora_qwen2 lora_mixtral sft_llama2; do
   run=$(mktemp -d)
   target/debug/launch train "$fix/$job.toml" --set "job.run_dir=\"$run\""
   rm -rf "${fix:?}/$job"

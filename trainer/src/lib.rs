@@ -3,6 +3,7 @@
 //! schedules, and the training loop.
 //!
 //! ```no_run
+//! # use tidemill_trainer as trainer;
 //! use burn::backend::{Autodiff, Flex};
 //! use trainer::{data, lora, model, train};
 //! # fn main() -> Result<(), trainer::Error> {

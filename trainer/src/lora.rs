@@ -106,7 +106,39 @@ pub fn add_lora<B: Backend>(model: CausalLm<B>, spec: &LoraSpec, seed: u64) -> R
             model.config.family.name()
         )));
     }
+    check_expert_targets(spec, &model)?;
     Ok(model)
+}
+
+/// Mixtral experts' w1/w3 are one fused tensor in transformers 5, and peft converts a
+/// classic adapter only when w1, w3 and w2 are all targeted (w1 alone fails to load, w1+w3
+/// without w2 loads silently as a no-op). Refuse what peft could not load.
+fn check_expert_targets<B: Backend>(spec: &LoraSpec, model: &CausalLm<B>) -> Result<()> {
+    let has = |t: &str| spec.targets.iter().any(|x| x == t);
+    if model.config.moe.is_some() && (has("w1") || has("w3")) && !(has("w1") && has("w2") && has("w3")) {
+        return Err(Error::Lora(format!(
+            "targets {:?}: Mixtral experts take LoRA on w1, w2 and w3 together (or w2 alone), \
+             the forms peft loads for transformers' fused experts",
+            spec.targets
+        )));
+    }
+    Ok(())
+}
+
+/// The adapter_config.json to write. peft fuses w1/w3 adapters into one of rank 2r and, with
+/// rsLoRA, would scale it by alpha/sqrt(2r); writing `use_rslora: false` with
+/// `lora_alpha = alpha·sqrt(r)` gives every branch the same alpha/sqrt(r) scale in any peft.
+fn adapter_config<B: Backend>(model: &CausalLm<B>, spec: &LoraSpec, base_model: Option<String>) -> AdapterConfig {
+    let experts = spec.targets.iter().any(|t| ["w1", "w2", "w3"].contains(&t.as_str()));
+    if spec.use_rslora && model.config.moe.is_some() && experts {
+        let equivalent = LoraSpec {
+            alpha: spec.alpha * (spec.r as f64).sqrt(),
+            use_rslora: false,
+            ..spec.clone()
+        };
+        return equivalent.adapter_config(base_model);
+    }
+    spec.adapter_config(base_model)
 }
 
 /// The adapter tensors under PEFT's names and layout.
@@ -129,7 +161,7 @@ pub fn save_adapter<B: Backend>(model: &CausalLm<B>, spec: &LoraSpec, base_model
     if tensors.is_empty() {
         return Err(Error::Lora("the model has no LoRA adapters to save".into()));
     }
-    checkpoint::save_peft_adapter(dir, &spec.adapter_config(base_model), &tensors)?;
+    checkpoint::save_peft_adapter(dir, &adapter_config(model, spec, base_model), &tensors)?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 /// Label value of a position that is not supervised (PyTorch's `ignore_index`).
-pub const IGNORE: i64 = -100;
+pub use crate::data::IGNORE_INDEX as IGNORE;
 
 /// Sum of token cross-entropies over the supervised positions, divided by `denominator`.
 ///

@@ -15,6 +15,7 @@
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # use tidemill_trainer as trainer;
 //! use std::path::Path;
 //! use trainer::data::{load_dataset, needs_tokenizer, DataOptions, TextTokenizer};
 //!
