@@ -84,7 +84,9 @@ fn full_sft_export_loads_in_transformers() {
     assert!(rel_diff(ours, hf_loss) < 1e-4, "tidemill {ours} vs transformers {hf_loss}");
     let committed = fixtures().join("roundtrip/sft_llama2");
     let diff = max_abs_diff(&committed.join("model.safetensors"), &run.path().join("export/model/model.safetensors"));
-    assert!(diff < 1e-4, "retrained model differs from the committed one by {diff}");
+    // Adam moves a weight whose gradient is at rounding level by a whole ±lr step, so a
+    // different summation order (SIMD, threads) may flip a few such steps: allow one (lr 1e-3).
+    assert!(diff < 1e-3, "retrained model differs from the committed one by {diff}");
     let model = load_hf_model::<Cpu>(&committed, false, &Default::default()).expect("export loads");
     let loaded = evaluate(&model, &token_rows("eval_tokens.jsonl", false, 64), 4).expect("eval").loss;
     assert!(rel_diff(loaded, hf_loss) < 1e-4, "committed export {loaded} vs transformers {hf_loss}");
