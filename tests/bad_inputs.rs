@@ -70,6 +70,19 @@ fn missing_files_exit_2_naming_the_key() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("model.path") && stderr(&out).contains("no-model"), "{}", stderr(&out));
 
+    let train = job(
+        tmp.path(),
+        &format!(
+            "[job]\nname = \"t\"\nrun_dir = \"{}\"\n[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\n",
+            tmp.path().join("run").display(),
+            model_dir("llama2").display(),
+            tmp.path().join("absent.jsonl").display()
+        ),
+    );
+    let out = launch(&["train", train.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("data.train") && stderr(&out).contains("absent.jsonl"), "{}", stderr(&out));
+
     let path = eval_job(tmp.path(), &model_dir("llama2"), &tmp.path().join("gone.jsonl"));
     let out = launch(&["eval", path.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(2));
@@ -125,6 +138,42 @@ fn missing_and_unexpected_tensors_are_named() {
     tidemill::checkpoint::write_safetensors(&file, &tensors, tidemill::checkpoint::DType::F32, &meta).expect("write");
     let msg = load_err(&dir);
     assert!(msg.contains("unexpected tensor `model.extra.weight`"), "{msg}");
+}
+
+#[test]
+fn bad_training_values_exit_2_before_any_work() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let path = job(
+        tmp.path(),
+        &format!(
+            "[job]\nname = \"t\"\nrun_dir = \"{}\"\n[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\n\
+             [training]\nglobal_batch = 6\nmicro_batch = 4\n",
+            run.display(),
+            model_dir("llama2").display(),
+            fixtures().join("data/train_tokens.jsonl").display()
+        ),
+    );
+    let out = launch(&["train", path.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("global_batch"), "{}", stderr(&out));
+    assert!(!run.exists(), "nothing written for a bad config");
+}
+
+#[test]
+fn export_refuses_to_replace_a_foreign_directory() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_dir = tmp.path().join("mine");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    std::fs::write(out_dir.join("notes.txt"), "keep me").expect("write");
+    let src = model_dir("llama2");
+    let out = launch(&["export", src.to_str().expect("utf8"), "--format", "hf", "--out", out_dir.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("notes.txt"), "{}", stderr(&out));
+    assert!(out_dir.join("notes.txt").is_file(), "the user's file survives");
+    let out = launch(&["export", src.to_str().expect("utf8"), "--format", "hf", "--out", src.to_str().expect("utf8")]);
+    assert_ne!(out.status.code(), Some(0), "exporting over the base model is refused");
+    assert!(src.join("model.safetensors").is_file());
 }
 
 #[test]

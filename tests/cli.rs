@@ -138,7 +138,9 @@ fn quickstart_chat_data_with_tokenizer_runs() {
         "--set", "training.max_steps=2", "--set", "training.eval_every=0",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let audit = stdout(&out);
-    assert!(audit.contains("400"), "audit mentions the 400 samples: {audit}");
+    let ev = events(&tmp.path().join("run"));
+    let audit = ev.iter().find(|e| e["event"] == "audit" && e["split"] == "train").expect("train audit");
+    assert_eq!(audit["audit"]["samples"], 400, "{audit}");
+    assert!(stdout(&out).contains("400 samples"), "the audit is printed");
     assert!(tmp.path().join("run/export/adapter/adapter_model.safetensors").is_file());
 }

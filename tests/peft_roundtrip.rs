@@ -63,6 +63,13 @@ fn lora_roundtrip(name: &str) {
     let fresh = run.path().join("export/adapter");
     let diff = max_abs_diff(&committed.join("adapter_model.safetensors"), &fresh.join("adapter_model.safetensors"));
     assert!(diff < 1e-4, "{job}: retrained adapter differs from the committed one by {diff}");
+    let config = |dir: &Path| -> Value {
+        let text = std::fs::read_to_string(dir.join("adapter_config.json")).expect("adapter_config.json");
+        let mut v: Value = serde_json::from_str(&text).expect("json");
+        v["base_model_name_or_path"] = Value::Null;
+        v
+    };
+    assert_eq!(config(&fresh), config(&committed), "{job}: adapter_config.json changed");
     let loaded = adapter_loss(name, &committed);
     assert!(rel_diff(loaded, peft_loss) < 1e-4, "{job}: committed adapter {loaded} vs peft {peft_loss}");
 }

@@ -289,6 +289,13 @@ impl JobConfig {
         if self.data.max_seq_len < 2 {
             return Err("data.max_seq_len: must be at least 2".into());
         }
+        // The same checks the trainer makes, here so that they fail before any work (exit 2).
+        crate::train::train_options(&self.training, self.data.shuffle)
+            .validate(1)
+            .map_err(|e| format!("[training] {e}"))?;
+        if let Some(lora) = self.lora.as_ref().filter(|l| l.init_adapter.is_none()) {
+            crate::setup::lora_spec(lora).validate().map_err(|e| format!("[lora] {e}"))?;
+        }
         Ok(())
     }
 }
@@ -352,5 +359,10 @@ mod tests {
         assert!(err.to_string().contains("bogus"), "{err}");
         let err = parse(&format!("{MIN}[training]\nschedule = \"step\"\n"), &[]).unwrap_err();
         assert!(err.to_string().contains("training.schedule"), "{err}");
+        let err = parse(MIN, &["training.global_batch=6", "training.micro_batch=4"]).unwrap_err();
+        assert!(err.to_string().contains("global_batch"), "{err}");
+        let err = parse(MIN, &["lora.targets=[\"qproj\"]"]).unwrap_err();
+        assert!(err.to_string().contains("qproj"), "{err}");
+        assert_eq!(err.exit_code(), 2);
     }
 }

@@ -47,15 +47,22 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// An error for a path named by `key` that is missing.
+/// `Ok` if the path named by `key` exists (and is a directory, when `dir`); otherwise an
+/// error naming the key and the path.
+pub fn require_path(key: &str, path: &std::path::Path, dir: bool) -> Result<()> {
+    let message = match (path.exists(), dir && !path.is_dir()) {
+        (false, _) => "no such file or directory",
+        (true, true) => "not a directory",
+        (true, false) => return Ok(()),
+    };
+    Err(Error::BadPath {
+        key: key.into(),
+        path: path.to_path_buf(),
+        message: message.into(),
+    })
+}
+
+/// A file or directory that must exist.
 pub fn require_exists(key: &str, path: &std::path::Path) -> Result<()> {
-    if path.exists() {
-        Ok(())
-    } else {
-        Err(Error::BadPath {
-            key: key.into(),
-            path: path.to_path_buf(),
-            message: "no such file or directory".into(),
-        })
-    }
+    require_path(key, path, false)
 }

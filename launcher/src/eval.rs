@@ -40,6 +40,7 @@ pub fn run_on<B: Backend>(cfg: &JobConfig, adapter: Option<&Path>, device: &B::D
     let (rows, audit) = setup::dataset("data.eval", &eval_path, tokenizer.as_ref(), &cfg.data)?;
     eprintln!("{audit}");
     let mut model = trainer::load_hf_model::<B>(&cfg.model.path, false, device)?;
+    setup::check_vocab("data.eval", &audit, model.config.vocab_size)?;
     if let Some(dir) = adapter {
         model = trainer::lora::load_adapter(model, dir, false)?.0;
     }

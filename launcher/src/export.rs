@@ -19,8 +19,8 @@ pub enum Format {
 
 /// Where a source's trained weights are.
 enum Source {
-    /// A PEFT adapter and the base model it applies to.
-    Adapter { adapter: PathBuf, base: PathBuf },
+    /// A PEFT adapter and the base model it applies to (as recorded; checked when needed).
+    Adapter { adapter: PathBuf, base: Option<PathBuf> },
     /// A complete HF model directory.
     Model(PathBuf),
 }
@@ -40,7 +40,7 @@ fn resolve(src: &Path) -> Result<Source> {
         if cfg.lora.is_some() && adapter.join("adapter_config.json").is_file() {
             return Ok(Source::Adapter {
                 adapter,
-                base: cfg.model.path,
+                base: Some(cfg.model.path),
             });
         }
         let model = src.join("export").join("model");
@@ -51,14 +51,9 @@ fn resolve(src: &Path) -> Result<Source> {
     }
     if src.join("adapter_config.json").is_file() {
         let config = checkpoint::load_peft_adapter(src)?.0;
-        let base = config
-            .base_model_name_or_path
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .ok_or_else(|| bad(src, "adapter_config.json's base_model_name_or_path is not a local model directory"))?;
         return Ok(Source::Adapter {
             adapter: src.to_path_buf(),
-            base,
+            base: config.base_model_name_or_path.map(PathBuf::from),
         });
     }
     if src.join("config.json").is_file() {
@@ -76,6 +71,8 @@ pub fn run(src: &Path, format: Format, out: &Path, dtype: &str) -> Result<()> {
             checkpoint::save_peft_adapter(out, &config, &tensors)?;
         }
         (Source::Adapter { adapter, base }, Format::Hf) => {
+            let base = base.ok_or_else(|| bad(&adapter, "adapter_config.json names no base_model_name_or_path"))?;
+            setup::require_dir("base model (model.path / base_model_name_or_path)", &base)?;
             let model = trainer::load_hf_model::<setup::Cpu>(&base, false, &device)?;
             let (model, _) = trainer::lora::load_adapter(model, &adapter, false)?;
             trainer::export::save_hf_model(&model, &base, out, export_dtype(dtype))?;

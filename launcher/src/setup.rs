@@ -8,7 +8,7 @@ use trainer::data::{self, DataAudit, DataOptions, Row, TextTokenizer};
 use trainer::{CausalLm, LoraSpec};
 
 use crate::config::{DataSection, LoraSection};
-use crate::error::{require_exists, Error, Result};
+use crate::error::{require_exists, Result};
 
 /// CPU backend (burn's pure-Rust Flex).
 pub type Cpu = burn::backend::Flex;
@@ -37,6 +37,22 @@ pub fn dataset(key: &str, path: &Path, tokenizer: Option<&TextTokenizer>, d: &Da
     require_exists(key, path)?;
     let (rows, audit) = data::load_dataset(path, tokenizer, &data_options(d)).map_err(trainer::Error::from)?;
     Ok((rows, audit))
+}
+
+/// Every token id of a dataset must be inside the model's vocabulary.
+pub fn check_vocab(key: &str, audit: &DataAudit, vocab: usize) -> Result<()> {
+    if (audit.max_token_id as usize) < vocab {
+        return Ok(());
+    }
+    Err(trainer::Error::Training {
+        key: key.into(),
+        message: format!(
+            "{}: token id {} is outside the model's vocabulary of {vocab}",
+            audit.file.display(),
+            audit.max_token_id
+        ),
+    }
+    .into())
 }
 
 /// The LoRA spec of a `[lora]` section.
@@ -75,15 +91,7 @@ pub fn model<B: Backend>(
     }
 }
 
-/// A directory that must exist (for command-line arguments).
+/// A directory that must exist.
 pub fn require_dir(key: &str, path: &Path) -> Result<()> {
-    if path.is_dir() {
-        Ok(())
-    } else {
-        Err(Error::BadPath {
-            key: key.into(),
-            path: path.to_path_buf(),
-            message: "not a directory".into(),
-        })
-    }
+    crate::error::require_path(key, path, true)
 }

@@ -12,7 +12,7 @@ use trainer::data::Row;
 use trainer::{AdamWOptions, Schedule, ScheduleKind, TrainOptions, Trainer};
 
 use crate::config::{JobConfig, TrainingSection};
-use crate::error::{Error, Result};
+use crate::error::{require_exists, Error, Result};
 use crate::events::EventLog;
 use crate::setup;
 
@@ -66,8 +66,17 @@ pub fn run_on<B: Backend>(cfg: &JobConfig, device: &B::Device) -> Result<()> {
         message: "data.train: required by `launch train`".into(),
     })?;
     setup::require_dir("model.path", &cfg.model.path)?;
+    require_exists("data.train", &train_path)?;
+    if let Some(eval) = &cfg.data.eval {
+        require_exists("data.eval", eval)?;
+    }
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
+    // A rerun replaces the run's results: an old export must never pass for this run's.
+    let export = run_dir.join("export");
+    if export.exists() {
+        std::fs::remove_dir_all(&export).map_err(io(&export))?;
+    }
     let resolved = toml::to_string(cfg).map_err(|e| Error::Config {
         file: run_dir.join("config.toml"),
         message: e.to_string(),
@@ -83,17 +92,22 @@ pub fn run_on<B: Backend>(cfg: &JobConfig, device: &B::Device) -> Result<()> {
     let (rows, audit) = setup::dataset("data.train", &train_path, tokenizer.as_ref(), &cfg.data)?;
     println!("{audit}");
     events.emit("audit", json!({"split": "train", "audit": audit}))?;
-    let eval_rows = match &cfg.data.eval {
+    let eval_set = match &cfg.data.eval {
         Some(p) => {
             let (rows, audit) = setup::dataset("data.eval", p, tokenizer.as_ref(), &cfg.data)?;
             println!("{audit}");
             events.emit("audit", json!({"split": "eval", "audit": audit}))?;
-            Some(rows)
+            Some((rows, audit))
         }
         None => None,
     };
 
     let (model, spec) = setup::model::<Autodiff<B>>(&cfg.model.path, cfg.lora.as_ref(), cfg.training.seed, device)?;
+    setup::check_vocab("data.train", &audit, model.config.vocab_size)?;
+    if let Some((_, eval_audit)) = &eval_set {
+        setup::check_vocab("data.eval", eval_audit, model.config.vocab_size)?;
+    }
+    let eval_rows = eval_set.map(|(rows, _)| rows);
     let mut trainer = Trainer::new(model, rows, train_options(&cfg.training, cfg.data.shuffle))?;
     let t = &cfg.training;
     let bar = progress_bar(t.max_steps);
@@ -131,7 +145,6 @@ pub fn run_on<B: Backend>(cfg: &JobConfig, device: &B::Device) -> Result<()> {
     }
 
     let model = trainer.into_model();
-    let export = run_dir.join("export");
     let dtype = export_dtype(&cfg.export.dtype);
     if let Some(spec) = &spec {
         let dir = export.join("adapter");

@@ -59,8 +59,8 @@ pub enum Error {
     /// Reading or tokenizing a dataset.
     #[error(transparent)]
     Data(#[from] DataError),
-    /// The loss became NaN or infinite.
-    #[error("step {step}: loss is {loss}; lower the learning rate or check the data")]
+    /// The loss or the gradient norm became NaN or infinite (the step was not applied).
+    #[error("step {step}: loss or gradient norm is {loss}; lower the learning rate or check the data")]
     NonFiniteLoss { step: u64, loss: f64 },
 }
 

@@ -39,6 +39,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 /// config/tokenizer files copied from `base_dir`. Written into a sibling temporary directory
 /// and renamed into place, so a failed export leaves nothing that looks complete.
 pub fn save_hf_model<B: Backend>(model: &CausalLm<B>, base_dir: &Path, out: &Path, dtype: DType) -> Result<()> {
+    check_replaceable(out, base_dir)?;
     let tmp = sibling_tmp(out);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
@@ -58,6 +59,36 @@ pub fn save_hf_model<B: Backend>(model: &CausalLm<B>, base_dir: &Path, out: &Pat
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// `out` may be replaced only if it is absent, empty, or an earlier export (nothing but HF
+/// model files in it), and is not the base model itself: never delete a user's directory.
+fn check_replaceable(out: &Path, base_dir: &Path) -> Result<()> {
+    let refuse = |why: &str| Error::Io {
+        path: out.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, why.to_string()),
+    };
+    if out.file_name().is_none() {
+        return Err(refuse("not a directory name an export can be written to"));
+    }
+    if !out.exists() {
+        return Ok(());
+    }
+    let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if y.starts_with(&x));
+    if same(out, base_dir) {
+        return Err(refuse("is (or contains) the base model; choose another output directory"));
+    }
+    let entries = std::fs::read_dir(out).map_err(io(out))?;
+    for entry in entries {
+        let name = entry.map_err(io(out))?.file_name().to_string_lossy().into_owned();
+        let is_weights = name.starts_with("model") && (name.ends_with(".safetensors") || name.ends_with(".index.json"));
+        if !is_weights && !COMPANION_FILES.contains(&name.as_str()) {
+            return Err(refuse(&format!(
+                "exists and holds `{name}`, which an export does not write; refusing to replace it"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `out` with a `.tmp-<pid>` suffix, in the same parent directory (same filesystem).

@@ -14,9 +14,10 @@ use crate::model::hf::{leaf_name, linears_mut};
 use crate::model::linear::{param, to_host, transpose, Lora};
 use crate::model::CausalLm;
 
-/// Module names LoRA can target (PEFT's `target_modules`).
+/// Module names LoRA can target (PEFT's `target_modules`). Mixtral's router (`gate`) is not
+/// among them: transformers 5 makes it a custom module peft does not adapt.
 pub const TARGETS: &[&str] = &[
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate", "lm_head",
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "lm_head",
 ];
 
 /// LoRA hyper-parameters, as PEFT's `LoraConfig`.

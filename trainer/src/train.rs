@@ -154,15 +154,17 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let mut grads = accumulated.grads();
         let grad_norm = clip_grad_norm(&model, &mut grads, self.opts.max_grad_norm);
+        if !(loss_sum.is_finite() && grad_norm.is_finite()) {
+            // Leave the model and optimizer as they were before this step.
+            self.model = Some(model);
+            return Err(Error::NonFiniteLoss {
+                step: self.step + 1,
+                loss: if loss_sum.is_finite() { grad_norm } else { loss_sum },
+            });
+        }
         let lr = self.opts.schedule.lr_at(self.step);
         self.step += 1;
         self.model = Some(self.optim.step(lr, model, grads));
-        if !loss_sum.is_finite() {
-            return Err(Error::NonFiniteLoss {
-                step: self.step,
-                loss: loss_sum,
-            });
-        }
         Ok(StepStats {
             step: self.step,
             loss: loss_sum,

@@ -208,13 +208,27 @@ impl Keys<'_> {
         if head_dim % 2 != 0 {
             return Err(self.err("head_dim", format!("{head_dim} is odd; RoPE needs an even head_dim")));
         }
-        let (rope_theta, rope_scaling) = self.rope()?;
+        let (rope_theta, rope_scaling) = self.rope(family)?;
         let attention_bias = self.bool_or("attention_bias", false)?;
         let sliding_window = match family {
-            Family::Qwen2 if !self.bool_or("use_sliding_window", false)? => None,
-            Family::Llama => None,
-            _ => self.opt_usize("sliding_window")?,
+            Family::Llama | Family::Qwen2 => None,
+            // transformers' MistralConfig default when the key is absent (null means none).
+            Family::Mistral if !self.map.contains_key("sliding_window") => Some(4096),
+            Family::Mistral | Family::Mixtral => self.opt_usize("sliding_window")?,
         };
+        // Qwen2 windows only the layers from `max_window_layers` on; not supported yet.
+        if family == Family::Qwen2 && self.bool_or("use_sliding_window", false)? {
+            return Err(self.err("use_sliding_window", "per-layer sliding windows (Qwen2) are not supported"));
+        }
+        if self.bool_or("output_router_logits", false)? {
+            return Err(self.err(
+                "output_router_logits",
+                "the router load-balancing loss is not supported; set it to false",
+            ));
+        }
+        if self.f64_or("router_jitter_noise", 0.0)? != 0.0 {
+            return Err(self.err("router_jitter_noise", "router jitter is not supported; set it to 0"));
+        }
         let moe = match family {
             Family::Mixtral => Some(MoeConfig {
                 num_experts: self.usize("num_local_experts")?,
@@ -239,7 +253,8 @@ impl Keys<'_> {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: self.f64_or("rms_norm_eps", 1e-6)?,
+            // transformers' per-family defaults for an absent key.
+            rms_norm_eps: self.f64_or("rms_norm_eps", if matches!(family, Family::Mistral | Family::Mixtral) { 1e-5 } else { 1e-6 })?,
             rope_theta,
             rope_scaling,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
@@ -254,7 +269,7 @@ impl Keys<'_> {
 
     /// RoPE base and scaling, from the newer `rope_parameters` or the older
     /// `rope_theta` + `rope_scaling` keys.
-    fn rope(&self) -> Result<(f64, RopeScaling)> {
+    fn rope(&self, family: Family) -> Result<(f64, RopeScaling)> {
         let (key, params) = match self.get("rope_parameters") {
             Some(v) => ("rope_parameters", Some(v)),
             None => ("rope_scaling", self.get("rope_scaling")),
@@ -275,7 +290,7 @@ impl Keys<'_> {
         };
         let theta = match number("rope_theta")? {
             Some(t) => t,
-            None => self.f64_or("rope_theta", 10000.0)?,
+            None => self.f64_or("rope_theta", if family == Family::Mixtral { 1e6 } else { 1e4 })?,
         };
         let rope_type = field("rope_type")
             .or_else(|| field("type"))
