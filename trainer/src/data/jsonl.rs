@@ -32,12 +32,22 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Reads every non-blank line of `path`; each item is `(1-based line number, sample)`.
 /// Any wrong line is an error naming the file and the line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, RawSample)>, DataError> {
+    let mut samples = Vec::new();
+    visit_jsonl(path, |line, sample| {
+        samples.push((line, sample));
+        true
+    })?;
+    Ok(samples)
+}
+
+/// Parses the samples of `path` in order, handing each (with its 1-based line number) to
+/// `visit`, which returns `false` to stop reading early.
+pub fn visit_jsonl(path: &Path, mut visit: impl FnMut(usize, RawSample) -> bool) -> Result<(), DataError> {
     let io_err = |source| DataError::Io {
         path: path.to_path_buf(),
         source,
     };
     let mut reader = BufReader::new(File::open(path).map_err(io_err)?);
-    let mut samples = Vec::new();
     let mut buf = Vec::new();
     let mut line_no = 0;
     loop {
@@ -57,7 +67,11 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, RawSample)>, DataError> {
                 }
             });
         match parsed {
-            Ok(Some(sample)) => samples.push((line_no, sample)),
+            Ok(Some(sample)) => {
+                if !visit(line_no, sample) {
+                    break;
+                }
+            }
             Ok(None) => {}
             Err(source) => {
                 return Err(DataError::Sample {
@@ -68,7 +82,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, RawSample)>, DataError> {
             }
         }
     }
-    Ok(samples)
+    Ok(())
 }
 
 /// Parses one JSONL line. Keys are tried in the order `input_ids`, `messages`,

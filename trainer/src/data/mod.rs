@@ -46,7 +46,7 @@ use std::path::Path;
 
 pub use audit::{drop_unsupervised, DataAudit};
 pub use error::{DataError, SampleError};
-pub use jsonl::{parse_line, read_jsonl, RawSample, IGNORE_INDEX};
+pub use jsonl::{parse_line, read_jsonl, visit_jsonl, RawSample, IGNORE_INDEX};
 pub use order::{epoch_order, Epochs};
 pub use pack::{build_rows, collate, Batch, Row, PAD_SEGMENT};
 pub use template::{ChatTemplate, TemplateTokens};
@@ -108,12 +108,15 @@ pub fn load_dataset(
     Ok((rows, audit))
 }
 
-/// True if some line of `path` is not pre-tokenized, so a tokenizer must be loaded.
-/// Reads (and checks) the whole file.
+/// True if some line of `path` is not pre-tokenized, so a tokenizer must be loaded. Stops
+/// at the first such line; a fully pre-tokenized file is read (and checked) to the end.
 pub fn needs_tokenizer(path: &Path) -> Result<bool, DataError> {
-    Ok(read_jsonl(path)?
-        .iter()
-        .any(|(_, raw)| !matches!(raw, RawSample::Tokens { .. })))
+    let mut needs = false;
+    visit_jsonl(path, |_, raw| {
+        needs = !matches!(raw, RawSample::Tokens { .. });
+        !needs
+    })?;
+    Ok(needs)
 }
 
 #[cfg(test)]
