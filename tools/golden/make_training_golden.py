@@ -268,6 +268,7 @@ def trajectory(train_rows, eval_rows, schedule):
                      "samples; each micro-batch backwards (its summed CE / step total tokens), grads accumulate; "
                      "recorded loss is float64 CE from the float32 logits",
         "grad_clip": {"fn": "torch.nn.utils.clip_grad_norm_", "max_norm": MAX_GRAD_NORM, "norm_type": 2.0,
+                      "clip": "grads *= min(1, max_norm / (total_norm + 1e-6))",
                       "recorded": "returned total norm over all parameters, before clipping"},
         "optimizer": {"type": "torch.optim.AdamW", "lr": LR, "betas": list(BETAS), "eps": EPS,
                       "weight_decay": WD, "amsgrad": False, "maximize": False,
