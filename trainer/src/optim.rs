@@ -110,7 +110,7 @@ pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     let total = norm
         .total
         .map(|t| t.into_scalar())
-        .map(|v| burn::tensor::ElementConversion::elem::<f64>(v))
+        .map(burn::tensor::ElementConversion::elem::<f64>)
         .unwrap_or(0.0)
         .sqrt();
     if let Some(max) = max_norm {

@@ -38,7 +38,7 @@ impl TrainOptions {
         if self.micro_batch == 0 {
             return bad("micro_batch", "must be at least 1".into());
         }
-        if self.global_batch == 0 || self.global_batch % self.micro_batch != 0 {
+        if self.global_batch == 0 || !self.global_batch.is_multiple_of(self.micro_batch) {
             return bad(
                 "global_batch",
                 format!("{} must be a positive multiple of micro_batch {}", self.global_batch, self.micro_batch),
@@ -50,6 +50,8 @@ impl TrainOptions {
         if !(self.schedule.lr.is_finite() && self.schedule.lr > 0.0) {
             return bad("lr", format!("{} must be a positive number", self.schedule.lr));
         }
+        // Written so that NaN is refused too.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if self.max_grad_norm.is_some_and(|m| !(m > 0.0)) {
             return bad("max_grad_norm", "must be positive".into());
         }
