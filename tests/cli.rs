@@ -122,6 +122,16 @@ fn full_sft_train_and_export() {
     assert!(rel_diff(loss, trained) < 1e-5, "{loss} vs {trained}");
     let out = launch(&["export", run.to_str().expect("utf8"), "--format", "peft", "--out", "/tmp/never"]);
     assert_eq!(out.status.code(), Some(2));
+
+    // A bf16 export says so in config.json and still evaluates close to the f32 model.
+    let bf16 = tmp.path().join("bf16");
+    let out = launch(&["export", run.to_str().expect("utf8"), "--format", "hf", "--out", bf16.to_str().expect("utf8"), "--dtype", "bf16"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(bf16.join("config.json")).expect("config")).expect("json");
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    let set = format!("model.path=\"{}\"", bf16.display());
+    let loss = last_json(&launch(&["eval", job, "--set", &set]))["loss"].as_f64().expect("loss");
+    assert!(rel_diff(loss, trained) < 1e-2 && loss != trained, "bf16 {loss} vs f32 {trained}");
 }
 
 #[test]

@@ -46,12 +46,13 @@ pub fn save_hf_model<B: Backend>(model: &CausalLm<B>, base_dir: &Path, out: &Pat
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let result = (|| {
-        for name in COMPANION_FILES {
+        for name in COMPANION_FILES.iter().filter(|n| **n != "config.json") {
             let src = base_dir.join(name);
             if src.is_file() {
                 std::fs::copy(&src, tmp.join(name)).map_err(io(&src))?;
             }
         }
+        write_config(&base_dir.join("config.json"), &tmp.join("config.json"), dtype)?;
         checkpoint::save_hf_weights(&tmp, &to_hf_tensors(model), dtype, MAX_SHARD_BYTES)?;
         replace_dir(&tmp, out)
     })();
@@ -59,6 +60,30 @@ pub fn save_hf_model<B: Backend>(model: &CausalLm<B>, base_dir: &Path, out: &Pat
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Copy config.json with its dtype key (`dtype` in transformers 5, `torch_dtype` before)
+/// saying what the weights now are, so `from_pretrained(dtype="auto")` keeps them as written.
+fn write_config(src: &Path, dst: &Path, dtype: DType) -> Result<()> {
+    let text = std::fs::read_to_string(src).map_err(io(src))?;
+    let json_err = |e: serde_json::Error| Error::Json {
+        path: src.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut config: serde_json::Value = serde_json::from_str(&text).map_err(json_err)?;
+    let name = match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+    };
+    if let Some(map) = config.as_object_mut() {
+        let keys: Vec<&str> = ["dtype", "torch_dtype"].into_iter().filter(|k| map.contains_key(*k)).collect();
+        for key in if keys.is_empty() { vec!["torch_dtype"] } else { keys } {
+            map.insert(key.into(), name.into());
+        }
+    }
+    let text = serde_json::to_string_pretty(&config).map_err(json_err)?;
+    std::fs::write(dst, text + "\n").map_err(io(dst))
 }
 
 /// `out` may be replaced only if it is absent, empty, or an earlier export (nothing but HF
