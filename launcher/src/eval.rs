@@ -6,7 +6,7 @@ use burn::tensor::backend::Backend;
 use serde_json::json;
 
 use crate::config::JobConfig;
-use crate::error::{require_exists, Error, Result};
+use crate::error::Result;
 use crate::setup;
 
 /// The numbers `launch eval` prints as its last line.
@@ -27,12 +27,8 @@ pub fn run(cfg: &JobConfig, adapter: Option<&Path>) -> Result<EvalReport> {
 }
 
 pub fn run_on<B: Backend>(cfg: &JobConfig, adapter: Option<&Path>, device: &B::Device) -> Result<EvalReport> {
-    let eval_path = cfg.data.eval.clone().ok_or_else(|| Error::Config {
-        file: "config".into(),
-        message: "data.eval: required by `launch eval`".into(),
-    })?;
     setup::require_dir("model.path", &cfg.model.path)?;
-    require_exists("data.eval", &eval_path)?;
+    let eval_path = setup::required_file("data.eval", cfg.data.eval.as_deref(), "eval")?;
     if let Some(a) = adapter {
         setup::require_dir("--adapter", a)?;
     }

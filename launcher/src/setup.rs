@@ -91,6 +91,16 @@ pub fn model<B: Backend>(
     }
 }
 
+/// A data file the command needs: set in the config (exit 2 naming `key` if not) and present.
+pub fn required_file(key: &str, path: Option<&Path>, command: &str) -> Result<std::path::PathBuf> {
+    let path = path.ok_or_else(|| crate::error::Error::Config {
+        file: "config".into(),
+        message: format!("{key}: required by `launch {command}`"),
+    })?;
+    require_exists(key, path)?;
+    Ok(path.to_path_buf())
+}
+
 /// A directory that must exist.
 pub fn require_dir(key: &str, path: &Path) -> Result<()> {
     crate::error::require_path(key, path, true)

@@ -61,12 +61,8 @@ pub fn run(config: &JobConfig) -> Result<()> {
 
 pub fn run_on<B: Backend>(cfg: &JobConfig, device: &B::Device) -> Result<()> {
     let started = Instant::now();
-    let train_path = cfg.data.train.clone().ok_or_else(|| Error::Config {
-        file: "config".into(),
-        message: "data.train: required by `launch train`".into(),
-    })?;
     setup::require_dir("model.path", &cfg.model.path)?;
-    require_exists("data.train", &train_path)?;
+    let train_path = setup::required_file("data.train", cfg.data.train.as_deref(), "train")?;
     if let Some(eval) = &cfg.data.eval {
         require_exists("data.eval", eval)?;
     }

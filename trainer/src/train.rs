@@ -9,7 +9,7 @@ use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
 
-use crate::data::{collate, epoch_order, Batch, Row};
+use crate::data::{collate, Batch, Epochs, Row};
 use crate::error::{Error, Result};
 use crate::loss::{cross_entropy, supervised};
 use crate::model::{CausalLm, Inputs};
@@ -82,9 +82,7 @@ pub struct Trainer<B: AutodiffBackend> {
     rows: Vec<Row>,
     opts: TrainOptions,
     step: u64,
-    epoch: u64,
-    order: Vec<usize>,
-    cursor: usize,
+    epochs: Epochs,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -92,16 +90,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         opts.validate(rows.len())?;
         check_vocab(&rows, model.config.vocab_size)?;
         B::seed(&model.embed_tokens.device(), opts.seed);
-        let order = epoch_order(rows.len(), opts.seed, 0, opts.shuffle);
+        let epochs = Epochs::new(rows.len(), opts.seed, opts.shuffle);
         Ok(Self {
             model: Some(model),
             optim: opts.adamw.build(),
             rows,
             opts,
             step: 0,
-            epoch: 0,
-            order,
-            cursor: 0,
+            epochs,
         })
     }
 
@@ -119,17 +115,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.model.take().expect("model is present between steps")
     }
 
-    /// The next `n` rows of the (shuffled, repeating) data stream.
+    /// The next `n` rows of the (shuffled, repeating) data stream; a batch runs on into the
+    /// next epoch rather than coming up short.
     fn next_rows(&mut self, n: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            if self.cursor == self.order.len() {
-                self.epoch += 1;
-                self.order = epoch_order(self.rows.len(), self.opts.seed, self.epoch, self.opts.shuffle);
-                self.cursor = 0;
-            }
-            out.push(self.order[self.cursor]);
-            self.cursor += 1;
+            out.extend(self.epochs.next_batch(n - out.len()).1);
         }
         out
     }
