@@ -8,15 +8,23 @@ use std::path::PathBuf;
 use anyhow::Context;
 use burn::backend::{Autodiff, Flex};
 use tidemill::trainer::data::{self, DataOptions, TextTokenizer};
-use tidemill::trainer::{lora, load_hf_model, AdamWOptions, LoraSpec, Schedule, ScheduleKind, TrainOptions, Trainer};
+use tidemill::trainer::{
+    load_hf_model, lora, AdamWOptions, LoraSpec, Schedule, ScheduleKind, TrainOptions, Trainer,
+};
 
 type B = Autodiff<Flex>;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1).map(PathBuf::from);
-    let model_dir = args.next().unwrap_or_else(|| "assets/quickstart/model".into());
-    let train = args.next().unwrap_or_else(|| "assets/quickstart/data/train.jsonl".into());
-    let out = args.next().unwrap_or_else(|| "runs/custom_loop/adapter".into());
+    let model_dir = args
+        .next()
+        .unwrap_or_else(|| "assets/quickstart/model".into());
+    let train = args
+        .next()
+        .unwrap_or_else(|| "assets/quickstart/data/train.jsonl".into());
+    let out = args
+        .next()
+        .unwrap_or_else(|| "runs/custom_loop/adapter".into());
     let device = Default::default();
 
     // Frozen base + fresh adapters on every attention and MLP projection.
@@ -25,9 +33,17 @@ fn main() -> anyhow::Result<()> {
         r: 8,
         alpha: 16.0,
         dropout: 0.05,
-        targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-            .map(String::from)
-            .to_vec(),
+        targets: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
         use_rslora: false,
     };
     let model = lora::add_lora(base, &spec, 0)?;
@@ -64,9 +80,17 @@ fn main() -> anyhow::Result<()> {
     )?;
     for _ in 0..steps {
         let s = trainer.step()?;
-        println!("step {:>3}  loss {:.4}  lr {:.2e}  grad-norm {:.3}", s.step, s.loss, s.lr, s.grad_norm);
+        println!(
+            "step {:>3}  loss {:.4}  lr {:.2e}  grad-norm {:.3}",
+            s.step, s.loss, s.lr, s.grad_norm
+        );
     }
-    lora::save_adapter(trainer.model(), &spec, Some(model_dir.display().to_string()), &out)?;
+    lora::save_adapter(
+        trainer.model(),
+        &spec,
+        Some(model_dir.display().to_string()),
+        &out,
+    )?;
     println!("adapter written to {}", out.display());
     Ok(())
 }

@@ -48,18 +48,29 @@ fn eval_job(dir: &Path, model: &Path, eval: &Path) -> PathBuf {
 #[test]
 fn unknown_config_key_exits_2_naming_it() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let path = job(tmp.path(), "[job]\nname = \"x\"\n[model]\npath = \"m\"\n[training]\nlearnin_rate = 1\n");
+    let path = job(
+        tmp.path(),
+        "[job]\nname = \"x\"\n[model]\npath = \"m\"\n[training]\nlearnin_rate = 1\n",
+    );
     let out = launch(&["train", path.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("learnin_rate"), "{}", stderr(&out));
-    let out = launch(&["train", path.to_str().expect("utf8"), "--set", "lora.rank=4"]);
+    let out = launch(&[
+        "train",
+        path.to_str().expect("utf8"),
+        "--set",
+        "lora.rank=4",
+    ]);
     assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
 fn missing_files_exit_2_naming_the_key() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let out = launch(&["train", tmp.path().join("nope.toml").to_str().expect("utf8")]);
+    let out = launch(&[
+        "train",
+        tmp.path().join("nope.toml").to_str().expect("utf8"),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("nope.toml"), "{}", stderr(&out));
 
@@ -68,7 +79,11 @@ fn missing_files_exit_2_naming_the_key() {
     let path = eval_job(tmp.path(), &missing, &eval);
     let out = launch(&["eval", path.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("model.path") && stderr(&out).contains("no-model"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("model.path") && stderr(&out).contains("no-model"),
+        "{}",
+        stderr(&out)
+    );
 
     let train = job(
         tmp.path(),
@@ -81,12 +96,24 @@ fn missing_files_exit_2_naming_the_key() {
     );
     let out = launch(&["train", train.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("data.train") && stderr(&out).contains("absent.jsonl"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("data.train") && stderr(&out).contains("absent.jsonl"),
+        "{}",
+        stderr(&out)
+    );
 
-    let path = eval_job(tmp.path(), &model_dir("llama2"), &tmp.path().join("gone.jsonl"));
+    let path = eval_job(
+        tmp.path(),
+        &model_dir("llama2"),
+        &tmp.path().join("gone.jsonl"),
+    );
     let out = launch(&["eval", path.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("data.eval") && stderr(&out).contains("gone.jsonl"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("data.eval") && stderr(&out).contains("gone.jsonl"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -109,7 +136,10 @@ fn header_lying_about_offsets_names_file_and_tensor() {
     bytes.extend_from_slice(&[0u8; 128]);
     std::fs::write(&file, bytes).expect("write");
     let msg = load_err(&dir);
-    assert!(msg.contains("model.safetensors") && msg.contains("model.norm.weight"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("model.norm.weight"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -120,24 +150,45 @@ fn wrong_shapes_name_tensor_and_both_shapes() {
     assert_ne!(config, changed, "fixture config has intermediate_size 64");
     std::fs::write(dir.join("config.json"), changed).expect("write");
     let msg = load_err(&dir);
-    assert!(msg.contains("mlp.gate_proj.weight") && msg.contains("[65, 32]") && msg.contains("[64, 32]"), "{msg}");
+    assert!(
+        msg.contains("mlp.gate_proj.weight")
+            && msg.contains("[65, 32]")
+            && msg.contains("[64, 32]"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn missing_and_unexpected_tensors_are_named() {
     let (_tmp, dir) = copy_model("llama2");
-    let mut tensors = tidemill::checkpoint::read_safetensors(&dir.join("model.safetensors")).expect("read");
+    let mut tensors =
+        tidemill::checkpoint::read_safetensors(&dir.join("model.safetensors")).expect("read");
     let norm = tensors.remove("model.norm.weight").expect("norm");
     let meta = Default::default();
     let file = dir.join("model.safetensors");
-    tidemill::checkpoint::write_safetensors(&file, &tensors, tidemill::checkpoint::DType::F32, &meta).expect("write");
+    tidemill::checkpoint::write_safetensors(
+        &file,
+        &tensors,
+        tidemill::checkpoint::DType::F32,
+        &meta,
+    )
+    .expect("write");
     let msg = load_err(&dir);
     assert!(msg.contains("missing tensor `model.norm.weight`"), "{msg}");
     tensors.insert("model.norm.weight".into(), norm.clone());
     tensors.insert("model.extra.weight".into(), norm);
-    tidemill::checkpoint::write_safetensors(&file, &tensors, tidemill::checkpoint::DType::F32, &meta).expect("write");
+    tidemill::checkpoint::write_safetensors(
+        &file,
+        &tensors,
+        tidemill::checkpoint::DType::F32,
+        &meta,
+    )
+    .expect("write");
     let msg = load_err(&dir);
-    assert!(msg.contains("unexpected tensor `model.extra.weight`"), "{msg}");
+    assert!(
+        msg.contains("unexpected tensor `model.extra.weight`"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -167,12 +218,33 @@ fn export_refuses_to_replace_a_foreign_directory() {
     std::fs::create_dir_all(&out_dir).expect("mkdir");
     std::fs::write(out_dir.join("notes.txt"), "keep me").expect("write");
     let src = model_dir("llama2");
-    let out = launch(&["export", src.to_str().expect("utf8"), "--format", "hf", "--out", out_dir.to_str().expect("utf8")]);
+    let out = launch(&[
+        "export",
+        src.to_str().expect("utf8"),
+        "--format",
+        "hf",
+        "--out",
+        out_dir.to_str().expect("utf8"),
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("notes.txt"), "{}", stderr(&out));
-    assert!(out_dir.join("notes.txt").is_file(), "the user's file survives");
-    let out = launch(&["export", src.to_str().expect("utf8"), "--format", "hf", "--out", src.to_str().expect("utf8")]);
-    assert_ne!(out.status.code(), Some(0), "exporting over the base model is refused");
+    assert!(
+        out_dir.join("notes.txt").is_file(),
+        "the user's file survives"
+    );
+    let out = launch(&[
+        "export",
+        src.to_str().expect("utf8"),
+        "--format",
+        "hf",
+        "--out",
+        src.to_str().expect("utf8"),
+    ]);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "exporting over the base model is refused"
+    );
     assert!(src.join("model.safetensors").is_file());
 }
 
@@ -180,7 +252,11 @@ fn export_refuses_to_replace_a_foreign_directory() {
 fn malformed_jsonl_names_the_line() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("eval.jsonl");
-    std::fs::write(&data, "{\"input_ids\":[1,2,3]}\n\n{\"input_ids\":[1,2,\n{\"input_ids\":[4,5]}\n").expect("write");
+    std::fs::write(
+        &data,
+        "{\"input_ids\":[1,2,3]}\n\n{\"input_ids\":[1,2,\n{\"input_ids\":[4,5]}\n",
+    )
+    .expect("write");
     let path = eval_job(tmp.path(), &model_dir("llama2"), &data);
     let out = launch(&["eval", path.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
@@ -191,7 +267,11 @@ fn malformed_jsonl_names_the_line() {
 fn token_ids_outside_the_vocabulary_are_an_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("eval.jsonl");
-    std::fs::write(&data, "{\"input_ids\":[1,2,3]}\n{\"input_ids\":[1,96000]}\n").expect("write");
+    std::fs::write(
+        &data,
+        "{\"input_ids\":[1,2,3]}\n{\"input_ids\":[1,96000]}\n",
+    )
+    .expect("write");
     let path = eval_job(tmp.path(), &model_dir("llama2"), &data);
     let out = launch(&["eval", path.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(1));

@@ -5,18 +5,25 @@ mod common;
 
 use common::*;
 use tidemill::trainer::{
-    evaluate, evaluate_trained, load_hf_model, lora, AdamWOptions, LoraSpec, Schedule, ScheduleKind, StepStats, TrainOptions, Trainer,
+    evaluate, evaluate_trained, load_hf_model, lora, AdamWOptions, LoraSpec, Schedule,
+    ScheduleKind, StepStats, TrainOptions, Trainer,
 };
 
 fn packed_equals_unpacked(name: &str) {
-    let model = load_hf_model::<Cpu>(&model_dir(name), false, &Default::default()).expect("fixture loads");
+    let model =
+        load_hf_model::<Cpu>(&model_dir(name), false, &Default::default()).expect("fixture loads");
     let unpacked = token_rows("train_tokens.jsonl", false, 64);
     let packed = token_rows("train_tokens.jsonl", true, 64);
     assert!(packed.len() < unpacked.len(), "packing must merge rows");
     let a = evaluate(&model, &unpacked, 4).expect("unpacked");
     let b = evaluate(&model, &packed, 2).expect("packed");
     assert_eq!(a.tokens, b.tokens);
-    assert!(rel_diff(b.loss, a.loss) < 1e-5, "{name}: packed {} vs unpacked {}", b.loss, a.loss);
+    assert!(
+        rel_diff(b.loss, a.loss) < 1e-5,
+        "{name}: packed {} vs unpacked {}",
+        b.loss,
+        a.loss
+    );
 }
 
 #[test]
@@ -30,9 +37,14 @@ fn packing_mixtral() {
 }
 
 /// Three steps; returns their stats and the loss on all training rows before and after.
-fn train(name: &str, micro_batch: usize, lora_spec: Option<&LoraSpec>) -> (Vec<StepStats>, f64, f64) {
+fn train(
+    name: &str,
+    micro_batch: usize,
+    lora_spec: Option<&LoraSpec>,
+) -> (Vec<StepStats>, f64, f64) {
     let device = Default::default();
-    let mut model = load_hf_model::<Train>(&model_dir(name), lora_spec.is_none(), &device).expect("loads");
+    let mut model =
+        load_hf_model::<Train>(&model_dir(name), lora_spec.is_none(), &device).expect("loads");
     if let Some(spec) = lora_spec {
         model = lora::add_lora(model, spec, 7).expect("lora");
     }
@@ -55,9 +67,13 @@ fn train(name: &str, micro_batch: usize, lora_spec: Option<&LoraSpec>) -> (Vec<S
         shuffle: true,
     };
     let mut trainer = Trainer::new(model, rows.clone(), opts).expect("trainer");
-    let before = evaluate_trained(trainer.model(), &rows, 4).expect("eval").loss;
+    let before = evaluate_trained(trainer.model(), &rows, 4)
+        .expect("eval")
+        .loss;
     let stats = (0..3).map(|_| trainer.step().expect("step")).collect();
-    let after = evaluate_trained(trainer.model(), &rows, 4).expect("eval").loss;
+    let after = evaluate_trained(trainer.model(), &rows, 4)
+        .expect("eval")
+        .loss;
     (stats, before, after)
 }
 
@@ -66,11 +82,27 @@ fn accumulation_equals_big_batch(name: &str, spec: Option<&LoraSpec>) {
     let (small, _, after_small) = train(name, 1, spec);
     for (a, b) in big.iter().zip(&small) {
         assert_eq!(a.supervised_tokens, b.supervised_tokens);
-        assert!(rel_diff(b.loss, a.loss) < 1e-5, "{name} step {}: 4×1 {} vs 1×4 {}", a.step, b.loss, a.loss);
-        assert!(rel_diff(b.grad_norm, a.grad_norm) < 1e-4, "{name} step {} grad norm", a.step);
+        assert!(
+            rel_diff(b.loss, a.loss) < 1e-5,
+            "{name} step {}: 4×1 {} vs 1×4 {}",
+            a.step,
+            b.loss,
+            a.loss
+        );
+        assert!(
+            rel_diff(b.grad_norm, a.grad_norm) < 1e-4,
+            "{name} step {} grad norm",
+            a.step
+        );
     }
-    assert!(rel_diff(after_small, after) < 1e-5, "{name}: trained models differ: {after_small} vs {after}");
-    assert!(after < before - 0.05, "{name}: training loss falls: {before} -> {after}");
+    assert!(
+        rel_diff(after_small, after) < 1e-5,
+        "{name}: trained models differ: {after_small} vs {after}"
+    );
+    assert!(
+        after < before - 0.05,
+        "{name}: training loss falls: {before} -> {after}"
+    );
 }
 
 #[test]

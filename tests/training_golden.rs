@@ -8,11 +8,13 @@ mod common;
 use common::*;
 use serde_json::Value;
 use tidemill::trainer::{
-    evaluate, evaluate_trained, load_hf_model, AdamWOptions, Schedule, ScheduleKind, TrainOptions, Trainer,
+    evaluate, evaluate_trained, load_hf_model, AdamWOptions, Schedule, ScheduleKind, TrainOptions,
+    Trainer,
 };
 
 fn training_golden() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("training_golden.json")).expect("training_golden.json");
+    let text = std::fs::read_to_string(fixtures().join("training_golden.json"))
+        .expect("training_golden.json");
     serde_json::from_str(&text).expect("json")
 }
 
@@ -23,11 +25,17 @@ fn num(v: &Value) -> f64 {
 #[test]
 fn mistral_sliding_window_matches_transformers() {
     let want = &training_golden()["mistral_window4"];
-    let model = load_hf_model::<Cpu>(&model_dir("mistral"), false, &Default::default()).expect("loads");
+    let model =
+        load_hf_model::<Cpu>(&model_dir("mistral"), false, &Default::default()).expect("loads");
     assert_eq!(model.config.sliding_window, Some(4));
     let rows = token_rows("eval_tokens.jsonl", false, 64);
     let got = evaluate(&model, &rows, 3).expect("eval");
-    assert!(rel_diff(got.loss, num(&want["loss"])) < 1e-4, "{} vs {}", got.loss, want["loss"]);
+    assert!(
+        rel_diff(got.loss, num(&want["loss"])) < 1e-4,
+        "{} vs {}",
+        got.loss,
+        want["loss"]
+    );
     // Packed rows keep the window inside each sample.
     let packed = evaluate(&model, &token_rows("eval_tokens.jsonl", true, 64), 2).expect("eval");
     assert!(rel_diff(packed.loss, got.loss) < 1e-5);
@@ -59,9 +67,23 @@ fn trajectory(key: &str, kind: ScheduleKind, warmup_steps: u64) {
     for step in want["steps"].as_array().expect("steps") {
         let s = trainer.step().expect("step");
         let n = s.step;
-        assert_eq!(s.supervised_tokens as u64, step["tokens"].as_u64().expect("tokens"), "step {n} tokens");
-        assert!((s.lr - num(&step["lr"])).abs() < 1e-12, "step {n} lr {} vs {}", s.lr, step["lr"]);
-        assert!(rel_diff(s.loss, num(&step["loss"])) < 1e-5, "{key} step {n} loss {} vs torch {}", s.loss, step["loss"]);
+        assert_eq!(
+            s.supervised_tokens as u64,
+            step["tokens"].as_u64().expect("tokens"),
+            "step {n} tokens"
+        );
+        assert!(
+            (s.lr - num(&step["lr"])).abs() < 1e-12,
+            "step {n} lr {} vs {}",
+            s.lr,
+            step["lr"]
+        );
+        assert!(
+            rel_diff(s.loss, num(&step["loss"])) < 1e-5,
+            "{key} step {n} loss {} vs torch {}",
+            s.loss,
+            step["loss"]
+        );
         assert!(
             rel_diff(s.grad_norm, num(&step["grad_norm"])) < 1e-4,
             "{key} step {n} grad norm {} vs torch {}",
@@ -69,9 +91,18 @@ fn trajectory(key: &str, kind: ScheduleKind, warmup_steps: u64) {
             step["grad_norm"]
         );
     }
-    let eval = evaluate_trained(trainer.model(), &token_rows("eval_tokens.jsonl", false, 64), 4).expect("eval");
+    let eval = evaluate_trained(
+        trainer.model(),
+        &token_rows("eval_tokens.jsonl", false, 64),
+        4,
+    )
+    .expect("eval");
     let final_loss = num(&want["final_eval_loss"]);
-    assert!(rel_diff(eval.loss, final_loss) < 1e-4, "{key}: final eval {} vs torch {final_loss}", eval.loss);
+    assert!(
+        rel_diff(eval.loss, final_loss) < 1e-4,
+        "{key}: final eval {} vs torch {final_loss}",
+        eval.loss
+    );
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Command line: `launch train|eval|export`.
+//! Command line: `launch train|run|eval|export` (and the hidden `worker` the agent spawns).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +10,11 @@ use crate::error::Result;
 use crate::export::Format;
 
 #[derive(Parser, Debug)]
-#[command(name = "launch", version, about = "Fine-tune open LLMs with LoRA or full SFT")]
+#[command(
+    name = "launch",
+    version,
+    about = "Fine-tune open LLMs with LoRA or full SFT"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -18,11 +22,36 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Train as the job file says; writes the run directory.
+    /// Train as the job file says; writes the run directory. Starts one worker per
+    /// `--nproc-per-node` on this node; several nodes join through `--rdzv`.
     Train {
         /// The job file (TOML).
         config: PathBuf,
         /// Override a key: --set training.lr=1e-4 (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+        #[command(flatten)]
+        launch: LaunchArgs,
+    },
+    /// Run your own training program once per rank, with the torchrun environment
+    /// (RANK, WORLD_SIZE, ...) plus TIDEMILL_* for `parallel::init()`.
+    Run {
+        #[command(flatten)]
+        launch: LaunchArgs,
+        /// The run directory for events.jsonl (default: runs/<program name>).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Seconds a collective may wait for a peer.
+        #[arg(long)]
+        collective_timeout: Option<f64>,
+        /// The program and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "PROGRAM ARGS")]
+        program: Vec<String>,
+    },
+    /// One rank of `launch train` (started by the agent, not by hand).
+    #[command(hide = true)]
+    Worker {
+        config: PathBuf,
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
     },
@@ -49,10 +78,67 @@ pub enum Command {
     },
 }
 
+/// torchrun's flags; each overrides the job file's `[launch]` key of the same name.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct LaunchArgs {
+    /// Worker processes on this node.
+    #[arg(long)]
+    pub nproc_per_node: Option<usize>,
+    /// Nodes in the job.
+    #[arg(long)]
+    pub nnodes: Option<usize>,
+    /// This node's index (0 hosts the coordinator).
+    #[arg(long)]
+    pub node_rank: Option<usize>,
+    /// HOST:PORT of the coordinator on node 0.
+    #[arg(long)]
+    pub rdzv: Option<String>,
+    /// Address this node's workers listen on for the data plane.
+    #[arg(long)]
+    pub host: Option<String>,
+}
+
+impl LaunchArgs {
+    /// `--set launch.KEY=VALUE` overrides for the flags given.
+    fn overrides(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut add = |key: &str, v: Option<String>| {
+            if let Some(v) = v {
+                out.push(format!("launch.{key}={v}"));
+            }
+        };
+        add("nproc_per_node", self.nproc_per_node.map(|v| v.to_string()));
+        add("nnodes", self.nnodes.map(|v| v.to_string()));
+        add("node_rank", self.node_rank.map(|v| v.to_string()));
+        add("rdzv", self.rdzv.as_ref().map(|v| format!("\"{v}\"")));
+        add("host", self.host.as_ref().map(|v| format!("\"{v}\"")));
+        out
+    }
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, set } => crate::train::run(&JobConfig::load(&config, &set)?),
-        Command::Eval { config, adapter, set } => {
+        Command::Train {
+            config,
+            set,
+            launch,
+        } => {
+            let mut all = set.clone();
+            all.extend(launch.overrides());
+            crate::launch::train(&config, &all)
+        }
+        Command::Run {
+            launch,
+            run_dir,
+            collective_timeout,
+            program,
+        } => crate::launch::run_program(&launch.overrides(), run_dir, collective_timeout, &program),
+        Command::Worker { config, set } => crate::train::worker(&JobConfig::load(&config, &set)?),
+        Command::Eval {
+            config,
+            adapter,
+            set,
+        } => {
             let report = crate::eval::run(&JobConfig::load(&config, &set)?, adapter.as_deref())?;
             println!("{}", crate::eval::report_line(&report));
             Ok(())
@@ -85,7 +171,10 @@ pub fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -21,6 +21,136 @@ pub struct JobConfig {
     pub training: TrainingSection,
     #[serde(default)]
     pub export: ExportSection,
+    #[serde(default)]
+    pub parallel: ParallelSection,
+    #[serde(default)]
+    pub launch: LaunchSection,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    /// ZeRO-1: shard AdamW state across data-parallel ranks (each rank steps and then
+    /// broadcasts the parameters it owns).
+    #[serde(default)]
+    pub zero1: bool,
+}
+
+/// How `launch` starts workers (torchrun's flags; the command line overrides these).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchSection {
+    /// Worker processes on this node (`--nproc-per-node`).
+    #[serde(default = "one")]
+    pub nproc_per_node: usize,
+    /// Nodes in the job (`--nnodes`).
+    #[serde(default = "one")]
+    pub nnodes: usize,
+    /// This node's index, 0 hosts the coordinator (`--node-rank`).
+    #[serde(default)]
+    pub node_rank: usize,
+    /// HOST:PORT of the coordinator on node 0 (`--rdzv`); needed when nnodes > 1.
+    pub rdzv: Option<String>,
+    /// Address this node's workers listen on for the data plane; default: the address
+    /// this node reaches the coordinator from (127.0.0.1 on one machine).
+    pub host: Option<String>,
+    /// Seconds a collective may wait for a peer before failing with an error naming it.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout_s: f64,
+    /// Seconds without a heartbeat after which the coordinator declares a node lost.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_s: f64,
+    /// Seconds to wait for every node to join.
+    #[serde(default = "default_rdzv_timeout")]
+    pub rdzv_timeout_s: f64,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_collective_timeout() -> f64 {
+    300.0
+}
+fn default_heartbeat_timeout() -> f64 {
+    30.0
+}
+fn default_rdzv_timeout() -> f64 {
+    300.0
+}
+
+impl Default for LaunchSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("all launch keys have defaults"))
+    }
+}
+
+impl LaunchSection {
+    /// The defaults with `launch.KEY=VALUE` overrides applied (for `launch run`, which has
+    /// no job file).
+    pub fn from_overrides(overrides: &[String]) -> Result<Self> {
+        let mut root = toml::Table::new();
+        root.insert("launch".into(), toml::Value::Table(Default::default()));
+        for o in overrides {
+            apply_override(&mut root, o).map_err(|message| Error::Config {
+                file: PathBuf::from("--set"),
+                message,
+            })?;
+        }
+        let section = root
+            .remove("launch")
+            .unwrap_or_else(|| toml::Value::Table(Default::default()));
+        let launch: LaunchSection =
+            section
+                .try_into()
+                .map_err(|e: toml::de::Error| Error::Config {
+                    file: PathBuf::from("command line"),
+                    message: format!("launch: {e}"),
+                })?;
+        launch.validate().map_err(|message| Error::Config {
+            file: PathBuf::from("command line"),
+            message,
+        })?;
+        Ok(launch)
+    }
+
+    /// The checks torchrun makes on its flags, naming the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.nproc_per_node == 0 {
+            return Err("launch.nproc_per_node: must be at least 1".into());
+        }
+        if self.nnodes == 0 {
+            return Err("launch.nnodes: must be at least 1".into());
+        }
+        if self.node_rank >= self.nnodes {
+            return Err(format!(
+                "launch.node_rank: {} must be below nnodes {}",
+                self.node_rank, self.nnodes
+            ));
+        }
+        if self.nnodes > 1 && self.rdzv.is_none() {
+            return Err("launch.rdzv: HOST:PORT of node 0 is required when nnodes > 1".into());
+        }
+        if let Some(r) = &self.rdzv {
+            let ok = r
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(format!("launch.rdzv: `{r}`: expected HOST:PORT"));
+            }
+        }
+        for (key, v) in [
+            ("collective_timeout_s", self.collective_timeout_s),
+            ("heartbeat_timeout_s", self.heartbeat_timeout_s),
+            ("rdzv_timeout_s", self.rdzv_timeout_s),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!(
+                    "launch.{key}: {v} must be a positive number of seconds"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -248,10 +378,13 @@ impl JobConfig {
                 message,
             })?;
         }
-        let config: JobConfig = toml::Value::Table(value).try_into().map_err(|e: toml::de::Error| Error::Config {
-            file: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let config: JobConfig =
+            toml::Value::Table(value)
+                .try_into()
+                .map_err(|e: toml::de::Error| Error::Config {
+                    file: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
         config.validate().map_err(|message| Error::Config {
             file: path.to_path_buf(),
             message,
@@ -261,7 +394,10 @@ impl JobConfig {
 
     /// `runs/<name>` unless `job.run_dir` says otherwise.
     pub fn run_dir(&self) -> PathBuf {
-        self.job.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(&self.job.name))
+        self.job
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| Path::new("runs").join(&self.job.name))
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
@@ -272,13 +408,23 @@ impl JobConfig {
             "cpu" => {}
             "cuda" if cfg!(feature = "cuda") => {}
             "cuda" => return Err("job.device: `cuda` needs a build with `--features cuda`".into()),
-            other => return Err(format!("job.device: `{other}`: expected \"cpu\" or \"cuda\"")),
+            other => {
+                return Err(format!(
+                    "job.device: `{other}`: expected \"cpu\" or \"cuda\""
+                ))
+            }
         }
         if self.model.dtype != "f32" {
-            return Err(format!("model.dtype: `{}` is not supported; use \"f32\"", self.model.dtype));
+            return Err(format!(
+                "model.dtype: `{}` is not supported; use \"f32\"",
+                self.model.dtype
+            ));
         }
         if !["f32", "bf16", "f16"].contains(&self.export.dtype.as_str()) {
-            return Err(format!("export.dtype: `{}`: expected \"f32\", \"bf16\" or \"f16\"", self.export.dtype));
+            return Err(format!(
+                "export.dtype: `{}`: expected \"f32\", \"bf16\" or \"f16\"",
+                self.export.dtype
+            ));
         }
         if !["constant", "linear", "cosine"].contains(&self.training.schedule.as_str()) {
             return Err(format!(
@@ -286,6 +432,7 @@ impl JobConfig {
                 self.training.schedule
             ));
         }
+        self.launch.validate()?;
         if self.data.max_seq_len < 2 {
             return Err("data.max_seq_len: must be at least 2".into());
         }
@@ -294,7 +441,9 @@ impl JobConfig {
             .validate(1)
             .map_err(|e| format!("[training] {e}"))?;
         if let Some(lora) = self.lora.as_ref().filter(|l| l.init_adapter.is_none()) {
-            crate::setup::lora_spec(lora).validate().map_err(|e| format!("[lora] {e}"))?;
+            crate::setup::lora_spec(lora)
+                .validate()
+                .map_err(|e| format!("[lora] {e}"))?;
         }
         Ok(())
     }
@@ -314,7 +463,9 @@ fn apply_override(root: &mut toml::Table, spec: &str) -> std::result::Result<(),
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let (last, sections) = path.split_last().ok_or_else(|| format!("`{spec}`: empty key"))?;
+    let (last, sections) = path
+        .split_last()
+        .ok_or_else(|| format!("`{spec}`: empty key"))?;
     let mut table = root;
     for s in sections {
         let entry = table
@@ -338,12 +489,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("job.toml");
         std::fs::write(&path, text).unwrap();
-        JobConfig::load(&path, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        JobConfig::load(
+            &path,
+            &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
     }
 
     #[test]
     fn defaults_and_overrides() {
-        let c = parse(MIN, &["training.lr=0.5", "data.packing=false", "lora.r=4", "job.run_dir=out/x"]).unwrap();
+        let c = parse(
+            MIN,
+            &[
+                "training.lr=0.5",
+                "data.packing=false",
+                "lora.r=4",
+                "job.run_dir=out/x",
+            ],
+        )
+        .unwrap();
         assert_eq!(c.training.lr, 0.5);
         assert!(!c.data.packing);
         assert_eq!(c.lora.as_ref().map(|l| l.r), Some(4));

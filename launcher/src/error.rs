@@ -30,8 +30,20 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Starting the job failed (rendezvous, the coordinator, spawning workers).
+    #[error("{0}")]
+    Launch(String),
+    /// A worker process failed; the message names its rank, node, pid and exit status.
+    #[error("{message}")]
+    WorkerFailed { message: String, code: u8 },
+    /// The coordinator stopped the job (another node's worker failed, a node was lost) or
+    /// the agent was interrupted.
+    #[error("job stopped: {0}")]
+    JobStopped(String),
     #[error(transparent)]
     Trainer(#[from] trainer::Error),
+    #[error(transparent)]
+    Parallel(#[from] parallel::Error),
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::Error),
 }
@@ -40,6 +52,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config { .. } | Error::ConfigIo { .. } | Error::BadPath { .. } => 2,
+            Error::WorkerFailed { code, .. } => *code,
             _ => 1,
         }
     }
@@ -65,4 +78,19 @@ pub fn require_path(key: &str, path: &std::path::Path, dir: bool) -> Result<()> 
 /// A file or directory that must exist.
 pub fn require_exists(key: &str, path: &std::path::Path) -> Result<()> {
     require_path(key, path, false)
+}
+
+/// An error and its sources on one line, `a: b: c` (what `{:#}` of anyhow prints).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }

@@ -26,7 +26,11 @@ pub fn run(cfg: &JobConfig, adapter: Option<&Path>) -> Result<EvalReport> {
     }
 }
 
-pub fn run_on<B: Backend>(cfg: &JobConfig, adapter: Option<&Path>, device: &B::Device) -> Result<EvalReport> {
+pub fn run_on<B: Backend>(
+    cfg: &JobConfig,
+    adapter: Option<&Path>,
+    device: &B::Device,
+) -> Result<EvalReport> {
     setup::require_dir("model.path", &cfg.model.path)?;
     let eval_path = setup::required_file("data.eval", cfg.data.eval.as_deref(), "eval")?;
     if let Some(a) = adapter {

@@ -9,13 +9,12 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
 
-/// The job's event log. Every event carries `event`, `time` (Unix seconds), `generation`
-/// and `rank`.
+/// The job's event log. Every event carries `event`, `time` (Unix seconds), `generation`,
+/// `rank` and `node` (null for job-wide events).
 pub struct EventLog {
     file: File,
     path: PathBuf,
     generation: u64,
-    rank: usize,
 }
 
 impl EventLog {
@@ -32,18 +31,32 @@ impl EventLog {
             file,
             path: path.to_path_buf(),
             generation: 0,
-            rank: 0,
         })
     }
 
-    /// Append `{"event": kind, "time", "generation", "rank", ...fields}`.
+    /// Append an event of rank 0 on node 0 (a job run in one process).
     pub fn emit(&mut self, kind: &str, fields: Value) -> Result<()> {
-        let time = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        self.emit_as(kind, Some(0), Some(0), fields)
+    }
+
+    /// Append `{"event": kind, "time", "generation", "rank", "node", ...fields}`.
+    pub fn emit_as(
+        &mut self,
+        kind: &str,
+        rank: Option<usize>,
+        node: Option<usize>,
+        fields: Value,
+    ) -> Result<()> {
+        let time = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         let mut obj = Map::new();
         obj.insert("event".into(), json!(kind));
         obj.insert("time".into(), json!(time));
         obj.insert("generation".into(), json!(self.generation));
-        obj.insert("rank".into(), json!(self.rank));
+        obj.insert("rank".into(), json!(rank));
+        obj.insert("node".into(), json!(node));
         if let Value::Object(extra) = fields {
             obj.extend(extra);
         }

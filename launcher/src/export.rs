@@ -20,7 +20,10 @@ pub enum Format {
 /// Where a source's trained weights are.
 enum Source {
     /// A PEFT adapter and the base model it applies to (as recorded; checked when needed).
-    Adapter { adapter: PathBuf, base: Option<PathBuf> },
+    Adapter {
+        adapter: PathBuf,
+        base: Option<PathBuf>,
+    },
     /// A complete HF model directory.
     Model(PathBuf),
 }
@@ -47,7 +50,10 @@ fn resolve(src: &Path) -> Result<Source> {
         if model.join("config.json").is_file() {
             return Ok(Source::Model(model));
         }
-        return Err(bad(src, "the run has no exported result yet (export/adapter or export/model)"));
+        return Err(bad(
+            src,
+            "the run has no exported result yet (export/adapter or export/model)",
+        ));
     }
     if src.join("adapter_config.json").is_file() {
         let config = checkpoint::load_peft_adapter(src)?.0;
@@ -59,7 +65,10 @@ fn resolve(src: &Path) -> Result<Source> {
     if src.join("config.json").is_file() {
         return Ok(Source::Model(src.to_path_buf()));
     }
-    Err(bad(src, "neither a run directory, a PEFT adapter nor an HF model directory"))
+    Err(bad(
+        src,
+        "neither a run directory, a PEFT adapter nor an HF model directory",
+    ))
 }
 
 pub fn run(src: &Path, format: Format, out: &Path, dtype: &str) -> Result<()> {
@@ -71,14 +80,22 @@ pub fn run(src: &Path, format: Format, out: &Path, dtype: &str) -> Result<()> {
             checkpoint::save_peft_adapter(out, &config, &tensors)?;
         }
         (Source::Adapter { adapter, base }, Format::Hf) => {
-            let base = base.ok_or_else(|| bad(&adapter, "adapter_config.json names no base_model_name_or_path"))?;
+            let base = base.ok_or_else(|| {
+                bad(
+                    &adapter,
+                    "adapter_config.json names no base_model_name_or_path",
+                )
+            })?;
             setup::require_dir("base model (model.path / base_model_name_or_path)", &base)?;
             let model = trainer::load_hf_model::<setup::Cpu>(&base, false, &device)?;
             let (model, _) = trainer::lora::load_adapter(model, &adapter, false)?;
             trainer::export::save_hf_model(&model, &base, out, export_dtype(dtype))?;
         }
         (Source::Model(_), Format::Peft) => {
-            return Err(bad(src, "a full-parameter fine-tune has no LoRA adapter; use --format hf"));
+            return Err(bad(
+                src,
+                "a full-parameter fine-tune has no LoRA adapter; use --format hf",
+            ));
         }
         (Source::Model(dir), Format::Hf) => {
             let model = trainer::load_hf_model::<setup::Cpu>(&dir, false, &device)?;

@@ -1,14 +1,19 @@
-//! The `launch` CLI of tidemill: TOML job files, the run directory and its event log,
-//! `train`, `eval` and `export`.
+//! The `launch` CLI of tidemill: TOML job files, the node agent and the job's coordinator,
+//! the run directory and its event log; `train`, `run`, `eval` and `export`.
 
+pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod coordinator;
 mod error;
 pub mod eval;
 pub mod events;
 pub mod export;
+pub mod launch;
+pub mod progress;
+mod rpc;
 pub mod setup;
 pub mod train;
 
 pub use config::JobConfig;
-pub use error::{Error, Result};
+pub use error::{chain, Error, Result};

@@ -26,16 +26,24 @@ pub fn data_options(d: &DataSection) -> DataOptions {
 pub fn tokenizer_for(model_dir: &Path, files: &[&Path]) -> Result<Option<TextTokenizer>> {
     for f in files {
         if data::needs_tokenizer(f).map_err(trainer::Error::from)? {
-            return Ok(Some(TextTokenizer::load(model_dir).map_err(trainer::Error::from)?));
+            return Ok(Some(
+                TextTokenizer::load(model_dir).map_err(trainer::Error::from)?,
+            ));
         }
     }
     Ok(None)
 }
 
 /// Read one JSONL file (named `key` in errors) into rows.
-pub fn dataset(key: &str, path: &Path, tokenizer: Option<&TextTokenizer>, d: &DataSection) -> Result<(Vec<Row>, DataAudit)> {
+pub fn dataset(
+    key: &str,
+    path: &Path,
+    tokenizer: Option<&TextTokenizer>,
+    d: &DataSection,
+) -> Result<(Vec<Row>, DataAudit)> {
     require_exists(key, path)?;
-    let (rows, audit) = data::load_dataset(path, tokenizer, &data_options(d)).map_err(trainer::Error::from)?;
+    let (rows, audit) =
+        data::load_dataset(path, tokenizer, &data_options(d)).map_err(trainer::Error::from)?;
     Ok((rows, audit))
 }
 
@@ -76,7 +84,9 @@ pub fn model<B: Backend>(
 ) -> Result<(CausalLm<B>, Option<LoraSpec>)> {
     require_exists("model.path", model_dir)?;
     let base = trainer::load_hf_model::<B>(model_dir, lora.is_none(), device)?;
-    let Some(l) = lora else { return Ok((base, None)) };
+    let Some(l) = lora else {
+        return Ok((base, None));
+    };
     match &l.init_adapter {
         Some(dir) => {
             require_exists("lora.init_adapter", dir)?;

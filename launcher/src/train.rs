@@ -1,15 +1,16 @@
-//! `launch train`: one process, the whole job — audit, train, evaluate, export.
+//! `launch train`'s training body, run by every worker (rank) of a job: audit, train data
+//! parallel, evaluate and export (rank 0), reporting through an [`EventSink`].
 
-use std::io::IsTerminal;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
+use parallel::dp::DataParallel;
+use parallel::{Context, Reporter};
+use serde_json::{json, Value};
 use trainer::data::Row;
-use trainer::{AdamWOptions, Schedule, ScheduleKind, TrainOptions, Trainer};
+use trainer::{AdamWOptions, Schedule, ScheduleKind, StepStats, TrainOptions, Trainer};
 
 use crate::config::{JobConfig, TrainingSection};
 use crate::error::{require_exists, Error, Result};
@@ -50,25 +51,59 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Run a training job on the backend `job.device` names.
-pub fn run(config: &JobConfig) -> Result<()> {
-    match config.job.device.as_str() {
-        #[cfg(feature = "cuda")]
-        "cuda" => run_on::<burn::backend::Cuda>(config, &Default::default()),
-        _ => run_on::<setup::Cpu>(config, &Default::default()),
+/// Where a worker's events go: the event log itself (one process, no launcher) or the
+/// agent (launched workers; the coordinator writes the log).
+pub trait EventSink {
+    fn event(&mut self, kind: &str, fields: Value) -> Result<()>;
+    /// A finished step; `seq` is the collective sequence number.
+    fn step(&mut self, stats: &StepStats, seq: u64, extra: Value) -> Result<()>;
+    fn phase(&mut self, _phase: &str) {}
+}
+
+impl EventSink for EventLog {
+    fn event(&mut self, kind: &str, fields: Value) -> Result<()> {
+        self.emit(kind, fields)
+    }
+    fn step(&mut self, s: &StepStats, _seq: u64, mut extra: Value) -> Result<()> {
+        if let Value::Object(m) = &mut extra {
+            m.insert("step".into(), json!(s.step));
+            m.insert("loss".into(), json!(s.loss));
+            m.insert("step_time".into(), json!(s.seconds));
+        }
+        self.emit("step", extra)
     }
 }
 
-pub fn run_on<B: Backend>(cfg: &JobConfig, device: &B::Device) -> Result<()> {
-    let started = Instant::now();
+impl EventSink for Reporter {
+    fn event(&mut self, kind: &str, fields: Value) -> Result<()> {
+        Reporter::event(self, kind, fields);
+        Ok(())
+    }
+    fn step(&mut self, s: &StepStats, seq: u64, extra: Value) -> Result<()> {
+        Reporter::step(self, s.step, s.loss, s.seconds, seq, extra);
+        Ok(())
+    }
+    fn phase(&mut self, phase: &str) {
+        Reporter::phase(self, phase);
+    }
+}
+
+/// Paths the job needs, checked before any process starts or anything is written (exit 2
+/// naming the key).
+pub fn preflight(cfg: &JobConfig) -> Result<()> {
     setup::require_dir("model.path", &cfg.model.path)?;
-    let train_path = setup::required_file("data.train", cfg.data.train.as_deref(), "train")?;
+    setup::required_file("data.train", cfg.data.train.as_deref(), "train")?;
     if let Some(eval) = &cfg.data.eval {
         require_exists("data.eval", eval)?;
     }
+    Ok(())
+}
+
+/// Create the run directory, drop a previous run's export (it must never pass for this
+/// run's) and write the resolved config.
+pub fn prepare_run_dir(cfg: &JobConfig) -> Result<()> {
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
-    // A rerun replaces the run's results: an old export must never pass for this run's.
     let export = run_dir.join("export");
     if export.exists() {
         std::fs::remove_dir_all(&export).map_err(io(&export))?;
@@ -78,99 +113,164 @@ pub fn run_on<B: Backend>(cfg: &JobConfig, device: &B::Device) -> Result<()> {
         message: e.to_string(),
     })?;
     checkpoint::atomic_write(&run_dir.join("config.toml"), resolved.as_bytes())?;
-    let mut events = EventLog::open(&run_dir.join("events.jsonl"))?;
-    let mode = if cfg.lora.is_some() { "lora" } else { "full" };
-    events.emit("start", json!({"job": cfg.job.name, "model": cfg.model.path, "mode": mode}))?;
+    Ok(())
+}
 
+/// Fields of the job's `start` event.
+pub fn start_fields(cfg: &JobConfig, world_size: usize) -> Value {
+    let mode = if cfg.lora.is_some() { "lora" } else { "full" };
+    json!({"job": cfg.job.name, "model": cfg.model.path, "mode": mode, "world_size": world_size,
+           "nnodes": cfg.launch.nnodes, "nproc_per_node": cfg.launch.nproc_per_node,
+           "plan": {"dp": world_size, "zero1": cfg.parallel.zero1}})
+}
+
+/// Train in this process alone, writing the run directory directly (no launcher): what
+/// library users and tests call.
+pub fn run(cfg: &JobConfig) -> Result<()> {
+    preflight(cfg)?;
+    prepare_run_dir(cfg)?;
+    let mut events = EventLog::open(&cfg.run_dir().join("events.jsonl"))?;
+    events.emit("start", start_fields(cfg, 1))?;
+    run_rank(cfg, &Context::solo(), &mut events)
+}
+
+/// One rank of a launched job (`launch worker`): rank context from the environment,
+/// events through the agent. A failure is also told to the agent, so the coordinator's
+/// fault event says why.
+pub fn worker(cfg: &JobConfig) -> Result<()> {
+    let mut ctx = parallel::init()?;
+    let mut reporter = std::mem::replace(&mut ctx.reporter, Reporter::disabled());
+    let result = run_rank(cfg, &ctx, &mut reporter);
+    if let Err(e) = &result {
+        reporter.error(&crate::error::chain(e));
+    }
+    reporter.flush(Duration::from_secs(5));
+    result
+}
+
+fn run_rank(cfg: &JobConfig, ctx: &Context, events: &mut dyn EventSink) -> Result<()> {
+    match cfg.job.device.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => run_on::<burn::backend::Cuda>(
+            cfg,
+            ctx,
+            events,
+            &burn::backend::cuda::CudaDevice::new(ctx.local_rank),
+        ),
+        _ => run_on::<setup::Cpu>(cfg, ctx, events, &Default::default()),
+    }
+}
+
+pub fn run_on<B: Backend>(
+    cfg: &JobConfig,
+    ctx: &Context,
+    events: &mut dyn EventSink,
+    device: &B::Device,
+) -> Result<()> {
+    let started = Instant::now();
+    let lead = ctx.rank == 0;
+    let run_dir = cfg.run_dir();
+    let export = run_dir.join("export");
+    let train_path = setup::required_file("data.train", cfg.data.train.as_deref(), "train")?;
     let mut files: Vec<&Path> = vec![&train_path];
     files.extend(cfg.data.eval.as_deref());
     let tokenizer = setup::tokenizer_for(&cfg.model.path, &files)?;
     let (rows, audit) = setup::dataset("data.train", &train_path, tokenizer.as_ref(), &cfg.data)?;
-    println!("{audit}");
-    events.emit("audit", json!({"split": "train", "audit": audit}))?;
+    if lead {
+        println!("{audit}");
+        events.event("audit", json!({"split": "train", "audit": audit}))?;
+    }
     let eval_set = match &cfg.data.eval {
         Some(p) => {
             let (rows, audit) = setup::dataset("data.eval", p, tokenizer.as_ref(), &cfg.data)?;
-            println!("{audit}");
-            events.emit("audit", json!({"split": "eval", "audit": audit}))?;
+            if lead {
+                println!("{audit}");
+                events.event("audit", json!({"split": "eval", "audit": audit}))?;
+            }
             Some((rows, audit))
         }
         None => None,
     };
 
-    let (model, spec) = setup::model::<Autodiff<B>>(&cfg.model.path, cfg.lora.as_ref(), cfg.training.seed, device)?;
+    let (model, spec) = setup::model::<Autodiff<B>>(
+        &cfg.model.path,
+        cfg.lora.as_ref(),
+        cfg.training.seed,
+        device,
+    )?;
     setup::check_vocab("data.train", &audit, model.config.vocab_size)?;
     if let Some((_, eval_audit)) = &eval_set {
         setup::check_vocab("data.eval", eval_audit, model.config.vocab_size)?;
     }
     let eval_rows = eval_set.map(|(rows, _)| rows);
     let mut trainer = Trainer::new(model, rows, train_options(&cfg.training, cfg.data.shuffle))?;
+    if ctx.world_size > 1 {
+        trainer =
+            trainer.with_data_parallel(DataParallel::new(ctx.comm.clone(), cfg.parallel.zero1))?;
+    }
     let t = &cfg.training;
-    let bar = progress_bar(t.max_steps);
+    events.phase("train");
     let mut last_loss = f64::NAN;
     while trainer.steps_done() < t.max_steps {
         let s = trainer.step()?;
         last_loss = s.loss;
         let tokens_per_s = s.tokens as f64 / s.seconds.max(1e-9);
-        events.emit(
-            "step",
-            json!({"step": s.step, "loss": s.loss, "lr": s.lr, "tokens_per_s": tokens_per_s,
-                   "grad_norm": s.grad_norm, "tokens": s.tokens, "supervised_tokens": s.supervised_tokens}),
-        )?;
-        match &bar {
-            Some(bar) => {
-                bar.set_position(s.step);
-                bar.set_message(format!("loss {:.4}  {:.0} tok/s", s.loss, tokens_per_s));
-            }
-            None if s.step == 1 || s.step % 10 == 0 || s.step == t.max_steps => {
-                tracing::info!(step = s.step, loss = format!("{:.4}", s.loss), lr = s.lr, tokens_per_s = format!("{tokens_per_s:.0}"), "step");
-            }
-            None => {}
-        }
-        if let Some(rows) = &eval_rows {
+        let extra = json!({"lr": s.lr, "tokens_per_s": tokens_per_s, "grad_norm": s.grad_norm,
+                           "tokens": s.tokens, "supervised_tokens": s.supervised_tokens});
+        events.step(&s, trainer.collective_seq(), extra)?;
+        if let Some(rows) = eval_rows.as_ref().filter(|_| lead) {
             if t.eval_every > 0 && s.step % t.eval_every == 0 && s.step < t.max_steps {
-                evaluate(&trainer, rows, t.micro_batch, &mut events)?;
+                evaluate(&trainer, rows, t.micro_batch, events)?;
             }
         }
     }
-    if let Some(bar) = bar {
-        bar.finish();
+    if !lead {
+        return Ok(());
     }
     if let Some(rows) = &eval_rows {
-        evaluate(&trainer, rows, t.micro_batch, &mut events)?;
+        events.phase("eval");
+        evaluate(&trainer, rows, t.micro_batch, events)?;
     }
 
+    events.phase("export");
     let model = trainer.into_model();
     let dtype = export_dtype(&cfg.export.dtype);
     if let Some(spec) = &spec {
         let dir = export.join("adapter");
         let base = cfg.model.path.display().to_string();
         trainer::lora::save_adapter(&model, spec, Some(base), &dir)?;
-        events.emit("export", json!({"format": "peft", "path": dir}))?;
+        events.event("export", json!({"format": "peft", "path": dir}))?;
         println!("adapter written to {}", dir.display());
     }
     if spec.is_none() || cfg.export.merged {
         let dir = export.join("model");
         trainer::export::save_hf_model(&model, &cfg.model.path, &dir, dtype)?;
-        events.emit("export", json!({"format": "hf", "path": dir}))?;
+        events.event("export", json!({"format": "hf", "path": dir}))?;
         println!("model written to {}", dir.display());
     }
-    events.emit(
+    events.event(
         "done",
         json!({"steps": t.max_steps, "loss": last_loss, "seconds": started.elapsed().as_secs_f64()}),
-    )?;
-    Ok(())
+    )
 }
 
 fn evaluate<B: burn::tensor::backend::AutodiffBackend>(
     trainer: &Trainer<B>,
     rows: &[Row],
     micro_batch: usize,
-    events: &mut EventLog,
+    events: &mut dyn EventSink,
 ) -> Result<()> {
     let r = trainer::evaluate_trained(trainer.model(), rows, micro_batch)?;
-    tracing::info!(step = trainer.steps_done(), loss = format!("{:.4}", r.loss), tokens = r.tokens, "eval");
-    events.emit("eval", json!({"step": trainer.steps_done(), "loss": r.loss, "tokens": r.tokens}))
+    tracing::info!(
+        step = trainer.steps_done(),
+        loss = format!("{:.4}", r.loss),
+        tokens = r.tokens,
+        "eval"
+    );
+    events.event(
+        "eval",
+        json!({"step": trainer.steps_done(), "loss": r.loss, "tokens": r.tokens}),
+    )
 }
 
 pub fn export_dtype(name: &str) -> checkpoint::DType {
@@ -179,16 +279,4 @@ pub fn export_dtype(name: &str) -> checkpoint::DType {
         "f16" => checkpoint::DType::F16,
         _ => checkpoint::DType::F32,
     }
-}
-
-/// A progress bar on a terminal; none when stderr is a pipe or file (logs instead).
-fn progress_bar(steps: u64) -> Option<ProgressBar> {
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = ProgressBar::new(steps);
-    let style = ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {msg} ETA {eta}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style);
-    Some(bar)
 }

@@ -1,10 +1,21 @@
-//! Parallel layouts for tidemill: the dp×tp×pp×ep mesh, communicators (TCP on CPU, NCCL on
-//! GPU), differentiable collectives and the strategy search live here as they are built.
-//! Today training runs in one process; this crate holds the pieces shared with it.
+//! Parallel layouts for tidemill: communicators (TCP on CPU, NCCL on GPU), the worker
+//! runtime (rank context from the environment, progress reports) and data parallelism.
+//! The dp×tp×pp×ep mesh, differentiable collectives and the strategy search come next.
 
+mod comm;
+pub mod dp;
 mod error;
+pub mod nccl;
+pub mod runtime;
+mod tcp;
 
-pub use error::Error;
+pub use comm::{
+    finish_avg, reduce_into, Collectives, Communicator, DType, Element, ReduceOp, SoloComm,
+};
+pub use error::{Error, Result};
+pub use nccl::NcclComm;
+pub use runtime::{init, Context, Reporter};
+pub use tcp::{TcpComm, TcpOptions};
 
 /// The compute backends this build can drive.
 pub fn compiled_backends() -> &'static [&'static str] {

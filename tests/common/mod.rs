@@ -37,7 +37,9 @@ pub fn opts(packing: bool, max_seq_len: usize) -> DataOptions {
 /// Rows of a pre-tokenized fixture file.
 pub fn token_rows(file: &str, packing: bool, max_seq_len: usize) -> Vec<Row> {
     let path = fixtures().join("data").join(file);
-    data::load_dataset(&path, None, &opts(packing, max_seq_len)).expect("fixture data").0
+    data::load_dataset(&path, None, &opts(packing, max_seq_len))
+        .expect("fixture data")
+        .0
 }
 
 pub fn rel_diff(a: f64, b: f64) -> f64 {

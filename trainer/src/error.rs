@@ -56,11 +56,16 @@ pub enum Error {
     /// Reading or writing safetensors / PEFT files.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::Error),
+    /// A collective failed (a peer died, stopped answering, or the ranks diverged).
+    #[error(transparent)]
+    Parallel(#[from] parallel::Error),
     /// Reading or tokenizing a dataset.
     #[error(transparent)]
     Data(#[from] DataError),
     /// The loss or the gradient norm became NaN or infinite (the step was not applied).
-    #[error("step {step}: loss or gradient norm is {loss}; lower the learning rate or check the data")]
+    #[error(
+        "step {step}: loss or gradient norm is {loss}; lower the learning rate or check the data"
+    )]
     NonFiniteLoss { step: u64, loss: f64 },
 }
 

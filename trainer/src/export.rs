@@ -38,7 +38,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 /// Write `model` (LoRA merged) into `out` as an HF model: the weights in `dtype`, and
 /// config/tokenizer files copied from `base_dir`. Written into a sibling temporary directory
 /// and renamed into place, so a failed export leaves nothing that looks complete.
-pub fn save_hf_model<B: Backend>(model: &CausalLm<B>, base_dir: &Path, out: &Path, dtype: DType) -> Result<()> {
+pub fn save_hf_model<B: Backend>(
+    model: &CausalLm<B>,
+    base_dir: &Path,
+    out: &Path,
+    dtype: DType,
+) -> Result<()> {
     check_replaceable(out, base_dir)?;
     let tmp = sibling_tmp(out);
     if tmp.exists() {
@@ -52,7 +57,11 @@ pub fn save_hf_model<B: Backend>(model: &CausalLm<B>, base_dir: &Path, out: &Pat
                 std::fs::copy(&src, tmp.join(name)).map_err(io(&src))?;
             }
         }
-        write_config(&base_dir.join("config.json"), &tmp.join("config.json"), dtype)?;
+        write_config(
+            &base_dir.join("config.json"),
+            &tmp.join("config.json"),
+            dtype,
+        )?;
         checkpoint::save_hf_weights(&tmp, &to_hf_tensors(model), dtype, MAX_SHARD_BYTES)?;
         replace_dir(&tmp, out)
     })();
@@ -77,8 +86,15 @@ fn write_config(src: &Path, dst: &Path, dtype: DType) -> Result<()> {
         DType::F16 => "float16",
     };
     if let Some(map) = config.as_object_mut() {
-        let keys: Vec<&str> = ["dtype", "torch_dtype"].into_iter().filter(|k| map.contains_key(*k)).collect();
-        for key in if keys.is_empty() { vec!["torch_dtype"] } else { keys } {
+        let keys: Vec<&str> = ["dtype", "torch_dtype"]
+            .into_iter()
+            .filter(|k| map.contains_key(*k))
+            .collect();
+        for key in if keys.is_empty() {
+            vec!["torch_dtype"]
+        } else {
+            keys
+        } {
             map.insert(key.into(), name.into());
         }
     }
@@ -101,12 +117,19 @@ fn check_replaceable(out: &Path, base_dir: &Path) -> Result<()> {
     }
     let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if y.starts_with(&x));
     if same(out, base_dir) {
-        return Err(refuse("is (or contains) the base model; choose another output directory"));
+        return Err(refuse(
+            "is (or contains) the base model; choose another output directory",
+        ));
     }
     let entries = std::fs::read_dir(out).map_err(io(out))?;
     for entry in entries {
-        let name = entry.map_err(io(out))?.file_name().to_string_lossy().into_owned();
-        let is_weights = name.starts_with("model") && (name.ends_with(".safetensors") || name.ends_with(".index.json"));
+        let name = entry
+            .map_err(io(out))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        let is_weights = name.starts_with("model")
+            && (name.ends_with(".safetensors") || name.ends_with(".index.json"));
         if !is_weights && !COMPANION_FILES.contains(&name.as_str()) {
             return Err(refuse(&format!(
                 "exists and holds `{name}`, which an export does not write; refusing to replace it"
@@ -118,7 +141,10 @@ fn check_replaceable(out: &Path, base_dir: &Path) -> Result<()> {
 
 /// `out` with a `.tmp-<pid>` suffix, in the same parent directory (same filesystem).
 pub fn sibling_tmp(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 

@@ -23,8 +23,8 @@
 pub mod data;
 mod error;
 pub mod export;
-pub mod loss;
 pub mod lora;
+pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod train;

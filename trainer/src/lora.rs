@@ -17,7 +17,17 @@ use crate::model::CausalLm;
 /// Module names LoRA can target (PEFT's `target_modules`). Mixtral's router (`gate`) is not
 /// among them: transformers 5 makes it a custom module peft does not adapt.
 pub const TARGETS: &[&str] = &[
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "lm_head",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "w1",
+    "w2",
+    "w3",
+    "lm_head",
 ];
 
 /// LoRA hyper-parameters, as PEFT's `LoraConfig`.
@@ -45,14 +55,20 @@ impl LoraSpec {
             return Err(Error::Lora("r must be at least 1".into()));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::Lora(format!("dropout must be in [0, 1), got {}", self.dropout)));
+            return Err(Error::Lora(format!(
+                "dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
         }
         if self.targets.is_empty() {
             return Err(Error::Lora("targets is empty".into()));
         }
         for t in &self.targets {
             if !TARGETS.contains(&t.as_str()) {
-                return Err(Error::Lora(format!("unknown target `{t}`; known: {}", TARGETS.join(", "))));
+                return Err(Error::Lora(format!(
+                    "unknown target `{t}`; known: {}",
+                    TARGETS.join(", ")
+                )));
             }
         }
         Ok(())
@@ -60,7 +76,14 @@ impl LoraSpec {
 
     /// The PEFT `adapter_config.json` for this spec.
     pub fn adapter_config(&self, base_model: Option<String>) -> AdapterConfig {
-        AdapterConfig::lora(self.r, self.alpha, self.dropout, self.targets.clone(), self.use_rslora, base_model)
+        AdapterConfig::lora(
+            self.r,
+            self.alpha,
+            self.dropout,
+            self.targets.clone(),
+            self.use_rslora,
+            base_model,
+        )
     }
 
     /// Read back from a PEFT adapter config.
@@ -92,10 +115,16 @@ pub fn add_lora<B: Backend>(model: CausalLm<B>, spec: &LoraSpec, seed: u64) -> R
         // kaiming_uniform_(a=sqrt(5)) on [r, in] has bound 1/sqrt(in).
         let bound = 1.0 / (fan_in as f64).sqrt();
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ fnv1a(&name));
-        let a: Vec<f32> = (0..fan_in * spec.r).map(|_| rng.random_range(-bound..bound) as f32).collect();
+        let a: Vec<f32> = (0..fan_in * spec.r)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
         linear.lora = Some(Lora {
             a: param(HostTensor::new(vec![fan_in, spec.r], a), true, &device),
-            b: param(HostTensor::new(vec![spec.r, fan_out], vec![0.0; spec.r * fan_out]), true, &device),
+            b: param(
+                HostTensor::new(vec![spec.r, fan_out], vec![0.0; spec.r * fan_out]),
+                true,
+                &device,
+            ),
             scale: spec.scale(),
             dropout: spec.dropout,
         });
@@ -116,7 +145,10 @@ pub fn add_lora<B: Backend>(model: CausalLm<B>, spec: &LoraSpec, seed: u64) -> R
 /// without w2 loads silently as a no-op). Refuse what peft could not load.
 fn check_expert_targets<B: Backend>(spec: &LoraSpec, model: &CausalLm<B>) -> Result<()> {
     let has = |t: &str| spec.targets.iter().any(|x| x == t);
-    if model.config.moe.is_some() && (has("w1") || has("w3")) && !(has("w1") && has("w2") && has("w3")) {
+    if model.config.moe.is_some()
+        && (has("w1") || has("w3"))
+        && !(has("w1") && has("w2") && has("w3"))
+    {
         return Err(Error::Lora(format!(
             "targets {:?}: Mixtral experts take LoRA on w1, w2 and w3 together (or w2 alone), \
              the forms peft loads for transformers' fused experts",
@@ -129,8 +161,15 @@ fn check_expert_targets<B: Backend>(spec: &LoraSpec, model: &CausalLm<B>) -> Res
 /// The adapter_config.json to write. peft fuses w1/w3 adapters into one of rank 2r and, with
 /// rsLoRA, would scale it by alpha/sqrt(2r); writing `use_rslora: false` with
 /// `lora_alpha = alpha·sqrt(r)` gives every branch the same alpha/sqrt(r) scale in any peft.
-fn adapter_config<B: Backend>(model: &CausalLm<B>, spec: &LoraSpec, base_model: Option<String>) -> AdapterConfig {
-    let experts = spec.targets.iter().any(|t| ["w1", "w2", "w3"].contains(&t.as_str()));
+fn adapter_config<B: Backend>(
+    model: &CausalLm<B>,
+    spec: &LoraSpec,
+    base_model: Option<String>,
+) -> AdapterConfig {
+    let experts = spec
+        .targets
+        .iter()
+        .any(|t| ["w1", "w2", "w3"].contains(&t.as_str()));
     if spec.use_rslora && model.config.moe.is_some() && experts {
         let equivalent = LoraSpec {
             alpha: spec.alpha * (spec.r as f64).sqrt(),
@@ -149,15 +188,26 @@ pub fn peft_tensors<B: Backend>(model: &CausalLm<B>) -> TensorMap {
     for (name, linear) in linears_mut(&mut model) {
         if let Some(lora) = &linear.lora {
             let prefix = format!("base_model.model.{name}");
-            out.insert(format!("{prefix}.lora_A.weight"), transpose(&to_host(lora.a.val())));
-            out.insert(format!("{prefix}.lora_B.weight"), transpose(&to_host(lora.b.val())));
+            out.insert(
+                format!("{prefix}.lora_A.weight"),
+                transpose(&to_host(lora.a.val())),
+            );
+            out.insert(
+                format!("{prefix}.lora_B.weight"),
+                transpose(&to_host(lora.b.val())),
+            );
         }
     }
     out
 }
 
 /// Write the model's adapters as a PEFT adapter directory.
-pub fn save_adapter<B: Backend>(model: &CausalLm<B>, spec: &LoraSpec, base_model: Option<String>, dir: &Path) -> Result<()> {
+pub fn save_adapter<B: Backend>(
+    model: &CausalLm<B>,
+    spec: &LoraSpec,
+    base_model: Option<String>,
+    dir: &Path,
+) -> Result<()> {
     let tensors = peft_tensors(model);
     if tensors.is_empty() {
         return Err(Error::Lora("the model has no LoRA adapters to save".into()));
@@ -167,7 +217,11 @@ pub fn save_adapter<B: Backend>(model: &CausalLm<B>, spec: &LoraSpec, base_model
 }
 
 /// Load a PEFT adapter directory into the model (frozen base, adapters `trainable` or not).
-pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path, trainable: bool) -> Result<(CausalLm<B>, LoraSpec)> {
+pub fn load_adapter<B: Backend>(
+    model: CausalLm<B>,
+    dir: &Path,
+    trainable: bool,
+) -> Result<(CausalLm<B>, LoraSpec)> {
     let (config, mut tensors) = checkpoint::load_peft_adapter(dir)?;
     let spec = LoraSpec::from_adapter_config(&config);
     spec.validate()?;
@@ -176,10 +230,16 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path, trainable: bool)
     let device = model.embed_tokens.device();
     for (name, linear) in linears_mut(&mut model) {
         let prefix = format!("base_model.model.{name}");
-        let (ka, kb) = (format!("{prefix}.lora_A.weight"), format!("{prefix}.lora_B.weight"));
+        let (ka, kb) = (
+            format!("{prefix}.lora_A.weight"),
+            format!("{prefix}.lora_B.weight"),
+        );
         let (Some(a), Some(b)) = (tensors.remove(&ka), tensors.remove(&kb)) else {
             if spec.targets.iter().any(|t| t == leaf_name(&name)) {
-                return Err(Error::Lora(format!("{}: no `{ka}`/`{kb}` for targeted module", file.display())));
+                return Err(Error::Lora(format!(
+                    "{}: no `{ka}`/`{kb}` for targeted module",
+                    file.display()
+                )));
             }
             continue;
         };
@@ -213,6 +273,7 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path, trainable: bool)
 
 /// 64-bit FNV-1a, to give each module its own deterministic RNG stream.
 fn fnv1a(s: &str) -> u64 {
-    s.bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

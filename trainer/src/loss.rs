@@ -11,13 +11,26 @@ pub use crate::data::IGNORE_INDEX as IGNORE;
 /// `logits: [n, vocab]`; `targets[t]` is the token to predict from position `t` or
 /// [`IGNORE`]. With `denominator` = the supervised tokens of the whole global batch, the
 /// gradients of the micro-batches add up to the gradient of the global mean.
-pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: &[i64], denominator: f64) -> Tensor<B, 1> {
+pub fn cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: &[i64],
+    denominator: f64,
+) -> Tensor<B, 1> {
     let [n, _] = logits.dims();
     let device = logits.device();
-    let index: Vec<i64> = targets.iter().map(|&t| if t == IGNORE { 0 } else { t }).collect();
+    let index: Vec<i64> = targets
+        .iter()
+        .map(|&t| if t == IGNORE { 0 } else { t })
+        .collect();
     let weight: Vec<f32> = targets
         .iter()
-        .map(|&t| if t == IGNORE { 0.0 } else { (1.0 / denominator) as f32 })
+        .map(|&t| {
+            if t == IGNORE {
+                0.0
+            } else {
+                (1.0 / denominator) as f32
+            }
+        })
         .collect();
     let index = Tensor::<B, 2, Int>::from_data(TensorData::new(index, [n, 1]), &device);
     let weight = Tensor::<B, 1>::from_data(TensorData::new(weight, [n]), &device);

@@ -30,7 +30,11 @@ impl Schedule {
     /// Learning rate of optimizer step `step` (0-based), like the scheduler's value before its
     /// `step-th` call.
     pub fn lr_at(&self, step: u64) -> f64 {
-        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (s, w, t) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         if step < self.warmup_steps {
             return self.lr * s / w.max(1.0);
         }
@@ -84,7 +88,9 @@ impl AdamWOptions {
         check("weight_decay", self.weight_decay >= 0.0, self.weight_decay)
     }
 
-    pub fn build<B: AutodiffBackend, M: AutodiffModule<B>>(&self) -> burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, M, B> {
+    pub fn build<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+    ) -> burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, M, B> {
         burn::optim::AdamWConfig::new()
             .with_beta_1(self.beta1 as f32)
             .with_beta_2(self.beta2 as f32)

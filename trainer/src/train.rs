@@ -1,5 +1,5 @@
 //! The training loop: micro-batches, gradient accumulation over a global batch, clipping,
-//! AdamW, schedule. One process; parallel layouts build on it.
+//! AdamW, schedule; data parallel across processes with [`Trainer::with_data_parallel`].
 
 use std::time::Instant;
 
@@ -8,6 +8,8 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
+use parallel::dp::DataParallel;
+use parallel::{Collectives, ReduceOp};
 
 use crate::data::{collate, Batch, Epochs, Row};
 use crate::error::{Error, Result};
@@ -34,21 +36,32 @@ pub struct TrainOptions {
 
 impl TrainOptions {
     pub fn validate(&self, rows: usize) -> Result<()> {
-        let bad = |key: &str, message: String| Err(Error::Training { key: key.into(), message });
+        let bad = |key: &str, message: String| {
+            Err(Error::Training {
+                key: key.into(),
+                message,
+            })
+        };
         if self.micro_batch == 0 {
             return bad("micro_batch", "must be at least 1".into());
         }
         if self.global_batch == 0 || !self.global_batch.is_multiple_of(self.micro_batch) {
             return bad(
                 "global_batch",
-                format!("{} must be a positive multiple of micro_batch {}", self.global_batch, self.micro_batch),
+                format!(
+                    "{} must be a positive multiple of micro_batch {}",
+                    self.global_batch, self.micro_batch
+                ),
             );
         }
         if rows == 0 {
             return bad("data.train", "the dataset has no rows".into());
         }
         if !(self.schedule.lr.is_finite() && self.schedule.lr > 0.0) {
-            return bad("lr", format!("{} must be a positive number", self.schedule.lr));
+            return bad(
+                "lr",
+                format!("{} must be a positive number", self.schedule.lr),
+            );
         }
         // Written so that NaN is refused too.
         #[allow(clippy::neg_cmp_op_on_partial_ord)]
@@ -83,6 +96,7 @@ pub struct Trainer<B: AutodiffBackend> {
     opts: TrainOptions,
     step: u64,
     epochs: Epochs,
+    dp: Option<DataParallel>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -98,7 +112,34 @@ impl<B: AutodiffBackend> Trainer<B> {
             opts,
             step: 0,
             epochs,
+            dp: None,
         })
+    }
+
+    /// Train data parallel over `dp`'s group: each rank takes an equal, contiguous share of
+    /// every global batch (by global row index), gradients are summed across ranks, so the
+    /// group takes the same steps as one process with the same `global_batch`.
+    /// `global_batch` must be a multiple of `micro_batch × ranks`.
+    pub fn with_data_parallel(mut self, dp: DataParallel) -> Result<Self> {
+        let per_rank = self.opts.micro_batch * dp.size();
+        if !self.opts.global_batch.is_multiple_of(per_rank) {
+            return Err(Error::Training {
+                key: "global_batch".into(),
+                message: format!(
+                    "{} must be a multiple of micro_batch {} × data-parallel ranks {}",
+                    self.opts.global_batch,
+                    self.opts.micro_batch,
+                    dp.size()
+                ),
+            });
+        }
+        self.dp = Some(dp);
+        Ok(self)
+    }
+
+    /// Collectives issued so far on the data-parallel group (0 without one).
+    pub fn collective_seq(&self) -> u64 {
+        self.dp.as_ref().map_or(0, |dp| dp.comm().seq())
     }
 
     /// Steps taken so far.
@@ -129,11 +170,18 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn step(&mut self) -> Result<StepStats> {
         let start = Instant::now();
         let picked = self.next_rows(self.opts.global_batch);
-        let batches: Vec<Batch> = picked
+        // Every rank draws the same global batch and keeps its contiguous share of it.
+        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |dp| (dp.rank(), dp.size()));
+        let share = picked.len() / ranks;
+        let mine = &picked[rank * share..(rank + 1) * share];
+        let batches: Vec<Batch> = mine
             .chunks(self.opts.micro_batch)
             .map(|ids| collate(&ids.iter().map(|&i| &self.rows[i]).collect::<Vec<_>>()))
             .collect();
-        let denominator: usize = batches.iter().map(|b| supervised(&b.targets)).sum();
+        let denominator: usize = picked
+            .iter()
+            .map(|&i| supervised(&self.rows[i].targets))
+            .sum();
         let tokens: usize = picked.iter().map(|&i| self.rows[i].tokens.len()).sum();
         let model = self.model.take().expect("model is present between steps");
         let mut accumulated = GradientsAccumulator::<CausalLm<B>>::new();
@@ -146,18 +194,44 @@ impl<B: AutodiffBackend> Trainer<B> {
             accumulated.accumulate(&model, grads);
         }
         let mut grads = accumulated.grads();
+        if let Some(dp) = &self.dp {
+            let reduced = dp.all_reduce_grads(&model, &mut grads).and_then(|()| {
+                let mut sum = [loss_sum];
+                dp.comm()
+                    .all_reduce(&mut sum, ReduceOp::Sum)
+                    .map(|()| sum[0])
+            });
+            match reduced {
+                Ok(sum) => loss_sum = sum,
+                Err(e) => {
+                    self.model = Some(model);
+                    return Err(e.into());
+                }
+            }
+        }
         let grad_norm = clip_grad_norm(&model, &mut grads, self.opts.max_grad_norm);
         if !(loss_sum.is_finite() && grad_norm.is_finite()) {
             // Leave the model and optimizer as they were before this step.
             self.model = Some(model);
             return Err(Error::NonFiniteLoss {
                 step: self.step + 1,
-                loss: if loss_sum.is_finite() { grad_norm } else { loss_sum },
+                loss: if loss_sum.is_finite() {
+                    grad_norm
+                } else {
+                    loss_sum
+                },
             });
         }
         let lr = self.opts.schedule.lr_at(self.step);
         self.step += 1;
-        self.model = Some(self.optim.step(lr, model, grads));
+        let model = match &self.dp {
+            Some(dp) => {
+                dp.keep_owned_grads(&model, &mut grads);
+                dp.sync_owned_params(self.optim.step(lr, model, grads))?
+            }
+            None => self.optim.step(lr, model, grads),
+        };
+        self.model = Some(model);
         Ok(StepStats {
             step: self.step,
             loss: loss_sum,
@@ -184,12 +258,21 @@ pub fn inputs(batch: &Batch) -> Inputs<'_> {
 /// Every token and target id must be inside the vocabulary.
 pub fn check_vocab(rows: &[Row], vocab: usize) -> Result<()> {
     for (r, row) in rows.iter().enumerate() {
-        let bad_token = row.tokens.iter().find(|&&t| t as usize >= vocab).map(|&t| i64::from(t));
-        let bad_target = row.targets.iter().find(|&&t| t != crate::loss::IGNORE && (t < 0 || t as usize >= vocab));
+        let bad_token = row
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= vocab)
+            .map(|&t| i64::from(t));
+        let bad_target = row
+            .targets
+            .iter()
+            .find(|&&t| t != crate::loss::IGNORE && (t < 0 || t as usize >= vocab));
         if let Some(id) = bad_token.or(bad_target.copied()) {
             return Err(Error::Training {
                 key: "data".into(),
-                message: format!("row {r}: token id {id} is outside the model's vocabulary of {vocab}"),
+                message: format!(
+                    "row {r}: token id {id} is outside the model's vocabulary of {vocab}"
+                ),
             });
         }
     }
@@ -204,23 +287,37 @@ pub struct EvalResult {
 }
 
 /// Mean cross-entropy over all supervised tokens of `rows`, `micro_batch` rows at a time.
-pub fn evaluate<B: Backend>(model: &CausalLm<B>, rows: &[Row], micro_batch: usize) -> Result<EvalResult> {
+pub fn evaluate<B: Backend>(
+    model: &CausalLm<B>,
+    rows: &[Row],
+    micro_batch: usize,
+) -> Result<EvalResult> {
     check_vocab(rows, model.config.vocab_size)?;
     let mut sum = 0.0;
     let mut tokens = 0;
     for chunk in rows.chunks(micro_batch.max(1)) {
         let batch = collate(&chunk.iter().collect::<Vec<_>>());
         let logits = model.forward(&inputs(&batch), false);
-        sum += cross_entropy(logits, &batch.targets, 1.0).into_scalar().elem::<f64>();
+        sum += cross_entropy(logits, &batch.targets, 1.0)
+            .into_scalar()
+            .elem::<f64>();
         tokens += supervised(&batch.targets);
     }
     Ok(EvalResult {
-        loss: if tokens == 0 { 0.0 } else { sum / tokens as f64 },
+        loss: if tokens == 0 {
+            0.0
+        } else {
+            sum / tokens as f64
+        },
         tokens,
     })
 }
 
 /// [`evaluate`] on the inner (non-autodiff) backend of a training model.
-pub fn evaluate_trained<B: AutodiffBackend>(model: &CausalLm<B>, rows: &[Row], micro_batch: usize) -> Result<EvalResult> {
+pub fn evaluate_trained<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    rows: &[Row],
+    micro_batch: usize,
+) -> Result<EvalResult> {
     evaluate(&model.valid(), rows, micro_batch)
 }

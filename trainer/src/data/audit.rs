@@ -77,7 +77,13 @@ impl fmt::Display for DataAudit {
         } else {
             100.0 * self.supervised_tokens as f64 / self.tokens as f64
         };
-        writeln!(f, "{}: {} samples in {} rows", self.file.display(), self.samples, self.rows)?;
+        writeln!(
+            f,
+            "{}: {} samples in {} rows",
+            self.file.display(),
+            self.samples,
+            self.rows
+        )?;
         writeln!(
             f,
             "  tokens: {} ({} supervised, {share:.1}%), length mean {:.1} max {}",
@@ -130,12 +136,19 @@ mod tests {
         let file = Path::new("data/train.jsonl");
         // a label at position 0 alone trains nothing
         let samples: Vec<(usize, Sample)> = (1..=8)
-            .map(|line| (line, sample(if line == 4 { vec![0, 1] } else { vec![0, -100] })))
+            .map(|line| {
+                (
+                    line,
+                    sample(if line == 4 { vec![0, 1] } else { vec![0, -100] }),
+                )
+            })
             .collect();
         let err = drop_unsupervised(file, samples.clone(), false).expect_err("empty");
         let msg = err.to_string();
         assert!(
-            msg.starts_with("data/train.jsonl: 7 sample(s) have no supervised token (lines 1, 2, 3, 5, 6, …)"),
+            msg.starts_with(
+                "data/train.jsonl: 7 sample(s) have no supervised token (lines 1, 2, 3, 5, 6, …)"
+            ),
             "{msg}"
         );
         let (kept, dropped) = drop_unsupervised(file, samples, true).expect("allowed");
@@ -147,11 +160,20 @@ mod tests {
     fn audit_counts_and_displays() {
         let samples = [sample(vec![-100, 1, 2]), sample(vec![-100, -100, 2, 3, 4])];
         let audit = DataAudit::new(Path::new("t.jsonl"), &samples, &[], 1, vec![9]);
-        assert_eq!((audit.samples, audit.tokens, audit.supervised_tokens), (2, 8, 5));
-        assert_eq!((audit.max_len, audit.mean_len, audit.max_token_id), (5, 4.0, 4));
+        assert_eq!(
+            (audit.samples, audit.tokens, audit.supervised_tokens),
+            (2, 8, 5)
+        );
+        assert_eq!(
+            (audit.max_len, audit.mean_len, audit.max_token_id),
+            (5, 4.0, 4)
+        );
         let text = audit.to_string();
         assert!(text.contains("8 (5 supervised, 62.5%)"), "{text}");
-        assert!(text.contains("truncated: 1, dropped (nothing supervised): 1"), "{text}");
+        assert!(
+            text.contains("truncated: 1, dropped (nothing supervised): 1"),
+            "{text}"
+        );
         let json = serde_json::to_value(&audit).expect("serialize");
         assert_eq!(json["zero_supervised"], serde_json::json!([9]));
     }

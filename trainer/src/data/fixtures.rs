@@ -24,8 +24,24 @@ pub const BE: u32 = 16;
 pub const BRIEF: u32 = 17;
 
 const WORDS: [&str; 18] = [
-    "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "hello",
-    "there", "hi", "how", "are", "you", "fine", "thanks", "be", "brief",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "system",
+    "user",
+    "assistant",
+    "hello",
+    "there",
+    "hi",
+    "how",
+    "are",
+    "you",
+    "fine",
+    "thanks",
+    "be",
+    "brief",
 ];
 
 /// ChatML with a BOS, a role check through `raise_exception`, and a generation prompt.

@@ -42,7 +42,10 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, RawSample)>, DataError> {
 
 /// Parses the samples of `path` in order, handing each (with its 1-based line number) to
 /// `visit`, which returns `false` to stop reading early.
-pub fn visit_jsonl(path: &Path, mut visit: impl FnMut(usize, RawSample) -> bool) -> Result<(), DataError> {
+pub fn visit_jsonl(
+    path: &Path,
+    mut visit: impl FnMut(usize, RawSample) -> bool,
+) -> Result<(), DataError> {
     let io_err = |source| DataError::Io {
         path: path.to_path_buf(),
         source,
@@ -131,7 +134,8 @@ fn string_field(key: &str, value: &Value) -> Result<String, SampleError> {
         Value::String(s) => Ok(s.clone()),
         Value::Array(_) if key != "text" => Err(SampleError::WrongType {
             key: key.to_string(),
-            expected: "a string (conversational prompt/completion is not supported; use `messages`)",
+            expected:
+                "a string (conversational prompt/completion is not supported; use `messages`)",
         }),
         _ => Err(SampleError::WrongType {
             key: key.to_string(),
@@ -144,11 +148,19 @@ fn parse_messages(value: &Value) -> Result<RawSample, SampleError> {
     let wrong = |key: String, expected| SampleError::WrongType { key, expected };
     let messages = match value {
         Value::Array(m) if !m.is_empty() => m,
-        _ => return Err(wrong("messages".into(), "a non-empty array of message objects")),
+        _ => {
+            return Err(wrong(
+                "messages".into(),
+                "a non-empty array of message objects",
+            ))
+        }
     };
     for (i, message) in messages.iter().enumerate() {
         let Value::Object(m) = message else {
-            return Err(wrong(format!("messages[{i}]"), "an object with `role` and `content`"));
+            return Err(wrong(
+                format!("messages[{i}]"),
+                "an object with `role` and `content`",
+            ));
         };
         match m.get("role") {
             Some(Value::String(_)) => {}
@@ -283,7 +295,9 @@ mod tests {
         assert!(msg.contains("train.jsonl:3: invalid JSON"), "{msg}");
         let msg = error_of("{\"text\":\"ok\"}\n{\"foo\":1}\n");
         assert!(
-            msg.ends_with("train.jsonl:2: expected one of messages, prompt/completion, text, input_ids"),
+            msg.ends_with(
+                "train.jsonl:2: expected one of messages, prompt/completion, text, input_ids"
+            ),
             "{msg}"
         );
         let msg = error_of("[1,2]\n");
@@ -295,25 +309,52 @@ mod tests {
         let cases = [
             ("{\"text\": 3}", "`text`: expected a string"),
             ("{\"prompt\": \"a\"}", "has `prompt` but no `completion`"),
-            ("{\"messages\": []}", "`messages`: expected a non-empty array"),
-            ("{\"messages\": [{\"content\": \"x\"}]}", "`messages[0].role`: expected a string"),
-            ("{\"messages\": [{\"role\": \"user\", \"content\": 1}]}", "`messages[0].content`"),
-            ("{\"input_ids\": [1, -2]}", "`input_ids[1]` = -2 is not a token id"),
+            (
+                "{\"messages\": []}",
+                "`messages`: expected a non-empty array",
+            ),
+            (
+                "{\"messages\": [{\"content\": \"x\"}]}",
+                "`messages[0].role`: expected a string",
+            ),
+            (
+                "{\"messages\": [{\"role\": \"user\", \"content\": 1}]}",
+                "`messages[0].content`",
+            ),
+            (
+                "{\"input_ids\": [1, -2]}",
+                "`input_ids[1]` = -2 is not a token id",
+            ),
             ("{\"input_ids\": [1, 2.5]}", "`input_ids[1]` = 2.5"),
-            ("{\"input_ids\": [4294967296]}", "`input_ids[0]` = 4294967296"),
-            ("{\"input_ids\": [1, 2], \"labels\": [1]}", "`labels` has 1 entries but `input_ids` has 2"),
-            ("{\"input_ids\": [1, 2], \"labels\": [1, -1]}", "`labels[1]` = -1"),
+            (
+                "{\"input_ids\": [4294967296]}",
+                "`input_ids[0]` = 4294967296",
+            ),
+            (
+                "{\"input_ids\": [1, 2], \"labels\": [1]}",
+                "`labels` has 1 entries but `input_ids` has 2",
+            ),
+            (
+                "{\"input_ids\": [1, 2], \"labels\": [1, -1]}",
+                "`labels[1]` = -1",
+            ),
             ("{\"input_ids\": \"1 2\"}", "`input_ids`: expected an array"),
         ];
         for (line, want) in cases {
             let msg = error_of(&format!("{{\"text\":\"ok\"}}\n{line}\n"));
-            assert!(msg.contains(&format!("train.jsonl:2: {want}")), "{line} -> {msg}");
+            assert!(
+                msg.contains(&format!("train.jsonl:2: {want}")),
+                "{line} -> {msg}"
+            );
         }
     }
 
     #[test]
     fn missing_file_names_path() {
         let err = read_jsonl(Path::new("/nonexistent/x.jsonl")).expect_err("missing");
-        assert!(err.to_string().starts_with("/nonexistent/x.jsonl: "), "{err}");
+        assert!(
+            err.to_string().starts_with("/nonexistent/x.jsonl: "),
+            "{err}"
+        );
     }
 }

@@ -83,13 +83,14 @@ pub fn load_dataset(
     let mut truncated = 0;
     let mut samples = Vec::with_capacity(raw.len());
     for (line, raw) in &raw {
-        let mut sample = tokenize_sample(raw, tokenizer, opts.train_on_prompt).map_err(|source| {
-            DataError::Sample {
-                path: path.to_path_buf(),
-                line: *line,
-                source,
-            }
-        })?;
+        let mut sample =
+            tokenize_sample(raw, tokenizer, opts.train_on_prompt).map_err(|source| {
+                DataError::Sample {
+                    path: path.to_path_buf(),
+                    line: *line,
+                    source,
+                }
+            })?;
         if sample.truncate(opts.max_seq_len) {
             truncated += 1;
         }
@@ -154,10 +155,19 @@ mod tests {
         assert_eq!((audit.samples, audit.tokens, audit.rows), (3, 22, 3));
         // supervised targets: "hello" (the cut <|im_end|> is gone), "fine", "</s>", 7 of the ids
         assert_eq!(audit.supervised_tokens, 1 + 2 + 7);
-        assert_eq!(rows[0].tokens, vec![BOS, IM_START, USER, HI, IM_END, IM_START, ASSISTANT, HELLO]);
-        assert_eq!(rows[0].targets, [vec![-100; 6], vec![HELLO as i64, -100]].concat());
+        assert_eq!(
+            rows[0].tokens,
+            vec![BOS, IM_START, USER, HI, IM_END, IM_START, ASSISTANT, HELLO]
+        );
+        assert_eq!(
+            rows[0].targets,
+            [vec![-100; 6], vec![HELLO as i64, -100]].concat()
+        );
         assert_eq!(rows[1].tokens, vec![BOS, HOW, ARE, YOU, FINE, EOS]);
-        assert_eq!(rows[1].targets, vec![-100, -100, -100, FINE as i64, EOS as i64, -100]);
+        assert_eq!(
+            rows[1].targets,
+            vec![-100, -100, -100, FINE as i64, EOS as i64, -100]
+        );
     }
 
     #[test]
@@ -165,7 +175,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = fixtures::jsonl(
             dir.path(),
-            &[json!({"input_ids": [1, 2, 3]}), json!({"input_ids": [4, 5], "labels": [-100, 5]})],
+            &[
+                json!({"input_ids": [1, 2, 3]}),
+                json!({"input_ids": [4, 5], "labels": [-100, 5]}),
+            ],
         );
         assert!(!needs_tokenizer(&path).expect("scan"));
         let (rows, audit) = load_dataset(&path, None, &opts(16, true)).expect("load");
@@ -175,9 +188,17 @@ mod tests {
         assert_eq!(rows[0].segments, vec![0, 0, 0, 1, 1]);
         assert_eq!((audit.supervised_tokens, audit.max_token_id), (3, 5));
 
-        let path = fixtures::jsonl(dir.path(), &[json!({"input_ids": [1, 2]}), json!({"text": "hi"})]);
-        let err = load_dataset(&path, None, &opts(16, true)).expect_err("needs tokenizer").to_string();
-        assert!(err.contains("train.jsonl:2: ") && err.contains("tokenizer.json"), "{err}");
+        let path = fixtures::jsonl(
+            dir.path(),
+            &[json!({"input_ids": [1, 2]}), json!({"text": "hi"})],
+        );
+        let err = load_dataset(&path, None, &opts(16, true))
+            .expect_err("needs tokenizer")
+            .to_string();
+        assert!(
+            err.contains("train.jsonl:2: ") && err.contains("tokenizer.json"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -186,10 +207,18 @@ mod tests {
         let tok = TextTokenizer::load(dir.path()).expect("load");
         let path = fixtures::jsonl(
             dir.path(),
-            &[json!({"text": "hi"}), json!({"messages": [{"role": "robot", "content": "x"}]})],
+            &[
+                json!({"text": "hi"}),
+                json!({"messages": [{"role": "robot", "content": "x"}]}),
+            ],
         );
-        let err = load_dataset(&path, Some(&tok), &opts(16, false)).expect_err("bad role").to_string();
-        assert!(err.contains("train.jsonl:2: chat template: ") && err.contains("Unknown role: robot"), "{err}");
+        let err = load_dataset(&path, Some(&tok), &opts(16, false))
+            .expect_err("bad role")
+            .to_string();
+        assert!(
+            err.contains("train.jsonl:2: chat template: ") && err.contains("Unknown role: robot"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -197,16 +226,24 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = fixtures::jsonl(
             dir.path(),
-            &[json!({"input_ids": [1, 2]}), json!({"input_ids": [1, 2], "labels": [1, -100]})],
+            &[
+                json!({"input_ids": [1, 2]}),
+                json!({"input_ids": [1, 2], "labels": [1, -100]}),
+            ],
         );
         let err = load_dataset(&path, None, &opts(16, false)).expect_err("unsupervised");
-        assert!(matches!(&err, DataError::NoSupervisedTokens { count: 1, first_lines, .. } if first_lines == &[2]), "{err}");
+        assert!(
+            matches!(&err, DataError::NoSupervisedTokens { count: 1, first_lines, .. } if first_lines == &[2]),
+            "{err}"
+        );
         let mut o = opts(16, false);
         o.allow_empty_samples = true;
         let (rows, audit) = load_dataset(&path, None, &o).expect("allowed");
         assert_eq!((rows.len(), audit.zero_supervised.clone()), (1, vec![2]));
         let path = fixtures::jsonl(dir.path(), &[json!({"input_ids": [1], "labels": [1]})]);
-        let err = load_dataset(&path, None, &o).expect_err("nothing left").to_string();
+        let err = load_dataset(&path, None, &o)
+            .expect_err("nothing left")
+            .to_string();
         assert!(err.ends_with("the dataset has no samples"), "{err}");
         assert!(load_dataset(&path, None, &opts(0, false)).is_err());
     }

@@ -89,7 +89,9 @@ mod tests {
 
     fn is_permutation(order: &[usize]) -> bool {
         let mut seen = vec![false; order.len()];
-        order.iter().all(|&i| i < seen.len() && !std::mem::replace(&mut seen[i], true))
+        order
+            .iter()
+            .all(|&i| i < seen.len() && !std::mem::replace(&mut seen[i], true))
     }
 
     #[test]
@@ -118,7 +120,10 @@ mod tests {
         for seed in 0..5000 {
             counts[epoch_order(n, seed, 0, true)[0]] += 1;
         }
-        assert!(counts.iter().all(|&c| (850..1150).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (850..1150).contains(&c)),
+            "{counts:?}"
+        );
     }
 
     #[test]

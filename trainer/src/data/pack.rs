@@ -33,7 +33,8 @@ impl Row {
         self.targets.extend(sample.labels.iter().skip(1).copied());
         self.targets.push(IGNORE_INDEX);
         self.positions.extend((0..sample.len()).map(|p| p as u32));
-        self.segments.extend(std::iter::repeat_n(segment, sample.len()));
+        self.segments
+            .extend(std::iter::repeat_n(segment, sample.len()));
     }
 }
 
@@ -91,7 +92,11 @@ impl FirstFit {
     fn place(&mut self, need: usize, take: usize) -> usize {
         let mut i = 1;
         while i < self.leaves {
-            i = if self.tree[2 * i] >= need { 2 * i } else { 2 * i + 1 };
+            i = if self.tree[2 * i] >= need {
+                2 * i
+            } else {
+                2 * i + 1
+            };
         }
         self.tree[i] = self.tree[i].saturating_sub(take);
         let bin = i - self.leaves;
@@ -143,10 +148,30 @@ pub fn collate(rows: &[&Row]) -> Batch {
     };
     for row in rows {
         let pad = seq - row.len();
-        batch.tokens.extend(row.tokens.iter().copied().chain(std::iter::repeat_n(0, pad)));
-        batch.targets.extend(row.targets.iter().copied().chain(std::iter::repeat_n(IGNORE_INDEX, pad)));
-        batch.positions.extend(row.positions.iter().copied().chain(std::iter::repeat_n(0, pad)));
-        batch.segments.extend(row.segments.iter().copied().chain(std::iter::repeat_n(PAD_SEGMENT, pad)));
+        batch.tokens.extend(
+            row.tokens
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, pad)),
+        );
+        batch.targets.extend(
+            row.targets
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(IGNORE_INDEX, pad)),
+        );
+        batch.positions.extend(
+            row.positions
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, pad)),
+        );
+        batch.segments.extend(
+            row.segments
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(PAD_SEGMENT, pad)),
+        );
     }
     batch
 }
@@ -180,12 +205,25 @@ mod tests {
 
     #[test]
     fn packing_is_first_fit_in_dataset_order() {
-        let samples = [sample(10, 6), sample(20, 5), sample(30, 3), sample(40, 2), sample(50, 4)];
+        let samples = [
+            sample(10, 6),
+            sample(20, 5),
+            sample(30, 3),
+            sample(40, 2),
+            sample(50, 4),
+        ];
         let rows = build_rows(&samples, 8, true);
         // 6 -> row0 (2 left); 5 -> row1 (3 left); 3 -> row1 (0 left); 2 -> row0; 4 -> row2
         let firsts: Vec<Vec<u32>> = rows
             .iter()
-            .map(|r| r.tokens.iter().zip(&r.positions).filter(|(_, &p)| p == 0).map(|(&t, _)| t).collect())
+            .map(|r| {
+                r.tokens
+                    .iter()
+                    .zip(&r.positions)
+                    .filter(|(_, &p)| p == 0)
+                    .map(|(&t, _)| t)
+                    .collect()
+            })
             .collect();
         assert_eq!(firsts, vec![vec![10, 40], vec![20, 30], vec![50]]);
         let r0 = &rows[0];
@@ -203,9 +241,19 @@ mod tests {
             // deterministic pseudo-random lengths in 1..=max
             let max = 4 + (case % 13) as usize;
             let lens: Vec<usize> = (0..(case % 37 + 1))
-                .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(case.wrapping_mul(40_503)) >> 7) as usize % max + 1)
+                .map(|i| {
+                    (i.wrapping_mul(2_654_435_761)
+                        .wrapping_add(case.wrapping_mul(40_503))
+                        >> 7) as usize
+                        % max
+                        + 1
+                })
                 .collect();
-            let samples: Vec<Sample> = lens.iter().enumerate().map(|(i, &l)| sample(1000 * i as u32, l)).collect();
+            let samples: Vec<Sample> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| sample(1000 * i as u32, l))
+                .collect();
             let rows = build_rows(&samples, max, true);
             let mut seen = 0;
             for row in &rows {
@@ -221,7 +269,10 @@ mod tests {
                     }
                     if t == 0 || row.segments[t] != row.segments[t - 1] {
                         assert_eq!(row.positions[t], 0);
-                        assert_eq!(row.segments[t], if t == 0 { 0 } else { row.segments[t - 1] + 1 });
+                        assert_eq!(
+                            row.segments[t],
+                            if t == 0 { 0 } else { row.segments[t - 1] + 1 }
+                        );
                     }
                 }
             }

@@ -96,7 +96,12 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         Some(v) => match (v.as_i64(), v.as_str()) {
             (Some(n), _) => Some(" ".repeat(usize::try_from(n.max(0)).unwrap_or(0))),
             (None, Some(s)) => Some(s.to_string()),
-            _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: bad indent")),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: bad indent",
+                ))
+            }
         },
     };
     let (item_sep, key_sep) = match separators.as_deref() {
@@ -221,11 +226,27 @@ fn strftime_now(format: String) -> String {
 
 fn strftime(format: &str, unix_secs: u64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     const DAYS: [&str; 7] = [
-        "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
     ];
     let days = unix_secs / 86_400;
     let secs = unix_secs % 86_400;
@@ -306,16 +327,27 @@ mod tests {
     fn renders_like_hf_with_trim_and_lstrip_blocks() {
         let src = "{{ bos_token }}{% for m in messages %}\n    {% if m['role'] == 'user' %}\n[U] {{ m['content'].strip() }}\n    {% else %}\n[A] {{ m.content }}{{ eos_token }}\n    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}[A]{% endif %}";
         let t = ChatTemplate::new(src, tokens()).expect("compile");
-        let msgs = [json!({"role": "user", "content": "  hi  "}), json!({"role": "assistant", "content": "yo"})];
-        assert_eq!(t.render(&msgs, false).expect("render"), "<s>[U] hi\n[A] yo</s>\n");
-        assert_eq!(t.render(&msgs[..1], true).expect("render"), "<s>[U] hi\n[A]");
+        let msgs = [
+            json!({"role": "user", "content": "  hi  "}),
+            json!({"role": "assistant", "content": "yo"}),
+        ];
+        assert_eq!(
+            t.render(&msgs, false).expect("render"),
+            "<s>[U] hi\n[A] yo</s>\n"
+        );
+        assert_eq!(
+            t.render(&msgs[..1], true).expect("render"),
+            "<s>[U] hi\n[A]"
+        );
     }
 
     #[test]
     fn python_methods_and_unset_tokens() {
         let src = "{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}{{ messages[0].role.startswith('us') }}|{{ pad_token is defined }}|{{ tools is none }}";
         let t = ChatTemplate::new(src, tokens()).expect("compile");
-        let out = t.render(&[json!({"role": "user", "content": "x"})], false).expect("render");
+        let out = t
+            .render(&[json!({"role": "user", "content": "x"})], false)
+            .expect("render");
         // booleans print as in Python, like Jinja2
         assert_eq!(out, "content=x;role=user;True|False|True");
     }
@@ -324,8 +356,14 @@ mod tests {
     fn raise_exception_is_an_error_with_its_message() {
         let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}ok";
         let t = ChatTemplate::new(src, tokens()).expect("compile");
-        let err = t.render(&[json!({"role": "assistant", "content": "x"})], false).expect_err("raise");
-        assert!(err.to_string().contains("Conversation roles must alternate user/assistant"), "{err}");
+        let err = t
+            .render(&[json!({"role": "assistant", "content": "x"})], false)
+            .expect_err("raise");
+        assert!(
+            err.to_string()
+                .contains("Conversation roles must alternate user/assistant"),
+            "{err}"
+        );
         assert!(ChatTemplate::new("{% for %}", tokens()).is_err());
     }
 
@@ -347,7 +385,10 @@ mod tests {
         // 2024-07-26 13:05:09 UTC, a Friday; python: datetime(2024,7,26,13,5,9).strftime(..)
         let t = 1_722_000_000 - 1_722_000_000 % 86_400 + 13 * 3600 + 5 * 60 + 9;
         assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
-        assert_eq!(strftime("%A %B %e %H:%M:%S %I%p %j %y %%", t), "Friday July 26 13:05:09 01PM 208 24 %");
+        assert_eq!(
+            strftime("%A %B %e %H:%M:%S %I%p %j %y %%", t),
+            "Friday July 26 13:05:09 01PM 208 24 %"
+        );
         assert_eq!(strftime("%Y-%m-%d", 951_782_400), "2000-02-29");
         assert!(ChatTemplate::new("{{ strftime_now('%Y') }}", tokens())
             .expect("compile")

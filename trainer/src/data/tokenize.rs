@@ -38,7 +38,11 @@ impl Sample {
     /// Labels that reach the loss: those at positions 1.. that are not -100 (a label at
     /// position 0 has no logits before it).
     pub fn supervised_tokens(&self) -> usize {
-        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
     }
 }
 
@@ -131,7 +135,9 @@ fn label_spans(enc: Encoding, spans: &[Range<usize>], all: bool) -> Sample {
         .iter()
         .zip(&enc.offsets)
         .map(|(&id, &(start, end))| {
-            let inside = spans.iter().any(|s| start < s.end && end > s.start && end > start);
+            let inside = spans
+                .iter()
+                .any(|s| start < s.end && end > s.start && end > start);
             if all || inside {
                 i64::from(id)
             } else {
@@ -225,7 +231,10 @@ mod tests {
         };
         let s = tokenize_sample(&raw, Some(&tok), false).expect("tokenize");
         assert_eq!(s.input_ids, vec![BOS, HOW, ARE, YOU, FINE, THANKS, EOS]);
-        assert_eq!(s.labels, vec![I, I, I, I, FINE as i64, THANKS as i64, EOS as i64]);
+        assert_eq!(
+            s.labels,
+            vec![I, I, I, I, FINE as i64, THANKS as i64, EOS as i64]
+        );
         let s = tokenize_sample(&raw, Some(&tok), true).expect("tokenize");
         assert_eq!(s.labels, l(&[BOS, HOW, ARE, YOU, FINE, THANKS, EOS]));
         // an EOS already at the end is not doubled
@@ -241,7 +250,8 @@ mod tests {
     #[test]
     fn text_and_tokens() {
         let (_d, tok) = load(CHATML);
-        let s = tokenize_sample(&RawSample::Text("hello there".into()), Some(&tok), false).expect("text");
+        let s = tokenize_sample(&RawSample::Text("hello there".into()), Some(&tok), false)
+            .expect("text");
         assert_eq!(s.input_ids, vec![BOS, HELLO, THERE, EOS]);
         assert_eq!(s.labels, l(&[BOS, HELLO, THERE, EOS]));
 
@@ -251,13 +261,19 @@ mod tests {
         };
         for train_on_prompt in [false, true] {
             let s = tokenize_sample(&raw, None, train_on_prompt).expect("tokens");
-            assert_eq!((s.input_ids.clone(), s.labels), (vec![7, 8, 9], vec![I, I, 9]));
+            assert_eq!(
+                (s.input_ids.clone(), s.labels),
+                (vec![7, 8, 9], vec![I, I, 9])
+            );
         }
         let raw = RawSample::Tokens {
             input_ids: vec![7, 8],
             labels: None,
         };
-        assert_eq!(tokenize_sample(&raw, None, false).expect("tokens").labels, vec![7, 8]);
+        assert_eq!(
+            tokenize_sample(&raw, None, false).expect("tokens").labels,
+            vec![7, 8]
+        );
     }
 
     #[test]
@@ -271,17 +287,27 @@ mod tests {
     fn template_errors_and_unstable_prefixes() {
         let (_d, tok) = load(CHATML);
         let raw = messages(json!([{"role": "robot", "content": "hi"}]));
-        let err = tokenize_sample(&raw, Some(&tok), false).expect_err("bad role").to_string();
+        let err = tokenize_sample(&raw, Some(&tok), false)
+            .expect_err("bad role")
+            .to_string();
         assert!(err.contains("Unknown role: robot"), "{err}");
 
         // a template that only shows the last message is not prefix-stable
-        let (_d, tok) = load("{{ messages[-1]['content'] }}{% if add_generation_prompt %} assistant{% endif %}");
+        let (_d, tok) = load(
+            "{{ messages[-1]['content'] }}{% if add_generation_prompt %} assistant{% endif %}",
+        );
         let raw = messages(json!([
             {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hello"},
         ]));
         let err = tokenize_sample(&raw, Some(&tok), false).expect_err("unstable");
-        assert_eq!(err, SampleError::NotPrefix { turn: 1, with_generation_prompt: true });
+        assert_eq!(
+            err,
+            SampleError::NotPrefix {
+                turn: 1,
+                with_generation_prompt: true
+            }
+        );
     }
 
     #[test]
@@ -293,7 +319,10 @@ mod tests {
         assert_eq!(s.supervised_tokens(), 2);
         assert!(!s.truncate(4));
         assert!(s.truncate(3));
-        assert_eq!((s.input_ids.clone(), s.labels.clone()), (vec![1, 2, 3], vec![I, 2, I]));
+        assert_eq!(
+            (s.input_ids.clone(), s.labels.clone()),
+            (vec![1, 2, 3], vec![I, 2, I])
+        );
         assert_eq!(s.supervised_tokens(), 1);
     }
 }

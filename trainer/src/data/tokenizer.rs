@@ -69,16 +69,25 @@ impl TextTokenizer {
                 Some(Value::String(s)) => Ok(Some(s.clone())),
                 Some(Value::Object(o)) => match o.get("content") {
                     Some(Value::String(s)) => Ok(Some(s.clone())),
-                    _ => Err(config_err(&cfg_path, &format!("`{key}.content`: expected a string"))),
+                    _ => Err(config_err(
+                        &cfg_path,
+                        &format!("`{key}.content`: expected a string"),
+                    )),
                 },
-                Some(_) => Err(config_err(&cfg_path, &format!("`{key}`: expected a string or {{\"content\": ..}}"))),
+                Some(_) => Err(config_err(
+                    &cfg_path,
+                    &format!("`{key}`: expected a string or {{\"content\": ..}}"),
+                )),
             }
         };
         let flag = |key: &str| -> Result<Option<bool>, DataError> {
             match cfg.get(key) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::Bool(b)) => Ok(Some(*b)),
-                Some(_) => Err(config_err(&cfg_path, &format!("`{key}`: expected true or false"))),
+                Some(_) => Err(config_err(
+                    &cfg_path,
+                    &format!("`{key}`: expected true or false"),
+                )),
             }
         };
         let tokens = TemplateTokens {
@@ -195,7 +204,12 @@ fn find_template(
     match std::fs::read_to_string(&jinja) {
         Ok(source) => return Ok(Ok((jinja, source))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(DataError::Io { path: jinja, source }),
+        Err(source) => {
+            return Err(DataError::Io {
+                path: jinja,
+                source,
+            })
+        }
     }
     if let Some(found) = template_value(cfg_path, in_config)? {
         return Ok(found.map(|source| (cfg_path.to_path_buf(), source)));
@@ -265,7 +279,10 @@ mod tests {
         let enc = tok.encode("hello<|im_end|>", false).expect("encode");
         assert_eq!(enc.ids, vec![fixtures::HELLO, fixtures::IM_END]);
         assert_eq!(enc.offsets, vec![(0, 5), (5, 15)]);
-        assert_eq!(tok.encode("zebra", false).expect("encode").ids, vec![fixtures::UNK]);
+        assert_eq!(
+            tok.encode("zebra", false).expect("encode").ids,
+            vec![fixtures::UNK]
+        );
     }
 
     #[test]
@@ -275,22 +292,38 @@ mod tests {
                          "add_bos_token": false, "add_eos_token": true, "chat_template": "x"});
         std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).expect("write");
         let tok = TextTokenizer::load(dir.path()).expect("load");
-        assert_eq!(tok.encode("hello", true).expect("encode").ids, vec![fixtures::HELLO, 2]);
+        assert_eq!(
+            tok.encode("hello", true).expect("encode").ids,
+            vec![fixtures::HELLO, 2]
+        );
     }
 
     #[test]
     fn template_sources_and_missing_files() {
         let dir = fixtures::model_dir(fixtures::CHATML);
-        std::fs::write(dir.path().join("chat_template.jinja"), "J{{ messages|length }}").expect("write");
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "J{{ messages|length }}",
+        )
+        .expect("write");
         let tok = TextTokenizer::load(dir.path()).expect("load");
         let t = tok.chat_template().expect("template");
-        assert_eq!(t.render(&[json!({"role": "user"})], false).expect("render"), "J1");
+        assert_eq!(
+            t.render(&[json!({"role": "user"})], false).expect("render"),
+            "J1"
+        );
 
         let cfg = json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
         std::fs::remove_file(dir.path().join("chat_template.jinja")).expect("rm");
         std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).expect("write");
         let tok = TextTokenizer::load(dir.path()).expect("load");
-        assert_eq!(tok.chat_template().expect("t").render(&[], false).expect("render"), "D");
+        assert_eq!(
+            tok.chat_template()
+                .expect("t")
+                .render(&[], false)
+                .expect("render"),
+            "D"
+        );
         assert_eq!(tok.eos_id(), None);
 
         std::fs::remove_file(dir.path().join("tokenizer_config.json")).expect("rm");
@@ -299,7 +332,12 @@ mod tests {
         assert!(err.contains("has no `chat_template`"), "{err}");
 
         std::fs::remove_file(dir.path().join("tokenizer.json")).expect("rm");
-        let err = TextTokenizer::load(dir.path()).expect_err("no tokenizer").to_string();
-        assert!(err.contains("tokenizer.json: cannot load tokenizer: file not found"), "{err}");
+        let err = TextTokenizer::load(dir.path())
+            .expect_err("no tokenizer")
+            .to_string();
+        assert!(
+            err.contains("tokenizer.json: cannot load tokenizer: file not found"),
+            "{err}"
+        );
     }
 }

@@ -34,7 +34,9 @@ impl Family {
 pub enum RopeScaling {
     None,
     /// Position interpolation: every inverse frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's smooth frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -178,11 +180,16 @@ impl Keys<'_> {
             other => {
                 return Err(self.err(
                     "model_type",
-                    format!("`{other}` is not supported; supported: llama, mistral, qwen2, mixtral"),
+                    format!(
+                        "`{other}` is not supported; supported: llama, mistral, qwen2, mixtral"
+                    ),
                 ))
             }
         };
-        let act = self.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        let act = self
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
         if act != "silu" {
             return Err(self.err("hidden_act", format!("`{act}` is not supported; only silu")));
         }
@@ -206,7 +213,10 @@ impl Keys<'_> {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(self.err("head_dim", format!("{head_dim} is odd; RoPE needs an even head_dim")));
+            return Err(self.err(
+                "head_dim",
+                format!("{head_dim} is odd; RoPE needs an even head_dim"),
+            ));
         }
         let (rope_theta, rope_scaling) = self.rope(family)?;
         let attention_bias = self.bool_or("attention_bias", false)?;
@@ -218,7 +228,10 @@ impl Keys<'_> {
         };
         // Qwen2 windows only the layers from `max_window_layers` on; not supported yet.
         if family == Family::Qwen2 && self.bool_or("use_sliding_window", false)? {
-            return Err(self.err("use_sliding_window", "per-layer sliding windows (Qwen2) are not supported"));
+            return Err(self.err(
+                "use_sliding_window",
+                "per-layer sliding windows (Qwen2) are not supported",
+            ));
         }
         if self.bool_or("output_router_logits", false)? {
             return Err(self.err(
@@ -227,7 +240,10 @@ impl Keys<'_> {
             ));
         }
         if self.f64_or("router_jitter_noise", 0.0)? != 0.0 {
-            return Err(self.err("router_jitter_noise", "router jitter is not supported; set it to 0"));
+            return Err(self.err(
+                "router_jitter_noise",
+                "router jitter is not supported; set it to 0",
+            ));
         }
         let moe = match family {
             Family::Mixtral => Some(MoeConfig {
@@ -240,7 +256,10 @@ impl Keys<'_> {
             if m.top_k > m.num_experts {
                 return Err(self.err(
                     "num_experts_per_tok",
-                    format!("{} is more than num_local_experts {}", m.top_k, m.num_experts),
+                    format!(
+                        "{} is more than num_local_experts {}",
+                        m.top_k, m.num_experts
+                    ),
                 ));
             }
         }
@@ -254,7 +273,14 @@ impl Keys<'_> {
             num_kv_heads,
             head_dim,
             // transformers' per-family defaults for an absent key.
-            rms_norm_eps: self.f64_or("rms_norm_eps", if matches!(family, Family::Mistral | Family::Mixtral) { 1e-5 } else { 1e-6 })?,
+            rms_norm_eps: self.f64_or(
+                "rms_norm_eps",
+                if matches!(family, Family::Mistral | Family::Mixtral) {
+                    1e-5
+                } else {
+                    1e-6
+                },
+            )?,
             rope_theta,
             rope_scaling,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
@@ -283,14 +309,21 @@ impl Keys<'_> {
         let number = |name: &str| -> Result<Option<f64>> {
             field(name)
                 .map(|v| {
-                    v.as_f64()
-                        .ok_or_else(|| self.err(&format!("{key}.{name}"), format!("expected a number, found {v}")))
+                    v.as_f64().ok_or_else(|| {
+                        self.err(
+                            &format!("{key}.{name}"),
+                            format!("expected a number, found {v}"),
+                        )
+                    })
                 })
                 .transpose()
         };
         let theta = match number("rope_theta")? {
             Some(t) => t,
-            None => self.f64_or("rope_theta", if family == Family::Mixtral { 1e6 } else { 1e4 })?,
+            None => self.f64_or(
+                "rope_theta",
+                if family == Family::Mixtral { 1e6 } else { 1e4 },
+            )?,
         };
         let rope_type = field("rope_type")
             .or_else(|| field("type"))
@@ -365,8 +398,14 @@ mod tests {
         let bad = LLAMA.replace("\"model_type\":\"llama\"", "\"model_type\":\"gpt2\"");
         let msg = parse(&bad).unwrap_err().to_string();
         assert!(msg.contains("model_type") && msg.contains("gpt2"), "{msg}");
-        let bad = LLAMA.replace("\"rope_scaling\":null", "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":2}");
+        let bad = LLAMA.replace(
+            "\"rope_scaling\":null",
+            "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":2}",
+        );
         let msg = parse(&bad).unwrap_err().to_string();
-        assert!(msg.contains("rope_scaling.rope_type") && msg.contains("yarn"), "{msg}");
+        assert!(
+            msg.contains("rope_scaling.rope_type") && msg.contains("yarn"),
+            "{msg}"
+        );
     }
 }

@@ -56,14 +56,21 @@ pub struct Context<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// `[n, heads·d]` → `[b, heads, s, d]`, rotated by RoPE on the way when tables are given.
-    fn heads(&self, x: Tensor<B, 2>, heads: usize, rope: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>, ctx: &Context<B>) -> Tensor<B, 4> {
+    fn heads(
+        &self,
+        x: Tensor<B, 2>,
+        heads: usize,
+        rope: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
+        ctx: &Context<B>,
+    ) -> Tensor<B, 4> {
         let n = ctx.batch * ctx.seq;
         let x = x.reshape([n * heads, self.head_dim]);
         let x = match rope {
             Some((cos, sin)) => rope::apply(x, cos, sin, &ctx.rotate),
             None => x,
         };
-        x.reshape([ctx.batch, ctx.seq, heads, self.head_dim]).swap_dims(1, 2)
+        x.reshape([ctx.batch, ctx.seq, heads, self.head_dim])
+            .swap_dims(1, 2)
     }
 
     /// `[b, kv, s, d]` → `[b, kv·groups, s, d]`, each kv head repeated `groups` times in place
@@ -74,7 +81,9 @@ impl<B: Backend> Attention<B> {
             return x;
         }
         let [b, kv, s, d] = x.dims();
-        x.unsqueeze_dim::<5>(2).expand([b, kv, groups, s, d]).reshape([b, kv * groups, s, d])
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kv, groups, s, d])
+            .reshape([b, kv * groups, s, d])
     }
 
     /// `x: [n, h]` → `[n, h]`.
@@ -82,13 +91,21 @@ impl<B: Backend> Attention<B> {
         let q = self.q_proj.forward(x.clone(), ctx.train);
         let q = self.heads(q, self.num_heads, Some((&ctx.q_cos, &ctx.q_sin)), ctx);
         let k = self.k_proj.forward(x.clone(), ctx.train);
-        let k = self.repeat_kv(self.heads(k, self.num_kv_heads, Some((&ctx.k_cos, &ctx.k_sin)), ctx));
-        let v = self.repeat_kv(self.heads(self.v_proj.forward(x, ctx.train), self.num_kv_heads, None, ctx));
+        let k =
+            self.repeat_kv(self.heads(k, self.num_kv_heads, Some((&ctx.k_cos, &ctx.k_sin)), ctx));
+        let v = self.repeat_kv(self.heads(
+            self.v_proj.forward(x, ctx.train),
+            self.num_kv_heads,
+            None,
+            ctx,
+        ));
         let scale = (self.head_dim as f64).powf(-0.5);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + ctx.mask.clone();
         let out = softmax(scores, 3).matmul(v);
         let n = ctx.batch * ctx.seq;
-        let out = out.swap_dims(1, 2).reshape([n, self.num_heads * self.head_dim]);
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([n, self.num_heads * self.head_dim]);
         self.o_proj.forward(out, ctx.train)
     }
 }
@@ -105,7 +122,8 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
         let gate = silu(self.gate_proj.forward(x.clone(), train));
-        self.down_proj.forward(gate * self.up_proj.forward(x, train), train)
+        self.down_proj
+            .forward(gate * self.up_proj.forward(x, train), train)
     }
 }
 
@@ -125,7 +143,11 @@ impl<B: Backend> Moe<B> {
         let (top, index) = probs.topk_with_indices(self.top_k, 1);
         let weights = top.clone() / top.sum_dim(1);
         // Route on the host: which (token, slot) pairs go to each expert.
-        let index = index.into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default();
+        let index = index
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .unwrap_or_default();
         let mut routes: Vec<Vec<(i64, i64)>> = vec![Vec::new(); self.experts.len()];
         for (i, &e) in index.iter().enumerate() {
             let token = (i / self.top_k) as i64;
@@ -213,9 +235,12 @@ impl<B: Backend> CausalLm<B> {
         let ids: Vec<i64> = inputs.tokens.iter().map(|&t| i64::from(t)).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * s]), &device);
         let c = &self.config;
-        let (q_cos, q_sin) = rope::cos_sin::<B>(&self.inv_freq, inputs.positions, c.num_heads, &device);
-        let (k_cos, k_sin) = rope::cos_sin::<B>(&self.inv_freq, inputs.positions, c.num_kv_heads, &device);
-        let mask = attention_mask::<B>(inputs, c.sliding_window, &device).repeat_dim(1, c.num_heads);
+        let (q_cos, q_sin) =
+            rope::cos_sin::<B>(&self.inv_freq, inputs.positions, c.num_heads, &device);
+        let (k_cos, k_sin) =
+            rope::cos_sin::<B>(&self.inv_freq, inputs.positions, c.num_kv_heads, &device);
+        let mask =
+            attention_mask::<B>(inputs, c.sliding_window, &device).repeat_dim(1, c.num_heads);
         let ctx = Context {
             batch: b,
             seq: s,
@@ -240,7 +265,11 @@ impl<B: Backend> CausalLm<B> {
 }
 
 /// Causal, per-sample (packing) and optional sliding-window mask, `[b, 1, s, s]`.
-fn attention_mask<B: Backend>(inputs: &Inputs<'_>, window: Option<usize>, device: &B::Device) -> Tensor<B, 4> {
+fn attention_mask<B: Backend>(
+    inputs: &Inputs<'_>,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
     let (b, s) = (inputs.batch, inputs.seq);
     let mut mask = vec![f32::NEG_INFINITY; b * s * s];
     for row in 0..b {

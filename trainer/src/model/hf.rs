@@ -30,11 +30,14 @@ struct Take<'a> {
 
 impl Take<'_> {
     fn get(&mut self, key: &str, shape: &[usize]) -> Result<HostTensor> {
-        let t = self.tensors.remove(key).ok_or_else(|| Error::MissingTensor {
-            dir: self.dir.to_path_buf(),
-            key: key.into(),
-            expected: shape.to_vec(),
-        })?;
+        let t = self
+            .tensors
+            .remove(key)
+            .ok_or_else(|| Error::MissingTensor {
+                dir: self.dir.to_path_buf(),
+                key: key.into(),
+                expected: shape.to_vec(),
+            })?;
         if t.shape != shape {
             return Err(Error::ShapeMismatch {
                 file: self.file(key),
@@ -47,7 +50,10 @@ impl Take<'_> {
     }
 
     fn file(&self, key: &str) -> PathBuf {
-        self.files.get(key).cloned().unwrap_or_else(|| self.dir.to_path_buf())
+        self.files
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| self.dir.to_path_buf())
     }
 
     fn linear<B: Backend>(
@@ -67,7 +73,13 @@ impl Take<'_> {
         Ok(Linear::from_hf(w, b, trainable, device))
     }
 
-    fn norm<B: Backend>(&mut self, name: &str, c: &ModelConfig, trainable: bool, device: &B::Device) -> Result<RmsNorm<B>> {
+    fn norm<B: Backend>(
+        &mut self,
+        name: &str,
+        c: &ModelConfig,
+        trainable: bool,
+        device: &B::Device,
+    ) -> Result<RmsNorm<B>> {
         let w = self.get(&format!("{name}.weight"), &[c.hidden_size])?;
         Ok(RmsNorm {
             weight: param(w, trainable, device),
@@ -88,14 +100,19 @@ pub fn from_hf_tensors<B: Backend>(
 ) -> Result<CausalLm<B>> {
     let c = config;
     let tensors = unfuse_experts(tensors, c)?;
-    let mut take = Take { tensors, files, dir };
+    let mut take = Take {
+        tensors,
+        files,
+        dir,
+    };
     let (h, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
     let embed = take.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
         let p = format!("model.layers.{i}");
         let a = format!("{p}.self_attn");
-        let mut lin = |name: &str, shape, bias| take.linear::<B>(name, shape, bias, trainable, device);
+        let mut lin =
+            |name: &str, shape, bias| take.linear::<B>(name, shape, bias, trainable, device);
         let self_attn = Attention {
             q_proj: lin(&format!("{a}.q_proj"), (c.num_heads * d, h), c.qkv_bias)?,
             k_proj: lin(&format!("{a}.k_proj"), (c.num_kv_heads * d, h), c.qkv_bias)?,
@@ -137,7 +154,12 @@ pub fn from_hf_tensors<B: Backend>(
         layers.push(Layer {
             input_layernorm: take.norm(&format!("{p}.input_layernorm"), c, trainable, device)?,
             self_attn,
-            post_attention_layernorm: take.norm(&format!("{p}.post_attention_layernorm"), c, trainable, device)?,
+            post_attention_layernorm: take.norm(
+                &format!("{p}.post_attention_layernorm"),
+                c,
+                trainable,
+                device,
+            )?,
             ffn,
         });
     }
@@ -149,7 +171,12 @@ pub fn from_hf_tensors<B: Backend>(
     } else {
         Some(take.linear("lm_head", (c.vocab_size, h), false, trainable, device)?)
     };
-    let leftover: Vec<String> = take.tensors.keys().filter(|k| !is_ignorable(k)).cloned().collect();
+    let leftover: Vec<String> = take
+        .tensors
+        .keys()
+        .filter(|k| !is_ignorable(k))
+        .cloned()
+        .collect();
     if let Some(first) = leftover.first() {
         return Err(Error::UnexpectedTensor {
             file: take.file(first),
@@ -172,7 +199,9 @@ pub fn from_hf_tensors<B: Backend>(
 
 /// Rewrite transformers 5's fused Mixtral experts into the Hub's per-expert keys.
 fn unfuse_experts(mut tensors: TensorMap, c: &ModelConfig) -> Result<TensorMap> {
-    let Some(moe) = &c.moe else { return Ok(tensors) };
+    let Some(moe) = &c.moe else {
+        return Ok(tensors);
+    };
     for i in 0..c.num_layers {
         let fused = format!("model.layers.{i}.mlp");
         let legacy = format!("model.layers.{i}.block_sparse_moe");
@@ -186,15 +215,24 @@ fn unfuse_experts(mut tensors: TensorMap, c: &ModelConfig) -> Result<TensorMap> 
             for x in 0..e {
                 let block = &gu.data[x * 2 * inter * h..(x + 1) * 2 * inter * h];
                 let (w1, w3) = block.split_at(inter * h);
-                tensors.insert(format!("{legacy}.experts.{x}.w1.weight"), HostTensor::new(vec![inter, h], w1.to_vec()));
-                tensors.insert(format!("{legacy}.experts.{x}.w3.weight"), HostTensor::new(vec![inter, h], w3.to_vec()));
+                tensors.insert(
+                    format!("{legacy}.experts.{x}.w1.weight"),
+                    HostTensor::new(vec![inter, h], w1.to_vec()),
+                );
+                tensors.insert(
+                    format!("{legacy}.experts.{x}.w3.weight"),
+                    HostTensor::new(vec![inter, h], w3.to_vec()),
+                );
             }
         }
         if let Some(down) = tensors.remove(&format!("{fused}.experts.down_proj")) {
             let key = format!("{fused}.experts.down_proj");
             check_shape(&key, &down, &[e, h, inter])?;
             for (x, w2) in down.data.chunks(h * inter).enumerate() {
-                tensors.insert(format!("{legacy}.experts.{x}.w2.weight"), HostTensor::new(vec![h, inter], w2.to_vec()));
+                tensors.insert(
+                    format!("{legacy}.experts.{x}.w2.weight"),
+                    HostTensor::new(vec![h, inter], w2.to_vec()),
+                );
             }
         }
     }
@@ -250,7 +288,10 @@ pub fn linears_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Lin
 /// The HF state dict of the model, LoRA updates merged into the base weights.
 pub fn to_hf_tensors<B: Backend>(model: &CausalLm<B>) -> TensorMap {
     let mut out = TensorMap::new();
-    out.insert("model.embed_tokens.weight".into(), to_host(model.embed_tokens.val()));
+    out.insert(
+        "model.embed_tokens.weight".into(),
+        to_host(model.embed_tokens.val()),
+    );
     let mut copy = model.clone();
     for (name, linear) in linears_mut(&mut copy) {
         out.insert(format!("{name}.weight"), linear.merged_hf_weight());
@@ -260,7 +301,10 @@ pub fn to_hf_tensors<B: Backend>(model: &CausalLm<B>) -> TensorMap {
     }
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        out.insert(format!("{p}.input_layernorm.weight"), to_host(layer.input_layernorm.weight.val()));
+        out.insert(
+            format!("{p}.input_layernorm.weight"),
+            to_host(layer.input_layernorm.weight.val()),
+        );
         out.insert(
             format!("{p}.post_attention_layernorm.weight"),
             to_host(layer.post_attention_layernorm.weight.val()),

@@ -60,7 +60,12 @@ pub fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
 
 impl<B: Backend> Linear<B> {
     /// From HF tensors: `weight: [out, in]`, `bias: [out]`.
-    pub fn from_hf(weight: HostTensor, bias: Option<HostTensor>, trainable: bool, device: &B::Device) -> Self {
+    pub fn from_hf(
+        weight: HostTensor,
+        bias: Option<HostTensor>,
+        trainable: bool,
+        device: &B::Device,
+    ) -> Self {
         Self {
             weight: param(transpose(&weight), trainable, device),
             bias: bias.map(|b| param(b, trainable, device)),
@@ -85,7 +90,8 @@ impl<B: Backend> Linear<B> {
         if let Some(lora) = &self.lora {
             let x = if train && lora.dropout > 0.0 {
                 let keep = 1.0 - lora.dropout;
-                let mask = Tensor::<B, 2>::random(x.dims(), Distribution::Bernoulli(keep), &x.device());
+                let mask =
+                    Tensor::<B, 2>::random(x.dims(), Distribution::Bernoulli(keep), &x.device());
                 x * mask.div_scalar(keep)
             } else {
                 x

@@ -17,7 +17,11 @@ use crate::error::Result;
 
 /// Load an HF model directory (`config.json` + safetensors, single or sharded), every
 /// parameter `trainable` or frozen.
-pub fn load_hf_model<B: Backend>(dir: &Path, trainable: bool, device: &B::Device) -> Result<CausalLm<B>> {
+pub fn load_hf_model<B: Backend>(
+    dir: &Path,
+    trainable: bool,
+    device: &B::Device,
+) -> Result<CausalLm<B>> {
     let config = ModelConfig::from_dir(dir)?;
     let weights = checkpoint::load_hf_weights(dir)?;
     tracing::info!(
@@ -28,5 +32,12 @@ pub fn load_hf_model<B: Backend>(dir: &Path, trainable: bool, device: &B::Device
         tensors = weights.tensors.len(),
         "loaded weights"
     );
-    hf::from_hf_tensors(&config, weights.tensors, &weights.files, dir, trainable, device)
+    hf::from_hf_tensors(
+        &config,
+        weights.tensors,
+        &weights.files,
+        dir,
+        trainable,
+        device,
+    )
 }

@@ -29,7 +29,8 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f32> {
                     } else if wavelen > low_freq_wavelen {
                         f / factor
                     } else {
-                        let smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old_len / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -53,7 +54,11 @@ pub fn cos_sin<B: Backend>(
     let mut cos = Vec::with_capacity(rows * dim);
     let mut sin = Vec::with_capacity(rows * dim);
     for &p in positions {
-        let (c, s): (Vec<f32>, Vec<f32>) = inv_freq.iter().map(|f| p as f32 * f).map(|a| (a.cos(), a.sin())).unzip();
+        let (c, s): (Vec<f32>, Vec<f32>) = inv_freq
+            .iter()
+            .map(|f| p as f32 * f)
+            .map(|a| (a.cos(), a.sin()))
+            .unzip();
         for _ in 0..heads {
             cos.extend_from_slice(&c);
             cos.extend_from_slice(&c);
@@ -80,7 +85,12 @@ pub fn rotate_half_matrix<B: Backend>(dim: usize, device: &B::Device) -> Tensor<
 }
 
 /// `x·cos + rotate_half(x)·sin` for `x: [tokens·heads, head_dim]`.
-pub fn apply<B: Backend>(x: Tensor<B, 2>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>, rotate: &Tensor<B, 2>) -> Tensor<B, 2> {
+pub fn apply<B: Backend>(
+    x: Tensor<B, 2>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+    rotate: &Tensor<B, 2>,
+) -> Tensor<B, 2> {
     let rotated = x.clone().matmul(rotate.clone());
     x * cos.clone() + rotated * sin.clone()
 }

@@ -1,0 +1,77 @@
+//! The agent's end of the worker link (see `parallel::runtime::link`): one loopback TCP
+//! connection per worker, JSON lines.
+
+use parallel::runtime::link::{ToAgent, ToWorker};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What the worker connections tell the agent's loop.
+pub enum LinkMsg {
+    Hello {
+        rank: usize,
+        data_addr: String,
+        writer: OwnedWriteHalf,
+    },
+    /// A report to forward to the coordinator as is.
+    Report(String),
+    /// A worker's last words before exiting non-zero.
+    Error { rank: usize, message: String },
+}
+
+/// Accept worker connections forever, each read by its own task.
+pub async fn accept(listener: TcpListener, tx: UnboundedSender<LinkMsg>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(read_worker(stream, tx.clone()));
+    }
+}
+
+async fn read_worker(stream: TcpStream, tx: UnboundedSender<LinkMsg>) {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let mut writer = Some(write);
+    let mut lines = BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let msg = match serde_json::from_str::<ToAgent>(&line) {
+            Ok(ToAgent::Hello {
+                rank, data_addr, ..
+            }) => match writer.take() {
+                Some(writer) => LinkMsg::Hello {
+                    rank,
+                    data_addr,
+                    writer,
+                },
+                None => continue,
+            },
+            Ok(ToAgent::Error { rank, message }) => {
+                let _ = tx.send(LinkMsg::Report(line));
+                LinkMsg::Error { rank, message }
+            }
+            Ok(_) => LinkMsg::Report(line),
+            Err(e) => {
+                tracing::warn!("a worker sent an unreadable line ({e}): {line}");
+                continue;
+            }
+        };
+        if tx.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
+/// Hand a worker the peer table.
+pub async fn send_peers(
+    writer: &mut OwnedWriteHalf,
+    addrs: &[String],
+    nonce: u64,
+) -> std::io::Result<()> {
+    let msg = ToWorker::Peers {
+        addrs: addrs.to_vec(),
+        nonce,
+    };
+    let mut line = serde_json::to_vec(&msg).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    writer.write_all(&line).await?;
+    writer.flush().await
+}

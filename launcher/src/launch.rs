@@ -1,0 +1,90 @@
+//! `launch train` and `launch run`: check the job, prepare the run directory (node 0) and
+//! run this node's agent.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::agent::{self, LaunchPlan, WorkerCommand};
+use crate::config::{JobConfig, LaunchSection};
+use crate::error::{Error, Result};
+use crate::train;
+
+fn current_exe() -> Result<PathBuf> {
+    std::env::current_exe().map_err(|e| Error::Launch(format!("locating the launch binary: {e}")))
+}
+
+/// `launch train CONFIG [--set ...] [--nproc-per-node N ...]`.
+pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
+    let cfg = JobConfig::load(config, overrides)?;
+    train::preflight(&cfg)?;
+    let world = cfg.launch.nproc_per_node * cfg.launch.nnodes;
+    let t = &cfg.training;
+    if !t.global_batch.is_multiple_of(t.micro_batch * world) {
+        return Err(Error::Config {
+            file: config.to_path_buf(),
+            message: format!(
+                "training.global_batch: {} must be a multiple of micro_batch {} × world size {world} (every rank takes an equal share)",
+                t.global_batch, t.micro_batch
+            ),
+        });
+    }
+    if cfg.launch.node_rank == 0 {
+        train::prepare_run_dir(&cfg)?;
+    }
+    let mut args = vec!["worker".to_string(), config.display().to_string()];
+    for o in overrides {
+        args.push("--set".into());
+        args.push(o.clone());
+    }
+    agent::run(LaunchPlan {
+        launch: cfg.launch.clone(),
+        run_dir: cfg.run_dir(),
+        worker: WorkerCommand {
+            program: current_exe()?,
+            args,
+        },
+        start: train::start_fields(&cfg, world),
+        max_steps: Some(t.max_steps),
+    })
+}
+
+/// `launch run [flags] -- PROGRAM ARGS...`.
+pub fn run_program(
+    overrides: &[String],
+    run_dir: Option<PathBuf>,
+    collective_timeout: Option<f64>,
+    program: &[String],
+) -> Result<()> {
+    let mut all = overrides.to_vec();
+    if let Some(t) = collective_timeout {
+        all.push(format!("launch.collective_timeout_s={t}"));
+    }
+    let launch = LaunchSection::from_overrides(&all)?;
+    let (exe, args) = program.split_first().ok_or_else(|| Error::Config {
+        file: "command line".into(),
+        message: "launch run: no program given after `--`".into(),
+    })?;
+    let name = Path::new(exe)
+        .file_stem()
+        .map_or("run".into(), |s| s.to_string_lossy().to_string());
+    let run_dir = run_dir.unwrap_or_else(|| Path::new("runs").join(&name));
+    if launch.node_rank == 0 {
+        std::fs::create_dir_all(&run_dir).map_err(|source| Error::Io {
+            path: run_dir.clone(),
+            source,
+        })?;
+    }
+    let world = launch.nproc_per_node * launch.nnodes;
+    agent::run(LaunchPlan {
+        start: json!({"program": exe, "args": args, "world_size": world, "nnodes": launch.nnodes,
+                      "nproc_per_node": launch.nproc_per_node}),
+        launch,
+        run_dir,
+        worker: WorkerCommand {
+            program: PathBuf::from(exe),
+            args: args.to_vec(),
+        },
+        max_steps: None,
+    })
+}

@@ -1,0 +1,412 @@
+//! Data parallelism over a communicator: gradient all-reduce in buckets ordered by module
+//! path, and ZeRO-1 (each rank keeps optimizer state only for the parameters it owns and
+//! broadcasts them after its step).
+//!
+//! Parameters are identified across ranks by their module path (`layers.0.attn.q_proj.weight`),
+//! never by burn's `ParamId`, which is random per process.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::comm::{Collectives, Communicator, ReduceOp};
+use crate::error::{Error, Result};
+
+/// Elements per all-reduce bucket (25 MiB of f32, DDP's default).
+pub const DEFAULT_BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
+
+/// A float parameter as every rank sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamInfo {
+    pub path: String,
+    pub id: ParamId,
+    pub shape: Vec<usize>,
+    pub trainable: bool,
+}
+
+impl ParamInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Float parameters of `module`, sorted by module path.
+pub fn params_by_path<B: Backend, M: burn::module::Module<B>>(module: &M) -> Vec<ParamInfo> {
+    let mut v = PathVisitor {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut v);
+    let mut out = v.out;
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+struct PathVisitor {
+    path: Vec<String>,
+    out: Vec<ParamInfo>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for PathVisitor {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let tensor = param.val();
+        self.out.push(ParamInfo {
+            path: self.path.join("."),
+            id: param.id,
+            shape: tensor.dims().to_vec(),
+            trainable: param.is_require_grad(),
+        });
+    }
+}
+
+/// Data-parallel training over one group of ranks.
+pub struct DataParallel {
+    comm: Arc<dyn Communicator>,
+    bucket_elems: usize,
+    zero1: bool,
+}
+
+impl DataParallel {
+    pub fn new(comm: Arc<dyn Communicator>, zero1: bool) -> Self {
+        Self {
+            comm,
+            bucket_elems: DEFAULT_BUCKET_ELEMS,
+            zero1,
+        }
+    }
+
+    pub fn with_bucket_elems(mut self, elems: usize) -> Self {
+        self.bucket_elems = elems.max(1);
+        self
+    }
+
+    pub fn comm(&self) -> &Arc<dyn Communicator> {
+        &self.comm
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn size(&self) -> usize {
+        self.comm.size()
+    }
+
+    pub fn zero1(&self) -> bool {
+        self.zero1
+    }
+
+    /// Sum every trainable parameter's gradient over the group, in buckets in module-path
+    /// order. A parameter with no gradient on some rank (an expert no local token reached)
+    /// counts as zeros there; it gets a gradient afterwards iff it had one on any rank, as a
+    /// single process over the whole batch would.
+    pub fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        module: &M,
+        grads: &mut GradientsParams,
+    ) -> Result<()> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        let params: Vec<ParamInfo> = params_by_path(module)
+            .into_iter()
+            .filter(|p| p.trainable)
+            .collect();
+        let device = device_of(module)?;
+        let mut present: Vec<u8> = params
+            .iter()
+            .map(|p| u8::from(has_grad::<B>(grads, p)))
+            .collect();
+        self.comm.all_reduce(&mut present, ReduceOp::Max)?;
+        let mut start = 0;
+        while start < params.len() {
+            let mut end = start;
+            let mut elems = 0;
+            while end < params.len()
+                && (end == start || elems + params[end].numel() <= self.bucket_elems)
+            {
+                elems += params[end].numel();
+                end += 1;
+            }
+            let bucket = &params[start..end];
+            let mut flat = Vec::with_capacity(elems);
+            for p in bucket {
+                match take_grad::<B>(grads, p)? {
+                    Some(g) => flat.extend_from_slice(&g),
+                    None => flat.resize(flat.len() + p.numel(), 0.0),
+                }
+            }
+            self.comm.all_reduce(&mut flat, ReduceOp::Sum)?;
+            let mut at = 0;
+            for (p, &any) in bucket.iter().zip(&present[start..end]) {
+                if any != 0 {
+                    put_grad::<B>(grads, p, flat[at..at + p.numel()].to_vec(), &device)?;
+                }
+                at += p.numel();
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// The rank that owns each trainable parameter's optimizer state under ZeRO-1:
+    /// contiguous runs in module-path order, balanced by element count.
+    pub fn owners(&self, params: &[ParamInfo]) -> BTreeMap<String, usize> {
+        partition(params, self.comm.size())
+    }
+
+    /// Under ZeRO-1, drop the gradients of parameters another rank owns, so the optimizer
+    /// steps (and keeps state for) only this rank's share.
+    pub fn keep_owned_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        module: &M,
+        grads: &mut GradientsParams,
+    ) {
+        if !self.zero1 || self.comm.size() == 1 {
+            return;
+        }
+        let params: Vec<ParamInfo> = params_by_path(module)
+            .into_iter()
+            .filter(|p| p.trainable)
+            .collect();
+        let owners = self.owners(&params);
+        for p in &params {
+            if owners.get(&p.path) != Some(&self.comm.rank()) {
+                let _ = take_grad::<B>(grads, p);
+            }
+        }
+    }
+
+    /// Under ZeRO-1, after the optimizer step: every trainable parameter takes its owner's
+    /// value.
+    pub fn sync_owned_params<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        module: M,
+    ) -> Result<M> {
+        if !self.zero1 || self.comm.size() == 1 {
+            return Ok(module);
+        }
+        let params: Vec<ParamInfo> = params_by_path(&module)
+            .into_iter()
+            .filter(|p| p.trainable)
+            .collect();
+        let owners = self.owners(&params);
+        // Broadcast in path order (the same on every rank), then put the values back.
+        let mut values = BTreeMap::new();
+        let host = HostParams::collect(&module);
+        for p in &params {
+            let owner = owners.get(&p.path).copied().unwrap_or(0);
+            let mut data = if owner == self.comm.rank() {
+                host.get(&p.path).cloned().ok_or_else(|| missing(&p.path))?
+            } else {
+                vec![0.0f32; p.numel()]
+            };
+            self.comm.broadcast(&mut data, owner)?;
+            values.insert(p.path.clone(), data);
+        }
+        let mut mapper = Replace {
+            path: Vec::new(),
+            values,
+        };
+        Ok(module.map(&mut mapper))
+    }
+}
+
+/// Contiguous, element-balanced split of `params` (in their order) into `parts` owners.
+pub fn partition(params: &[ParamInfo], parts: usize) -> BTreeMap<String, usize> {
+    let total: usize = params.iter().map(ParamInfo::numel).sum();
+    let mut out = BTreeMap::new();
+    let mut before = 0usize;
+    for p in params {
+        // The owner is the part the parameter's midpoint falls in.
+        let mid = before + p.numel() / 2;
+        let owner = (mid * parts)
+            .checked_div(total)
+            .map_or(0, |o| o.min(parts - 1));
+        out.insert(p.path.clone(), owner);
+        before += p.numel();
+    }
+    out
+}
+
+fn missing(path: &str) -> Error {
+    Error::InvalidArgument(format!("parameter {path} disappeared during the step"))
+}
+
+fn device_of<B: Backend, M: burn::module::Module<B>>(module: &M) -> Result<B::Device> {
+    module
+        .devices()
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::InvalidArgument("the module has no parameters".into()))
+}
+
+fn has_grad<B: AutodiffBackend>(grads: &GradientsParams, p: &ParamInfo) -> bool {
+    match p.shape.len() {
+        1 => grads.get::<B::InnerBackend, 1>(p.id).is_some(),
+        2 => grads.get::<B::InnerBackend, 2>(p.id).is_some(),
+        3 => grads.get::<B::InnerBackend, 3>(p.id).is_some(),
+        4 => grads.get::<B::InnerBackend, 4>(p.id).is_some(),
+        _ => false,
+    }
+}
+
+fn take_grad<B: AutodiffBackend>(
+    grads: &mut GradientsParams,
+    p: &ParamInfo,
+) -> Result<Option<Vec<f32>>> {
+    let data = match p.shape.len() {
+        1 => grads
+            .remove::<B::InnerBackend, 1>(p.id)
+            .map(Tensor::into_data),
+        2 => grads
+            .remove::<B::InnerBackend, 2>(p.id)
+            .map(Tensor::into_data),
+        3 => grads
+            .remove::<B::InnerBackend, 3>(p.id)
+            .map(Tensor::into_data),
+        4 => grads
+            .remove::<B::InnerBackend, 4>(p.id)
+            .map(Tensor::into_data),
+        d => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: {d}-dimensional parameters are not supported",
+                p.path
+            )))
+        }
+    };
+    data.map(|d| to_f32(d, &p.path)).transpose()
+}
+
+fn put_grad<B: AutodiffBackend>(
+    grads: &mut GradientsParams,
+    p: &ParamInfo,
+    values: Vec<f32>,
+    device: &B::Device,
+) -> Result<()> {
+    let data = TensorData::new(values, p.shape.clone());
+    match p.shape.len() {
+        1 => grads.register::<B::InnerBackend, 1>(p.id, Tensor::from_data(data, device)),
+        2 => grads.register::<B::InnerBackend, 2>(p.id, Tensor::from_data(data, device)),
+        3 => grads.register::<B::InnerBackend, 3>(p.id, Tensor::from_data(data, device)),
+        4 => grads.register::<B::InnerBackend, 4>(p.id, Tensor::from_data(data, device)),
+        d => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: {d}-dimensional parameters are not supported",
+                p.path
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn to_f32(data: TensorData, path: &str) -> Result<Vec<f32>> {
+    data.convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| Error::InvalidArgument(format!("{path}: {e:?}")))
+}
+
+/// Host copies of a module's trainable parameters, by path.
+struct HostParams {
+    path: Vec<String>,
+    values: BTreeMap<String, Vec<f32>>,
+}
+
+impl HostParams {
+    fn collect<B: Backend, M: burn::module::Module<B>>(module: &M) -> BTreeMap<String, Vec<f32>> {
+        let mut v = HostParams {
+            path: Vec::new(),
+            values: BTreeMap::new(),
+        };
+        module.visit(&mut v);
+        v.values
+    }
+}
+
+impl<B: Backend> ModuleVisitor<B> for HostParams {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if param.is_require_grad() {
+            let path = self.path.join(".");
+            if let Ok(v) = to_f32(param.val().into_data(), &path) {
+                self.values.insert(path, v);
+            }
+        }
+    }
+}
+
+/// Replaces trainable parameters' values (same id, same require-grad) by path.
+struct Replace {
+    path: Vec<String>,
+    values: BTreeMap<String, Vec<f32>>,
+}
+
+impl<B: Backend> ModuleMapper<B> for Replace {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let path = self.path.join(".");
+        let Some(values) = self.values.remove(&path) else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let require_grad = tensor.is_require_grad();
+        let shape = tensor.dims().to_vec();
+        let mut fresh = Tensor::<B, D>::from_data(TensorData::new(values, shape), &tensor.device());
+        if require_grad {
+            fresh = fresh.require_grad();
+        }
+        Param::from_mapped_value(id, fresh, mapper)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(path: &str, n: usize) -> ParamInfo {
+        ParamInfo {
+            path: path.into(),
+            id: ParamId::new(),
+            shape: vec![n],
+            trainable: true,
+        }
+    }
+
+    #[test]
+    fn partition_is_contiguous_and_balanced() {
+        let params: Vec<ParamInfo> = (0..10).map(|i| info(&format!("p{i}"), 100)).collect();
+        for parts in 1..=5 {
+            let owners = partition(&params, parts);
+            let seq: Vec<usize> = params.iter().map(|p| owners[&p.path]).collect();
+            assert!(seq.windows(2).all(|w| w[0] <= w[1]), "{seq:?}");
+            for r in 0..parts {
+                let n = seq.iter().filter(|&&o| o == r).count();
+                assert!(
+                    n >= 10 / parts - 1 && n <= 10 / parts + 1,
+                    "{parts} parts: {seq:?}"
+                );
+            }
+        }
+        assert!(partition(&[], 3).is_empty());
+    }
+}

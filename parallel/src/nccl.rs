@@ -1,0 +1,269 @@
+//! The GPU data plane: NCCL through cudarc (loaded at run time, so builds need no NCCL).
+//!
+//! The NCCL unique id is made on rank 0 and broadcast over the TCP group. [`NcclComm`]
+//! implements [`Communicator`] for host buffers by staging them through device memory
+//! (one copy in, one out); code that already holds device buffers calls
+//! [`NcclComm::all_reduce_device`] and friends, which never touch the host.
+//! Without the `cuda` feature the type exists and [`NcclComm::new`] returns
+//! [`Error::NotCompiledWith`].
+
+use std::sync::Arc;
+
+use crate::comm::Communicator;
+#[cfg(feature = "cuda")]
+pub use imp::NcclComm;
+
+#[cfg(not(feature = "cuda"))]
+/// NCCL communicator (needs the `cuda` feature).
+pub struct NcclComm;
+
+#[cfg(not(feature = "cuda"))]
+impl NcclComm {
+    /// Always [`Error::NotCompiledWith`]`("cuda")` in this build.
+    pub fn new(_bootstrap: &Arc<dyn Communicator>, _device: usize) -> crate::Result<Self> {
+        Err(crate::Error::NotCompiledWith("cuda"))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+    use cudarc::nccl::safe::{group_end, group_start, Comm, Id, NcclType, ReduceOp as NcclOp};
+    use half::bf16;
+
+    use crate::comm::{Collectives, Communicator, DType, Element, ReduceOp};
+    use crate::error::{Error, Result};
+
+    /// One rank's NCCL communicator on one GPU.
+    pub struct NcclComm {
+        comm: Comm,
+        stream: Arc<CudaStream>,
+        seq: AtomicU64,
+    }
+
+    // SAFETY-free: cudarc's Comm is Send; calls are serialised by the caller's SPMD order.
+    fn nccl(op: &'static str) -> impl Fn(cudarc::nccl::result::NcclError) -> Error {
+        move |e| Error::Connect(format!("NCCL {op}: {e:?}"))
+    }
+
+    fn cuda(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+        move |e| Error::Connect(format!("CUDA {op}: {e:?}"))
+    }
+
+    fn op(o: ReduceOp) -> NcclOp {
+        match o {
+            ReduceOp::Sum => NcclOp::Sum,
+            ReduceOp::Avg => NcclOp::Avg,
+            ReduceOp::Max => NcclOp::Max,
+        }
+    }
+
+    impl NcclComm {
+        /// Join the NCCL group of `bootstrap`'s ranks on GPU `device` (usually the local rank).
+        pub fn new(bootstrap: &Arc<dyn Communicator>, device: usize) -> Result<Self> {
+            let ctx = CudaContext::new(device).map_err(cuda("context"))?;
+            let stream = ctx.new_stream().map_err(cuda("stream"))?;
+            let mut raw = [0u8; 128];
+            if bootstrap.rank() == 0 {
+                let id = Id::new().map_err(nccl("unique id"))?;
+                for (b, c) in raw.iter_mut().zip(id.internal()) {
+                    *b = *c as u8;
+                }
+            }
+            bootstrap.broadcast(&mut raw, 0)?;
+            let id = Id::uninit(raw.map(|b| b as core::ffi::c_char));
+            let comm = Comm::from_rank(stream.clone(), bootstrap.rank(), bootstrap.size(), id)
+                .map_err(nccl("init"))?;
+            Ok(Self {
+                comm,
+                stream,
+                seq: AtomicU64::new(0),
+            })
+        }
+
+        /// In-place all-reduce of device memory.
+        pub fn all_reduce_device<T: NcclType + DeviceRepr>(
+            &self,
+            buf: &mut CudaSlice<T>,
+            o: ReduceOp,
+        ) -> Result<()> {
+            self.tick();
+            self.comm
+                .all_reduce_in_place(buf, &op(o))
+                .map_err(nccl("all_reduce"))?;
+            Ok(())
+        }
+
+        /// All-gather of device memory (`output` holds `size() * input.len()`).
+        pub fn all_gather_device<T: NcclType + DeviceRepr>(
+            &self,
+            input: &CudaSlice<T>,
+            output: &mut CudaSlice<T>,
+        ) -> Result<()> {
+            self.tick();
+            self.comm
+                .all_gather(input, output)
+                .map_err(nccl("all_gather"))?;
+            Ok(())
+        }
+
+        fn tick(&self) {
+            self.seq.fetch_add(1, Ordering::Relaxed);
+        }
+
+        fn up<T: DeviceRepr + Element>(&self, host: &[u8]) -> Result<CudaSlice<T>> {
+            let typed: Vec<T> = host
+                .chunks_exact(std::mem::size_of::<T>())
+                .map(bytemuck::pod_read_unaligned)
+                .collect();
+            self.stream
+                .clone_htod(&typed)
+                .map_err(cuda("copy to device"))
+        }
+
+        fn down<T: DeviceRepr + Element>(&self, dev: &CudaSlice<T>, host: &mut [u8]) -> Result<()> {
+            let typed = self.stream.clone_dtoh(dev).map_err(cuda("copy to host"))?;
+            host.copy_from_slice(bytemuck::cast_slice(&typed));
+            Ok(())
+        }
+
+        fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+            self.stream.alloc_zeros::<T>(n).map_err(cuda("alloc"))
+        }
+
+        fn reduce_typed<T: NcclType + DeviceRepr + Element>(
+            &self,
+            buf: &mut [u8],
+            o: ReduceOp,
+        ) -> Result<()> {
+            let mut dev = self.up::<T>(buf)?;
+            self.comm
+                .all_reduce_in_place(&mut dev, &op(o))
+                .map_err(nccl("all_reduce"))?;
+            self.down(&dev, buf)
+        }
+
+        fn reduce_scatter_typed<T: NcclType + DeviceRepr + Element + ValidAsZeroBits>(
+            &self,
+            input: &[u8],
+            output: &mut [u8],
+            o: ReduceOp,
+        ) -> Result<()> {
+            let send = self.up::<T>(input)?;
+            let mut recv = self.zeros::<T>(output.len() / std::mem::size_of::<T>())?;
+            self.comm
+                .reduce_scatter(&send, &mut recv, &op(o))
+                .map_err(nccl("reduce_scatter"))?;
+            self.down(&recv, output)
+        }
+    }
+
+    impl Communicator for NcclComm {
+        fn rank(&self) -> usize {
+            self.comm.rank()
+        }
+        fn size(&self) -> usize {
+            self.comm.world_size()
+        }
+        fn seq(&self) -> u64 {
+            self.seq.load(Ordering::Relaxed)
+        }
+        fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, o: ReduceOp) -> Result<()> {
+            self.tick();
+            match dtype {
+                DType::F32 => self.reduce_typed::<f32>(buf, o),
+                DType::BF16 => self.reduce_typed::<bf16>(buf, o),
+                DType::F64 => self.reduce_typed::<f64>(buf, o),
+                DType::U8 => self.reduce_typed::<u8>(buf, o),
+                DType::I64 => self.reduce_typed::<i64>(buf, o),
+            }
+        }
+        fn all_gather_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
+            self.tick();
+            let send = self.up::<u8>(input)?;
+            let mut recv = self.zeros::<u8>(output.len())?;
+            self.comm
+                .all_gather(&send, &mut recv)
+                .map_err(nccl("all_gather"))?;
+            self.down(&recv, output)
+        }
+        fn reduce_scatter_bytes(
+            &self,
+            input: &[u8],
+            output: &mut [u8],
+            dtype: DType,
+            o: ReduceOp,
+        ) -> Result<()> {
+            self.tick();
+            match dtype {
+                DType::F32 => self.reduce_scatter_typed::<f32>(input, output, o),
+                DType::BF16 => self.reduce_scatter_typed::<bf16>(input, output, o),
+                DType::F64 => self.reduce_scatter_typed::<f64>(input, output, o),
+                DType::U8 => self.reduce_scatter_typed::<u8>(input, output, o),
+                DType::I64 => self.reduce_scatter_typed::<i64>(input, output, o),
+            }
+        }
+        fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
+            self.tick();
+            let mut dev = self.up::<u8>(buf)?;
+            self.comm
+                .broadcast_in_place(&mut dev, root as i32)
+                .map_err(nccl("broadcast"))?;
+            self.down(&dev, buf)
+        }
+        fn send_bytes(&self, buf: &[u8], peer: usize) -> Result<()> {
+            let dev = self.up::<u8>(buf)?;
+            self.comm.send(&dev, peer as i32).map_err(nccl("send"))?;
+            self.stream.synchronize().map_err(cuda("sync"))
+        }
+        fn recv_bytes(&self, buf: &mut [u8], peer: usize) -> Result<()> {
+            let mut dev = self.zeros::<u8>(buf.len())?;
+            self.comm
+                .recv(&mut dev, peer as i32)
+                .map_err(nccl("recv"))?;
+            self.down(&dev, buf)
+        }
+        fn all_to_all_bytes(&self, send: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
+            // Lengths first (NCCL receives need them), then grouped send/recv pairs.
+            let n = self.size();
+            let lens: Vec<i64> = send.iter().map(|s| s.len() as i64).collect();
+            let all = self.all_gather(&lens)?;
+            self.tick();
+            let recv_lens: Vec<usize> = (0..n).map(|j| all[j * n + self.rank()] as usize).collect();
+            let sends = send
+                .iter()
+                .map(|s| self.up::<u8>(s))
+                .collect::<Result<Vec<_>>>()?;
+            let mut recvs = recv_lens
+                .iter()
+                .map(|&l| self.zeros::<u8>(l))
+                .collect::<Result<Vec<_>>>()?;
+            group_start().map_err(nccl("group"))?;
+            for (peer, (s, r)) in sends.iter().zip(recvs.iter_mut()).enumerate() {
+                if !s.is_empty() {
+                    self.comm.send(s, peer as i32).map_err(nccl("send"))?;
+                }
+                if !r.is_empty() {
+                    self.comm.recv(r, peer as i32).map_err(nccl("recv"))?;
+                }
+            }
+            group_end().map_err(nccl("group"))?;
+            recvs
+                .iter()
+                .map(|r| self.stream.clone_dtoh(r).map_err(cuda("copy to host")))
+                .collect()
+        }
+        fn barrier(&self) -> Result<()> {
+            let mut one = [0u8];
+            self.all_reduce_bytes(&mut one, DType::U8, ReduceOp::Max)
+        }
+        fn split(&self, _ranks: &[usize]) -> Result<Arc<dyn Communicator>> {
+            Err(Error::InvalidArgument(
+                "NCCL sub-groups are made from the TCP group's split (NcclComm::new on the sub-group)".into(),
+            ))
+        }
+    }
+}

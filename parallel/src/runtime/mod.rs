@@ -1,0 +1,119 @@
+//! The worker side of a launched job: who am I (rank, world, node), the data-plane group,
+//! and a progress reporter that never blocks training.
+//!
+//! `launch train` and `launch run -- PROGRAM` start one worker process per device with
+//! the torchrun variables (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`,
+//! `MASTER_ADDR`, `MASTER_PORT`) plus `TIDEMILL_*` ones (see [`env`]). [`init`] reads them,
+//! says hello to the node's agent, receives the peer table the coordinator assembled and
+//! connects the TCP data plane:
+//!
+//! ```no_run
+//! # use tidemill_parallel as parallel;
+//! use parallel::{Collectives, ReduceOp};
+//! let ctx = parallel::init().expect("launched by `launch run`");
+//! let mut x = vec![ctx.rank as f32];
+//! ctx.comm.all_reduce(&mut x, ReduceOp::Sum).expect("all_reduce");
+//! let mut reporter = ctx.reporter;
+//! reporter.step(1, x[0] as f64, 0.1, 1, serde_json::json!({}));
+//! ```
+//!
+//! Run without a launcher (no `RANK` in the environment) it returns a world of one.
+
+pub mod env;
+pub mod link;
+mod reporter;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use reporter::Reporter;
+
+use crate::comm::{Communicator, SoloComm};
+use crate::error::{Error, Result};
+use crate::tcp::{TcpComm, TcpOptions};
+
+/// One worker's place in the job.
+pub struct Context {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub local_world_size: usize,
+    pub node_rank: usize,
+    /// Incremented by the coordinator each time the job restarts.
+    pub generation: u64,
+    /// The world group on the data plane.
+    pub comm: Arc<dyn Communicator>,
+    /// Progress and events to the agent (a no-op without one).
+    pub reporter: Reporter,
+}
+
+impl Context {
+    /// A world of one, no agent.
+    pub fn solo() -> Self {
+        Self {
+            rank: 0,
+            world_size: 1,
+            local_rank: 0,
+            local_world_size: 1,
+            node_rank: 0,
+            generation: 0,
+            comm: Arc::new(SoloComm::new()),
+            reporter: Reporter::disabled(),
+        }
+    }
+}
+
+/// The rank context from the environment a launcher set; a world of one when `RANK` is
+/// not set.
+pub fn init() -> Result<Context> {
+    let Some(vars) = env::WorkerEnv::from_env()? else {
+        return Ok(Context::solo());
+    };
+    let listener = TcpListener::bind((vars.data_host.as_str(), 0)).map_err(|e| {
+        Error::Connect(format!(
+            "binding a data-plane port on {}: {e}",
+            vars.data_host
+        ))
+    })?;
+    let data_addr = listener
+        .local_addr()
+        .map_err(|e| Error::Connect(e.to_string()))?;
+    let agent = connect_agent(&vars.agent_addr, vars.connect_timeout)?;
+    let (peers, nonce, reader) = link::hello(&agent, vars.rank, data_addr, vars.connect_timeout)?;
+    if peers.len() != vars.world_size {
+        return Err(Error::Connect(format!(
+            "the agent sent {} peer addresses for a world of {}",
+            peers.len(),
+            vars.world_size
+        )));
+    }
+    let opts = TcpOptions {
+        timeout: vars.collective_timeout,
+        connect_timeout: vars.connect_timeout,
+        nonce,
+    };
+    let comm = TcpComm::connect(vars.rank, &peers, listener, opts)?;
+    let reporter = Reporter::start(agent, reader, vars.rank);
+    Ok(Context {
+        rank: vars.rank,
+        world_size: vars.world_size,
+        local_rank: vars.local_rank,
+        local_world_size: vars.local_world_size,
+        node_rank: vars.node_rank,
+        generation: vars.generation,
+        comm: Arc::new(comm),
+        reporter,
+    })
+}
+
+fn connect_agent(addr: &str, timeout: Duration) -> Result<TcpStream> {
+    let parsed: SocketAddr = addr.parse().map_err(|e| Error::Env {
+        var: env::AGENT_ADDR.into(),
+        message: format!("`{addr}`: {e}"),
+    })?;
+    let stream = TcpStream::connect_timeout(&parsed, timeout)
+        .map_err(|e| Error::Connect(format!("reaching the agent at {addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}

@@ -1,0 +1,375 @@
+//! Multi-process jobs on loopback: `launch train` with several workers and several agents
+//! gives the losses of one process; `launch run` runs a user's binary per rank; a killed
+//! or stopped worker stops the whole job with an error naming it and leaves no process.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn events(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Rank 0's loss at each step, in step order.
+fn losses(run: &Path) -> Vec<f64> {
+    let mut steps: Vec<(u64, f64)> = events(run)
+        .iter()
+        .filter(|e| e["event"] == "step" && e["rank"] == 0)
+        .map(|e| {
+            (
+                e["step"].as_u64().expect("step"),
+                e["loss"].as_f64().expect("loss"),
+            )
+        })
+        .collect();
+    steps.sort_by_key(|s| s.0);
+    steps.into_iter().map(|s| s.1).collect()
+}
+
+fn write_job(dir: &Path, lora: bool, steps: u64) -> PathBuf {
+    let data = fixtures().join("data");
+    let mut body = format!(
+        "[job]\nname = \"dp\"\nrun_dir = \"{run}\"\n[model]\npath = \"{model}\"\n[data]\ntrain = \"{train}\"\nmax_seq_len = 64\npacking = false\n\
+         [training]\nmax_steps = {steps}\nglobal_batch = 8\nmicro_batch = 1\nlr = 1e-2\nseed = 3\nwarmup_steps = 2\n",
+        run = dir.join("run").display(),
+        model = model_dir("llama2").display(),
+        train = data.join("train_tokens.jsonl").display(),
+    );
+    if lora {
+        body.push_str(
+            "[lora]\nr = 4\nalpha = 8\ntargets = [\"q_proj\", \"v_proj\", \"down_proj\"]\n",
+        );
+    }
+    let path = dir.join("job.toml");
+    std::fs::write(&path, body).expect("job");
+    path
+}
+
+fn launch_cmd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_launch"));
+    c.env("RUST_LOG", "warn").env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Train `job` with `nproc` workers on each of `nnodes` agents; return rank 0's losses.
+fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64> {
+    let run = job.parent().expect("dir").join("run");
+    let _ = std::fs::remove_dir_all(&run);
+    let rdzv = format!("127.0.0.1:{}", free_port());
+    let children: Vec<Child> = (0..nnodes)
+        .map(|node| {
+            let mut c = launch_cmd();
+            c.arg("train")
+                .arg(job)
+                .args(["--nproc-per-node", &nproc.to_string()]);
+            if nnodes > 1 {
+                c.args([
+                    "--nnodes",
+                    &nnodes.to_string(),
+                    "--node-rank",
+                    &node.to_string(),
+                    "--rdzv",
+                    &rdzv,
+                ]);
+            }
+            for s in sets {
+                c.args(["--set", s]);
+            }
+            c.stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("launch starts")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("launch ends");
+        assert!(
+            out.status.success(),
+            "{nnodes}×{nproc}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ev = events(&run);
+    let world = nnodes * nproc;
+    for rank in 0..world {
+        let steps = ev
+            .iter()
+            .filter(|e| e["event"] == "step" && e["rank"] == rank as u64)
+            .count();
+        assert!(
+            steps > 0 && ev.iter().any(|e| e["step_time"].is_number()),
+            "rank {rank} reported its steps"
+        );
+    }
+    losses(&run)
+}
+
+fn assert_same(reference: &[f64], got: &[f64], what: &str) {
+    assert_eq!(reference.len(), got.len(), "{what}: step count");
+    for (i, (a, b)) in reference.iter().zip(got).enumerate() {
+        assert!(
+            rel_diff(*b, *a) < 1e-5,
+            "{what}: step {} loss {b} vs one process {a}",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn data_parallel_gives_the_losses_of_one_process() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for lora in [true, false] {
+        let job = write_job(tmp.path(), lora, 10);
+        let mode = if lora { "lora" } else { "full" };
+        let one = train(&job, 1, 1, &[]);
+        assert_eq!(one.len(), 10);
+        assert!(one[9] < one[0], "{mode}: training lowers the loss: {one:?}");
+        assert_same(&one, &train(&job, 1, 2, &[]), &format!("{mode} dp2"));
+        assert_same(
+            &one,
+            &train(&job, 1, 4, &[]),
+            &format!("{mode} dp4, one agent"),
+        );
+        assert_same(
+            &one,
+            &train(&job, 2, 2, &[]),
+            &format!("{mode} dp4, two agents"),
+        );
+        assert_same(
+            &one,
+            &train(&job, 1, 2, &["parallel.zero1=true"]),
+            &format!("{mode} dp2 ZeRO-1"),
+        );
+    }
+}
+
+#[test]
+fn launch_run_starts_a_user_binary_per_rank() {
+    let exe = Path::new(env!("CARGO_BIN_EXE_launch"))
+        .parent()
+        .expect("target dir")
+        .join("examples/dp_custom");
+    assert!(
+        exe.exists(),
+        "cargo test builds examples: {}",
+        exe.display()
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("assets/quickstart/model");
+    let data = root.join("assets/quickstart/data/train.jsonl");
+    let args = [
+        model.to_str().expect("utf8"),
+        data.to_str().expect("utf8"),
+        "3",
+    ];
+    let step_lines = |out: &std::process::Output| -> Vec<f64> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("step ")?
+                    .split(" loss ")
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    // Alone (no launcher: a world of one) ...
+    let solo = Command::new(&exe)
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("example runs");
+    assert!(
+        solo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&solo.stderr)
+    );
+    // ... and as two ranks through `launch run`.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let out = launch_cmd()
+        .args([
+            "run",
+            "--nproc-per-node",
+            "2",
+            "--run-dir",
+            run.to_str().expect("utf8"),
+            "--",
+        ])
+        .arg(&exe)
+        .args(args)
+        .output()
+        .expect("launch run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (one, two) = (step_lines(&solo), step_lines(&out));
+    assert_eq!(one.len(), 3, "{}", String::from_utf8_lossy(&solo.stdout));
+    assert_same(&one, &two, "dp_custom under launch run");
+    let ev = events(&run);
+    for rank in [0u64, 1] {
+        assert!(
+            ev.iter()
+                .any(|e| e["event"] == "spawn" && e["rank"] == rank),
+            "spawn of rank {rank}"
+        );
+        assert!(
+            ev.iter().any(|e| e["event"] == "step" && e["rank"] == rank),
+            "steps of rank {rank}"
+        );
+    }
+}
+
+/// Start a long job with two workers; return it with the pids of its workers once both
+/// have taken a step.
+fn start_long_job(dir: &Path, sets: &[&str]) -> (Child, Vec<u32>, PathBuf) {
+    let job = write_job(dir, true, 1_000_000);
+    let run = dir.join("run");
+    let mut c = launch_cmd();
+    c.arg("train").arg(&job).args(["--nproc-per-node", "2"]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launch starts");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ev = events(&run);
+        let stepped = |r: u64| {
+            ev.iter()
+                .any(|e| e["event"] == "step" && e["rank"] == r && e["step"].as_u64() >= Some(2))
+        };
+        if stepped(0) && stepped(1) {
+            let mut pids: Vec<(u64, u32)> = ev
+                .iter()
+                .filter(|e| e["event"] == "spawn")
+                .map(|e| {
+                    (
+                        e["rank"].as_u64().expect("rank"),
+                        e["pid"].as_u64().expect("pid") as u32,
+                    )
+                })
+                .collect();
+            pids.sort();
+            return (child, pids.into_iter().map(|p| p.1).collect(), run);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the job never got going: {ev:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is gone for our purposes; `kill -0` would still succeed on it.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .unwrap_or(false)
+}
+
+fn wait_exit(mut child: Child, limit: Duration) -> (std::process::ExitStatus, String, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            return (status, err, start.elapsed());
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("launch did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_worker_stops_the_job_and_is_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (child, pids, run) = start_long_job(tmp.path(), &[]);
+    signal(pids[1], "-KILL");
+    let (status, err, took) = wait_exit(child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("rank 1") && err.contains("SIGKILL"), "{err}");
+    assert!(took < Duration::from_secs(10));
+    let ev = events(&run);
+    let fault = ev
+        .iter()
+        .find(|e| e["event"] == "fault")
+        .expect("a fault event");
+    assert_eq!(fault["fault_rank"], 1, "{fault}");
+    assert!(
+        fault["reason"].as_str().expect("reason").contains("rank 1"),
+        "{fault}"
+    );
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} outlived the job");
+    }
+}
+
+#[test]
+fn a_stopped_peer_fails_the_others_within_the_deadline() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (child, pids, run) = start_long_job(tmp.path(), &["launch.collective_timeout_s=2"]);
+    signal(pids[1], "-STOP");
+    let stopped = Instant::now();
+    let (status, err, _) = wait_exit(child, Duration::from_secs(30));
+    let took = stopped.elapsed();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("rank 1 did not answer within 2"), "{err}");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(12),
+        "{took:?}"
+    );
+    let ev = events(&run);
+    let fault = ev
+        .iter()
+        .find(|e| e["event"] == "fault")
+        .expect("a fault event");
+    assert!(
+        fault["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("rank 1 did not answer"),
+        "{fault}"
+    );
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} outlived the job");
+    }
+}
