@@ -7,8 +7,10 @@
 //! Without the `cuda` feature the type exists and [`NcclComm::new`] returns
 //! [`Error::NotCompiledWith`].
 
+#[cfg(not(feature = "cuda"))]
 use std::sync::Arc;
 
+#[cfg(not(feature = "cuda"))]
 use crate::comm::Communicator;
 #[cfg(feature = "cuda")]
 pub use imp::NcclComm;
@@ -28,7 +30,7 @@ impl NcclComm {
 #[cfg(feature = "cuda")]
 mod imp {
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex, MutexGuard};
 
     use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
     use cudarc::nccl::safe::{group_end, group_start, Comm, Id, NcclType, ReduceOp as NcclOp};
@@ -39,12 +41,20 @@ mod imp {
 
     /// One rank's NCCL communicator on one GPU.
     pub struct NcclComm {
-        comm: Comm,
+        comm: Mutex<OwnedComm>,
+        rank: usize,
+        size: usize,
         stream: Arc<CudaStream>,
         seq: AtomicU64,
     }
 
-    // SAFETY-free: cudarc's Comm is Send; calls are serialised by the caller's SPMD order.
+    /// cudarc's `Comm` holds a raw `ncclComm_t`, so it is neither Send nor Sync.
+    struct OwnedComm(Comm);
+
+    // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are
+    // not concurrent (NCCL's thread-safety rules); the Mutex around it serialises them.
+    #[allow(unsafe_code)]
+    unsafe impl Send for OwnedComm {}
     fn nccl(op: &'static str) -> impl Fn(cudarc::nccl::result::NcclError) -> Error {
         move |e| Error::Connect(format!("NCCL {op}: {e:?}"))
     }
@@ -78,7 +88,9 @@ mod imp {
             let comm = Comm::from_rank(stream.clone(), bootstrap.rank(), bootstrap.size(), id)
                 .map_err(nccl("init"))?;
             Ok(Self {
-                comm,
+                comm: Mutex::new(OwnedComm(comm)),
+                rank: bootstrap.rank(),
+                size: bootstrap.size(),
                 stream,
                 seq: AtomicU64::new(0),
             })
@@ -91,7 +103,8 @@ mod imp {
             o: ReduceOp,
         ) -> Result<()> {
             self.tick();
-            self.comm
+            self.comm()
+                .0
                 .all_reduce_in_place(buf, &op(o))
                 .map_err(nccl("all_reduce"))?;
             Ok(())
@@ -104,10 +117,17 @@ mod imp {
             output: &mut CudaSlice<T>,
         ) -> Result<()> {
             self.tick();
-            self.comm
+            self.comm()
+                .0
                 .all_gather(input, output)
                 .map_err(nccl("all_gather"))?;
             Ok(())
+        }
+
+        fn comm(&self) -> MutexGuard<'_, OwnedComm> {
+            self.comm
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
         }
 
         fn tick(&self) {
@@ -140,7 +160,8 @@ mod imp {
             o: ReduceOp,
         ) -> Result<()> {
             let mut dev = self.up::<T>(buf)?;
-            self.comm
+            self.comm()
+                .0
                 .all_reduce_in_place(&mut dev, &op(o))
                 .map_err(nccl("all_reduce"))?;
             self.down(&dev, buf)
@@ -154,7 +175,8 @@ mod imp {
         ) -> Result<()> {
             let send = self.up::<T>(input)?;
             let mut recv = self.zeros::<T>(output.len() / std::mem::size_of::<T>())?;
-            self.comm
+            self.comm()
+                .0
                 .reduce_scatter(&send, &mut recv, &op(o))
                 .map_err(nccl("reduce_scatter"))?;
             self.down(&recv, output)
@@ -163,10 +185,10 @@ mod imp {
 
     impl Communicator for NcclComm {
         fn rank(&self) -> usize {
-            self.comm.rank()
+            self.rank
         }
         fn size(&self) -> usize {
-            self.comm.world_size()
+            self.size
         }
         fn seq(&self) -> u64 {
             self.seq.load(Ordering::Relaxed)
@@ -185,7 +207,8 @@ mod imp {
             self.tick();
             let send = self.up::<u8>(input)?;
             let mut recv = self.zeros::<u8>(output.len())?;
-            self.comm
+            self.comm()
+                .0
                 .all_gather(&send, &mut recv)
                 .map_err(nccl("all_gather"))?;
             self.down(&recv, output)
@@ -209,19 +232,24 @@ mod imp {
         fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
             self.tick();
             let mut dev = self.up::<u8>(buf)?;
-            self.comm
+            self.comm()
+                .0
                 .broadcast_in_place(&mut dev, root as i32)
                 .map_err(nccl("broadcast"))?;
             self.down(&dev, buf)
         }
         fn send_bytes(&self, buf: &[u8], peer: usize) -> Result<()> {
             let dev = self.up::<u8>(buf)?;
-            self.comm.send(&dev, peer as i32).map_err(nccl("send"))?;
+            self.comm()
+                .0
+                .send(&dev, peer as i32)
+                .map_err(nccl("send"))?;
             self.stream.synchronize().map_err(cuda("sync"))
         }
         fn recv_bytes(&self, buf: &mut [u8], peer: usize) -> Result<()> {
             let mut dev = self.zeros::<u8>(buf.len())?;
-            self.comm
+            self.comm()
+                .0
                 .recv(&mut dev, peer as i32)
                 .map_err(nccl("recv"))?;
             self.down(&dev, buf)
@@ -241,16 +269,18 @@ mod imp {
                 .iter()
                 .map(|&l| self.zeros::<u8>(l))
                 .collect::<Result<Vec<_>>>()?;
+            let comm = self.comm();
             group_start().map_err(nccl("group"))?;
             for (peer, (s, r)) in sends.iter().zip(recvs.iter_mut()).enumerate() {
                 if !s.is_empty() {
-                    self.comm.send(s, peer as i32).map_err(nccl("send"))?;
+                    comm.0.send(s, peer as i32).map_err(nccl("send"))?;
                 }
                 if !r.is_empty() {
-                    self.comm.recv(r, peer as i32).map_err(nccl("recv"))?;
+                    comm.0.recv(r, peer as i32).map_err(nccl("recv"))?;
                 }
             }
             group_end().map_err(nccl("group"))?;
+            drop(comm);
             recvs
                 .iter()
                 .map(|r| self.stream.clone_dtoh(r).map_err(cuda("copy to host")))
