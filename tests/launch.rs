@@ -120,6 +120,16 @@ fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64> {
     losses(&run)
 }
 
+/// Elements of optimizer state `rank` held after its first step in the last run of `job`.
+fn optimizer_state(job: &Path, rank: u64) -> u64 {
+    let run = job.parent().expect("dir").join("run");
+    events(&run)
+        .iter()
+        .find(|e| e["event"] == "step" && e["rank"] == rank && e["step"] == 1)
+        .and_then(|e| e["optimizer_state_elems"].as_u64())
+        .expect("a step event with optimizer_state_elems")
+}
+
 fn assert_same(reference: &[f64], got: &[f64], what: &str) {
     assert_eq!(reference.len(), got.len(), "{what}: step count");
     for (i, (a, b)) in reference.iter().zip(got).enumerate() {
@@ -151,10 +161,23 @@ fn data_parallel_gives_the_losses_of_one_process() {
             &train(&job, 2, 2, &[]),
             &format!("{mode} dp4, two agents"),
         );
+        // Without ZeRO-1 every rank holds AdamW state for the whole trainable model.
+        let full_state = optimizer_state(&job, 0);
         assert_same(
             &one,
             &train(&job, 1, 2, &["parallel.zero1=true"]),
             &format!("{mode} dp2 ZeRO-1"),
+        );
+        // With it each rank holds its share only, and the shares add up.
+        let shares = [optimizer_state(&job, 0), optimizer_state(&job, 1)];
+        assert_eq!(
+            shares[0] + shares[1],
+            full_state,
+            "{mode}: ZeRO-1 shares {shares:?} of {full_state}"
+        );
+        assert!(
+            shares.iter().all(|&s| s > 0 && s * 4 <= full_state * 3),
+            "{mode}: unbalanced ZeRO-1 shares {shares:?} of {full_state}"
         );
     }
 }

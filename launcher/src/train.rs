@@ -216,7 +216,8 @@ pub fn run_on<B: Backend>(
         last_loss = s.loss;
         let tokens_per_s = s.tokens as f64 / s.seconds.max(1e-9);
         let extra = json!({"lr": s.lr, "tokens_per_s": tokens_per_s, "grad_norm": s.grad_norm,
-                           "tokens": s.tokens, "supervised_tokens": s.supervised_tokens});
+                           "tokens": s.tokens, "supervised_tokens": s.supervised_tokens,
+                           "optimizer_state_elems": trainer.optimizer_state_elems()});
         events.step(&s, trainer.collective_seq(), extra)?;
         if let Some(rows) = eval_rows.as_ref().filter(|_| lead) {
             if t.eval_every > 0 && s.step % t.eval_every == 0 && s.step < t.max_steps {

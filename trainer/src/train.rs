@@ -137,6 +137,19 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(self)
     }
 
+    /// Elements of the trainable parameters this rank keeps optimizer state for (AdamW
+    /// holds two moments of each): the whole trainable model, or this rank's share under
+    /// ZeRO-1. 0 before the first step.
+    pub fn optimizer_state_elems(&self) -> usize {
+        use burn::optim::Optimizer as _;
+        let held = self.optim.to_record();
+        parallel::dp::params_by_path(self.model())
+            .iter()
+            .filter(|p| held.contains_key(&p.id))
+            .map(parallel::dp::ParamInfo::numel)
+            .sum()
+    }
+
     /// Collectives issued so far on the data-parallel group (0 without one).
     pub fn collective_seq(&self) -> u64 {
         self.dp.as_ref().map_or(0, |dp| dp.comm().seq())
