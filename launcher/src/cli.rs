@@ -175,11 +175,18 @@ pub fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+    // A worker says which rank it is: several write to the same terminal.
+    let who = match (&cli.command, std::env::var(parallel::runtime::env::RANK)) {
+        (Command::Worker { .. }, Ok(rank)) => format!("rank {rank}: "),
+        _ => String::new(),
+    };
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = e.exit_code();
-            eprintln!("error: {:#}", anyhow::Error::from(e));
+            // One write, so lines of workers failing together do not interleave.
+            let line = format!("error: {who}{}\n", crate::error::chain(&e));
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             ExitCode::from(code)
         }
     }

@@ -80,7 +80,8 @@ pub fn require_exists(key: &str, path: &std::path::Path) -> Result<()> {
     require_path(key, path, false)
 }
 
-/// An error and its sources on one line, `a: b: c` (what `{:#}` of anyhow prints).
+/// An error and its sources on one line, `a: b: c`, skipping a source the message already
+/// ends with (several of our errors print their source inline).
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
