@@ -19,7 +19,7 @@ fn events(run: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// Rank 0's loss at each step, in step order.
+/// Rank 0's loss at each step (and then the eval losses), in order.
 fn losses(run: &Path) -> Vec<f64> {
     let mut steps: Vec<(u64, f64)> = events(run)
         .iter()
@@ -32,17 +32,22 @@ fn losses(run: &Path) -> Vec<f64> {
         })
         .collect();
     steps.sort_by_key(|s| s.0);
-    steps.into_iter().map(|s| s.1).collect()
+    let evals = events(run)
+        .into_iter()
+        .filter(|e| e["event"] == "eval")
+        .map(|e| e["loss"].as_f64().expect("loss"));
+    steps.into_iter().map(|s| s.1).chain(evals).collect()
 }
 
 fn write_job(dir: &Path, lora: bool, steps: u64) -> PathBuf {
     let data = fixtures().join("data");
     let mut body = format!(
-        "[job]\nname = \"dp\"\nrun_dir = \"{run}\"\n[model]\npath = \"{model}\"\n[data]\ntrain = \"{train}\"\nmax_seq_len = 64\npacking = false\n\
-         [training]\nmax_steps = {steps}\nglobal_batch = 8\nmicro_batch = 1\nlr = 1e-2\nseed = 3\nwarmup_steps = 2\n",
+        "[job]\nname = \"dp\"\nrun_dir = \"{run}\"\n[model]\npath = \"{model}\"\n[data]\ntrain = \"{train}\"\neval = \"{eval}\"\nmax_seq_len = 64\npacking = false\n\
+         [training]\nmax_steps = {steps}\nglobal_batch = 8\nmicro_batch = 1\nlr = 1e-2\nseed = 3\nwarmup_steps = 2\neval_every = 5\n",
         run = dir.join("run").display(),
         model = model_dir("llama2").display(),
         train = data.join("train_tokens.jsonl").display(),
+        eval = data.join("eval_tokens.jsonl").display(),
     );
     if lora {
         body.push_str(
@@ -148,8 +153,13 @@ fn data_parallel_gives_the_losses_of_one_process() {
         let job = write_job(tmp.path(), lora, 10);
         let mode = if lora { "lora" } else { "full" };
         let one = train(&job, 1, 1, &[]);
-        assert_eq!(one.len(), 10);
+        // 10 steps, then the evals (every rank evaluates a share) after steps 5 and 10.
+        assert_eq!(one.len(), 12);
         assert!(one[9] < one[0], "{mode}: training lowers the loss: {one:?}");
+        assert!(
+            one[10] > 0.0 && one[11] > 0.0,
+            "{mode}: eval losses {one:?}"
+        );
         assert_same(&one, &train(&job, 1, 2, &[]), &format!("{mode} dp2"));
         assert_same(
             &one,

@@ -143,9 +143,10 @@ impl LaunchSection {
             ("heartbeat_timeout_s", self.heartbeat_timeout_s),
             ("rdzv_timeout_s", self.rdzv_timeout_s),
         ] {
-            if !(v.is_finite() && v > 0.0) {
+            if !(v.is_finite() && v > 0.0 && v <= parallel::runtime::env::MAX_SECONDS) {
                 return Err(format!(
-                    "launch.{key}: {v} must be a positive number of seconds"
+                    "launch.{key}: {v} must be a positive number of seconds, at most {}",
+                    parallel::runtime::env::MAX_SECONDS
                 ));
             }
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use parallel::dp::DataParallel;
-use parallel::{Context, Reporter};
+use parallel::{Collectives, Context, ReduceOp, Reporter};
 use serde_json::{json, Value};
 use trainer::data::Row;
 use trainer::{AdamWOptions, Schedule, ScheduleKind, StepStats, TrainOptions, Trainer};
@@ -219,18 +219,18 @@ pub fn run_on<B: Backend>(
                            "tokens": s.tokens, "supervised_tokens": s.supervised_tokens,
                            "optimizer_state_elems": trainer.optimizer_state_elems()});
         events.step(&s, trainer.collective_seq(), extra)?;
-        if let Some(rows) = eval_rows.as_ref().filter(|_| lead) {
+        if let Some(rows) = &eval_rows {
             if t.eval_every > 0 && s.step % t.eval_every == 0 && s.step < t.max_steps {
-                evaluate(&trainer, rows, t.micro_batch, events)?;
+                evaluate(&trainer, rows, t.micro_batch, ctx, events)?;
             }
         }
     }
-    if !lead {
-        return Ok(());
-    }
     if let Some(rows) = &eval_rows {
         events.phase("eval");
-        evaluate(&trainer, rows, t.micro_batch, events)?;
+        evaluate(&trainer, rows, t.micro_batch, ctx, events)?;
+    }
+    if !lead {
+        return Ok(());
     }
 
     events.phase("export");
@@ -255,23 +255,36 @@ pub fn run_on<B: Backend>(
     )
 }
 
+/// Every rank evaluates its contiguous share of `rows`; the sums are all-reduced, so the
+/// result is the whole set's mean token loss (rank 0 logs it).
 fn evaluate<B: burn::tensor::backend::AutodiffBackend>(
     trainer: &Trainer<B>,
     rows: &[Row],
     micro_batch: usize,
+    ctx: &Context,
     events: &mut dyn EventSink,
 ) -> Result<()> {
-    let r = trainer::evaluate_trained(trainer.model(), rows, micro_batch)?;
-    tracing::info!(
-        step = trainer.steps_done(),
-        loss = format!("{:.4}", r.loss),
-        tokens = r.tokens,
-        "eval"
-    );
-    events.event(
-        "eval",
-        json!({"step": trainer.steps_done(), "loss": r.loss, "tokens": r.tokens}),
-    )
+    let (rank, world) = (ctx.rank, ctx.world_size);
+    let share = |r: usize| r * rows.len() / world;
+    let mine = &rows[share(rank)..share(rank + 1)];
+    let r = trainer::evaluate_trained(trainer.model(), mine, micro_batch)?;
+    let mut sums = [r.loss * r.tokens as f64, r.tokens as f64];
+    ctx.comm.all_reduce(&mut sums, ReduceOp::Sum)?;
+    let tokens = sums[1] as usize;
+    let loss = if tokens == 0 { 0.0 } else { sums[0] / sums[1] };
+    if rank == 0 {
+        tracing::info!(
+            step = trainer.steps_done(),
+            loss = format!("{loss:.4}"),
+            tokens,
+            "eval"
+        );
+        events.event(
+            "eval",
+            json!({"step": trainer.steps_done(), "loss": loss, "tokens": tokens}),
+        )?;
+    }
+    Ok(())
 }
 
 pub fn export_dtype(name: &str) -> checkpoint::DType {

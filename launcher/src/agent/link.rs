@@ -18,6 +18,8 @@ pub enum LinkMsg {
     Report(String),
     /// A worker's last words before exiting non-zero.
     Error { rank: usize, message: String },
+    /// A worker closed its link: everything it sent has been read.
+    Closed { rank: usize },
 }
 
 /// Accept worker connections forever, each read by its own task.
@@ -32,16 +34,20 @@ async fn read_worker(stream: TcpStream, tx: UnboundedSender<LinkMsg>) {
     let (read, write) = stream.into_split();
     let mut writer = Some(write);
     let mut lines = BufReader::new(read).lines();
+    let mut hello_rank = None;
     while let Ok(Some(line)) = lines.next_line().await {
         let msg = match serde_json::from_str::<ToAgent>(&line) {
             Ok(ToAgent::Hello {
                 rank, data_addr, ..
             }) => match writer.take() {
-                Some(writer) => LinkMsg::Hello {
-                    rank,
-                    data_addr,
-                    writer,
-                },
+                Some(writer) => {
+                    hello_rank = Some(rank);
+                    LinkMsg::Hello {
+                        rank,
+                        data_addr,
+                        writer,
+                    }
+                }
                 None => continue,
             },
             Ok(ToAgent::Error { rank, message }) => {
@@ -57,6 +63,9 @@ async fn read_worker(stream: TcpStream, tx: UnboundedSender<LinkMsg>) {
         if tx.send(msg).is_err() {
             return;
         }
+    }
+    if let Some(rank) = hello_rank {
+        let _ = tx.send(LinkMsg::Closed { rank });
     }
 }
 

@@ -265,7 +265,28 @@ fn drain_links(
             LinkMsg::Error { rank, message } => {
                 errors.insert(rank, message);
             }
-            LinkMsg::Hello { .. } => {}
+            LinkMsg::Hello { .. } | LinkMsg::Closed { .. } => {}
+        }
+    }
+}
+
+/// After every worker exited cleanly: read what they sent until each link closed (rank 0's
+/// last events, e.g. `done`, may still be in flight), at most `limit`.
+async fn read_to_close(
+    link_rx: &mut UnboundedReceiver<LinkMsg>,
+    reports: &mut Vec<String>,
+    mut open: std::collections::BTreeSet<usize>,
+    limit: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !open.is_empty() {
+        match tokio::time::timeout_at(deadline, link_rx.recv()).await {
+            Ok(Some(LinkMsg::Report(line))) => reports.push(line),
+            Ok(Some(LinkMsg::Closed { rank })) => {
+                open.remove(&rank);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return,
         }
     }
 }
@@ -334,12 +355,15 @@ async fn supervise(
     let first = workers.first().map_or(0, |w| w.rank);
     let mut hellos: BTreeMap<usize, (String, tokio::net::tcp::OwnedWriteHalf)> = BTreeMap::new();
     let mut errors: BTreeMap<usize, String> = BTreeMap::new();
+    let mut closed = std::collections::BTreeSet::new();
     let (peers_tx, mut peers_rx) =
         unbounded_channel::<std::result::Result<Vec<String>, tonic::Status>>();
     let mut peers_sent = false;
     let mut heartbeat = tokio::time::interval(BEAT);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| launch_err("signal handler")(e.to_string()))?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let handler = |e: std::io::Error| launch_err("signal handler")(e.to_string());
+    let mut terminate = signal(SignalKind::terminate()).map_err(handler)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(handler)?;
     let mut silent_since: Option<tokio::time::Instant> = None;
     let heartbeat_timeout = Duration::from_secs_f64(plan.launch.heartbeat_timeout_s);
     loop {
@@ -362,6 +386,7 @@ async fn supervise(
                 }
                 LinkMsg::Report(line) => reports.push(line),
                 LinkMsg::Error { rank, message } => { errors.insert(rank, message); }
+                LinkMsg::Closed { rank } => { closed.insert(rank); }
             },
             Some(table) = peers_rx.recv() => {
                 let table = table.map_err(status("peer exchange"))?;
@@ -376,6 +401,8 @@ async fn supervise(
                 let (code, signal) = code_and_signal(&status);
                 if code == 0 {
                     if workers.iter().all(|w| !w.running) {
+                        let open = hellos.keys().copied().filter(|r| !closed.contains(r)).collect();
+                        read_to_close(link_rx, reports, open, Duration::from_secs(5)).await;
                         return Ok(());
                     }
                     continue;
@@ -433,7 +460,7 @@ async fn supervise(
                     }
                 }
             },
-            _ = tokio::signal::ctrl_c() => return Err(Error::JobStopped("interrupted (SIGINT)".into())),
+            _ = interrupt.recv() => return Err(Error::JobStopped("interrupted (SIGINT)".into())),
             _ = terminate.recv() => return Err(Error::JobStopped("terminated (SIGTERM)".into())),
         }
     }

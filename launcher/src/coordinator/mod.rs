@@ -81,6 +81,8 @@ impl Coordinator {
         match &decision {
             Decision::Stop(fault) if !inner.fault_logged => {
                 inner.fault_logged = true;
+                // A lost node becomes the job's fault too: waiting RPCs abort on it.
+                inner.state.fault.get_or_insert_with(|| fault.clone());
                 inner.display.abandon();
                 let fields =
                     json!({"node": fault.node, "fault_rank": fault.rank, "reason": fault.reason});

@@ -143,6 +143,12 @@ impl JobState {
                 last_seen: now,
             },
         );
+        // Agents do not beat while they wait for the others: the clocks start together.
+        if self.all_joined() {
+            for n in self.nodes.values_mut() {
+                n.last_seen = now;
+            }
+        }
         Ok(())
     }
 
@@ -198,6 +204,10 @@ pub fn decide(now: Instant, state: &JobState, policy: &Policy) -> Decision {
     }
     if state.all_joined() && state.done.len() == state.nnodes {
         return Decision::Finished;
+    }
+    // Nobody beats during the rendezvous (its own timeout covers a node that never comes).
+    if !state.all_joined() {
+        return Decision::Continue;
     }
     for (&rank, node) in &state.nodes {
         let silent = now.saturating_duration_since(node.last_seen);
@@ -296,6 +306,23 @@ mod tests {
         };
         assert_eq!(s.worker_exit(&after), None);
         assert_eq!(decide(t0, &s, &policy()), Decision::Stop(fault));
+    }
+
+    #[test]
+    fn a_late_joiner_does_not_make_the_early_ones_lost() {
+        let t0 = Instant::now();
+        let mut s = JobState::new(2);
+        s.join(t0, 0, 2, 1, "a").expect("join");
+        assert_eq!(
+            decide(t0 + Duration::from_secs(60), &s, &policy()),
+            Decision::Continue
+        );
+        s.join(t0 + Duration::from_secs(60), 1, 2, 1, "b")
+            .expect("join");
+        assert_eq!(
+            decide(t0 + Duration::from_secs(65), &s, &policy()),
+            Decision::Continue
+        );
     }
 
     #[test]

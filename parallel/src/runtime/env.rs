@@ -26,6 +26,9 @@ pub const DATA_HOST: &str = "TIDEMILL_DATA_HOST";
 pub const COLLECTIVE_TIMEOUT_S: &str = "TIDEMILL_COLLECTIVE_TIMEOUT_S";
 pub const CONNECT_TIMEOUT_S: &str = "TIDEMILL_CONNECT_TIMEOUT_S";
 
+/// The longest timeout accepted (about four months): larger ones overflow clock arithmetic.
+pub const MAX_SECONDS: f64 = 1e7;
+
 /// Everything a worker reads from its environment.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorkerEnv {
@@ -73,10 +76,14 @@ impl WorkerEnv {
             match get(var) {
                 None => Ok(Duration::from_secs_f64(default)),
                 Some(v) => match v.trim().parse::<f64>() {
-                    Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+                    Ok(s) if s.is_finite() && s > 0.0 && s <= MAX_SECONDS => {
+                        Ok(Duration::from_secs_f64(s))
+                    }
                     _ => Err(Error::Env {
                         var: var.into(),
-                        message: format!("`{v}`: expected a positive number of seconds"),
+                        message: format!(
+                            "`{v}`: expected a positive number of seconds, at most {MAX_SECONDS}"
+                        ),
                     }),
                 },
             }

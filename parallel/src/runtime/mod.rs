@@ -80,20 +80,35 @@ pub fn init() -> Result<Context> {
         .local_addr()
         .map_err(|e| Error::Connect(e.to_string()))?;
     let agent = connect_agent(&vars.agent_addr, vars.connect_timeout)?;
-    let (peers, nonce, reader) = link::hello(&agent, vars.rank, data_addr, vars.connect_timeout)?;
-    if peers.len() != vars.world_size {
-        return Err(Error::Connect(format!(
-            "the agent sent {} peer addresses for a world of {}",
-            peers.len(),
-            vars.world_size
-        )));
-    }
-    let opts = TcpOptions {
-        timeout: vars.collective_timeout,
-        connect_timeout: vars.connect_timeout,
-        nonce,
+    let connected = link::hello(&agent, vars.rank, data_addr, vars.connect_timeout).and_then(
+        |(peers, nonce, reader)| {
+            if peers.len() != vars.world_size {
+                return Err(Error::Connect(format!(
+                    "the agent sent {} peer addresses for a world of {}",
+                    peers.len(),
+                    vars.world_size
+                )));
+            }
+            let opts = TcpOptions {
+                timeout: vars.collective_timeout,
+                connect_timeout: vars.connect_timeout,
+                nonce,
+            };
+            Ok((TcpComm::connect(vars.rank, &peers, listener, opts)?, reader))
+        },
+    );
+    let (comm, reader) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            // Tell the agent why, so the job's fault says more than an exit status.
+            let why = link::ToAgent::Error {
+                rank: vars.rank,
+                message: e.to_string(),
+            };
+            let _ = link::write_line(&agent, &why);
+            return Err(e);
+        }
     };
-    let comm = TcpComm::connect(vars.rank, &peers, listener, opts)?;
     let reporter = Reporter::start(agent, reader, vars.rank);
     Ok(Context {
         rank: vars.rank,
