@@ -195,6 +195,9 @@ mod imp {
         }
         fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, o: ReduceOp) -> Result<()> {
             self.tick();
+            if buf.is_empty() {
+                return Ok(()); // CUDA refuses zero-byte allocations; nothing to move
+            }
             match dtype {
                 DType::F32 => self.reduce_typed::<f32>(buf, o),
                 DType::BF16 => self.reduce_typed::<bf16>(buf, o),
@@ -205,6 +208,9 @@ mod imp {
         }
         fn all_gather_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
             self.tick();
+            if input.is_empty() {
+                return Ok(()); // CUDA refuses zero-byte allocations; nothing to move
+            }
             let send = self.up::<u8>(input)?;
             let mut recv = self.zeros::<u8>(output.len())?;
             self.comm()
@@ -221,6 +227,9 @@ mod imp {
             o: ReduceOp,
         ) -> Result<()> {
             self.tick();
+            if output.is_empty() {
+                return Ok(());
+            }
             match dtype {
                 DType::F32 => self.reduce_scatter_typed::<f32>(input, output, o),
                 DType::BF16 => self.reduce_scatter_typed::<bf16>(input, output, o),
@@ -231,6 +240,9 @@ mod imp {
         }
         fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
             self.tick();
+            if buf.is_empty() {
+                return Ok(()); // CUDA refuses zero-byte allocations; nothing to move
+            }
             let mut dev = self.up::<u8>(buf)?;
             self.comm()
                 .0
@@ -261,29 +273,43 @@ mod imp {
             let all = self.all_gather(&lens)?;
             self.tick();
             let recv_lens: Vec<usize> = (0..n).map(|j| all[j * n + self.rank()] as usize).collect();
+            // CUDA refuses zero-byte allocations: empty slots move nothing.
             let sends = send
                 .iter()
-                .map(|s| self.up::<u8>(s))
+                .map(|s| (!s.is_empty()).then(|| self.up::<u8>(s)).transpose())
                 .collect::<Result<Vec<_>>>()?;
             let mut recvs = recv_lens
                 .iter()
-                .map(|&l| self.zeros::<u8>(l))
+                .map(|&l| (l > 0).then(|| self.zeros::<u8>(l)).transpose())
                 .collect::<Result<Vec<_>>>()?;
             let comm = self.comm();
             group_start().map_err(nccl("group"))?;
+            let mut issued = Ok(());
             for (peer, (s, r)) in sends.iter().zip(recvs.iter_mut()).enumerate() {
-                if !s.is_empty() {
-                    comm.0.send(s, peer as i32).map_err(nccl("send"))?;
+                if let Some(s) = s {
+                    issued =
+                        issued.and_then(|()| comm.0.send(s, peer as i32).map_err(nccl("send")));
                 }
-                if !r.is_empty() {
-                    comm.0.recv(r, peer as i32).map_err(nccl("recv"))?;
+                if let Some(r) = r {
+                    issued = issued.and_then(|()| {
+                        comm.0
+                            .recv(r, peer as i32)
+                            .map(|_| ())
+                            .map_err(nccl("recv"))
+                    });
                 }
             }
-            group_end().map_err(nccl("group"))?;
+            // The group is closed whatever happened inside it.
+            let closed = group_end().map_err(nccl("group"));
             drop(comm);
+            issued?;
+            closed?;
             recvs
                 .iter()
-                .map(|r| self.stream.clone_dtoh(r).map_err(cuda("copy to host")))
+                .map(|r| match r {
+                    Some(r) => self.stream.clone_dtoh(r).map_err(cuda("copy to host")),
+                    None => Ok(Vec::new()),
+                })
                 .collect()
         }
         fn barrier(&self) -> Result<()> {
