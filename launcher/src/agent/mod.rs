@@ -334,8 +334,10 @@ fn code_and_signal(status: &std::io::Result<std::process::ExitStatus>) -> (i32, 
     }
 }
 
+/// SIGKILL every worker's process group: the running workers and whatever any worker left
+/// behind (a background process of a `launch run` script).
 fn kill_all(workers: &mut [Worker]) {
-    for w in workers.iter().filter(|w| w.running) {
+    for w in workers.iter() {
         spawn::kill_now(w.pid);
     }
 }

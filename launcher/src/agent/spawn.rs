@@ -4,7 +4,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
 /// The program each worker runs and what it gets besides the rank variables.
@@ -66,11 +66,15 @@ impl RankEnv {
     }
 }
 
-/// Start one worker. It is killed if this agent dies (PR_SET_PDEATHSIG), so no worker
-/// outlives its agent.
+/// Start one worker, leader of its own process group (so stopping it also stops anything it
+/// started, e.g. `launch run -- bash train.sh`). It is killed if this agent dies
+/// (PR_SET_PDEATHSIG), so no worker outlives its agent.
 pub fn spawn(cmd: &WorkerCommand, env: &RankEnv) -> std::io::Result<tokio::process::Child> {
     let mut c = tokio::process::Command::new(&cmd.program);
-    c.args(&cmd.args).envs(env.vars()).kill_on_drop(true);
+    c.args(&cmd.args)
+        .envs(env.vars())
+        .kill_on_drop(true)
+        .process_group(0);
     die_with_parent(&mut c);
     c.spawn()
 }
@@ -86,9 +90,10 @@ fn die_with_parent(cmd: &mut tokio::process::Command) {
     }
 }
 
-/// SIGKILL a worker (already gone is fine).
+/// SIGKILL a worker and its process group (already gone is fine).
 pub fn kill_now(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
