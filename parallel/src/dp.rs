@@ -203,7 +203,12 @@ impl DataParallel {
         let owners = self.owners(&params);
         // Broadcast in path order (the same on every rank), then put the values back.
         let mut values = BTreeMap::new();
-        let host = HostParams::collect(&module);
+        let mine = owners
+            .iter()
+            .filter(|(_, &o)| o == self.comm.rank())
+            .map(|(path, _)| path.clone())
+            .collect();
+        let host = HostParams::collect(&module, mine);
         for p in &params {
             let owner = owners.get(&p.path).copied().unwrap_or(0);
             let mut data = if owner == self.comm.rank() {
@@ -316,16 +321,21 @@ fn to_f32(data: TensorData, path: &str) -> Result<Vec<f32>> {
         .map_err(|e| Error::InvalidArgument(format!("{path}: {e:?}")))
 }
 
-/// Host copies of a module's trainable parameters, by path.
+/// Host copies of the parameters at some paths (this rank's ZeRO-1 share).
 struct HostParams {
     path: Vec<String>,
+    wanted: std::collections::BTreeSet<String>,
     values: BTreeMap<String, Vec<f32>>,
 }
 
 impl HostParams {
-    fn collect<B: Backend, M: burn::module::Module<B>>(module: &M) -> BTreeMap<String, Vec<f32>> {
+    fn collect<B: Backend, M: burn::module::Module<B>>(
+        module: &M,
+        wanted: std::collections::BTreeSet<String>,
+    ) -> BTreeMap<String, Vec<f32>> {
         let mut v = HostParams {
             path: Vec::new(),
+            wanted,
             values: BTreeMap::new(),
         };
         module.visit(&mut v);
@@ -341,8 +351,8 @@ impl<B: Backend> ModuleVisitor<B> for HostParams {
         self.path.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if param.is_require_grad() {
-            let path = self.path.join(".");
+        let path = self.path.join(".");
+        if self.wanted.contains(&path) {
             if let Ok(v) = to_f32(param.val().into_data(), &path) {
                 self.values.insert(path, v);
             }

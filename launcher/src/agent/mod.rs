@@ -171,7 +171,7 @@ async fn node_agent(plan: &LaunchPlan, rdzv: &str, rdzv_timeout: Duration) -> Re
     let mut workers = Vec::new();
     let mut reports: Vec<String> = Vec::new();
     for local_rank in 0..l.nproc_per_node {
-        let env = spawn::RankEnv {
+        let env = parallel::runtime::env::WorkerEnv {
             rank: first + local_rank,
             local_rank,
             world_size: world,
@@ -179,12 +179,13 @@ async fn node_agent(plan: &LaunchPlan, rdzv: &str, rdzv_timeout: Duration) -> Re
             node_rank: node,
             nnodes: l.nnodes,
             generation: join.generation,
-            master: (master_host.to_string(), master_port.parse().unwrap_or(0)),
             agent_addr: agent_addr.to_string(),
             data_host: host.clone(),
-            run_dir: plan.run_dir.clone(),
-            collective_timeout_s: l.collective_timeout_s,
-            connect_timeout_s: l.rdzv_timeout_s,
+            master_addr: master_host.to_string(),
+            master_port: master_port.parse().unwrap_or(0),
+            run_dir: Some(plan.run_dir.clone()),
+            collective_timeout: Duration::from_secs_f64(l.collective_timeout_s),
+            connect_timeout: rdzv_timeout,
         };
         let mut child = match spawn::spawn(&plan.worker, &env) {
             Ok(c) => c,

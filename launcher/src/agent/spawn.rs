@@ -6,6 +6,7 @@ use std::process::ExitStatus;
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
+use parallel::runtime::env::WorkerEnv;
 
 /// The program each worker runs and what it gets besides the rank variables.
 #[derive(Clone, Debug)]
@@ -14,65 +15,27 @@ pub struct WorkerCommand {
     pub args: Vec<String>,
 }
 
-/// A worker's environment: torchrun's variables plus tidemill's (`parallel::runtime::env`).
-#[derive(Clone, Debug)]
-pub struct RankEnv {
-    pub rank: usize,
-    pub local_rank: usize,
-    pub world_size: usize,
-    pub local_world_size: usize,
-    pub node_rank: usize,
-    pub nnodes: usize,
-    pub generation: u64,
-    pub master: (String, u16),
-    pub agent_addr: String,
-    pub data_host: String,
-    pub run_dir: PathBuf,
-    pub collective_timeout_s: f64,
-    pub connect_timeout_s: f64,
-}
-
-impl RankEnv {
-    pub fn vars(&self) -> Vec<(&'static str, String)> {
-        use parallel::runtime::env as e;
-        let mut v = vec![
-            (e::RANK, self.rank.to_string()),
-            (e::LOCAL_RANK, self.local_rank.to_string()),
-            (e::WORLD_SIZE, self.world_size.to_string()),
-            (e::LOCAL_WORLD_SIZE, self.local_world_size.to_string()),
-            (e::MASTER_ADDR, self.master.0.clone()),
-            (e::MASTER_PORT, self.master.1.to_string()),
-            (e::AGENT_ADDR, self.agent_addr.clone()),
-            (e::NODE_RANK, self.node_rank.to_string()),
-            (e::NNODES, self.nnodes.to_string()),
-            (e::GENERATION, self.generation.to_string()),
-            (e::RUN_DIR, self.run_dir.display().to_string()),
-            (e::DATA_HOST, self.data_host.clone()),
-            (
-                e::COLLECTIVE_TIMEOUT_S,
-                self.collective_timeout_s.to_string(),
-            ),
-            (e::CONNECT_TIMEOUT_S, self.connect_timeout_s.to_string()),
-        ];
-        // Like torchrun's OMP_NUM_THREADS=1: don't let N workers each take every core.
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            v.push((
-                "RAYON_NUM_THREADS",
-                (cores / self.local_world_size).max(1).to_string(),
-            ));
-        }
-        v
+/// A worker's environment ([`WorkerEnv::vars`]) plus, like torchrun's OMP_NUM_THREADS=1,
+/// a thread count that keeps N workers from each taking every core.
+fn worker_vars(env: &WorkerEnv) -> Vec<(&'static str, String)> {
+    let mut v = env.vars();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        v.push((
+            "RAYON_NUM_THREADS",
+            (cores / env.local_world_size).max(1).to_string(),
+        ));
     }
+    v
 }
 
 /// Start one worker, leader of its own process group (so stopping it also stops anything it
 /// started, e.g. `launch run -- bash train.sh`). It is killed if this agent dies
 /// (PR_SET_PDEATHSIG), so no worker outlives its agent.
-pub fn spawn(cmd: &WorkerCommand, env: &RankEnv) -> std::io::Result<tokio::process::Child> {
+pub fn spawn(cmd: &WorkerCommand, env: &WorkerEnv) -> std::io::Result<tokio::process::Child> {
     let mut c = tokio::process::Command::new(&cmd.program);
     c.args(&cmd.args)
-        .envs(env.vars())
+        .envs(worker_vars(env))
         .kill_on_drop(true)
         .process_group(0);
     die_with_parent(&mut c);

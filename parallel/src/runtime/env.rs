@@ -41,11 +41,44 @@ pub struct WorkerEnv {
     pub generation: u64,
     pub agent_addr: String,
     pub data_host: String,
+    /// The coordinator's address (torchrun's MASTER_ADDR / MASTER_PORT; informational).
+    pub master_addr: String,
+    pub master_port: u16,
+    pub run_dir: Option<std::path::PathBuf>,
     pub collective_timeout: Duration,
     pub connect_timeout: Duration,
 }
 
 impl WorkerEnv {
+    /// The variables a launcher sets for this worker: what [`WorkerEnv::from_lookup`] reads.
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            (RANK, self.rank.to_string()),
+            (LOCAL_RANK, self.local_rank.to_string()),
+            (WORLD_SIZE, self.world_size.to_string()),
+            (LOCAL_WORLD_SIZE, self.local_world_size.to_string()),
+            (MASTER_ADDR, self.master_addr.clone()),
+            (MASTER_PORT, self.master_port.to_string()),
+            (AGENT_ADDR, self.agent_addr.clone()),
+            (NODE_RANK, self.node_rank.to_string()),
+            (NNODES, self.nnodes.to_string()),
+            (GENERATION, self.generation.to_string()),
+            (DATA_HOST, self.data_host.clone()),
+            (
+                COLLECTIVE_TIMEOUT_S,
+                self.collective_timeout.as_secs_f64().to_string(),
+            ),
+            (
+                CONNECT_TIMEOUT_S,
+                self.connect_timeout.as_secs_f64().to_string(),
+            ),
+        ];
+        if let Some(dir) = &self.run_dir {
+            v.push((RUN_DIR, dir.display().to_string()));
+        }
+        v
+    }
+
     /// `None` when `RANK` is unset (not launched); an error naming the variable when one
     /// is missing or malformed.
     pub fn from_env() -> Result<Option<Self>> {
@@ -98,6 +131,9 @@ impl WorkerEnv {
             generation: number(GENERATION, Some(0))?,
             agent_addr: required(AGENT_ADDR)?,
             data_host: get(DATA_HOST).unwrap_or_else(|| "127.0.0.1".into()),
+            master_addr: get(MASTER_ADDR).unwrap_or_default(),
+            master_port: number(MASTER_PORT, Some(0))? as u16,
+            run_dir: get(RUN_DIR).map(std::path::PathBuf::from),
             collective_timeout: seconds(COLLECTIVE_TIMEOUT_S, 300.0)?,
             connect_timeout: seconds(CONNECT_TIMEOUT_S, 120.0)?,
         };

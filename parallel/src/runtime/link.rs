@@ -74,7 +74,7 @@ pub(crate) fn hello(
     rank: usize,
     data_addr: SocketAddr,
     timeout: Duration,
-) -> Result<(Vec<SocketAddr>, u64, BufReader<TcpStream>)> {
+) -> Result<(Vec<SocketAddr>, u64)> {
     let lost = |e: std::io::Error| Error::Connect(format!("talking to the agent: {e}"));
     let msg = ToAgent::Hello {
         rank,
@@ -96,7 +96,7 @@ pub(crate) fn hello(
                 .map_err(|e| Error::Connect(format!("peer address `{a}`: {e}")))
         })
         .collect::<Result<Vec<SocketAddr>>>()?;
-    Ok((addrs, nonce, reader))
+    Ok((addrs, nonce))
 }
 
 #[cfg(test)]

@@ -81,7 +81,7 @@ pub fn init() -> Result<Context> {
         .map_err(|e| Error::Connect(e.to_string()))?;
     let agent = connect_agent(&vars.agent_addr, vars.connect_timeout)?;
     let connected = link::hello(&agent, vars.rank, data_addr, vars.connect_timeout).and_then(
-        |(peers, nonce, reader)| {
+        |(peers, nonce)| {
             if peers.len() != vars.world_size {
                 return Err(Error::Connect(format!(
                     "the agent sent {} peer addresses for a world of {}",
@@ -94,10 +94,10 @@ pub fn init() -> Result<Context> {
                 connect_timeout: vars.connect_timeout,
                 nonce,
             };
-            Ok((TcpComm::connect(vars.rank, &peers, listener, opts)?, reader))
+            TcpComm::connect(vars.rank, &peers, listener, opts)
         },
     );
-    let (comm, reader) = match connected {
+    let comm = match connected {
         Ok(c) => c,
         Err(e) => {
             // Tell the agent why, so the job's fault says more than an exit status.
@@ -109,7 +109,7 @@ pub fn init() -> Result<Context> {
             return Err(e);
         }
     };
-    let reporter = Reporter::start(agent, reader, vars.rank);
+    let reporter = Reporter::start(agent, vars.rank);
     Ok(Context {
         rank: vars.rank,
         world_size: vars.world_size,

@@ -1,7 +1,7 @@
 //! Progress reporting that never blocks training: messages go into an unbounded channel
 //! and a background thread writes them to the agent. If the agent is gone, they are dropped.
 
-use std::io::{BufReader, BufWriter};
+use std::io::BufWriter;
 use std::net::TcpStream;
 use std::sync::mpsc::{channel, Sender};
 use std::thread::JoinHandle;
@@ -32,7 +32,7 @@ impl Reporter {
         }
     }
 
-    pub(crate) fn start(agent: TcpStream, _reader: BufReader<TcpStream>, rank: usize) -> Self {
+    pub(crate) fn start(agent: TcpStream, rank: usize) -> Self {
         let (tx, rx) = channel::<ToAgent>();
         let thread = std::thread::Builder::new()
             .name("tidemill-reporter".into())
