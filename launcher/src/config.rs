@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::layout::ParallelSection;
 
 /// A whole job file.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -25,15 +26,6 @@ pub struct JobConfig {
     pub parallel: ParallelSection,
     #[serde(default)]
     pub launch: LaunchSection,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ParallelSection {
-    /// ZeRO-1: shard AdamW state across data-parallel ranks (each rank steps and then
-    /// broadcasts the parameters it owns).
-    #[serde(default)]
-    pub zero1: bool,
 }
 
 /// How `launch` starts workers (torchrun's flags; the command line overrides these).
@@ -379,13 +371,16 @@ impl JobConfig {
                 message,
             })?;
         }
-        let config: JobConfig =
+        let mut config: JobConfig =
             toml::Value::Table(value)
                 .try_into()
                 .map_err(|e: toml::de::Error| Error::Config {
                     file: path.to_path_buf(),
                     message: e.to_string(),
                 })?;
+        if let Some(m) = config.parallel.micro_batch {
+            config.training.micro_batch = m;
+        }
         config.validate().map_err(|message| Error::Config {
             file: path.to_path_buf(),
             message,
@@ -434,6 +429,7 @@ impl JobConfig {
             ));
         }
         self.launch.validate()?;
+        self.parallel.validate(&self.training)?;
         if self.data.max_seq_len < 2 {
             return Err("data.max_seq_len: must be at least 2".into());
         }

@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
 use serde_json::json;
+use trainer::Collective;
 
 use crate::config::JobConfig;
 use crate::error::Result;
@@ -26,7 +26,7 @@ pub fn run(cfg: &JobConfig, adapter: Option<&Path>) -> Result<EvalReport> {
     }
 }
 
-pub fn run_on<B: Backend>(
+pub fn run_on<B: Collective>(
     cfg: &JobConfig,
     adapter: Option<&Path>,
     device: &B::Device,

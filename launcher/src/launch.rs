@@ -20,15 +20,15 @@ pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
     train::preflight(&cfg)?;
     let world = cfg.launch.nproc_per_node * cfg.launch.nnodes;
     let t = &cfg.training;
-    if !t.global_batch.is_multiple_of(t.micro_batch * world) {
-        return Err(Error::Config {
+    // Refuse a layout that cannot work before any process starts.
+    let model = trainer::ModelConfig::from_dir(&cfg.model.path)?;
+    cfg.parallel
+        .layout(world, Some(cfg.launch.nproc_per_node))
+        .and_then(|layout| crate::layout::check_job(&layout, &model, t))
+        .map_err(|message| Error::Config {
             file: config.to_path_buf(),
-            message: format!(
-                "training.global_batch: {} must be a multiple of micro_batch {} × world size {world} (every rank takes an equal share)",
-                t.global_batch, t.micro_batch
-            ),
-        });
-    }
+            message,
+        })?;
     if cfg.launch.node_rank == 0 {
         train::prepare_run_dir(&cfg)?;
     }

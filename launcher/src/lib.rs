@@ -10,6 +10,7 @@ pub mod eval;
 pub mod events;
 pub mod export;
 pub mod launch;
+pub mod layout;
 pub mod progress;
 mod rpc;
 pub mod setup;

@@ -5,12 +5,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
 use parallel::dp::DataParallel;
-use parallel::{Collectives, Context, ReduceOp, Reporter};
+use parallel::{Collectives, Context, Mesh, ReduceOp, Reporter};
 use serde_json::{json, Value};
+use trainer::collective::Group;
 use trainer::data::Row;
 use trainer::{AdamWOptions, Schedule, ScheduleKind, StepStats, TrainOptions, Trainer};
+use trainer::{Collective, TrainBackend};
 
 use crate::config::{JobConfig, TrainingSection};
 use crate::error::{require_exists, Error, Result};
@@ -121,7 +122,17 @@ pub fn start_fields(cfg: &JobConfig, world_size: usize) -> Value {
     let mode = if cfg.lora.is_some() { "lora" } else { "full" };
     json!({"job": cfg.job.name, "model": cfg.model.path, "mode": mode, "world_size": world_size,
            "nnodes": cfg.launch.nnodes, "nproc_per_node": cfg.launch.nproc_per_node,
-           "plan": {"dp": world_size, "zero1": cfg.parallel.zero1}})
+           "plan": plan(cfg, world_size)})
+}
+
+/// The layout a job runs with, for its `start` event.
+fn plan(cfg: &JobConfig, world_size: usize) -> Value {
+    let p = &cfg.parallel;
+    match p.layout(world_size, None) {
+        Ok(l) => json!({"dp": l.dp, "tp": l.tp, "pp": l.pp, "ep": l.ep, "zero1": p.zero1,
+                        "schedule": p.schedule, "micro_batch": cfg.training.micro_batch}),
+        Err(e) => json!({"error": e}),
+    }
 }
 
 /// Train in this process alone, writing the run directory directly (no launcher): what
@@ -161,7 +172,7 @@ fn run_rank(cfg: &JobConfig, ctx: &Context, events: &mut dyn EventSink) -> Resul
     }
 }
 
-pub fn run_on<B: Backend>(
+pub fn run_on<B: Collective>(
     cfg: &JobConfig,
     ctx: &Context,
     events: &mut dyn EventSink,
@@ -192,21 +203,40 @@ pub fn run_on<B: Backend>(
         None => None,
     };
 
+    let layout = cfg
+        .parallel
+        .layout(ctx.world_size, None)
+        .map_err(|message| crate::error::Error::Config {
+            file: "config".into(),
+            message,
+        })?;
+    let mesh = Mesh::new(layout, ctx.comm.clone())?;
     let (model, spec) = setup::model::<Autodiff<B>>(
         &cfg.model.path,
         cfg.lora.as_ref(),
         cfg.training.seed,
         device,
     )?;
+    // The whole model is built, then cut: each rank keeps only its slices (a checkpoint
+    // read slice by slice comes with sharded checkpoints).
+    let (model, tensor_parallel) = if layout.tp > 1 {
+        let (m, tp) = trainer::model::shard::shard(model, Group::new(mesh.tp.clone()))?;
+        (m, Some(tp))
+    } else {
+        (model, None)
+    };
     setup::check_vocab("data.train", &audit, model.config.vocab_size)?;
     if let Some((_, eval_audit)) = &eval_set {
         setup::check_vocab("data.eval", eval_audit, model.config.vocab_size)?;
     }
     let eval_rows = eval_set.map(|(rows, _)| rows);
     let mut trainer = Trainer::new(model, rows, train_options(&cfg.training, cfg.data.shuffle))?;
-    if ctx.world_size > 1 {
+    if mesh.data.size() > 1 {
         trainer =
-            trainer.with_data_parallel(DataParallel::new(ctx.comm.clone(), cfg.parallel.zero1))?;
+            trainer.with_data_parallel(DataParallel::new(mesh.data.clone(), cfg.parallel.zero1))?;
+    }
+    if let Some(tp) = tensor_parallel {
+        trainer = trainer.with_tensor_parallel(tp, mesh.model.clone());
     }
     let t = &cfg.training;
     events.phase("train");
@@ -221,20 +251,21 @@ pub fn run_on<B: Backend>(
         events.step(&s, trainer.collective_seq(), extra)?;
         if let Some(rows) = &eval_rows {
             if t.eval_every > 0 && s.step % t.eval_every == 0 && s.step < t.max_steps {
-                evaluate(&trainer, rows, t.micro_batch, ctx, events)?;
+                evaluate(&trainer, rows, t.micro_batch, &mesh, events)?;
             }
         }
     }
     if let Some(rows) = &eval_rows {
         events.phase("eval");
-        evaluate(&trainer, rows, t.micro_batch, ctx, events)?;
+        evaluate(&trainer, rows, t.micro_batch, &mesh, events)?;
     }
+    // Every rank takes part in gathering the slices; rank 0 writes.
+    let model = trainer::model::shard::unshard(trainer.into_model())?;
     if !lead {
         return Ok(());
     }
 
     events.phase("export");
-    let model = trainer.into_model();
     let dtype = export_dtype(&cfg.export.dtype);
     if let Some(spec) = &spec {
         let dir = export.join("adapter");
@@ -255,24 +286,25 @@ pub fn run_on<B: Backend>(
     )
 }
 
-/// Every rank evaluates its contiguous share of `rows`; the sums are all-reduced, so the
-/// result is the whole set's mean token loss (rank 0 logs it).
-fn evaluate<B: burn::tensor::backend::AutodiffBackend>(
+/// Every data rank evaluates its contiguous share of `rows` (tensor-parallel ranks the same
+/// share together); the sums are all-reduced, so the result is the whole set's mean token
+/// loss (rank 0 logs it).
+fn evaluate<B: TrainBackend>(
     trainer: &Trainer<B>,
     rows: &[Row],
     micro_batch: usize,
-    ctx: &Context,
+    mesh: &Mesh,
     events: &mut dyn EventSink,
 ) -> Result<()> {
-    let (rank, world) = (ctx.rank, ctx.world_size);
+    let (rank, world) = (mesh.data.rank(), mesh.data.size());
     let share = |r: usize| r * rows.len() / world;
     let mine = &rows[share(rank)..share(rank + 1)];
     let r = trainer::evaluate_trained(trainer.model(), mine, micro_batch)?;
     let mut sums = [r.loss * r.tokens as f64, r.tokens as f64];
-    ctx.comm.all_reduce(&mut sums, ReduceOp::Sum)?;
+    mesh.data.all_reduce(&mut sums, ReduceOp::Sum)?;
     let tokens = sums[1] as usize;
     let loss = if tokens == 0 { 0.0 } else { sums[0] / sums[1] };
-    if rank == 0 {
+    if mesh.world.rank() == 0 {
         tracing::info!(
             step = trainer.steps_done(),
             loss = format!("{loss:.4}"),

@@ -115,48 +115,17 @@ impl DataParallel {
         module: &M,
         grads: &mut GradientsParams,
     ) -> Result<()> {
-        if self.comm.size() == 1 {
-            return Ok(());
-        }
         let params: Vec<ParamInfo> = params_by_path(module)
             .into_iter()
             .filter(|p| p.trainable)
             .collect();
-        let device = device_of(module)?;
-        let mut present: Vec<u8> = params
-            .iter()
-            .map(|p| u8::from(has_grad::<B>(grads, p)))
-            .collect();
-        self.comm.all_reduce(&mut present, ReduceOp::Max)?;
-        let mut start = 0;
-        while start < params.len() {
-            let mut end = start;
-            let mut elems = 0;
-            while end < params.len()
-                && (end == start || elems + params[end].numel() <= self.bucket_elems)
-            {
-                elems += params[end].numel();
-                end += 1;
-            }
-            let bucket = &params[start..end];
-            let mut flat = Vec::with_capacity(elems);
-            for p in bucket {
-                match take_grad::<B>(grads, p)? {
-                    Some(g) => flat.extend_from_slice(&g),
-                    None => flat.resize(flat.len() + p.numel(), 0.0),
-                }
-            }
-            self.comm.all_reduce(&mut flat, ReduceOp::Sum)?;
-            let mut at = 0;
-            for (p, &any) in bucket.iter().zip(&present[start..end]) {
-                if any != 0 {
-                    put_grad::<B>(grads, p, flat[at..at + p.numel()].to_vec(), &device)?;
-                }
-                at += p.numel();
-            }
-            start = end;
-        }
-        Ok(())
+        all_reduce_params::<B, M>(
+            self.comm.as_ref(),
+            module,
+            &params,
+            grads,
+            self.bucket_elems,
+        )
     }
 
     /// The rank that owns each trainable parameter's optimizer state under ZeRO-1:
@@ -225,6 +194,54 @@ impl DataParallel {
         };
         Ok(module.map(&mut mapper))
     }
+}
+
+/// Sum the gradients of `params` (the same list, in the same order, on every rank) over
+/// `comm`, in buckets of at most `bucket_elems`. A parameter with no gradient on some rank
+/// counts as zeros there; it gets a gradient afterwards iff it had one on any rank.
+pub fn all_reduce_params<B: AutodiffBackend, M: AutodiffModule<B>>(
+    comm: &dyn Communicator,
+    module: &M,
+    params: &[ParamInfo],
+    grads: &mut GradientsParams,
+    bucket_elems: usize,
+) -> Result<()> {
+    if comm.size() == 1 || params.is_empty() {
+        return Ok(());
+    }
+    let device = device_of(module)?;
+    let mut present: Vec<u8> = params
+        .iter()
+        .map(|p| u8::from(has_grad::<B>(grads, p)))
+        .collect();
+    comm.all_reduce(&mut present, ReduceOp::Max)?;
+    let mut start = 0;
+    while start < params.len() {
+        let mut end = start;
+        let mut elems = 0;
+        while end < params.len() && (end == start || elems + params[end].numel() <= bucket_elems) {
+            elems += params[end].numel();
+            end += 1;
+        }
+        let bucket = &params[start..end];
+        let mut flat = Vec::with_capacity(elems);
+        for p in bucket {
+            match take_grad::<B>(grads, p)? {
+                Some(g) => flat.extend_from_slice(&g),
+                None => flat.resize(flat.len() + p.numel(), 0.0),
+            }
+        }
+        comm.all_reduce(&mut flat, ReduceOp::Sum)?;
+        let mut at = 0;
+        for (p, &any) in bucket.iter().zip(&present[start..end]) {
+            if any != 0 {
+                put_grad::<B>(grads, p, flat[at..at + p.numel()].to_vec(), &device)?;
+            }
+            at += p.numel();
+        }
+        start = end;
+    }
+    Ok(())
 }
 
 /// Contiguous, element-balanced split of `params` (in their order) into `parts` owners.

@@ -1,10 +1,11 @@
 //! Parallel layouts for tidemill: communicators (TCP on CPU, NCCL on GPU), the worker
 //! runtime (rank context from the environment, progress reports) and data parallelism.
-//! The dp×tp×pp×ep mesh, differentiable collectives and the strategy search come next.
+//! The dp×tp×pp×ep mesh and its groups ([`mesh`]); the strategy search comes next.
 
 mod comm;
 pub mod dp;
 mod error;
+pub mod mesh;
 pub mod nccl;
 pub mod runtime;
 mod tcp;
@@ -13,6 +14,7 @@ pub use comm::{
     finish_avg, reduce_into, Collectives, Communicator, DType, Element, ReduceOp, SoloComm,
 };
 pub use error::{Error, Result};
+pub use mesh::{Axis, Layout, Mesh};
 pub use nccl::NcclComm;
 pub use runtime::{init, Context, Reporter};
 pub use tcp::{TcpComm, TcpOptions};

@@ -20,6 +20,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod collective;
 pub mod data;
 mod error;
 pub mod export;
@@ -29,6 +30,7 @@ pub mod model;
 pub mod optim;
 pub mod train;
 
+pub use collective::{Collective, TrainBackend};
 pub use error::{Error, Result};
 pub use lora::LoraSpec;
 pub use model::{load_hf_model, CausalLm, ModelConfig};

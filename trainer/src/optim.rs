@@ -107,27 +107,47 @@ pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     grads: &mut GradientsParams,
     max_norm: Option<f64>,
 ) -> f64 {
+    let norm = grad_sq_sum(module, grads, |_| true).sqrt();
+    clip_to(module, grads, norm, max_norm);
+    norm
+}
+
+/// Sum of the squared gradient entries of the parameters `counted` selects (its share of
+/// a global norm when parameters are spread over ranks).
+pub fn grad_sq_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+    counted: impl Fn(&ParamId) -> bool,
+) -> f64 {
     let mut ids = ParamIds::default();
     module.visit(&mut ids);
     let mut norm = SumSquares::<B::InnerBackend> { grads, total: None };
-    for (id, dims) in &ids.0 {
+    for (id, dims) in ids.0.iter().filter(|(id, _)| counted(id)) {
         norm.add(*id, *dims);
     }
-    let total = norm
-        .total
+    norm.total
         .map(|t| t.into_scalar())
         .map(burn::tensor::ElementConversion::elem::<f64>)
         .unwrap_or(0.0)
-        .sqrt();
-    if let Some(max) = max_norm {
-        let coef = max / (total + 1e-6);
-        if coef < 1.0 {
-            for (id, dims) in &ids.0 {
-                scale::<B::InnerBackend>(grads, *id, *dims, coef);
-            }
+}
+
+/// Scale every gradient by `max_norm / (norm + 1e-6)` when that is below 1
+/// (`torch.nn.utils.clip_grad_norm_`).
+pub fn clip_to<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    norm: f64,
+    max_norm: Option<f64>,
+) {
+    let Some(max) = max_norm else { return };
+    let coef = max / (norm + 1e-6);
+    if coef < 1.0 {
+        let mut ids = ParamIds::default();
+        module.visit(&mut ids);
+        for (id, dims) in &ids.0 {
+            scale::<B::InnerBackend>(grads, *id, *dims, coef);
         }
     }
-    total
 }
 
 /// Ids and ranks of a module's float parameters.

@@ -6,16 +6,18 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use std::sync::Arc;
+
 use burn::tensor::ElementConversion;
 use parallel::dp::DataParallel;
-use parallel::{Collectives, ReduceOp};
+use parallel::{Collectives, Communicator, ReduceOp};
 
+use crate::collective::{Collective, TrainBackend};
 use crate::data::{collate, Batch, Epochs, Row};
 use crate::error::{Error, Result};
-use crate::loss::{cross_entropy, supervised};
-use crate::model::{CausalLm, Inputs};
-use crate::optim::{clip_grad_norm, AdamWOptions, Schedule};
+use crate::loss::supervised;
+use crate::model::{CausalLm, Inputs, TensorParallel};
+use crate::optim::{clip_to, grad_sq_sum, AdamWOptions, Schedule};
 
 /// How to train: batch sizes, optimizer, schedule, clipping, seed.
 #[derive(Clone, Debug, PartialEq)]
@@ -89,7 +91,7 @@ pub struct StepStats {
 }
 
 /// A model, its optimizer and a position in the data stream.
-pub struct Trainer<B: AutodiffBackend> {
+pub struct Trainer<B: TrainBackend> {
     model: Option<CausalLm<B>>,
     optim: OptimizerAdaptor<AdamW, CausalLm<B>, B>,
     rows: Vec<Row>,
@@ -97,9 +99,13 @@ pub struct Trainer<B: AutodiffBackend> {
     step: u64,
     epochs: Epochs,
     dp: Option<DataParallel>,
+    tp: Option<TensorParallel>,
+    /// The ranks holding one whole replica of the model, over which the squared gradient
+    /// norm is summed (`None`: this rank holds all of it).
+    replica: Option<Arc<dyn Communicator>>,
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
+impl<B: TrainBackend> Trainer<B> {
     pub fn new(model: CausalLm<B>, rows: Vec<Row>, opts: TrainOptions) -> Result<Self> {
         opts.validate(rows.len())?;
         check_vocab(&rows, model.config.vocab_size)?;
@@ -113,6 +119,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             step: 0,
             epochs,
             dp: None,
+            tp: None,
+            replica: None,
         })
     }
 
@@ -135,6 +143,19 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         self.dp = Some(dp);
         Ok(self)
+    }
+
+    /// Train a model cut by [`crate::model::shard::shard`]: gradients of parameters held
+    /// partly or in copies are completed over the tensor-parallel group, and the global
+    /// gradient norm is summed over `replica`, the ranks that together hold one whole model.
+    pub fn with_tensor_parallel(
+        mut self,
+        tp: TensorParallel,
+        replica: Arc<dyn Communicator>,
+    ) -> Self {
+        self.tp = Some(tp);
+        self.replica = Some(replica);
+        self
     }
 
     /// Elements of the trainable parameters this rank keeps optimizer state for (AdamW
@@ -197,34 +218,16 @@ impl<B: AutodiffBackend> Trainer<B> {
             .sum();
         let tokens: usize = picked.iter().map(|&i| self.rows[i].tokens.len()).sum();
         let model = self.model.take().expect("model is present between steps");
-        let mut accumulated = GradientsAccumulator::<CausalLm<B>>::new();
-        let mut loss_sum = 0.0;
-        for batch in &batches {
-            let logits = model.forward(&inputs(batch), true);
-            let loss = cross_entropy(logits, &batch.targets, denominator.max(1) as f64);
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulated.accumulate(&model, grads);
-        }
-        let mut grads = accumulated.grads();
-        if let Some(dp) = &self.dp {
-            let reduced = dp.all_reduce_grads(&model, &mut grads).and_then(|()| {
-                let mut sum = [loss_sum];
-                dp.comm()
-                    .all_reduce(&mut sum, ReduceOp::Sum)
-                    .map(|()| sum[0])
-            });
-            match reduced {
-                Ok(sum) => loss_sum = sum,
+        let (loss_sum, grad_norm, grads) =
+            match self.forward_backward(&model, &batches, denominator.max(1) as f64) {
+                Ok(v) => v,
                 Err(e) => {
+                    // Leave the model and optimizer as they were before this step.
                     self.model = Some(model);
-                    return Err(e.into());
+                    return Err(e);
                 }
-            }
-        }
-        let grad_norm = clip_grad_norm(&model, &mut grads, self.opts.max_grad_norm);
+            };
         if !(loss_sum.is_finite() && grad_norm.is_finite()) {
-            // Leave the model and optimizer as they were before this step.
             self.model = Some(model);
             return Err(Error::NonFiniteLoss {
                 step: self.step + 1,
@@ -237,6 +240,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let lr = self.opts.schedule.lr_at(self.step);
         self.step += 1;
+        let mut grads = grads;
         let model = match &self.dp {
             Some(dp) => {
                 dp.keep_owned_grads(&model, &mut grads);
@@ -254,6 +258,50 @@ impl<B: AutodiffBackend> Trainer<B> {
             supervised_tokens: denominator,
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+}
+
+impl<B: TrainBackend> Trainer<B> {
+    /// Forward and backward over this rank's micro-batches, gradients completed across the
+    /// groups, clipped: `(global loss, global gradient norm before clipping, gradients)`.
+    fn forward_backward(
+        &self,
+        model: &CausalLm<B>,
+        batches: &[Batch],
+        denominator: f64,
+    ) -> Result<(f64, f64, GradientsParams)> {
+        let mut accumulated = GradientsAccumulator::<CausalLm<B>>::new();
+        let mut loss_sum = 0.0;
+        let tp_group = model.sharding.tp.as_ref();
+        for batch in batches {
+            let loss = model.loss(&inputs(batch), &batch.targets, denominator, true);
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(loss.backward(), model);
+            if let Some(g) = tp_group {
+                g.check()?;
+            }
+            accumulated.accumulate(model, grads);
+        }
+        let mut grads = accumulated.grads();
+        if let Some(tp) = &self.tp {
+            tp.complete_grads(model, &mut grads)?;
+        }
+        if let Some(dp) = &self.dp {
+            dp.all_reduce_grads(model, &mut grads)?;
+            let mut sum = [loss_sum];
+            dp.comm().all_reduce(&mut sum, ReduceOp::Sum)?;
+            loss_sum = sum[0];
+        }
+        let counted = |id: &_| self.tp.as_ref().is_none_or(|tp| tp.counts_in_norm(id));
+        let mut sq = [grad_sq_sum(model, &grads, counted)];
+        if let Some(replica) = &self.replica {
+            replica.all_reduce(&mut sq, ReduceOp::Sum)?;
+        }
+        let grad_norm = sq[0].sqrt();
+        if grad_norm.is_finite() {
+            clip_to(model, &mut grads, grad_norm, self.opts.max_grad_norm);
+        }
+        Ok((loss_sum, grad_norm, grads))
     }
 }
 
@@ -300,7 +348,7 @@ pub struct EvalResult {
 }
 
 /// Mean cross-entropy over all supervised tokens of `rows`, `micro_batch` rows at a time.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: Collective>(
     model: &CausalLm<B>,
     rows: &[Row],
     micro_batch: usize,
@@ -310,11 +358,14 @@ pub fn evaluate<B: Backend>(
     let mut tokens = 0;
     for chunk in rows.chunks(micro_batch.max(1)) {
         let batch = collate(&chunk.iter().collect::<Vec<_>>());
-        let logits = model.forward(&inputs(&batch), false);
-        sum += cross_entropy(logits, &batch.targets, 1.0)
+        sum += model
+            .loss(&inputs(&batch), &batch.targets, 1.0, false)
             .into_scalar()
             .elem::<f64>();
         tokens += supervised(&batch.targets);
+        if let Some(g) = &model.sharding.tp {
+            g.check()?;
+        }
     }
     Ok(EvalResult {
         loss: if tokens == 0 {
@@ -327,7 +378,7 @@ pub fn evaluate<B: Backend>(
 }
 
 /// [`evaluate`] on the inner (non-autodiff) backend of a training model.
-pub fn evaluate_trained<B: AutodiffBackend>(
+pub fn evaluate_trained<B: TrainBackend>(
     model: &CausalLm<B>,
     rows: &[Row],
     micro_batch: usize,

@@ -9,6 +9,8 @@ use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 use super::config::ModelConfig;
 use super::linear::Linear;
 use super::rope;
+use crate::collective::{copy_to, reduce_from, Collective, Group};
+use crate::loss;
 
 /// RMSNorm as transformers computes it: `w · x / sqrt(mean(x²) + eps)`.
 #[derive(Module, Debug)]
@@ -52,9 +54,27 @@ pub struct Context<B: Backend> {
     /// Additive attention mask `[b, heads, s, s]`: 0 where attention is allowed, -inf elsewhere.
     pub mask: Tensor<B, 4>,
     pub train: bool,
+    /// The tensor-parallel group heads and MLP columns are split over.
+    pub tp: Option<Group>,
 }
 
-impl<B: Backend> Attention<B> {
+/// Megatron's `f` when tensor parallel: the input of a column-parallel region.
+fn enter<B: Collective, const D: usize>(x: Tensor<B, D>, tp: Option<&Group>) -> Tensor<B, D> {
+    match tp {
+        Some(g) => copy_to(x, g),
+        None => x,
+    }
+}
+
+/// Megatron's `g` when tensor parallel: the output of a row-parallel region.
+fn leave<B: Collective, const D: usize>(x: Tensor<B, D>, tp: Option<&Group>) -> Tensor<B, D> {
+    match tp {
+        Some(g) => reduce_from(x, g),
+        None => x,
+    }
+}
+
+impl<B: Collective> Attention<B> {
     /// `[n, heads·d]` → `[b, heads, s, d]`, rotated by RoPE on the way when tables are given.
     fn heads(
         &self,
@@ -86,8 +106,10 @@ impl<B: Backend> Attention<B> {
             .reshape([b, kv * groups, s, d])
     }
 
-    /// `x: [n, h]` → `[n, h]`.
+    /// `x: [n, h]` → `[n, h]`. Under tensor parallelism this rank computes its
+    /// `num_heads` query heads (and their kv heads) only.
     pub fn forward(&self, x: Tensor<B, 2>, ctx: &Context<B>) -> Tensor<B, 2> {
+        let x = enter(x, ctx.tp.as_ref());
         let q = self.q_proj.forward(x.clone(), ctx.train);
         let q = self.heads(q, self.num_heads, Some((&ctx.q_cos, &ctx.q_sin)), ctx);
         let k = self.k_proj.forward(x.clone(), ctx.train);
@@ -106,7 +128,7 @@ impl<B: Backend> Attention<B> {
         let out = out
             .swap_dims(1, 2)
             .reshape([n, self.num_heads * self.head_dim]);
-        self.o_proj.forward(out, ctx.train)
+        self.o_proj.forward_row(out, ctx.train, ctx.tp.as_ref())
     }
 }
 
@@ -119,11 +141,22 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
-    pub fn forward(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
-        let gate = silu(self.gate_proj.forward(x.clone(), train));
+impl<B: Collective> Mlp<B> {
+    /// `x: [n, h]` → `[n, h]`; under tensor parallelism over this rank's columns of gate/up
+    /// and rows of down.
+    pub fn forward(&self, x: Tensor<B, 2>, train: bool, tp: Option<&Group>) -> Tensor<B, 2> {
+        let x = enter(x, tp);
+        self.down_proj.forward_row(self.hidden(x, train), train, tp)
+    }
+
+    /// This rank's part of the output, before the sum over the tensor-parallel group.
+    fn forward_partial(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
         self.down_proj
-            .forward(gate * self.up_proj.forward(x, train), train)
+            .forward_unbiased(self.hidden(x, train), train)
+    }
+
+    fn hidden(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+        silu(self.gate_proj.forward(x.clone(), train)) * self.up_proj.forward(x, train)
     }
 }
 
@@ -136,8 +169,12 @@ pub struct Moe<B: Backend> {
     pub top_k: usize,
 }
 
-impl<B: Backend> Moe<B> {
-    pub fn forward(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+impl<B: Collective> Moe<B> {
+    /// Under tensor parallelism every expert is split like a dense MLP; the router sees the
+    /// same input on every rank (so routes identically) and the weighted partial outputs
+    /// are summed once at the end. Experts have no biases (Mixtral).
+    pub fn forward(&self, x: Tensor<B, 2>, train: bool, tp: Option<&Group>) -> Tensor<B, 2> {
+        let x = enter(x, tp);
         let [n, h] = x.dims();
         let probs = softmax(self.gate.forward(x.clone(), train), 1);
         let (top, index) = probs.topk_with_indices(self.top_k, 1);
@@ -168,10 +205,10 @@ impl<B: Backend> Moe<B> {
             let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(tokens, [m]), &device);
             let slots = Tensor::<B, 2, Int>::from_data(TensorData::new(slots, [m, 1]), &device);
             let share = weights.clone().select(0, tokens.clone()).gather(1, slots);
-            let y = expert.forward(x.clone().select(0, tokens.clone()), train) * share;
+            let y = expert.forward_partial(x.clone().select(0, tokens.clone()), train) * share;
             out = out.select_assign(0, tokens, y, IndexingUpdateOp::Add);
         }
-        out
+        leave(out, tp)
     }
 }
 
@@ -190,13 +227,13 @@ pub struct Layer<B: Backend> {
     pub ffn: FeedForward<B>,
 }
 
-impl<B: Backend> Layer<B> {
+impl<B: Collective> Layer<B> {
     pub fn forward(&self, x: Tensor<B, 2>, ctx: &Context<B>) -> Tensor<B, 2> {
         let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), ctx);
         let normed = self.post_attention_layernorm.forward(x.clone());
         let y = match &self.ffn {
-            FeedForward::Dense(mlp) => mlp.forward(normed, ctx.train),
-            FeedForward::Sparse(moe) => moe.forward(normed, ctx.train),
+            FeedForward::Dense(mlp) => mlp.forward(normed, ctx.train, ctx.tp.as_ref()),
+            FeedForward::Sparse(moe) => moe.forward(normed, ctx.train, ctx.tp.as_ref()),
         };
         x + y
     }
@@ -214,6 +251,18 @@ pub struct CausalLm<B: Backend> {
     pub config: ModelConfig,
     #[module(skip)]
     pub inv_freq: Vec<f32>,
+    /// How this rank's copy is cut (whole model by default; see [`super::shard`]).
+    #[module(skip)]
+    pub sharding: Sharding,
+}
+
+/// How one rank's copy of a model is cut.
+#[derive(Clone, Debug, Default)]
+pub struct Sharding {
+    /// The tensor-parallel group heads, MLP columns and the vocabulary are split over.
+    pub tp: Option<Group>,
+    /// First vocabulary id of this rank's rows of the embedding and the head.
+    pub vocab_start: usize,
 }
 
 /// The token-level inputs of one forward pass, on the host, row-major `[batch, seq]`.
@@ -227,20 +276,25 @@ pub struct Inputs<'a> {
     pub segments: &'a [u32],
 }
 
-impl<B: Backend> CausalLm<B> {
-    /// Logits `[b·s, vocab]`.
+impl<B: Collective> CausalLm<B> {
+    /// Logits `[b·s, vocab]` (under tensor parallelism, this rank's slice of the vocabulary
+    /// starting at `sharding.vocab_start`).
     pub fn forward(&self, inputs: &Inputs<'_>, train: bool) -> Tensor<B, 2> {
         let device = self.embed_tokens.device();
         let (b, s) = (inputs.batch, inputs.seq);
-        let ids: Vec<i64> = inputs.tokens.iter().map(|&t| i64::from(t)).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * s]), &device);
         let c = &self.config;
-        let (q_cos, q_sin) =
-            rope::cos_sin::<B>(&self.inv_freq, inputs.positions, c.num_heads, &device);
+        // Heads held here: all of them, or this rank's share under tensor parallelism.
+        let (heads, kv_heads) = self
+            .layers
+            .first()
+            .map_or((c.num_heads, c.num_kv_heads), |l| {
+                (l.self_attn.num_heads, l.self_attn.num_kv_heads)
+            });
+        let (q_cos, q_sin) = rope::cos_sin::<B>(&self.inv_freq, inputs.positions, heads, &device);
         let (k_cos, k_sin) =
-            rope::cos_sin::<B>(&self.inv_freq, inputs.positions, c.num_kv_heads, &device);
-        let mask =
-            attention_mask::<B>(inputs, c.sliding_window, &device).repeat_dim(1, c.num_heads);
+            rope::cos_sin::<B>(&self.inv_freq, inputs.positions, kv_heads, &device);
+        let mask = attention_mask::<B>(inputs, c.sliding_window, &device).repeat_dim(1, heads);
+        let tp = self.sharding.tp.clone();
         let ctx = Context {
             batch: b,
             seq: s,
@@ -251,16 +305,66 @@ impl<B: Backend> CausalLm<B> {
             rotate: rope::rotate_half_matrix(c.head_dim, &device),
             mask,
             train,
+            tp,
         };
-        let mut x = self.embed_tokens.val().select(0, ids);
+        let mut x = self.embed(inputs.tokens);
         for layer in &self.layers {
             x = layer.forward(x, &ctx);
         }
-        let x = self.norm.forward(x);
+        let x = enter(self.norm.forward(x), ctx.tp.as_ref());
         match &self.lm_head {
             Some(head) => head.forward(x, train),
             None => x.matmul(self.embed_tokens.val().transpose()),
         }
+    }
+
+    /// Sum of the token cross-entropies of a batch over the supervised positions, divided by
+    /// `denominator` (see [`loss::cross_entropy`]); the vocabulary-parallel form when the
+    /// head is split, which never gathers the whole vocabulary.
+    pub fn loss(
+        &self,
+        inputs: &Inputs<'_>,
+        targets: &[i64],
+        denominator: f64,
+        train: bool,
+    ) -> Tensor<B, 1> {
+        let logits = self.forward(inputs, train);
+        match &self.sharding.tp {
+            Some(g) => loss::vocab_parallel_cross_entropy(
+                logits,
+                targets,
+                denominator,
+                self.sharding.vocab_start,
+                g,
+            ),
+            None => loss::cross_entropy(logits, targets, denominator),
+        }
+    }
+
+    /// Token embeddings `[n, h]`. Vocabulary-parallel: each rank looks up the ids in its
+    /// rows, zeros the others, and the group sums.
+    fn embed(&self, tokens: &[u32]) -> Tensor<B, 2> {
+        let device = self.embed_tokens.device();
+        let n = tokens.len();
+        let Some(g) = &self.sharding.tp else {
+            let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+            let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &device);
+            return self.embed_tokens.val().select(0, ids);
+        };
+        let rows = self.embed_tokens.dims()[0];
+        let start = self.sharding.vocab_start;
+        let local = |t: u32| (t as usize).checked_sub(start).filter(|&i| i < rows);
+        let ids: Vec<i64> = tokens
+            .iter()
+            .map(|&t| local(t).map_or(0, |i| i as i64))
+            .collect();
+        let keep: Vec<f32> = tokens
+            .iter()
+            .map(|&t| if local(t).is_some() { 1.0 } else { 0.0 })
+            .collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &device);
+        let keep = Tensor::<B, 2>::from_data(TensorData::new(keep, [n, 1]), &device);
+        reduce_from(self.embed_tokens.val().select(0, ids) * keep, g)
     }
 }
 

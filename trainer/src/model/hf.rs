@@ -194,6 +194,7 @@ pub fn from_hf_tensors<B: Backend>(
         lm_head,
         config: config.clone(),
         inv_freq: rope::inv_freq(config),
+        sharding: Default::default(),
     })
 }
 

@@ -6,6 +6,8 @@ use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 
 use checkpoint::HostTensor;
 
+use crate::collective::{reduce_from, Collective, Group};
+
 /// The low-rank update of one [`Linear`] (PEFT's `lora_A`, `lora_B`).
 #[derive(Module, Debug)]
 pub struct Lora<B: Backend> {
@@ -83,10 +85,27 @@ impl<B: Backend> Linear<B> {
 
     /// `x: [n, in]` → `[n, out]`.
     pub fn forward(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
-        let mut y = x.clone().matmul(self.weight.val());
-        if let Some(bias) = &self.bias {
-            y = y + bias.val().unsqueeze_dim(0);
+        self.add_bias(self.forward_unbiased(x, train))
+    }
+
+    /// A row-parallel projection (Megatron's `RowParallelLinear`): `x` holds this rank's
+    /// slice of the input features, the weight (and LoRA's A) the matching rows; the
+    /// partial products are summed over `group`, then the (replicated) bias is added.
+    /// LoRA's replicated B sees a partial input, so its gradient is partial too (summed
+    /// over the group after the backward pass).
+    pub fn forward_row(&self, x: Tensor<B, 2>, train: bool, group: Option<&Group>) -> Tensor<B, 2>
+    where
+        B: Collective,
+    {
+        match group {
+            Some(g) => self.add_bias(reduce_from(self.forward_unbiased(x, train), g)),
+            None => self.forward(x, train),
         }
+    }
+
+    /// `x·W + s·dropout(x)·A·B`, without the bias.
+    pub fn forward_unbiased(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+        let mut y = x.clone().matmul(self.weight.val());
         if let Some(lora) = &self.lora {
             let x = if train && lora.dropout > 0.0 {
                 let keep = 1.0 - lora.dropout;
@@ -100,6 +119,13 @@ impl<B: Backend> Linear<B> {
             y = y + update.mul_scalar(lora.scale);
         }
         y
+    }
+
+    fn add_bias(&self, y: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.bias {
+            Some(bias) => y + bias.val().unsqueeze_dim(0),
+            None => y,
+        }
     }
 
     /// HF `[out, in]` weight with the LoRA update merged in: `W + s·(A·B)ᵀ`.

@@ -5,13 +5,15 @@ pub mod decoder;
 pub mod hf;
 pub mod linear;
 pub mod rope;
+pub mod shard;
 
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
 
 pub use config::{Family, ModelConfig, MoeConfig, RopeScaling};
-pub use decoder::{CausalLm, Inputs};
+pub use decoder::{CausalLm, Inputs, Sharding};
+pub use shard::{Placement, TensorParallel};
 
 use crate::error::Result;
 

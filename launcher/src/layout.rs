@@ -1,0 +1,144 @@
+//! `[parallel]`: the dp×tp×pp×ep layout of a job, resolved against the world size and
+//! checked against the model before any process starts.
+
+use serde::{Deserialize, Serialize};
+
+use parallel::Layout;
+use trainer::ModelConfig;
+
+use crate::config::TrainingSection;
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    /// Data-parallel ranks; by default the world size divided by tp × pp × ep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<usize>,
+    /// Tensor-parallel ranks: attention heads, MLP columns and the vocabulary are split
+    /// over them (Megatron's layout). Must divide the ranks per node.
+    #[serde(default = "one")]
+    pub tp: usize,
+    /// Pipeline stages.
+    #[serde(default = "one")]
+    pub pp: usize,
+    /// Expert-parallel ranks (Mixtral): experts are spread over them; carved out of data
+    /// parallelism as in Megatron (dense weights are replicated over dp × ep).
+    #[serde(default = "one")]
+    pub ep: usize,
+    /// Rows per micro-batch; when given it takes precedence over `training.micro_batch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch: Option<usize>,
+    /// Pipeline schedule: "1f1b" (default), "gpipe" or "interleaved".
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    /// ZeRO-1: shard AdamW state across data-parallel ranks (each rank steps and then
+    /// broadcasts the parameters it owns).
+    #[serde(default)]
+    pub zero1: bool,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        Self {
+            dp: None,
+            tp: 1,
+            pp: 1,
+            ep: 1,
+            micro_batch: None,
+            schedule: default_schedule(),
+            zero1: false,
+        }
+    }
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_schedule() -> String {
+    "1f1b".into()
+}
+
+impl ParallelSection {
+    /// Checks that need neither the world size nor the model.
+    pub fn validate(&self, training: &TrainingSection) -> Result<(), String> {
+        for (key, v) in [("tp", self.tp), ("pp", self.pp), ("ep", self.ep)] {
+            if v == 0 {
+                return Err(format!("parallel.{key}: must be at least 1"));
+            }
+        }
+        if self.dp == Some(0) {
+            return Err("parallel.dp: must be at least 1".into());
+        }
+        if self.micro_batch == Some(0) {
+            return Err("parallel.micro_batch: must be at least 1".into());
+        }
+        if !["1f1b", "gpipe", "interleaved"].contains(&self.schedule.as_str()) {
+            return Err(format!(
+                "parallel.schedule: `{}`: expected \"1f1b\", \"gpipe\" or \"interleaved\"",
+                self.schedule
+            ));
+        }
+        if self.pp > 1 {
+            return Err(format!(
+                "parallel.pp: {}: pipeline parallelism is not available yet; use tp and dp",
+                self.pp
+            ));
+        }
+        if self.ep > 1 {
+            return Err(format!(
+                "parallel.ep: {}: expert parallelism is not available yet; use tp and dp",
+                self.ep
+            ));
+        }
+        let _ = training;
+        Ok(())
+    }
+
+    /// The layout over `world` ranks, `local_world` of them per node when known.
+    pub fn layout(&self, world: usize, local_world: Option<usize>) -> Result<Layout, String> {
+        let model_ranks = self.tp * self.pp * self.ep;
+        let dp = match self.dp {
+            Some(dp) => dp,
+            None if world.is_multiple_of(model_ranks) => world / model_ranks,
+            None => {
+                return Err(format!(
+                    "parallel: tp×pp×ep = {}×{}×{} = {model_ranks} must divide the {world} ranks \
+                     of the job",
+                    self.tp, self.pp, self.ep
+                ))
+            }
+        };
+        let layout = Layout {
+            dp,
+            tp: self.tp,
+            pp: self.pp,
+            ep: self.ep,
+        };
+        layout
+            .check(world, local_world)
+            .map_err(|e| format!("parallel: {e}"))?;
+        Ok(layout)
+    }
+}
+
+/// What the model requires of a layout (heads, experts and layers divisible), and what the
+/// batch requires (every data rank an equal share of whole micro-batches).
+pub fn check_job(
+    layout: &Layout,
+    model: &ModelConfig,
+    training: &TrainingSection,
+) -> Result<(), String> {
+    trainer::model::shard::check_layout(model, layout).map_err(|e| format!("parallel: {e}"))?;
+    let per_step = training.micro_batch * layout.data_ranks();
+    if !training.global_batch.is_multiple_of(per_step) {
+        return Err(format!(
+            "training.global_batch: {} must be a multiple of micro_batch {} × data-parallel \
+             ranks {} (dp×ep; every data rank takes an equal share)",
+            training.global_batch,
+            training.micro_batch,
+            layout.data_ranks()
+        ));
+    }
+    Ok(())
+}

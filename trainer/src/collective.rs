@@ -1,0 +1,208 @@
+//! Differentiable collectives: Megatron's conjugate pair `f` ([`copy_to`]: identity forward,
+//! all-reduce of the gradient backward) and `g` ([`reduce_from`]: all-reduce forward,
+//! identity backward), as burn autodiff operations with a custom backward.
+//!
+//! A collective that fails inside a backward pass cannot return an error through burn's
+//! autodiff, so the [`Group`] records the first failure, stops communicating (its peers
+//! will time out rather than hang) and [`Group::check`] reports it after the pass.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{try_read_sync, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+use parallel::{Collectives, Communicator, ReduceOp};
+
+/// A communicator the model's differentiable collectives run over (one tensor-parallel
+/// group), with the first failure kept for [`Group::check`].
+#[derive(Clone)]
+pub struct Group {
+    comm: Arc<dyn Communicator>,
+    failure: Arc<Mutex<Option<parallel::Error>>>,
+}
+
+impl fmt::Debug for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Group(rank {} of {})",
+            self.comm.rank(),
+            self.comm.size()
+        )
+    }
+}
+
+impl Group {
+    pub fn new(comm: Arc<dyn Communicator>) -> Self {
+        Self {
+            comm,
+            failure: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn size(&self) -> usize {
+        self.comm.size()
+    }
+
+    pub fn comm(&self) -> &Arc<dyn Communicator> {
+        &self.comm
+    }
+
+    /// The first collective failure since the last check, if any.
+    pub fn check(&self) -> parallel::Result<()> {
+        match self.failure.lock().map(|mut f| f.take()) {
+            Ok(Some(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.failure.lock().map_or(true, |f| f.is_some())
+    }
+
+    fn fail(&self, e: parallel::Error) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(e);
+        }
+    }
+
+    /// Run `op` on a host copy of `x` (as f32) and bring the result back in `x`'s dtype.
+    /// After a failure, `x` comes back unchanged.
+    fn on_host<B: Backend>(
+        &self,
+        x: FloatTensor<B>,
+        op: impl FnOnce(&dyn Communicator, &mut Vec<f32>) -> parallel::Result<()>,
+    ) -> FloatTensor<B> {
+        if self.comm.size() == 1 || self.failed() {
+            return x;
+        }
+        let device = B::float_device(&x);
+        let shape = x.shape();
+        let data = match try_read_sync(B::float_into_data(x)) {
+            Some(Ok(d)) => d,
+            _ => {
+                self.fail(parallel::Error::InvalidArgument(
+                    "could not read a tensor back from the device".into(),
+                ));
+                return B::float_from_data(
+                    TensorData::new(vec![0f32; shape.num_elements()], shape),
+                    &device,
+                );
+            }
+        };
+        let dtype = data.dtype;
+        let mut values = data.convert::<f32>().into_vec::<f32>().unwrap_or_default();
+        if let Err(e) = op(self.comm.as_ref(), &mut values) {
+            self.fail(e);
+        }
+        B::float_from_data(TensorData::new(values, shape).convert_dtype(dtype), &device)
+    }
+
+    /// Sum `x` over the group (not differentiable).
+    pub fn all_reduce_primitive<B: Backend>(&self, x: FloatTensor<B>) -> FloatTensor<B> {
+        self.on_host::<B>(x, |c, v| c.all_reduce(v, ReduceOp::Sum))
+    }
+
+    /// Element-wise maximum of `x` over the group (not differentiable).
+    pub fn all_max<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = x.into_primitive().tensor();
+        let out = self.on_host::<B>(x, |c, v| c.all_reduce(v, ReduceOp::Max));
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+/// Backends the model's tensor-parallel collectives run on.
+pub trait Collective: Backend {
+    /// Identity forward; the gradient is summed over `group` backward (Megatron's `f`).
+    fn copy_to(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self>;
+    /// Sum over `group` forward; identity backward (Megatron's `g`).
+    fn reduce_from(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self>;
+}
+
+/// A training backend whose inner (evaluation) backend runs the same collectives.
+pub trait TrainBackend: AutodiffBackend<InnerBackend: Collective> + Collective {}
+
+impl<B> TrainBackend for B where B: AutodiffBackend<InnerBackend: Collective> + Collective {}
+
+/// Megatron's `f` on a tensor: the input of a column-parallel region.
+pub fn copy_to<B: Collective, const D: usize>(x: Tensor<B, D>, group: &Group) -> Tensor<B, D> {
+    let out = B::copy_to(x.into_primitive().tensor(), group);
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Megatron's `g` on a tensor: the output of a row-parallel region.
+pub fn reduce_from<B: Collective, const D: usize>(x: Tensor<B, D>, group: &Group) -> Tensor<B, D> {
+    let out = B::reduce_from(x.into_primitive().tensor(), group);
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+macro_rules! plain_collective {
+    ($backend:ty) => {
+        impl Collective for $backend {
+            fn copy_to(x: FloatTensor<Self>, _group: &Group) -> FloatTensor<Self> {
+                x
+            }
+            fn reduce_from(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self> {
+                group.all_reduce_primitive::<Self>(x)
+            }
+        }
+    };
+}
+
+plain_collective!(burn::backend::Flex);
+#[cfg(feature = "cuda")]
+plain_collective!(burn::backend::Cuda);
+
+#[derive(Debug)]
+struct CopyTo;
+
+impl<B: Collective> Backward<B, 1> for CopyTo {
+    type State = Group;
+
+    fn backward(self, ops: Ops<Group, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let group = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |g| B::reduce_from(g, &group));
+    }
+}
+
+#[derive(Debug)]
+struct ReduceFrom;
+
+impl<B: Collective> Backward<B, 1> for ReduceFrom {
+    type State = ();
+
+    fn backward(self, ops: Ops<(), 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        unary::<B, _>(ops.parents, ops.node, grads, |g| g);
+    }
+}
+
+impl<B: Collective, C: CheckpointStrategy> Collective for Autodiff<B, C> {
+    fn copy_to(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self> {
+        match CopyTo
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(group.clone(), x.primitive),
+            OpsKind::UnTracked(prep) => prep.finish(x.primitive),
+        }
+    }
+
+    fn reduce_from(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self> {
+        let out = B::reduce_from(x.primitive, group);
+        ReduceFrom
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateless(out)
+    }
+}
