@@ -247,7 +247,8 @@ pub fn run_on<B: Collective>(
         let tokens_per_s = s.tokens as f64 / s.seconds.max(1e-9);
         let extra = json!({"lr": s.lr, "tokens_per_s": tokens_per_s, "grad_norm": s.grad_norm,
                            "tokens": s.tokens, "supervised_tokens": s.supervised_tokens,
-                           "optimizer_state_elems": trainer.optimizer_state_elems()});
+                           "optimizer_state_elems": trainer.optimizer_state_elems(),
+                           "param_elems": trainer.param_elems(), "grad_elems": s.grad_elems});
         events.step(&s, trainer.collective_seq(), extra)?;
         if let Some(rows) = &eval_rows {
             if t.eval_every > 0 && s.step % t.eval_every == 0 && s.step < t.max_steps {

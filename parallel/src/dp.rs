@@ -273,7 +273,8 @@ fn device_of<B: Backend, M: burn::module::Module<B>>(module: &M) -> Result<B::De
         .ok_or_else(|| Error::InvalidArgument("the module has no parameters".into()))
 }
 
-fn has_grad<B: AutodiffBackend>(grads: &GradientsParams, p: &ParamInfo) -> bool {
+/// Whether `grads` holds a gradient for `p`.
+pub fn has_grad<B: AutodiffBackend>(grads: &GradientsParams, p: &ParamInfo) -> bool {
     match p.shape.len() {
         1 => grads.get::<B::InnerBackend, 1>(p.id).is_some(),
         2 => grads.get::<B::InnerBackend, 2>(p.id).is_some(),

@@ -87,6 +87,8 @@ pub struct StepStats {
     /// Tokens processed (padding excluded) and supervised.
     pub tokens: usize,
     pub supervised_tokens: usize,
+    /// Gradient elements this rank computed (its shard of the model's trainable part).
+    pub grad_elems: usize,
     pub seconds: f64,
 }
 
@@ -171,6 +173,14 @@ impl<B: TrainBackend> Trainer<B> {
             .sum()
     }
 
+    /// Elements of the parameters this rank holds, trainable or not.
+    pub fn param_elems(&self) -> usize {
+        parallel::dp::params_by_path(self.model())
+            .iter()
+            .map(parallel::dp::ParamInfo::numel)
+            .sum()
+    }
+
     /// Collectives issued so far on the data-parallel group (0 without one).
     pub fn collective_seq(&self) -> u64 {
         self.dp.as_ref().map_or(0, |dp| dp.comm().seq())
@@ -241,6 +251,11 @@ impl<B: TrainBackend> Trainer<B> {
         let lr = self.opts.schedule.lr_at(self.step);
         self.step += 1;
         let mut grads = grads;
+        let grad_elems = parallel::dp::params_by_path(&model)
+            .iter()
+            .filter(|p| parallel::dp::has_grad::<B>(&grads, p))
+            .map(parallel::dp::ParamInfo::numel)
+            .sum();
         let model = match &self.dp {
             Some(dp) => {
                 dp.keep_owned_grads(&model, &mut grads);
@@ -256,6 +271,7 @@ impl<B: TrainBackend> Trainer<B> {
             grad_norm,
             tokens,
             supervised_tokens: denominator,
+            grad_elems,
             seconds: start.elapsed().as_secs_f64(),
         })
     }
