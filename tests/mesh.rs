@@ -13,6 +13,22 @@ use serde_json::Value;
 
 const STEPS: u64 = 5;
 
+/// Every layout the acceptance names, as `--set` overrides (dp follows from the world).
+const LAYOUTS: &[(&str, usize, &[&str])] = &[
+    ("tp2", 2, &["parallel.tp=2"]),
+    ("pp2 1F1B", 2, &["parallel.pp=2"]),
+    (
+        "pp2 GPipe",
+        2,
+        &["parallel.pp=2", "parallel.schedule=gpipe"],
+    ),
+    ("dp2×tp2", 4, &["parallel.tp=2"]),
+    ("tp2×pp2", 4, &["parallel.tp=2", "parallel.pp=2"]),
+    ("dp2×pp2", 4, &["parallel.pp=2"]),
+    ("dp2×tp2×pp2", 8, &["parallel.tp=2", "parallel.pp=2"]),
+    ("tp4 > kv heads", 4, &["parallel.tp=4"]),
+];
+
 /// LoRA on every projection kind: column (q, k, v, gate/up, w1/w3, head) and row (o, down, w2).
 const LORA_TARGETS: &str = "[\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \
                             \"up_proj\", \"down_proj\", \"w1\", \"w2\", \"w3\", \"lm_head\"]";
@@ -21,12 +37,13 @@ fn write_job(dir: &Path, model: &str, lora: bool) -> PathBuf {
     let data = fixtures().join("data");
     let mut body = format!(
         "[job]\nname = \"mesh\"\nrun_dir = \"{run}\"\n[model]\npath = \"{model}\"\n[data]\n\
-         train = \"{train}\"\nmax_seq_len = 64\npacking = false\n[training]\nmax_steps = {STEPS}\n\
+         train = \"{train}\"\neval = \"{eval}\"\nmax_seq_len = 64\npacking = false\n[training]\nmax_steps = {STEPS}\n\
          global_batch = 8\nmicro_batch = 1\nlr = 1e-2\nseed = 3\nwarmup_steps = 2\n\
          max_grad_norm = 0.8\n",
         run = dir.join("run").display(),
         model = model_dir(model).display(),
         train = data.join("train_tokens.jsonl").display(),
+        eval = data.join("eval_tokens.jsonl").display(),
     );
     if lora {
         // llama3 has no w1/w2/w3 and mixtral no gate/up/down: PEFT-style targets match what
@@ -60,15 +77,27 @@ fn run_launch(job: &Path, nproc: usize, sets: &[&str]) -> Output {
     c.output().expect("launch runs")
 }
 
-/// Step events of every rank of a finished run.
-fn step_events(job: &Path) -> Vec<Value> {
+/// Events named `name` of a finished run.
+fn events(job: &Path, name: &str) -> Vec<Value> {
     let run = job.parent().expect("dir").join("run");
     std::fs::read_to_string(run.join("events.jsonl"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["event"] == "step")
+        .filter(|e| e["event"] == name)
         .collect()
+}
+
+fn step_events(job: &Path) -> Vec<Value> {
+    events(job, "step")
+}
+
+/// The loss of the evaluation after the last step.
+fn eval_loss(job: &Path) -> f64 {
+    events(job, "eval")
+        .last()
+        .and_then(|e| e["loss"].as_f64())
+        .expect("an eval event")
 }
 
 /// Train and return, per rank, `(loss, grad_norm)` at each step.
@@ -137,22 +166,24 @@ fn tensor_parallel_layouts_give_the_losses_and_norms_of_one_process() {
         let what = format!("{model} {}", if lora { "lora" } else { "full" });
         let one = train(&job, 1, &[]).remove(0);
         let one_export = exported(&job, lora);
+        let one_eval = eval_loss(&job);
         assert!(one[STEPS as usize - 1].0 < one[0].0, "{what}: {one:?}");
         assert!(
             one.iter().any(|s| s.1 > 0.8),
             "{what}: clipping at 0.8 is exercised: {one:?}"
         );
-        for (name, nproc, tp) in [("tp2", 2, 2), ("dp2×tp2", 4, 2), ("tp4 > kv heads", 4, 4)] {
-            if model == "qwen2" && tp == 4 {
+        for (name, nproc, sets) in LAYOUTS {
+            if model == "qwen2" && !name.starts_with("tp2") {
                 continue;
             }
-            let set = format!("parallel.tp={tp}");
-            let got = train(&job, nproc, &[&set]);
-            assert_same(&one, &got, &format!("{what} {name}"));
-            assert_same_tensors(
-                &one_export,
-                &exported(&job, lora),
-                &format!("{what} {name}"),
+            let what = format!("{what} {name}");
+            let got = train(&job, *nproc, sets);
+            assert_same(&one, &got, &what);
+            assert_same_tensors(&one_export, &exported(&job, lora), &what);
+            let eval = eval_loss(&job);
+            assert!(
+                rel_diff(eval, one_eval) < 1e-4,
+                "{what}: eval {eval} vs {one_eval}"
             );
         }
     }
@@ -298,6 +329,16 @@ fn layouts_that_cannot_work_are_refused_before_any_process_starts() {
             "tp=3 must divide the attention heads (4)",
         ),
         (3, vec!["parallel.tp=2"], "= 2 must divide the 3 ranks"),
+        (
+            3,
+            vec!["parallel.pp=3"],
+            "pp=3 cannot exceed the layers (2)",
+        ),
+        (
+            2,
+            vec!["parallel.pp=2", "parallel.stage_layers=[2, 1]"],
+            "add up to 3 layers",
+        ),
         (
             4,
             vec!["parallel.tp=2", "parallel.dp=1"],

@@ -24,7 +24,7 @@ pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
     let model = trainer::ModelConfig::from_dir(&cfg.model.path)?;
     cfg.parallel
         .layout(world, Some(cfg.launch.nproc_per_node))
-        .and_then(|layout| crate::layout::check_job(&layout, &model, t))
+        .and_then(|layout| crate::layout::check_job(&cfg.parallel, &layout, &model, t))
         .map_err(|message| Error::Config {
             file: config.to_path_buf(),
             message,

@@ -28,9 +28,13 @@ pub struct ParallelSection {
     /// Rows per micro-batch; when given it takes precedence over `training.micro_batch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub micro_batch: Option<usize>,
-    /// Pipeline schedule: "1f1b" (default), "gpipe" or "interleaved".
+    /// Pipeline schedule: "1f1b" (default) or "gpipe" ("interleaved" is not available yet).
     #[serde(default = "default_schedule")]
     pub schedule: String,
+    /// Layers of each pipeline stage, set by hand (`pp` entries summing to the layers);
+    /// by default balanced by cost (the head counts on the last stage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_layers: Option<Vec<usize>>,
     /// ZeRO-1: shard AdamW state across data-parallel ranks (each rank steps and then
     /// broadcasts the parameters it owns).
     #[serde(default)]
@@ -46,6 +50,7 @@ impl Default for ParallelSection {
             ep: 1,
             micro_batch: None,
             schedule: default_schedule(),
+            stage_layers: None,
             zero1: false,
         }
     }
@@ -79,11 +84,21 @@ impl ParallelSection {
                 self.schedule
             ));
         }
-        if self.pp > 1 {
-            return Err(format!(
-                "parallel.pp: {}: pipeline parallelism is not available yet; use tp and dp",
-                self.pp
-            ));
+        if self.schedule == "interleaved" {
+            return Err(
+                "parallel.schedule: \"interleaved\" (virtual stages) is not available yet; \
+                 use \"1f1b\" or \"gpipe\""
+                    .into(),
+            );
+        }
+        if let Some(layers) = &self.stage_layers {
+            if layers.len() != self.pp || layers.contains(&0) {
+                return Err(format!(
+                    "parallel.stage_layers: {layers:?} must give pp={} stages at least one \
+                     layer each",
+                    self.pp
+                ));
+            }
         }
         if self.ep > 1 {
             return Err(format!(
@@ -93,6 +108,34 @@ impl ParallelSection {
         }
         let _ = training;
         Ok(())
+    }
+
+    /// Layers per pipeline stage for `model`: as set by hand, or balanced by cost.
+    pub fn stage_sizes(&self, model: &ModelConfig) -> Result<Vec<usize>, String> {
+        match &self.stage_layers {
+            Some(layers) => {
+                let total: usize = layers.iter().sum();
+                if total != model.num_layers {
+                    return Err(format!(
+                        "parallel.stage_layers: {layers:?} add up to {total} layers, but the \
+                         model has {}",
+                        model.num_layers
+                    ));
+                }
+                Ok(layers.clone())
+            }
+            None => Ok(trainer::pipeline::balance(
+                &trainer::pipeline::layer_costs(model),
+                self.pp,
+            )),
+        }
+    }
+
+    pub fn pipeline_schedule(&self) -> trainer::pipeline::Schedule {
+        match self.schedule.as_str() {
+            "gpipe" => trainer::pipeline::Schedule::GPipe,
+            _ => trainer::pipeline::Schedule::OneFOneB,
+        }
     }
 
     /// The layout over `world` ranks, `local_world` of them per node when known.
@@ -125,11 +168,15 @@ impl ParallelSection {
 /// What the model requires of a layout (heads, experts and layers divisible), and what the
 /// batch requires (every data rank an equal share of whole micro-batches).
 pub fn check_job(
+    p: &ParallelSection,
     layout: &Layout,
     model: &ModelConfig,
     training: &TrainingSection,
 ) -> Result<(), String> {
     trainer::model::shard::check_layout(model, layout).map_err(|e| format!("parallel: {e}"))?;
+    if layout.pp > 1 {
+        p.stage_sizes(model)?;
+    }
     let per_step = training.micro_batch * layout.data_ranks();
     if !training.global_batch.is_multiple_of(per_step) {
         return Err(format!(

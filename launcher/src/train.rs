@@ -10,6 +10,7 @@ use parallel::{Collectives, Context, Mesh, ReduceOp, Reporter};
 use serde_json::{json, Value};
 use trainer::collective::Group;
 use trainer::data::Row;
+use trainer::pipeline::Pipeline;
 use trainer::{AdamWOptions, Schedule, ScheduleKind, StepStats, TrainOptions, Trainer};
 use trainer::{Collective, TrainBackend};
 
@@ -217,8 +218,21 @@ pub fn run_on<B: Collective>(
         cfg.training.seed,
         device,
     )?;
-    // The whole model is built, then cut: each rank keeps only its slices (a checkpoint
-    // read slice by slice comes with sharded checkpoints).
+    // The whole model is built, then cut: each rank keeps only its stage's layers and its
+    // slices of them (a checkpoint read slice by slice comes with sharded checkpoints).
+    let config_error = |message| crate::error::Error::Config {
+        file: "config".into(),
+        message,
+    };
+    let model = if layout.pp > 1 {
+        let sizes = cfg
+            .parallel
+            .stage_sizes(&model.config)
+            .map_err(config_error)?;
+        trainer::pipeline::keep_stage(model, &sizes, mesh.coords.pp)
+    } else {
+        model
+    };
     let (model, tensor_parallel) = if layout.tp > 1 {
         let (m, tp) = trainer::model::shard::shard(model, Group::new(mesh.tp.clone()))?;
         (m, Some(tp))
@@ -237,6 +251,11 @@ pub fn run_on<B: Collective>(
     }
     if let Some(tp) = tensor_parallel {
         trainer = trainer.with_tensor_parallel(tp, mesh.model.clone());
+    }
+    if layout.pp > 1 {
+        let schedule = cfg.parallel.pipeline_schedule();
+        let pipeline = Pipeline::new(mesh.pp.clone(), trainer.model(), schedule)?;
+        trainer = trainer.with_pipeline(pipeline, mesh.model.clone());
     }
     let t = &cfg.training;
     events.phase("train");
@@ -260,11 +279,30 @@ pub fn run_on<B: Collective>(
         events.phase("eval");
         evaluate(&trainer, rows, t.micro_batch, &mesh, events)?;
     }
-    // Every rank takes part in gathering the slices; rank 0 writes.
+    // Every rank takes part in gathering the slices, the first replica's stages send
+    // theirs to rank 0, which writes.
     let model = trainer::model::shard::unshard(trainer.into_model())?;
-    if !lead {
+    let model = if layout.pp == 1 {
+        Some(model)
+    } else if (mesh.coords.tp, mesh.coords.ep, mesh.coords.dp) == (0, 0, 0) {
+        let whole = if lead {
+            let (m, _) = setup::model::<Autodiff<B>>(
+                &cfg.model.path,
+                cfg.lora.as_ref(),
+                cfg.training.seed,
+                device,
+            )?;
+            Some(m)
+        } else {
+            None
+        };
+        trainer::pipeline::gather_stages(&model, mesh.pp.as_ref(), whole)?
+    } else {
+        None
+    };
+    let Some(model) = model.filter(|_| lead) else {
         return Ok(());
-    }
+    };
 
     events.phase("export");
     let dtype = export_dtype(&cfg.export.dtype);
@@ -300,7 +338,7 @@ fn evaluate<B: TrainBackend>(
     let (rank, world) = (mesh.data.rank(), mesh.data.size());
     let share = |r: usize| r * rows.len() / world;
     let mine = &rows[share(rank)..share(rank + 1)];
-    let r = trainer::evaluate_trained(trainer.model(), mine, micro_batch)?;
+    let r = trainer.evaluate(mine, micro_batch)?;
     let mut sums = [r.loss * r.tokens as f64, r.tokens as f64];
     mesh.data.all_reduce(&mut sums, ReduceOp::Sum)?;
     let tokens = sums[1] as usize;

@@ -100,6 +100,13 @@ pub trait Communicator: Send + Sync {
     /// Point to point: `buf` to `peer`, which must call `recv_bytes` with the same length.
     fn send_bytes(&self, buf: &[u8], peer: usize) -> Result<()>;
     fn recv_bytes(&self, buf: &mut [u8], peer: usize) -> Result<()>;
+    /// `send` to `to` while receiving `recv.len()` bytes from `from`, neither waiting for
+    /// the other (a pipeline stage passing activations on while taking gradients back).
+    /// The peers call `recv_bytes`/`send_bytes` or this. By default one after the other.
+    fn send_recv_bytes(&self, send: &[u8], to: usize, recv: &mut [u8], from: usize) -> Result<()> {
+        self.send_bytes(send, to)?;
+        self.recv_bytes(recv, from)
+    }
     /// `send[j]` goes to rank `j` (any lengths, empty included); the result's element `j`
     /// is what rank `j` sent here.
     fn all_to_all_bytes(&self, send: &[&[u8]]) -> Result<Vec<Vec<u8>>>;
@@ -121,6 +128,14 @@ pub trait Collectives {
     fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()>;
     fn send<T: Element>(&self, buf: &[T], peer: usize) -> Result<()>;
     fn recv<T: Element>(&self, buf: &mut [T], peer: usize) -> Result<()>;
+    /// `send` to `to` while receiving into `recv` from `from`.
+    fn send_recv<T: Element>(
+        &self,
+        send: &[T],
+        to: usize,
+        recv: &mut [T],
+        from: usize,
+    ) -> Result<()>;
     /// Uneven all-to-all: `input` is cut into `send_counts` (elements, one per rank, in
     /// rank order); returns what arrived, concatenated in rank order, and the count from
     /// each rank.
@@ -173,6 +188,21 @@ impl<C: Communicator + ?Sized> Collectives for C {
 
     fn recv<T: Element>(&self, buf: &mut [T], peer: usize) -> Result<()> {
         self.recv_bytes(bytemuck::cast_slice_mut(buf), peer)
+    }
+
+    fn send_recv<T: Element>(
+        &self,
+        send: &[T],
+        to: usize,
+        recv: &mut [T],
+        from: usize,
+    ) -> Result<()> {
+        self.send_recv_bytes(
+            bytemuck::cast_slice(send),
+            to,
+            bytemuck::cast_slice_mut(recv),
+            from,
+        )
     }
 
     fn all_to_all<T: Element>(

@@ -244,6 +244,26 @@ pub fn all_reduce_params<B: AutodiffBackend, M: AutodiffModule<B>>(
     Ok(())
 }
 
+/// Every float parameter's values (as f32) by module path.
+pub fn values_by_path<B: Backend, M: burn::module::Module<B>>(
+    module: &M,
+) -> BTreeMap<String, Vec<f32>> {
+    let all = params_by_path(module).into_iter().map(|p| p.path).collect();
+    HostParams::collect(module, all)
+}
+
+/// Put `values` (by module path, same shapes) into `module`'s parameters; parameters not
+/// named keep theirs.
+pub fn replace_by_path<B: Backend, M: burn::module::Module<B>>(
+    module: M,
+    values: BTreeMap<String, Vec<f32>>,
+) -> M {
+    module.map(&mut Replace {
+        path: Vec::new(),
+        values,
+    })
+}
+
 /// Contiguous, element-balanced split of `params` (in their order) into `parts` owners.
 pub fn partition(params: &[ParamInfo], parts: usize) -> BTreeMap<String, usize> {
     let total: usize = params.iter().map(ParamInfo::numel).sum();

@@ -28,6 +28,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod pipeline;
 pub mod train;
 
 pub use collective::{Collective, TrainBackend};

@@ -104,7 +104,7 @@ impl LoraSpec {
 pub fn add_lora<B: Backend>(model: CausalLm<B>, spec: &LoraSpec, seed: u64) -> Result<CausalLm<B>> {
     spec.validate()?;
     let mut model = model.no_grad();
-    let device = model.embed_tokens.device();
+    let device = model.device();
     let mut matched = 0;
     for (name, linear) in linears_mut(&mut model) {
         if !spec.targets.iter().any(|t| t == leaf_name(&name)) {
@@ -227,7 +227,7 @@ pub fn load_adapter<B: Backend>(
     spec.validate()?;
     let file = dir.join("adapter_model.safetensors");
     let mut model = model.no_grad();
-    let device = model.embed_tokens.device();
+    let device = model.device();
     for (name, linear) in linears_mut(&mut model) {
         let prefix = format!("base_model.model.{name}");
         let (ka, kb) = (

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::loss::supervised;
 use crate::model::{CausalLm, Inputs, TensorParallel};
 use crate::optim::{clip_to, grad_sq_sum, AdamWOptions, Schedule};
+use crate::pipeline::Pipeline;
 
 /// How to train: batch sizes, optimizer, schedule, clipping, seed.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,6 +103,7 @@ pub struct Trainer<B: TrainBackend> {
     epochs: Epochs,
     dp: Option<DataParallel>,
     tp: Option<TensorParallel>,
+    pipeline: Option<Pipeline>,
     /// The ranks holding one whole replica of the model, over which the squared gradient
     /// norm is summed (`None`: this rank holds all of it).
     replica: Option<Arc<dyn Communicator>>,
@@ -111,7 +113,7 @@ impl<B: TrainBackend> Trainer<B> {
     pub fn new(model: CausalLm<B>, rows: Vec<Row>, opts: TrainOptions) -> Result<Self> {
         opts.validate(rows.len())?;
         check_vocab(&rows, model.config.vocab_size)?;
-        B::seed(&model.embed_tokens.device(), opts.seed);
+        B::seed(&model.device(), opts.seed);
         let epochs = Epochs::new(rows.len(), opts.seed, opts.shuffle);
         Ok(Self {
             model: Some(model),
@@ -122,6 +124,7 @@ impl<B: TrainBackend> Trainer<B> {
             epochs,
             dp: None,
             tp: None,
+            pipeline: None,
             replica: None,
         })
     }
@@ -158,6 +161,26 @@ impl<B: TrainBackend> Trainer<B> {
         self.tp = Some(tp);
         self.replica = Some(replica);
         self
+    }
+
+    /// Train one stage of a pipeline (a model cut by [`crate::pipeline::keep_stage`]);
+    /// `replica` as for [`Trainer::with_tensor_parallel`].
+    pub fn with_pipeline(mut self, pipeline: Pipeline, replica: Arc<dyn Communicator>) -> Self {
+        self.pipeline = Some(pipeline);
+        self.replica = Some(replica);
+        self
+    }
+
+    /// Mean token loss of `rows` under the current weights (every stage of a pipeline
+    /// takes part; the result is the same on all of them).
+    pub fn evaluate(&self, rows: &[Row], micro_batch: usize) -> Result<EvalResult> {
+        match &self.pipeline {
+            Some(p) => {
+                check_vocab(rows, self.model().config.vocab_size)?;
+                p.evaluate(&self.model().valid(), rows, micro_batch)
+            }
+            None => evaluate_trained(self.model(), rows, micro_batch),
+        }
     }
 
     /// Elements of the trainable parameters this rank keeps optimizer state for (AdamW
@@ -286,19 +309,16 @@ impl<B: TrainBackend> Trainer<B> {
         batches: &[Batch],
         denominator: f64,
     ) -> Result<(f64, f64, GradientsParams)> {
-        let mut accumulated = GradientsAccumulator::<CausalLm<B>>::new();
-        let mut loss_sum = 0.0;
-        let tp_group = model.sharding.tp.as_ref();
-        for batch in batches {
-            let loss = model.loss(&inputs(batch), &batch.targets, denominator, true);
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(loss.backward(), model);
-            if let Some(g) = tp_group {
-                g.check()?;
+        let (mut loss_sum, mut grads) = match &self.pipeline {
+            Some(p) => {
+                let (loss, grads) = p.forward_backward(model, batches, denominator)?;
+                // Only the last stage computed the loss.
+                let mut sum = [loss];
+                p.comm().all_reduce(&mut sum, ReduceOp::Sum)?;
+                (sum[0], grads)
             }
-            accumulated.accumulate(model, grads);
-        }
-        let mut grads = accumulated.grads();
+            None => self.accumulate(model, batches, denominator)?,
+        };
         if let Some(tp) = &self.tp {
             tp.complete_grads(model, &mut grads)?;
         }
@@ -308,7 +328,10 @@ impl<B: TrainBackend> Trainer<B> {
             dp.comm().all_reduce(&mut sum, ReduceOp::Sum)?;
             loss_sum = sum[0];
         }
-        let counted = |id: &_| self.tp.as_ref().is_none_or(|tp| tp.counts_in_norm(id));
+        let counted = |id: &_| {
+            self.tp.as_ref().is_none_or(|tp| tp.counts_in_norm(id))
+                && self.pipeline.as_ref().is_none_or(|p| p.counts_in_norm(id))
+        };
         let mut sq = [grad_sq_sum(model, &grads, counted)];
         if let Some(replica) = &self.replica {
             replica.all_reduce(&mut sq, ReduceOp::Sum)?;
@@ -318,6 +341,27 @@ impl<B: TrainBackend> Trainer<B> {
             clip_to(model, &mut grads, grad_norm, self.opts.max_grad_norm);
         }
         Ok((loss_sum, grad_norm, grads))
+    }
+
+    /// Forward and backward of each micro-batch in turn, gradients summed.
+    fn accumulate(
+        &self,
+        model: &CausalLm<B>,
+        batches: &[Batch],
+        denominator: f64,
+    ) -> Result<(f64, GradientsParams)> {
+        let mut accumulated = GradientsAccumulator::<CausalLm<B>>::new();
+        let mut loss_sum = 0.0;
+        for batch in batches {
+            let loss = model.loss(&inputs(batch), &batch.targets, denominator, true);
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(loss.backward(), model);
+            if let Some(g) = &model.sharding.tp {
+                g.check()?;
+            }
+            accumulated.accumulate(model, grads);
+        }
+        Ok((loss_sum, accumulated.grads()))
     }
 }
 

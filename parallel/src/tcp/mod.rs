@@ -333,6 +333,14 @@ impl Communicator for TcpComm {
         self.run(Op::Recv, 0, false, |call| call.recv_into(peer, buf))
     }
 
+    fn send_recv_bytes(&self, send: &[u8], to: usize, recv: &mut [u8], from: usize) -> Result<()> {
+        self.check_peer("send to", to)?;
+        self.check_peer("recv from", from)?;
+        self.run(Op::Send, 0, false, |call| {
+            call.exchange(to, send, from, recv)
+        })
+    }
+
     fn all_to_all_bytes(&self, send: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
         if send.len() != self.size() {
             return Err(Error::InvalidArgument(format!(

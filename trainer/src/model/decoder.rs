@@ -239,12 +239,14 @@ impl<B: Collective> Layer<B> {
     }
 }
 
-/// A causal language model: embeddings, decoder layers, final norm, LM head.
+/// A causal language model: embeddings, decoder layers, final norm, LM head. A pipeline
+/// stage holds only its layers: the embedding on the first stage (and, tied, on the last
+/// as the head), the final norm and head on the last.
 #[derive(Module, Debug)]
 pub struct CausalLm<B: Backend> {
-    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub embed_tokens: Option<Param<Tensor<B, 2>>>,
     pub layers: Vec<Layer<B>>,
-    pub norm: RmsNorm<B>,
+    pub norm: Option<RmsNorm<B>>,
     /// `None` when the head is tied to the embeddings.
     pub lm_head: Option<Linear<B>>,
     #[module(skip)]
@@ -263,6 +265,26 @@ pub struct Sharding {
     pub tp: Option<Group>,
     /// First vocabulary id of this rank's rows of the embedding and the head.
     pub vocab_start: usize,
+    /// The pipeline stage this rank runs (`None`: all layers).
+    pub stage: Option<Stage>,
+}
+
+/// One pipeline stage: `index` of `count`, holding layers from `first_layer` on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stage {
+    pub index: usize,
+    pub count: usize,
+    pub first_layer: usize,
+}
+
+impl Stage {
+    pub fn is_first(&self) -> bool {
+        self.index == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.count
+    }
 }
 
 /// The token-level inputs of one forward pass, on the host, row-major `[batch, seq]`.
@@ -276,11 +298,45 @@ pub struct Inputs<'a> {
     pub segments: &'a [u32],
 }
 
+impl<B: Backend> CausalLm<B> {
+    /// The device the parameters live on.
+    pub fn device(&self) -> B::Device {
+        self.devices().into_iter().next().unwrap_or_default()
+    }
+
+    /// Global index of `layers[0]`.
+    pub fn first_layer(&self) -> usize {
+        self.sharding.stage.map_or(0, |s| s.first_layer)
+    }
+
+    /// Whether this copy ends in the head (a whole model, or the last pipeline stage).
+    pub fn has_head(&self) -> bool {
+        self.sharding.stage.is_none_or(|s| s.is_last())
+    }
+
+    /// Whether this copy starts from token ids (a whole model, or the first stage).
+    pub fn has_embedding_input(&self) -> bool {
+        self.sharding.stage.is_none_or(|s| s.is_first())
+    }
+}
+
 impl<B: Collective> CausalLm<B> {
     /// Logits `[b·s, vocab]` (under tensor parallelism, this rank's slice of the vocabulary
     /// starting at `sharding.vocab_start`).
     pub fn forward(&self, inputs: &Inputs<'_>, train: bool) -> Tensor<B, 2> {
-        let device = self.embed_tokens.device();
+        self.forward_stage(None, inputs, train)
+    }
+
+    /// The part of the forward pass this rank holds: from the token ids (first stage) or
+    /// the previous stage's hidden states `hidden: [n, h]`, through its layers, to the
+    /// hidden states for the next stage or, on the last stage, the logits.
+    pub fn forward_stage(
+        &self,
+        hidden: Option<Tensor<B, 2>>,
+        inputs: &Inputs<'_>,
+        train: bool,
+    ) -> Tensor<B, 2> {
+        let device = self.device();
         let (b, s) = (inputs.batch, inputs.seq);
         let c = &self.config;
         // Heads held here: all of them, or this rank's share under tensor parallelism.
@@ -307,14 +363,21 @@ impl<B: Collective> CausalLm<B> {
             train,
             tp,
         };
-        let mut x = self.embed(inputs.tokens);
+        let mut x = match hidden {
+            Some(x) => x,
+            None => self.embed(inputs.tokens),
+        };
         for layer in &self.layers {
             x = layer.forward(x, &ctx);
         }
-        let x = enter(self.norm.forward(x), ctx.tp.as_ref());
-        match &self.lm_head {
-            Some(head) => head.forward(x, train),
-            None => x.matmul(self.embed_tokens.val().transpose()),
+        let (Some(norm), true) = (&self.norm, self.has_head()) else {
+            return x;
+        };
+        let x = enter(norm.forward(x), ctx.tp.as_ref());
+        match (&self.lm_head, &self.embed_tokens) {
+            (Some(head), _) => head.forward(x, train),
+            (None, Some(tied)) => x.matmul(tied.val().transpose()),
+            (None, None) => unreachable!("a last stage holds its head or the tied embedding"),
         }
     }
 
@@ -328,7 +391,16 @@ impl<B: Collective> CausalLm<B> {
         denominator: f64,
         train: bool,
     ) -> Tensor<B, 1> {
-        let logits = self.forward(inputs, train);
+        self.loss_of_logits(self.forward(inputs, train), targets, denominator)
+    }
+
+    /// [`CausalLm::loss`] from logits already computed.
+    pub fn loss_of_logits(
+        &self,
+        logits: Tensor<B, 2>,
+        targets: &[i64],
+        denominator: f64,
+    ) -> Tensor<B, 1> {
         match &self.sharding.tp {
             Some(g) => loss::vocab_parallel_cross_entropy(
                 logits,
@@ -344,14 +416,18 @@ impl<B: Collective> CausalLm<B> {
     /// Token embeddings `[n, h]`. Vocabulary-parallel: each rank looks up the ids in its
     /// rows, zeros the others, and the group sums.
     fn embed(&self, tokens: &[u32]) -> Tensor<B, 2> {
-        let device = self.embed_tokens.device();
+        let device = self.device();
         let n = tokens.len();
+        let embed_tokens = self
+            .embed_tokens
+            .as_ref()
+            .expect("the first pipeline stage holds the embedding");
         let Some(g) = &self.sharding.tp else {
             let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
             let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &device);
-            return self.embed_tokens.val().select(0, ids);
+            return embed_tokens.val().select(0, ids);
         };
-        let rows = self.embed_tokens.dims()[0];
+        let rows = embed_tokens.dims()[0];
         let start = self.sharding.vocab_start;
         let local = |t: u32| (t as usize).checked_sub(start).filter(|&i| i < rows);
         let ids: Vec<i64> = tokens
@@ -364,7 +440,7 @@ impl<B: Collective> CausalLm<B> {
             .collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &device);
         let keep = Tensor::<B, 2>::from_data(TensorData::new(keep, [n, 1]), &device);
-        reduce_from(self.embed_tokens.val().select(0, ids) * keep, g)
+        reduce_from(embed_tokens.val().select(0, ids) * keep, g)
     }
 }
 

@@ -188,9 +188,9 @@ pub fn from_hf_tensors<B: Backend>(
         });
     }
     Ok(CausalLm {
-        embed_tokens: param(embed, trainable, device),
+        embed_tokens: Some(param(embed, trainable, device)),
         layers,
-        norm,
+        norm: Some(norm),
         lm_head,
         config: config.clone(),
         inv_freq: rope::inv_freq(config),
@@ -256,9 +256,10 @@ fn check_shape(key: &str, t: &HostTensor, expected: &[usize]) -> Result<()> {
 /// fixed order.
 pub fn linears_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Linear<B>)> {
     let mut out = Vec::new();
+    let first = model.first_layer();
     for (i, layer) in model.layers.iter_mut().enumerate() {
         let a = &mut layer.self_attn;
-        let p = format!("model.layers.{i}");
+        let p = format!("model.layers.{}", first + i);
         out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
         out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
         out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
@@ -289,10 +290,9 @@ pub fn linears_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Lin
 /// The HF state dict of the model, LoRA updates merged into the base weights.
 pub fn to_hf_tensors<B: Backend>(model: &CausalLm<B>) -> TensorMap {
     let mut out = TensorMap::new();
-    out.insert(
-        "model.embed_tokens.weight".into(),
-        to_host(model.embed_tokens.val()),
-    );
+    if let Some(embed) = &model.embed_tokens {
+        out.insert("model.embed_tokens.weight".into(), to_host(embed.val()));
+    }
     let mut copy = model.clone();
     for (name, linear) in linears_mut(&mut copy) {
         out.insert(format!("{name}.weight"), linear.merged_hf_weight());
@@ -301,7 +301,7 @@ pub fn to_hf_tensors<B: Backend>(model: &CausalLm<B>) -> TensorMap {
         }
     }
     for (i, layer) in model.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
+        let p = format!("model.layers.{}", model.first_layer() + i);
         out.insert(
             format!("{p}.input_layernorm.weight"),
             to_host(layer.input_layernorm.weight.val()),
@@ -311,7 +311,9 @@ pub fn to_hf_tensors<B: Backend>(model: &CausalLm<B>) -> TensorMap {
             to_host(layer.post_attention_layernorm.weight.val()),
         );
     }
-    out.insert("model.norm.weight".into(), to_host(model.norm.weight.val()));
+    if let Some(norm) = &model.norm {
+        out.insert("model.norm.weight".into(), to_host(norm.weight.val()));
+    }
     out
 }
 

@@ -220,6 +220,7 @@ pub fn shard<B: Backend>(
     model.sharding = Sharding {
         vocab_start: rank * (c.vocab_size / tp),
         tp: Some(group.clone()),
+        stage: model.sharding.stage,
     };
     Ok((
         model,
@@ -251,7 +252,8 @@ pub fn unshard<B: Backend>(mut model: CausalLm<B>) -> Result<CausalLm<B>> {
         layer.self_attn.num_heads = c.num_heads;
         layer.self_attn.num_kv_heads = c.num_kv_heads;
     }
-    model.sharding = Sharding::default();
+    model.sharding.tp = None;
+    model.sharding.vocab_start = 0;
     Ok(model)
 }
 
@@ -271,7 +273,9 @@ fn walk<B: Backend>(model: &mut CausalLm<B>, tp: usize, f: &mut impl Visit<B>) {
     let c = model.config.clone();
     let sliced = Placement::Sliced { copies: 1 };
     let vocab = Cut::even(0, c.vocab_size, tp);
-    f.param(&mut model.embed_tokens, Some(vocab), sliced);
+    if let Some(embed) = &mut model.embed_tokens {
+        f.param(embed, Some(vocab), sliced);
+    }
     for layer in &mut model.layers {
         for norm in [
             &mut layer.input_layernorm,
@@ -285,7 +289,9 @@ fn walk<B: Backend>(model: &mut CausalLm<B>, tp: usize, f: &mut impl Visit<B>) {
             visit_linear(f, &mut moe.gate, Role::Router);
         }
     }
-    f.param(&mut model.norm.weight, None, Placement::Replicated);
+    if let Some(norm) = &mut model.norm {
+        f.param(&mut norm.weight, None, Placement::Replicated);
+    }
     let d = c.head_dim;
     let kv = if tp <= c.num_kv_heads {
         Cut::even(1, c.num_kv_heads * d, tp)
