@@ -9,19 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
-
-fn events(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
 
 /// Rank 0's loss at each step (and then the eval losses), in order.
 fn losses(run: &Path) -> Vec<f64> {
-    let mut steps: Vec<(u64, f64)> = events(run)
+    let mut steps: Vec<(u64, f64)> = run_events(run)
         .iter()
         .filter(|e| e["event"] == "step" && e["rank"] == 0)
         .map(|e| {
@@ -32,7 +23,7 @@ fn losses(run: &Path) -> Vec<f64> {
         })
         .collect();
     steps.sort_by_key(|s| s.0);
-    let evals = events(run)
+    let evals = run_events(run)
         .into_iter()
         .filter(|e| e["event"] == "eval")
         .map(|e| e["loss"].as_f64().expect("loss"));
@@ -57,12 +48,6 @@ fn write_job(dir: &Path, lora: bool, steps: u64) -> PathBuf {
     let path = dir.join("job.toml");
     std::fs::write(&path, body).expect("job");
     path
-}
-
-fn launch_cmd() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_launch"));
-    c.env("RUST_LOG", "warn").env("RAYON_NUM_THREADS", "1");
-    c
 }
 
 fn free_port() -> u16 {
@@ -110,7 +95,7 @@ fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let ev = events(&run);
+    let ev = run_events(&run);
     let world = nnodes * nproc;
     for rank in 0..world {
         let steps = ev
@@ -128,7 +113,7 @@ fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64> {
 /// Elements of optimizer state `rank` held after its first step in the last run of `job`.
 fn optimizer_state(job: &Path, rank: u64) -> u64 {
     let run = job.parent().expect("dir").join("run");
-    events(&run)
+    run_events(&run)
         .iter()
         .find(|e| e["event"] == "step" && e["rank"] == rank && e["step"] == 1)
         .and_then(|e| e["optimizer_state_elems"].as_u64())
@@ -258,7 +243,7 @@ fn launch_run_starts_a_user_binary_per_rank() {
     let (one, two) = (step_lines(&solo), step_lines(&out));
     assert_eq!(one.len(), 3, "{}", String::from_utf8_lossy(&solo.stdout));
     assert_same(&one, &two, "dp_custom under launch run");
-    let ev = events(&run);
+    let ev = run_events(&run);
     for rank in [0u64, 1] {
         assert!(
             ev.iter()
@@ -291,7 +276,7 @@ fn start_long_job(dir: &Path, sets: &[&str]) -> (Child, Vec<u32>, PathBuf) {
         .expect("launch starts");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let ev = events(&run);
+        let ev = run_events(&run);
         let stepped = |r: u64| {
             ev.iter()
                 .any(|e| e["event"] == "step" && e["rank"] == r && e["step"].as_u64() >= Some(2))
@@ -363,7 +348,7 @@ fn a_killed_worker_stops_the_job_and_is_named() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("rank 1") && err.contains("SIGKILL"), "{err}");
     assert!(took < Duration::from_secs(10));
-    let ev = events(&run);
+    let ev = run_events(&run);
     let fault = ev
         .iter()
         .find(|e| e["event"] == "fault")
@@ -392,7 +377,7 @@ fn a_stopped_peer_fails_the_others_within_the_deadline() {
         took >= Duration::from_millis(1900) && took < Duration::from_secs(12),
         "{took:?}"
     );
-    let ev = events(&run);
+    let ev = run_events(&run);
     let fault = ev
         .iter()
         .find(|e| e["event"] == "fault")

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use serde_json::Value;
@@ -60,12 +60,6 @@ fn write_job(dir: &Path, model: &str, lora: bool) -> PathBuf {
     path
 }
 
-fn launch_cmd() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_launch"));
-    c.env("RUST_LOG", "warn").env("RAYON_NUM_THREADS", "1");
-    c
-}
-
 fn run_launch(job: &Path, nproc: usize, sets: &[&str]) -> Output {
     let mut c = launch_cmd();
     c.arg("train")
@@ -79,11 +73,8 @@ fn run_launch(job: &Path, nproc: usize, sets: &[&str]) -> Output {
 
 /// Events named `name` of a finished run.
 fn events(job: &Path, name: &str) -> Vec<Value> {
-    let run = job.parent().expect("dir").join("run");
-    std::fs::read_to_string(run.join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    run_events(&job.parent().expect("dir").join("run"))
+        .into_iter()
         .filter(|e| e["event"] == name)
         .collect()
 }

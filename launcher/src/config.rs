@@ -429,7 +429,7 @@ impl JobConfig {
             ));
         }
         self.launch.validate()?;
-        self.parallel.validate(&self.training)?;
+        self.parallel.validate()?;
         if self.data.max_seq_len < 2 {
             return Err("data.max_seq_len: must be at least 2".into());
         }

@@ -66,7 +66,7 @@ fn default_schedule() -> String {
 
 impl ParallelSection {
     /// Checks that need neither the world size nor the model.
-    pub fn validate(&self, training: &TrainingSection) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), String> {
         for (key, v) in [("tp", self.tp), ("pp", self.pp), ("ep", self.ep)] {
             if v == 0 {
                 return Err(format!("parallel.{key}: must be at least 1"));
@@ -106,7 +106,6 @@ impl ParallelSection {
                 self.ep
             ));
         }
-        let _ = training;
         Ok(())
     }
 

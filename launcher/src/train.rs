@@ -204,13 +204,14 @@ pub fn run_on<B: Collective>(
         None => None,
     };
 
+    let config_error = |message| crate::error::Error::Config {
+        file: "config".into(),
+        message,
+    };
     let layout = cfg
         .parallel
         .layout(ctx.world_size, None)
-        .map_err(|message| crate::error::Error::Config {
-            file: "config".into(),
-            message,
-        })?;
+        .map_err(config_error)?;
     let mesh = Mesh::new(layout, ctx.comm.clone())?;
     let (model, spec) = setup::model::<Autodiff<B>>(
         &cfg.model.path,
@@ -220,10 +221,6 @@ pub fn run_on<B: Collective>(
     )?;
     // The whole model is built, then cut: each rank keeps only its stage's layers and its
     // slices of them (a checkpoint read slice by slice comes with sharded checkpoints).
-    let config_error = |message| crate::error::Error::Config {
-        file: "config".into(),
-        message,
-    };
     let model = if layout.pp > 1 {
         let sizes = cfg
             .parallel

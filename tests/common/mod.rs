@@ -46,6 +46,23 @@ pub fn rel_diff(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
 
+/// The `launch` binary with quiet logs and one compute thread per worker (many workers
+/// share the CI machine's cores).
+pub fn launch_cmd() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_launch"));
+    c.env("RUST_LOG", "warn").env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+/// Every event a run wrote to `run/events.jsonl`.
+pub fn run_events(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// Run the `launch` binary.
 pub fn launch(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_launch"))

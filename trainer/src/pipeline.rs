@@ -22,6 +22,7 @@ use crate::data::{collate, Batch, Row};
 use crate::error::{Error, Result};
 use crate::loss::supervised;
 use crate::model::decoder::Stage;
+use crate::model::linear::to_host;
 use crate::model::{CausalLm, ModelConfig};
 use crate::train::{inputs, EvalResult};
 
@@ -437,10 +438,7 @@ impl<B: TrainBackend> InFlight<B> {
 }
 
 fn values<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_default()
+    to_host(t).data
 }
 
 #[cfg(test)]

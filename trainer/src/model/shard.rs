@@ -25,7 +25,7 @@ use parallel::{Collectives, Communicator};
 use super::config::ModelConfig;
 use super::decoder::{CausalLm, FeedForward, Sharding};
 use super::hf::{leaf_name, linears_mut};
-use super::linear::Linear;
+use super::linear::{to_host, Linear};
 use crate::collective::Group;
 use crate::error::{Error, Result};
 
@@ -403,13 +403,8 @@ impl<B: Backend> Visit<B> for Gatherer<'_> {
         if self.failure.is_some() {
             return;
         }
-        let local = p.val();
-        let shape = local.dims();
-        let values = local
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .unwrap_or_default();
+        let shape = p.dims();
+        let values = to_host(p.val()).data;
         let all = match self.comm.all_gather(&values) {
             Ok(all) => all,
             Err(e) => {
