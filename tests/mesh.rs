@@ -1,4 +1,4 @@
-//! Model-parallel layouts on loopback: each dp×tp layout trains the llama and mixtral
+//! Model-parallel layouts on loopback: each dp×tp×pp×ep layout trains the llama and mixtral
 //! fixtures (LoRA and full SFT) with the loss and global gradient norm of one process at
 //! every step; each rank holds its share of parameters, gradients and optimizer state;
 //! layouts that cannot fit the model are refused before any process starts.
@@ -13,20 +13,38 @@ use serde_json::Value;
 
 const STEPS: u64 = 5;
 
-/// Every layout the acceptance names, as `--set` overrides (dp follows from the world).
-const LAYOUTS: &[(&str, usize, &[&str])] = &[
-    ("tp2", 2, &["parallel.tp=2"]),
-    ("pp2 1F1B", 2, &["parallel.pp=2"]),
+/// Every layout the acceptance names, as `--set` overrides (dp follows from the world), and
+/// whether it needs experts.
+const LAYOUTS: &[(&str, usize, &[&str], bool)] = &[
+    ("tp2", 2, &["parallel.tp=2"], false),
+    ("pp2 1F1B", 2, &["parallel.pp=2"], false),
     (
         "pp2 GPipe",
         2,
         &["parallel.pp=2", "parallel.schedule=gpipe"],
+        false,
     ),
-    ("dp2×tp2", 4, &["parallel.tp=2"]),
-    ("tp2×pp2", 4, &["parallel.tp=2", "parallel.pp=2"]),
-    ("dp2×pp2", 4, &["parallel.pp=2"]),
-    ("dp2×tp2×pp2", 8, &["parallel.tp=2", "parallel.pp=2"]),
-    ("tp4 > kv heads", 4, &["parallel.tp=4"]),
+    ("ep2", 2, &["parallel.ep=2"], true),
+    ("dp2×tp2", 4, &["parallel.tp=2"], false),
+    ("tp2×pp2", 4, &["parallel.tp=2", "parallel.pp=2"], false),
+    ("dp2×pp2", 4, &["parallel.pp=2"], false),
+    ("dp2×ep2", 4, &["parallel.ep=2"], true),
+    ("ep2×tp2", 4, &["parallel.ep=2", "parallel.tp=2"], true),
+    ("ep2×pp2", 4, &["parallel.ep=2", "parallel.pp=2"], true),
+    ("ep4 (one expert each)", 4, &["parallel.ep=4"], true),
+    ("dp2×tp2×pp2", 8, &["parallel.tp=2", "parallel.pp=2"], false),
+    (
+        "ep2×tp2×pp2 + ZeRO-1",
+        8,
+        &[
+            "parallel.ep=2",
+            "parallel.tp=2",
+            "parallel.pp=2",
+            "parallel.zero1=true",
+        ],
+        true,
+    ),
+    ("tp4 > kv heads", 4, &["parallel.tp=4"], false),
 ];
 
 /// LoRA on every projection kind: column (q, k, v, gate/up, w1/w3, head) and row (o, down, w2).
@@ -142,7 +160,7 @@ fn assert_same(one: &[(f64, f64)], got: &[Vec<(f64, f64)>], what: &str) {
 }
 
 #[test]
-fn tensor_parallel_layouts_give_the_losses_and_norms_of_one_process() {
+fn every_layout_gives_the_losses_norms_and_weights_of_one_process() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // llama3: tied embeddings, 4 heads over 2 kv heads; mixtral: 4 experts, top 2;
     // qwen2: q/k/v biases.
@@ -163,8 +181,8 @@ fn tensor_parallel_layouts_give_the_losses_and_norms_of_one_process() {
             one.iter().any(|s| s.1 > 0.8),
             "{what}: clipping at 0.8 is exercised: {one:?}"
         );
-        for (name, nproc, sets) in LAYOUTS {
-            if model == "qwen2" && !name.starts_with("tp2") {
+        for (name, nproc, sets, experts) in LAYOUTS {
+            if (model == "qwen2" && !name.starts_with("tp2")) || (*experts && model != "mixtral") {
                 continue;
             }
             let what = format!("{what} {name}");
@@ -221,10 +239,21 @@ fn config(model: &str) -> Value {
     serde_json::from_str(&text).expect("json")
 }
 
-/// Parameter elements one rank holds under `tp` for full SFT, from the config: sliced
-/// tensors are 1/tp of the whole, norms and the router replicated, and with tp > kv heads
-/// each rank holds one kv head.
-fn expected_full(model: &str, tp: usize) -> u64 {
+/// Where a rank sits in a dp=1 layout: tensor- and expert-parallel degree, and its
+/// pipeline stage (`index` of `count`, each stage holding `layers / count` layers).
+#[derive(Clone, Copy, Debug)]
+struct Share {
+    tp: usize,
+    ep: usize,
+    stage: usize,
+    stages: usize,
+}
+
+/// Parameter elements one rank holds for full SFT, from the config: sliced tensors are 1/tp
+/// of the whole, norms and the router replicated, with tp > kv heads each rank holds one
+/// kv head, each rank holds experts/ep experts, and a pipeline stage holds its layers only
+/// (the embedding on the first, norm and head on the last; a tied head is the embedding).
+fn expected_full(model: &str, s: Share) -> u64 {
     let c = config(model);
     let n = |k: &str| c[k].as_u64().unwrap_or(0) as usize;
     let (v, h, inter, layers) = (
@@ -235,38 +264,74 @@ fn expected_full(model: &str, tp: usize) -> u64 {
     );
     let (heads, kv) = (n("num_attention_heads"), n("num_key_value_heads"));
     let d = c["head_dim"].as_u64().map_or(h / heads, |d| d as usize);
+    let tp = s.tp;
     let kv_here = (kv / tp).max(1);
     let tied = c["tie_word_embeddings"].as_bool().unwrap_or(false);
-    let mut total = v * h / tp + h;
-    if !tied {
-        total += h * v / tp;
+    let (first, last) = (s.stage == 0, s.stage + 1 == s.stages);
+    let mut total = 0;
+    if first || (last && tied) {
+        total += v * h / tp;
+    }
+    if last {
+        total += h;
+        if !tied {
+            total += h * v / tp;
+        }
     }
     let attn = h * heads * d / tp * 2 + 2 * h * kv_here * d;
     let ffn = match n("num_local_experts") {
         0 => 3 * h * inter / tp,
-        e => h * e + e * 3 * h * inter / tp,
+        e => h * e + e / s.ep * 3 * h * inter / tp,
     };
-    total += layers * (2 * h + attn + ffn);
+    total += layers / s.stages * (2 * h + attn + ffn);
     total as u64
 }
 
 #[test]
 fn each_rank_holds_its_share_of_parameters_gradients_and_optimizer_state() {
     let tmp = tempfile::tempdir().expect("tempdir");
+    let whole = Share {
+        tp: 1,
+        ep: 1,
+        stage: 0,
+        stages: 1,
+    };
     for model in ["llama3", "mixtral"] {
         let job = write_job(tmp.path(), model, false);
-        let whole = expected_full(model, 1);
-        for tp in [1, 2, 4] {
-            train(&job, tp, &[&format!("parallel.tp={tp}")]);
-            let want = expected_full(model, tp);
-            assert!(tp == 1 || want < whole, "{model} tp{tp}");
-            for e in step_events(&job).iter().filter(|e| e["step"] == 1) {
+        let all = expected_full(model, whole);
+        let mut layouts = vec![(1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 1, 2), (2, 1, 2)];
+        if model == "mixtral" {
+            layouts.extend([(1, 2, 1), (1, 4, 1), (2, 2, 1), (2, 2, 2)]);
+        }
+        for (tp, ep, pp) in layouts {
+            let sets = [
+                format!("parallel.tp={tp}"),
+                format!("parallel.ep={ep}"),
+                format!("parallel.pp={pp}"),
+            ];
+            train(
+                &job,
+                tp * ep * pp,
+                &sets.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
+            let events = step_events(&job);
+            let firsts: Vec<&Value> = events.iter().filter(|e| e["step"] == 1).collect();
+            assert_eq!(firsts.len(), tp * ep * pp, "{model} {sets:?}");
+            for e in firsts {
+                let rank = e["rank"].as_u64().expect("rank") as usize;
+                let share = Share {
+                    tp,
+                    ep,
+                    stage: rank / (tp * ep),
+                    stages: pp,
+                };
+                let want = expected_full(model, share);
+                assert!(want < all || (tp, ep, pp) == (1, 1, 1), "{model} {share:?}");
                 for key in ["param_elems", "grad_elems", "optimizer_state_elems"] {
                     assert_eq!(
                         e[key].as_u64(),
                         Some(want),
-                        "{model} tp{tp} rank {}: {key}",
-                        e["rank"]
+                        "{model} {share:?} rank {rank}: {key}"
                     );
                 }
             }
@@ -303,7 +368,7 @@ fn each_rank_holds_its_share_of_parameters_gradients_and_optimizer_state() {
         assert_eq!(e["optimizer_state_elems"].as_u64(), Some(adapters(2)));
         assert_eq!(
             e["param_elems"].as_u64(),
-            Some(expected_full("llama3", 2) + adapters(2))
+            Some(expected_full("llama3", Share { tp: 2, ..whole }) + adapters(2))
         );
     }
 }
@@ -330,6 +395,7 @@ fn layouts_that_cannot_work_are_refused_before_any_process_starts() {
             vec!["parallel.pp=2", "parallel.stage_layers=[2, 1]"],
             "add up to 3 layers",
         ),
+        (3, vec!["parallel.ep=3"], "ep=3 must divide the experts (4)"),
         (
             4,
             vec!["parallel.tp=2", "parallel.dp=1"],
@@ -349,6 +415,15 @@ fn layouts_that_cannot_work_are_refused_before_any_process_starts() {
             "{sets:?}: nothing started"
         );
     }
+    // Expert parallelism needs experts.
+    let llama = write_job(tmp.path(), "llama3", false);
+    let out = run_launch(&llama, 2, &["parallel.ep=2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("ep=2 needs a mixture-of-experts model"),
+        "{}",
+        stderr(&out)
+    );
     // A tensor-parallel group must stay inside a node.
     let mut c = launch_cmd();
     c.arg("train").arg(&job).args([

@@ -36,7 +36,7 @@ pub struct ParallelSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage_layers: Option<Vec<usize>>,
     /// ZeRO-1: shard AdamW state across data-parallel ranks (each rank steps and then
-    /// broadcasts the parameters it owns).
+    /// broadcasts the parameters it owns; experts' state across the dp ranks holding them).
     #[serde(default)]
     pub zero1: bool,
 }
@@ -99,12 +99,6 @@ impl ParallelSection {
                     self.pp
                 ));
             }
-        }
-        if self.ep > 1 {
-            return Err(format!(
-                "parallel.ep: {}: expert parallelism is not available yet; use tp and dp",
-                self.ep
-            ));
         }
         Ok(())
     }

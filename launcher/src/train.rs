@@ -10,6 +10,7 @@ use parallel::{Collectives, Context, Mesh, ReduceOp, Reporter};
 use serde_json::{json, Value};
 use trainer::collective::Group;
 use trainer::data::Row;
+use trainer::model::experts::{is_expert_path, ExpertParallel};
 use trainer::pipeline::Pipeline;
 use trainer::{AdamWOptions, Schedule, ScheduleKind, StepStats, TrainOptions, Trainer};
 use trainer::{Collective, TrainBackend};
@@ -230,6 +231,11 @@ pub fn run_on<B: Collective>(
     } else {
         model
     };
+    let model = if layout.ep > 1 {
+        trainer::model::experts::spread(model, Group::new(mesh.ep.clone()))?
+    } else {
+        model
+    };
     let (model, tensor_parallel) = if layout.tp > 1 {
         let (m, tp) = trainer::model::shard::shard(model, Group::new(mesh.tp.clone()))?;
         (m, Some(tp))
@@ -243,8 +249,14 @@ pub fn run_on<B: Collective>(
     let eval_rows = eval_set.map(|(rows, _)| rows);
     let mut trainer = Trainer::new(model, rows, train_options(&cfg.training, cfg.data.shuffle))?;
     if mesh.data.size() > 1 {
-        trainer =
-            trainer.with_data_parallel(DataParallel::new(mesh.data.clone(), cfg.parallel.zero1))?;
+        // Dense weights are replicated over dp × ep; each expert over dp only.
+        let dp = DataParallel::new(mesh.data.clone(), cfg.parallel.zero1)
+            .with_narrow_group(mesh.dp.clone(), is_expert_path);
+        trainer = trainer.with_data_parallel(dp)?;
+    }
+    if let Some(ep) = trainer.model().sharding.ep.clone() {
+        let ep = ExpertParallel::new(ep, trainer.model());
+        trainer = trainer.with_expert_parallel(ep, mesh.model.clone());
     }
     if let Some(tp) = tensor_parallel {
         trainer = trainer.with_tensor_parallel(tp, mesh.model.clone());
@@ -279,6 +291,7 @@ pub fn run_on<B: Collective>(
     // Every rank takes part in gathering the slices, the first replica's stages send
     // theirs to rank 0, which writes.
     let model = trainer::model::shard::unshard(trainer.into_model())?;
+    let model = trainer::model::experts::gather(model)?;
     let model = if layout.pp == 1 {
         Some(model)
     } else if (mesh.coords.tp, mesh.coords.ep, mesh.coords.dp) == (0, 0, 0) {
@@ -324,7 +337,8 @@ pub fn run_on<B: Collective>(
 
 /// Every data rank evaluates its contiguous share of `rows` (tensor-parallel ranks the same
 /// share together); the sums are all-reduced, so the result is the whole set's mean token
-/// loss (rank 0 logs it).
+/// loss (rank 0 logs it). Under expert parallelism every rank must run as many forward
+/// passes as the others: a shorter share is topped up with rows that supervise nothing.
 fn evaluate<B: TrainBackend>(
     trainer: &Trainer<B>,
     rows: &[Row],
@@ -334,8 +348,19 @@ fn evaluate<B: TrainBackend>(
 ) -> Result<()> {
     let (rank, world) = (mesh.data.rank(), mesh.data.size());
     let share = |r: usize| r * rows.len() / world;
-    let mine = &rows[share(rank)..share(rank + 1)];
-    let r = trainer.evaluate(mine, micro_batch)?;
+    let mut mine = rows[share(rank)..share(rank + 1)].to_vec();
+    if mesh.ep.size() > 1 {
+        let longest = (0..world)
+            .map(|r| share(r + 1) - share(r))
+            .max()
+            .unwrap_or(0);
+        let blank = rows.first().map(|r| Row {
+            targets: vec![trainer::loss::IGNORE; r.targets.len()],
+            ..r.clone()
+        });
+        mine.extend(blank.into_iter().cycle().take(longest - mine.len()));
+    }
+    let r = trainer.evaluate(&mine, micro_batch)?;
     let mut sums = [r.loss * r.tokens as f64, r.tokens as f64];
     mesh.data.all_reduce(&mut sums, ReduceOp::Sum)?;
     let tokens = sums[1] as usize;

@@ -74,6 +74,14 @@ pub struct DataParallel {
     comm: Arc<dyn Communicator>,
     bucket_elems: usize,
     zero1: bool,
+    narrow: Option<Narrow>,
+}
+
+/// Parameters replicated over a sub-group only (experts under expert parallelism: each is
+/// held by the ranks of one ep index), with the sub-group their gradients sum over.
+struct Narrow {
+    comm: Arc<dyn Communicator>,
+    applies: Box<dyn Fn(&str) -> bool + Send + Sync>,
 }
 
 impl DataParallel {
@@ -82,6 +90,39 @@ impl DataParallel {
             comm,
             bucket_elems: DEFAULT_BUCKET_ELEMS,
             zero1,
+            narrow: None,
+        }
+    }
+
+    /// Parameters whose module path satisfies `applies` are replicated only over `comm` (a
+    /// sub-group of this one): their gradients sum, and under ZeRO-1 their optimizer state
+    /// is shared out, over `comm` instead.
+    pub fn with_narrow_group(
+        mut self,
+        comm: Arc<dyn Communicator>,
+        applies: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.narrow = Some(Narrow {
+            comm,
+            applies: Box::new(applies),
+        });
+        self
+    }
+
+    /// The trainable parameters of `module` by the group they are replicated over: the
+    /// whole group's first, then the narrow group's (the same order on every rank).
+    fn groups<B: Backend, M: burn::module::Module<B>>(
+        &self,
+        module: &M,
+    ) -> Vec<(&dyn Communicator, Vec<ParamInfo>)> {
+        let trainable = params_by_path(module).into_iter().filter(|p| p.trainable);
+        match &self.narrow {
+            None => vec![(self.comm.as_ref(), trainable.collect())],
+            Some(n) => {
+                let (narrow, wide): (Vec<_>, Vec<_>) =
+                    trainable.partition(|p| (n.applies)(&p.path));
+                vec![(self.comm.as_ref(), wide), (n.comm.as_ref(), narrow)]
+            }
         }
     }
 
@@ -106,32 +147,19 @@ impl DataParallel {
         self.zero1
     }
 
-    /// Sum every trainable parameter's gradient over the group, in buckets in module-path
-    /// order. A parameter with no gradient on some rank (an expert no local token reached)
-    /// counts as zeros there; it gets a gradient afterwards iff it had one on any rank, as a
-    /// single process over the whole batch would.
+    /// Sum every trainable parameter's gradient over the group it is replicated over, in
+    /// buckets in module-path order. A parameter with no gradient on some rank (an expert
+    /// no local token reached) counts as zeros there; it gets a gradient afterwards iff it
+    /// had one on any rank, as a single process over the whole batch would.
     pub fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
         &self,
         module: &M,
         grads: &mut GradientsParams,
     ) -> Result<()> {
-        let params: Vec<ParamInfo> = params_by_path(module)
-            .into_iter()
-            .filter(|p| p.trainable)
-            .collect();
-        all_reduce_params::<B, M>(
-            self.comm.as_ref(),
-            module,
-            &params,
-            grads,
-            self.bucket_elems,
-        )
-    }
-
-    /// The rank that owns each trainable parameter's optimizer state under ZeRO-1:
-    /// contiguous runs in module-path order, balanced by element count.
-    pub fn owners(&self, params: &[ParamInfo]) -> BTreeMap<String, usize> {
-        partition(params, self.comm.size())
+        for (comm, params) in self.groups(module) {
+            all_reduce_params::<B, M>(comm, module, &params, grads, self.bucket_elems)?;
+        }
+        Ok(())
     }
 
     /// Under ZeRO-1, drop the gradients of parameters another rank owns, so the optimizer
@@ -144,14 +172,12 @@ impl DataParallel {
         if !self.zero1 || self.comm.size() == 1 {
             return;
         }
-        let params: Vec<ParamInfo> = params_by_path(module)
-            .into_iter()
-            .filter(|p| p.trainable)
-            .collect();
-        let owners = self.owners(&params);
-        for p in &params {
-            if owners.get(&p.path) != Some(&self.comm.rank()) {
-                let _ = take_grad::<B>(grads, p);
+        for (comm, params) in self.groups(module) {
+            let owners = partition(&params, comm.size());
+            for p in &params {
+                if owners.get(&p.path) != Some(&comm.rank()) {
+                    let _ = take_grad::<B>(grads, p);
+                }
             }
         }
     }
@@ -165,28 +191,27 @@ impl DataParallel {
         if !self.zero1 || self.comm.size() == 1 {
             return Ok(module);
         }
-        let params: Vec<ParamInfo> = params_by_path(&module)
-            .into_iter()
-            .filter(|p| p.trainable)
-            .collect();
-        let owners = self.owners(&params);
-        // Broadcast in path order (the same on every rank), then put the values back.
+        // Broadcast in path order within each group (the same on every rank), then put the
+        // values back.
         let mut values = BTreeMap::new();
-        let mine = owners
-            .iter()
-            .filter(|(_, &o)| o == self.comm.rank())
-            .map(|(path, _)| path.clone())
-            .collect();
-        let host = HostParams::collect(&module, mine);
-        for p in &params {
-            let owner = owners.get(&p.path).copied().unwrap_or(0);
-            let mut data = if owner == self.comm.rank() {
-                host.get(&p.path).cloned().ok_or_else(|| missing(&p.path))?
-            } else {
-                vec![0.0f32; p.numel()]
-            };
-            self.comm.broadcast(&mut data, owner)?;
-            values.insert(p.path.clone(), data);
+        for (comm, params) in self.groups(&module) {
+            let owners = partition(&params, comm.size());
+            let mine = owners
+                .iter()
+                .filter(|(_, &o)| o == comm.rank())
+                .map(|(path, _)| path.clone())
+                .collect();
+            let host = HostParams::collect(&module, mine);
+            for p in &params {
+                let owner = owners.get(&p.path).copied().unwrap_or(0);
+                let mut data = if owner == comm.rank() {
+                    host.get(&p.path).cloned().ok_or_else(|| missing(&p.path))?
+                } else {
+                    vec![0.0f32; p.numel()]
+                };
+                comm.broadcast(&mut data, owner)?;
+                values.insert(p.path.clone(), data);
+            }
         }
         let mut mapper = Replace {
             path: Vec::new(),

@@ -19,8 +19,8 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{try_read_sync, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use parallel::{Collectives, Communicator, ReduceOp};
 
-/// A communicator the model's differentiable collectives run over (one tensor-parallel
-/// group), with the first failure kept for [`Group::check`].
+/// A communicator the model's differentiable collectives run over (one tensor- or
+/// expert-parallel group), with the first failure kept for [`Group::check`].
 #[derive(Clone)]
 pub struct Group {
     comm: Arc<dyn Communicator>,
@@ -113,11 +113,111 @@ impl Group {
         self.on_host::<B>(x, |c, v| c.all_reduce(v, ReduceOp::Sum))
     }
 
+    /// Rows of `x` exchanged over the group as `exchange` says (not differentiable). After a
+    /// failure the result is zeros of the right shape.
+    pub fn all_to_all_primitive<B: Backend>(
+        &self,
+        x: FloatTensor<B>,
+        exchange: &Exchange,
+    ) -> FloatTensor<B> {
+        let device = B::float_device(&x);
+        let dims = x.shape().dims::<2>();
+        let width = dims[1];
+        let rows_out = exchange.recv.iter().sum::<usize>() + exchange.pad_out;
+        let zeros = |device: &B::Device| {
+            B::float_from_data(
+                TensorData::new(vec![0f32; rows_out * width], [rows_out, width]),
+                device,
+            )
+        };
+        if self.failed() {
+            return zeros(&device);
+        }
+        let sent = exchange.send.iter().sum::<usize>();
+        let data = match try_read_sync(B::float_into_data(x)) {
+            Some(Ok(d)) => d,
+            _ => {
+                self.fail(parallel::Error::InvalidArgument(
+                    "could not read a tensor back from the device".into(),
+                ));
+                return zeros(&device);
+            }
+        };
+        let dtype = data.dtype;
+        let mut values = data.convert::<f32>().into_vec::<f32>().unwrap_or_default();
+        values.truncate(sent * width);
+        let counts: Vec<usize> = exchange.send.iter().map(|&r| r * width).collect();
+        match self.comm.all_to_all(&values, &counts) {
+            Ok((mut got, from))
+                if from
+                    .iter()
+                    .zip(&exchange.recv)
+                    .all(|(&f, &r)| f == r * width) =>
+            {
+                got.resize(rows_out * width, 0.0);
+                let data = TensorData::new(got, [rows_out, width]).convert_dtype(dtype);
+                B::float_from_data(data, &device)
+            }
+            Ok((_, from)) => {
+                self.fail(parallel::Error::InvalidArgument(format!(
+                    "all_to_all: expected {:?} rows from the ranks, got {:?} elements of width {width}",
+                    exchange.recv, from
+                )));
+                zeros(&device)
+            }
+            Err(e) => {
+                self.fail(e);
+                zeros(&device)
+            }
+        }
+    }
+
+    /// Uneven all-to-all of `i64` metadata (not differentiable): `values` cut into `counts`
+    /// (one per rank); what each rank sent here, concatenated in rank order, and how much
+    /// came from each. After a failure, nothing.
+    pub fn all_to_all_ids(&self, values: &[i64], counts: &[usize]) -> (Vec<i64>, Vec<usize>) {
+        if self.failed() {
+            return (Vec::new(), vec![0; self.size()]);
+        }
+        match self.comm.all_to_all(values, counts) {
+            Ok(v) => v,
+            Err(e) => {
+                self.fail(e);
+                (Vec::new(), vec![0; self.size()])
+            }
+        }
+    }
+
     /// Element-wise maximum of `x` over the group (not differentiable).
     pub fn all_max<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = x.into_primitive().tensor();
         let out = self.on_host::<B>(x, |c, v| c.all_reduce(v, ReduceOp::Max));
         Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+/// Row counts of an uneven all-to-all over a group: `send[j]` rows of the input go to rank
+/// `j`, `recv[j]` rows of the output come from rank `j`. The input's last `pad_in` rows are
+/// not sent and the output ends in `pad_out` rows of zeros, so that a rank receiving
+/// nothing still holds a non-empty tensor (see [`crate::model::decoder::Moe`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exchange {
+    pub send: Vec<usize>,
+    pub recv: Vec<usize>,
+    pub pad_in: usize,
+    pub pad_out: usize,
+}
+
+impl Exchange {
+    /// The exchange that brings the rows back: the gradient's way, or the combine after a
+    /// dispatch.
+    pub fn reversed(&self) -> Self {
+        Self {
+            send: self.recv.clone(),
+            recv: self.send.clone(),
+            pad_in: self.pad_out,
+            pad_out: self.pad_in,
+        }
     }
 }
 
@@ -127,6 +227,9 @@ pub trait Collective: Backend {
     fn copy_to(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self>;
     /// Sum over `group` forward; identity backward (Megatron's `g`).
     fn reduce_from(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self>;
+    /// Rows of `x: [Σ send + pad_in, w]` exchanged over `group` into
+    /// `[Σ recv + pad_out, w]`; backward, the gradient goes back by the reversed exchange.
+    fn all_to_all(x: FloatTensor<Self>, exchange: &Exchange, group: &Group) -> FloatTensor<Self>;
 }
 
 /// A training backend whose inner (evaluation) backend runs the same collectives.
@@ -137,6 +240,16 @@ impl<B> TrainBackend for B where B: AutodiffBackend<InnerBackend: Collective> + 
 /// Megatron's `f` on a tensor: the input of a column-parallel region.
 pub fn copy_to<B: Collective, const D: usize>(x: Tensor<B, D>, group: &Group) -> Tensor<B, D> {
     let out = B::copy_to(x.into_primitive().tensor(), group);
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// [`Collective::all_to_all`] on a tensor: expert parallelism's dispatch and combine.
+pub fn all_to_all<B: Collective>(
+    x: Tensor<B, 2>,
+    exchange: &Exchange,
+    group: &Group,
+) -> Tensor<B, 2> {
+    let out = B::all_to_all(x.into_primitive().tensor(), exchange, group);
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
@@ -154,6 +267,13 @@ macro_rules! plain_collective {
             }
             fn reduce_from(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self> {
                 group.all_reduce_primitive::<Self>(x)
+            }
+            fn all_to_all(
+                x: FloatTensor<Self>,
+                exchange: &Exchange,
+                group: &Group,
+            ) -> FloatTensor<Self> {
+                group.all_to_all_primitive::<Self>(x, exchange)
             }
         }
     };
@@ -186,6 +306,21 @@ impl<B: Collective> Backward<B, 1> for ReduceFrom {
     }
 }
 
+#[derive(Debug)]
+struct AllToAll;
+
+impl<B: Collective> Backward<B, 1> for AllToAll {
+    type State = (Group, Exchange);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (group, exchange) = ops.state;
+        let back = exchange.reversed();
+        unary::<B, _>(ops.parents, ops.node, grads, |g| {
+            B::all_to_all(g, &back, &group)
+        });
+    }
+}
+
 impl<B: Collective, C: CheckpointStrategy> Collective for Autodiff<B, C> {
     fn copy_to(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self> {
         match CopyTo
@@ -204,5 +339,17 @@ impl<B: Collective, C: CheckpointStrategy> Collective for Autodiff<B, C> {
             .prepare::<C>([x.node.clone()])
             .compute_bound()
             .stateless(out)
+    }
+
+    fn all_to_all(x: FloatTensor<Self>, exchange: &Exchange, group: &Group) -> FloatTensor<Self> {
+        let out = B::all_to_all(x.primitive, exchange, group);
+        match AllToAll
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((group.clone(), exchange.clone()), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
     }
 }

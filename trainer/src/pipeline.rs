@@ -184,12 +184,11 @@ impl Pipeline {
         let mut loss_sum = 0.0;
         let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
         let mut flight: VecDeque<InFlight<B>> = VecDeque::new();
-        let tp = model.sharding.tp.as_ref();
         let run_backward =
             |f: InFlight<B>, g: Option<Vec<f32>>, acc: &mut GradientsAccumulator<CausalLm<B>>| {
                 let (grads, dx) = f.backward(model, g);
                 acc.accumulate(model, grads);
-                tp.map_or(Ok(()), Group::check).map(|()| dx)
+                model.check_collectives().map(|()| dx)
             };
         for i in 0..warmup {
             let x = self.receive(prev, size(i))?;
@@ -287,9 +286,7 @@ impl Pipeline {
                     sums[1] += supervised(&batch.targets) as f64;
                 }
             }
-            if let Some(g) = &model.sharding.tp {
-                g.check()?;
-            }
+            model.check_collectives()?;
         }
         self.comm.all_reduce(&mut sums, parallel::ReduceOp::Sum)?;
         Ok(EvalResult {

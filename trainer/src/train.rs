@@ -16,7 +16,7 @@ use crate::collective::{Collective, TrainBackend};
 use crate::data::{collate, Batch, Epochs, Row};
 use crate::error::{Error, Result};
 use crate::loss::supervised;
-use crate::model::{CausalLm, Inputs, TensorParallel};
+use crate::model::{CausalLm, ExpertParallel, Inputs, TensorParallel};
 use crate::optim::{clip_to, grad_sq_sum, AdamWOptions, Schedule};
 use crate::pipeline::Pipeline;
 
@@ -103,6 +103,7 @@ pub struct Trainer<B: TrainBackend> {
     epochs: Epochs,
     dp: Option<DataParallel>,
     tp: Option<TensorParallel>,
+    ep: Option<ExpertParallel>,
     pipeline: Option<Pipeline>,
     /// The ranks holding one whole replica of the model, over which the squared gradient
     /// norm is summed (`None`: this rank holds all of it).
@@ -124,6 +125,7 @@ impl<B: TrainBackend> Trainer<B> {
             epochs,
             dp: None,
             tp: None,
+            ep: None,
             pipeline: None,
             replica: None,
         })
@@ -159,6 +161,20 @@ impl<B: TrainBackend> Trainer<B> {
         replica: Arc<dyn Communicator>,
     ) -> Self {
         self.tp = Some(tp);
+        self.replica = Some(replica);
+        self
+    }
+
+    /// Train a model whose experts are spread by [`crate::model::experts::spread`] (the data
+    /// parallelism must reduce expert gradients over dp only: see
+    /// [`DataParallel::with_narrow_group`]); `replica` as for
+    /// [`Trainer::with_tensor_parallel`].
+    pub fn with_expert_parallel(
+        mut self,
+        ep: ExpertParallel,
+        replica: Arc<dyn Communicator>,
+    ) -> Self {
+        self.ep = Some(ep);
         self.replica = Some(replica);
         self
     }
@@ -330,6 +346,7 @@ impl<B: TrainBackend> Trainer<B> {
         }
         let counted = |id: &_| {
             self.tp.as_ref().is_none_or(|tp| tp.counts_in_norm(id))
+                && self.ep.as_ref().is_none_or(|ep| ep.counts_in_norm(id))
                 && self.pipeline.as_ref().is_none_or(|p| p.counts_in_norm(id))
         };
         let mut sq = [grad_sq_sum(model, &grads, counted)];
@@ -356,9 +373,7 @@ impl<B: TrainBackend> Trainer<B> {
             let loss = model.loss(&inputs(batch), &batch.targets, denominator, true);
             loss_sum += loss.clone().into_scalar().elem::<f64>();
             let grads = GradientsParams::from_grads(loss.backward(), model);
-            if let Some(g) = &model.sharding.tp {
-                g.check()?;
-            }
+            model.check_collectives()?;
             accumulated.accumulate(model, grads);
         }
         Ok((loss_sum, accumulated.grads()))
@@ -423,9 +438,7 @@ pub fn evaluate<B: Collective>(
             .into_scalar()
             .elem::<f64>();
         tokens += supervised(&batch.targets);
-        if let Some(g) = &model.sharding.tp {
-            g.check()?;
-        }
+        model.check_collectives()?;
     }
     Ok(EvalResult {
         loss: if tokens == 0 {

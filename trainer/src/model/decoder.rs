@@ -4,10 +4,11 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use super::config::ModelConfig;
 use super::linear::Linear;
+pub use super::moe::Moe;
 use super::rope;
 use crate::collective::{copy_to, reduce_from, Collective, Group};
 use crate::loss;
@@ -56,10 +57,15 @@ pub struct Context<B: Backend> {
     pub train: bool,
     /// The tensor-parallel group heads and MLP columns are split over.
     pub tp: Option<Group>,
+    /// The expert-parallel group the experts are spread over.
+    pub ep: Option<Group>,
 }
 
 /// Megatron's `f` when tensor parallel: the input of a column-parallel region.
-fn enter<B: Collective, const D: usize>(x: Tensor<B, D>, tp: Option<&Group>) -> Tensor<B, D> {
+pub(super) fn enter<B: Collective, const D: usize>(
+    x: Tensor<B, D>,
+    tp: Option<&Group>,
+) -> Tensor<B, D> {
     match tp {
         Some(g) => copy_to(x, g),
         None => x,
@@ -67,7 +73,10 @@ fn enter<B: Collective, const D: usize>(x: Tensor<B, D>, tp: Option<&Group>) -> 
 }
 
 /// Megatron's `g` when tensor parallel: the output of a row-parallel region.
-fn leave<B: Collective, const D: usize>(x: Tensor<B, D>, tp: Option<&Group>) -> Tensor<B, D> {
+pub(super) fn leave<B: Collective, const D: usize>(
+    x: Tensor<B, D>,
+    tp: Option<&Group>,
+) -> Tensor<B, D> {
     match tp {
         Some(g) => reduce_from(x, g),
         None => x,
@@ -150,65 +159,13 @@ impl<B: Collective> Mlp<B> {
     }
 
     /// This rank's part of the output, before the sum over the tensor-parallel group.
-    fn forward_partial(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+    pub(super) fn forward_partial(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
         self.down_proj
             .forward_unbiased(self.hidden(x, train), train)
     }
 
     fn hidden(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
         silu(self.gate_proj.forward(x.clone(), train)) * self.up_proj.forward(x, train)
-    }
-}
-
-/// Mixtral's sparse block: softmax over the router logits, keep the top-k, renormalise them
-/// to sum to 1, and add each chosen expert's output weighted by its share.
-#[derive(Module, Debug)]
-pub struct Moe<B: Backend> {
-    pub gate: Linear<B>,
-    pub experts: Vec<Mlp<B>>,
-    pub top_k: usize,
-}
-
-impl<B: Collective> Moe<B> {
-    /// Under tensor parallelism every expert is split like a dense MLP; the router sees the
-    /// same input on every rank (so routes identically) and the weighted partial outputs
-    /// are summed once at the end. Experts have no biases (Mixtral).
-    pub fn forward(&self, x: Tensor<B, 2>, train: bool, tp: Option<&Group>) -> Tensor<B, 2> {
-        let x = enter(x, tp);
-        let [n, h] = x.dims();
-        let probs = softmax(self.gate.forward(x.clone(), train), 1);
-        let (top, index) = probs.topk_with_indices(self.top_k, 1);
-        let weights = top.clone() / top.sum_dim(1);
-        // Route on the host: which (token, slot) pairs go to each expert.
-        let index = index
-            .into_data()
-            .convert::<i64>()
-            .to_vec::<i64>()
-            .unwrap_or_default();
-        let mut routes: Vec<Vec<(i64, i64)>> = vec![Vec::new(); self.experts.len()];
-        for (i, &e) in index.iter().enumerate() {
-            let token = (i / self.top_k) as i64;
-            let slot = (i % self.top_k) as i64;
-            if let Some(route) = usize::try_from(e).ok().and_then(|e| routes.get_mut(e)) {
-                route.push((token, slot));
-            }
-        }
-        let device = x.device();
-        let mut out = Tensor::<B, 2>::zeros([n, h], &device);
-        for (expert, route) in self.experts.iter().zip(&routes) {
-            if route.is_empty() {
-                continue;
-            }
-            let m = route.len();
-            let tokens: Vec<i64> = route.iter().map(|r| r.0).collect();
-            let slots: Vec<i64> = route.iter().map(|r| r.1).collect();
-            let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(tokens, [m]), &device);
-            let slots = Tensor::<B, 2, Int>::from_data(TensorData::new(slots, [m, 1]), &device);
-            let share = weights.clone().select(0, tokens.clone()).gather(1, slots);
-            let y = expert.forward_partial(x.clone().select(0, tokens.clone()), train) * share;
-            out = out.select_assign(0, tokens, y, IndexingUpdateOp::Add);
-        }
-        leave(out, tp)
     }
 }
 
@@ -233,7 +190,9 @@ impl<B: Collective> Layer<B> {
         let normed = self.post_attention_layernorm.forward(x.clone());
         let y = match &self.ffn {
             FeedForward::Dense(mlp) => mlp.forward(normed, ctx.train, ctx.tp.as_ref()),
-            FeedForward::Sparse(moe) => moe.forward(normed, ctx.train, ctx.tp.as_ref()),
+            FeedForward::Sparse(moe) => {
+                moe.forward(normed, ctx.train, ctx.tp.as_ref(), ctx.ep.as_ref())
+            }
         };
         x + y
     }
@@ -267,6 +226,8 @@ pub struct Sharding {
     pub vocab_start: usize,
     /// The pipeline stage this rank runs (`None`: all layers).
     pub stage: Option<Stage>,
+    /// The expert-parallel group the experts are spread over (see [`super::moe`]).
+    pub ep: Option<Group>,
 }
 
 /// One pipeline stage: `index` of `count`, holding layers from `first_layer` on.
@@ -312,6 +273,15 @@ impl<B: Backend> CausalLm<B> {
     /// Whether this copy ends in the head (a whole model, or the last pipeline stage).
     pub fn has_head(&self) -> bool {
         self.sharding.stage.is_none_or(|s| s.is_last())
+    }
+
+    /// The first failure of a collective in this model's groups since the last check
+    /// (a collective failing inside the backward pass cannot return it).
+    pub fn check_collectives(&self) -> parallel::Result<()> {
+        for group in [&self.sharding.tp, &self.sharding.ep].into_iter().flatten() {
+            group.check()?;
+        }
+        Ok(())
     }
 
     /// Whether this copy starts from token ids (a whole model, or the first stage).
@@ -362,6 +332,7 @@ impl<B: Collective> CausalLm<B> {
             mask,
             train,
             tp,
+            ep: self.sharding.ep.clone(),
         };
         let mut x = match hidden {
             Some(x) => x,

@@ -148,6 +148,7 @@ pub fn from_hf_tensors<B: Backend>(
                     gate,
                     experts,
                     top_k: moe.top_k,
+                    first_expert: 0,
                 })
             }
         };
@@ -272,8 +273,9 @@ pub fn linears_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Lin
             }
             FeedForward::Sparse(moe) => {
                 out.push((format!("{p}.block_sparse_moe.gate"), &mut moe.gate));
+                let first = moe.first_expert;
                 for (e, m) in moe.experts.iter_mut().enumerate() {
-                    let x = format!("{p}.block_sparse_moe.experts.{e}");
+                    let x = format!("{p}.block_sparse_moe.experts.{}", first + e);
                     out.push((format!("{x}.w1"), &mut m.gate_proj));
                     out.push((format!("{x}.w3"), &mut m.up_proj));
                     out.push((format!("{x}.w2"), &mut m.down_proj));

@@ -2,8 +2,10 @@
 
 pub mod config;
 pub mod decoder;
+pub mod experts;
 pub mod hf;
 pub mod linear;
+pub mod moe;
 pub mod rope;
 pub mod shard;
 
@@ -13,6 +15,7 @@ use burn::tensor::backend::Backend;
 
 pub use config::{Family, ModelConfig, MoeConfig, RopeScaling};
 pub use decoder::{CausalLm, Inputs, Sharding};
+pub use experts::ExpertParallel;
 pub use shard::{Placement, TensorParallel};
 
 use crate::error::Result;

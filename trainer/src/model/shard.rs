@@ -220,7 +220,7 @@ pub fn shard<B: Backend>(
     model.sharding = Sharding {
         vocab_start: rank * (c.vocab_size / tp),
         tp: Some(group.clone()),
-        stage: model.sharding.stage,
+        ..model.sharding
     };
     Ok((
         model,

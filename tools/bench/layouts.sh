@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# CPU step time of each two-rank layout against one process, measured side by side in one
+# run on the same data and batch: the quick-start model (Llama) for dp2, tp2 and pp2
+# (1F1B vs GPipe), and a Mixtral made with the quick-start model's sizes (8 experts, top 2;
+# generated with transformers) for dp2 vs ep2. Full SFT, 8 rows of 512 packed tokens per
+# step in micro-batches of 1, mean over steps 3.. of rank 0's step_time.
+#   tools/bench/layouts.sh [STEPS] [/tmp/refenv]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+steps=${1:-12}
+py=${2:-/tmp/refenv}/bin/python
+cargo build --release --bin launch -q
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+moe=$tmp/moe
+"$py" - "$moe" <<'PY'
+import shutil, sys, torch
+from transformers import MixtralConfig, MixtralForCausalLM
+out = sys.argv[1]
+torch.manual_seed(0)
+cfg = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
+                    initializer_range=0.1, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+MixtralForCausalLM(cfg).save_pretrained(out)
+for f in ["tokenizer.json", "tokenizer_config.json"]:
+    shutil.copy(f"assets/quickstart/model/{f}", out)
+PY
+
+# Mean step time (ms) of rank 0 of a run: `measure MODEL NPROC [--set k=v]...`
+measure() {
+  local model=$1 nproc=$2; shift 2
+  local run=$tmp/run-$RANDOM
+  cat > "$tmp/job.toml" <<TOML
+[job]
+name = "layouts"
+run_dir = "$run"
+[model]
+path = "$model"
+[data]
+train = "assets/quickstart/data/train.jsonl"
+max_seq_len = 512
+packing = true
+shuffle = false
+[training]
+max_steps = $steps
+global_batch = 8
+micro_batch = 1
+lr = 1e-3
+schedule = "constant"
+TOML
+  # The machine's cores are shared out between the ranks.
+  local threads=$(( $(nproc) / nproc ))
+  RUST_LOG=warn RAYON_NUM_THREADS=$(( threads > 0 ? threads : 1 )) \
+    target/release/launch train "$tmp/job.toml" --nproc-per-node "$nproc" "$@" > /dev/null
+  python3 - "$run/events.jsonl" <<'PY'
+import json, sys
+steps = [e for e in map(json.loads, open(sys.argv[1]))
+         if e["event"] == "step" and e.get("rank", 0) == 0 and e["step"] > 2]
+print(f'{1000 * sum(e["step_time"] for e in steps) / len(steps):.1f}')
+PY
+}
+
+row() { # name ms baseline
+  python3 -c "print(f'{\"$1\":<28} {float(\"$2\"):8.1f} ms/step   {float(\"$2\")/float(\"$3\"):5.2f} × one process')"
+}
+
+echo "$(nproc) cores; quick-start Llama (2 layers, h 64), full SFT"
+one=$(measure assets/quickstart/model 1)
+row "one process" "$one" "$one"
+row "dp2" "$(measure assets/quickstart/model 2)" "$one"
+row "tp2" "$(measure assets/quickstart/model 2 --set parallel.tp=2)" "$one"
+row "pp2 1F1B" "$(measure assets/quickstart/model 2 --set parallel.pp=2)" "$one"
+row "pp2 GPipe" "$(measure assets/quickstart/model 2 --set parallel.pp=2 --set parallel.schedule=gpipe)" "$one"
+echo "Mixtral with the same sizes, 8 experts top 2, full SFT"
+one=$(measure "$moe" 1)
+row "one process" "$one" "$one"
+row "dp2" "$(measure "$moe" 2)" "$one"
+row "ep2" "$(measure "$moe" 2 --set parallel.ep=2)" "$one"
