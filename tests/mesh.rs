@@ -198,6 +198,35 @@ fn every_layout_gives_the_losses_norms_and_weights_of_one_process() {
     }
 }
 
+#[test]
+fn a_capacity_factor_drops_the_same_tokens_in_every_layout() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = write_job(tmp.path(), "mixtral", false);
+    let all = train(&job, 1, &[]).remove(0);
+    let capped = ["training.moe_capacity_factor=0.5"];
+    let one = train(&job, 1, &capped).remove(0);
+    assert!(
+        rel_diff(one[0].0, all[0].0) > 1e-3,
+        "half an even share per expert drops tokens: {one:?} vs {all:?}"
+    );
+    for (name, nproc, sets) in [
+        ("ep2", 2, &["parallel.ep=2"][..]),
+        ("dp2×ep2", 4, &["parallel.ep=2"]),
+        ("ep2×tp2", 4, &["parallel.ep=2", "parallel.tp=2"]),
+    ] {
+        let sets: Vec<&str> = sets.iter().chain(&capped).copied().collect();
+        assert_same(
+            &one,
+            &train(&job, nproc, &sets),
+            &format!("capacity 0.5 {name}"),
+        );
+    }
+    let llama = write_job(tmp.path(), "llama3", false);
+    let out = run_launch(&llama, 1, &capped);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("has no experts"), "{}", stderr(&out));
+}
+
 /// What rank 0 exported: the adapter (LoRA) or the whole model (full SFT).
 fn exported(job: &Path, lora: bool) -> tidemill::checkpoint::TensorMap {
     let export = job.parent().expect("dir").join("run/export");

@@ -294,6 +294,11 @@ pub struct TrainingSection {
     /// Evaluate on data.eval every N steps (0: only at the end).
     #[serde(default)]
     pub eval_every: u64,
+    /// Mixture of experts: each expert takes at most this multiple of an even share of a
+    /// micro-batch's routed tokens, the most probable first; the rest are dropped (Megatron's
+    /// `--moe-expert-capacity-factor`). Unset: no token is ever dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe_capacity_factor: Option<f64>,
 }
 
 fn default_max_steps() -> u64 {
@@ -427,6 +432,13 @@ impl JobConfig {
                 "training.schedule: `{}`: expected \"constant\", \"linear\" or \"cosine\"",
                 self.training.schedule
             ));
+        }
+        if let Some(f) = self.training.moe_capacity_factor {
+            if !(f.is_finite() && f > 0.0) {
+                return Err(format!(
+                    "training.moe_capacity_factor: {f} must be a positive number"
+                ));
+            }
         }
         self.launch.validate()?;
         self.parallel.validate()?;

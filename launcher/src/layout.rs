@@ -167,6 +167,12 @@ pub fn check_job(
     training: &TrainingSection,
 ) -> Result<(), String> {
     trainer::model::shard::check_layout(model, layout).map_err(|e| format!("parallel: {e}"))?;
+    if training.moe_capacity_factor.is_some() && model.moe.is_none() {
+        return Err(format!(
+            "training.moe_capacity_factor: this {} model has no experts",
+            model.family.name()
+        ));
+    }
     if layout.pp > 1 {
         p.stage_sizes(model)?;
     }

@@ -220,6 +220,8 @@ pub fn run_on<B: Collective>(
         cfg.training.seed,
         device,
     )?;
+    let mut model = model;
+    trainer::model::moe::set_capacity_factor(&mut model, cfg.training.moe_capacity_factor);
     // The whole model is built, then cut: each rank keeps only its stage's layers and its
     // slices of them (a checkpoint read slice by slice comes with sharded checkpoints).
     let model = if layout.pp > 1 {

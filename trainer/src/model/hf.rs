@@ -149,6 +149,7 @@ pub fn from_hf_tensors<B: Backend>(
                     experts,
                     top_k: moe.top_k,
                     first_expert: 0,
+                    capacity_factor: None,
                 })
             }
         };

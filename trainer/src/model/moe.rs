@@ -18,7 +18,7 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::decoder::{enter, leave, Mlp};
+use super::decoder::{enter, leave, CausalLm, FeedForward, Mlp};
 use super::linear::Linear;
 use crate::collective::{all_to_all, Collective, Exchange, Group};
 
@@ -33,6 +33,12 @@ pub struct Moe<B: Backend> {
     pub top_k: usize,
     /// Global index of `experts[0]`.
     pub first_expert: usize,
+    /// Expert capacity as a multiple of an even share (Megatron's
+    /// `--moe-expert-capacity-factor`, drop policy "probs"): each expert takes at most
+    /// `ceil(factor · tokens · top_k / experts)` of a micro-batch's (token, slot) rows, those
+    /// with the highest routing probability; the rest are dropped (the token keeps its
+    /// residual). `None`: no dropping.
+    pub capacity_factor: Option<f64>,
 }
 
 impl<B: Collective> Moe<B> {
@@ -50,17 +56,31 @@ impl<B: Collective> Moe<B> {
         let x = enter(x, tp);
         let probs = softmax(self.gate.forward(x.clone(), train), 1);
         let (top, index) = probs.topk_with_indices(self.top_k, 1);
-        let weights = top.clone() / top.sum_dim(1);
-        let index = index
+        let weights = top.clone() / top.clone().sum_dim(1);
+        let mut index = index
             .into_data()
             .convert::<i64>()
             .to_vec::<i64>()
             .unwrap_or_default();
+        if let Some(factor) = self.capacity_factor {
+            let probs = top.into_data().convert::<f32>().to_vec::<f32>();
+            drop_over_capacity(
+                &mut index,
+                &probs.unwrap_or_default(),
+                factor,
+                self.num_experts(),
+            );
+        }
         let out = match ep.filter(|g| g.size() > 1) {
             Some(g) => self.exchange_experts(x, weights, &index, train, g),
             None => self.local_experts(x, weights, &index, train),
         };
         leave(out, tp)
+    }
+
+    /// Experts of the whole layer (this rank holds `experts.len()` of them).
+    pub fn num_experts(&self) -> usize {
+        self.gate.weight.dims()[1]
     }
 
     /// Every expert here: for each, the (token, slot) rows routed to it.
@@ -111,8 +131,9 @@ impl<B: Collective> Moe<B> {
         let total = local * ep.size();
         // (token, slot) rows in expert order, so each rank's rows are contiguous and, on
         // arrival, grouped by sender then expert.
-        let mut rows: Vec<usize> = (0..index.len()).collect();
         let expert_of = |i: usize| usize::try_from(index[i]).map_or(0, |e| e.min(total - 1));
+        // Rows dropped for capacity (expert -1) go nowhere.
+        let mut rows: Vec<usize> = (0..index.len()).filter(|&i| index[i] >= 0).collect();
         rows.sort_by_key(|&i| expert_of(i));
         let mut send = vec![0usize; ep.size()];
         let mut ids = Vec::with_capacity(rows.len());
@@ -158,10 +179,68 @@ impl<B: Collective> Moe<B> {
     }
 }
 
+/// Set the capacity factor of every sparse layer of `model` (see [`Moe::capacity_factor`]).
+pub fn set_capacity_factor<B: Backend>(model: &mut CausalLm<B>, factor: Option<f64>) {
+    for layer in &mut model.layers {
+        if let FeedForward::Sparse(moe) = &mut layer.ffn {
+            moe.capacity_factor = factor;
+        }
+    }
+}
+
+/// Mark the (token, slot) rows beyond each expert's capacity as dropped (expert -1): per
+/// expert, keep the `ceil(factor · tokens · top_k / experts)` rows of highest probability
+/// (the earlier row on a tie). `index` and `probs` are `[tokens, top_k]`, row-major.
+pub fn drop_over_capacity(index: &mut [i64], probs: &[f32], factor: f64, experts: usize) {
+    let capacity = (factor * index.len() as f64 / experts.max(1) as f64).ceil() as usize;
+    let mut rows: Vec<usize> = (0..index.len()).collect();
+    rows.sort_by(|&a, &b| {
+        let p = |i: usize| probs.get(i).copied().unwrap_or(0.0);
+        (index[a], p(b), a)
+            .partial_cmp(&(index[b], p(a), b))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut kept = (-1, 0);
+    for i in rows {
+        let expert = index[i];
+        kept = if kept.0 == expert {
+            (expert, kept.1 + 1)
+        } else {
+            (expert, 1)
+        };
+        if kept.1 > capacity {
+            index[i] = -1;
+        }
+    }
+}
+
 fn ints<B: Backend, const D: usize>(
     values: Vec<i64>,
     shape: [usize; D],
     device: &B::Device,
 ) -> Tensor<B, D, Int> {
     Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::drop_over_capacity;
+
+    #[test]
+    fn each_expert_keeps_its_most_probable_rows_up_to_capacity() {
+        // 4 tokens × top-2 over 2 experts: 8 rows, an even share is 4 rows per expert.
+        let index = vec![0, 1, 0, 1, 0, 1, 0, 1];
+        let probs = [0.9, 0.1, 0.6, 0.4, 0.7, 0.3, 0.8, 0.2];
+        let mut same = index.clone();
+        drop_over_capacity(&mut same, &probs, 1.0, 2);
+        assert_eq!(same, index, "at capacity nothing is dropped");
+        let mut half = index.clone();
+        drop_over_capacity(&mut half, &probs, 0.5, 2);
+        // Expert 0 keeps 0.9 and 0.8; expert 1 keeps 0.4 and 0.3.
+        assert_eq!(half, vec![0, -1, -1, 1, -1, 1, 0, -1]);
+        // Ties go to the earlier row; an uneven load drops only the overloaded expert's.
+        let mut skewed = vec![0, 1, 0, 1, 0, 0, 0, 1];
+        drop_over_capacity(&mut skewed, &[0.5; 8], 1.0, 2);
+        assert_eq!(skewed, vec![0, 1, 0, 1, 0, 0, -1, 1]);
+    }
 }
