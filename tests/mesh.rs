@@ -45,7 +45,23 @@ const LAYOUTS: &[(&str, usize, &[&str], bool)] = &[
         true,
     ),
     ("tp4 > kv heads", 4, &["parallel.tp=4"], false),
+    ("tp2 + sequence parallel", 2, &["parallel.tp=2", SP], false),
+    (
+        "tp2×pp2 + SP",
+        4,
+        &["parallel.tp=2", "parallel.pp=2", SP],
+        false,
+    ),
+    ("tp4 > kv heads + SP", 4, &["parallel.tp=4", SP], false),
+    (
+        "ep2×tp2 + SP",
+        4,
+        &["parallel.ep=2", "parallel.tp=2", SP],
+        true,
+    ),
 ];
+
+const SP: &str = "parallel.sequence_parallel=true";
 
 /// LoRA on every projection kind: column (q, k, v, gate/up, w1/w3, head) and row (o, down, w2).
 const LORA_TARGETS: &str = "[\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \

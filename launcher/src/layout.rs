@@ -35,6 +35,11 @@ pub struct ParallelSection {
     /// by default balanced by cost (the head counts on the last stage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage_layers: Option<Vec<usize>>,
+    /// Sequence parallelism (Megatron's `--sequence-parallel`, with tp > 1): norms and
+    /// residuals run on each tensor-parallel rank's chunk of the tokens, entering the
+    /// tensor-parallel regions by all-gather and leaving by reduce-scatter.
+    #[serde(default)]
+    pub sequence_parallel: bool,
     /// ZeRO-1: shard AdamW state across data-parallel ranks (each rank steps and then
     /// broadcasts the parameters it owns; experts' state across the dp ranks holding them).
     #[serde(default)]
@@ -51,6 +56,7 @@ impl Default for ParallelSection {
             micro_batch: None,
             schedule: default_schedule(),
             stage_layers: None,
+            sequence_parallel: false,
             zero1: false,
         }
     }

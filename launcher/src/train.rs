@@ -132,6 +132,7 @@ fn plan(cfg: &JobConfig, world_size: usize) -> Value {
     let p = &cfg.parallel;
     match p.layout(world_size, None) {
         Ok(l) => json!({"dp": l.dp, "tp": l.tp, "pp": l.pp, "ep": l.ep, "zero1": p.zero1,
+                        "sequence_parallel": p.sequence_parallel && l.tp > 1,
                         "schedule": p.schedule, "micro_batch": cfg.training.micro_batch}),
         Err(e) => json!({"error": e}),
     }
@@ -239,7 +240,11 @@ pub fn run_on<B: Collective>(
         model
     };
     let (model, tensor_parallel) = if layout.tp > 1 {
-        let (m, tp) = trainer::model::shard::shard(model, Group::new(mesh.tp.clone()))?;
+        let (m, tp) = trainer::model::shard::shard(
+            model,
+            Group::new(mesh.tp.clone()),
+            cfg.parallel.sequence_parallel,
+        )?;
         (m, Some(tp))
     } else {
         (model, None)

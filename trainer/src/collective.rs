@@ -172,6 +172,46 @@ impl Group {
         }
     }
 
+    /// Every rank's rows of `x` (`rows[r]` on rank r), concatenated in rank order, on every
+    /// rank (not differentiable): sequence parallelism's all-gather.
+    pub fn gather_rows_primitive<B: Backend>(
+        &self,
+        x: FloatTensor<B>,
+        rows: &[usize],
+    ) -> FloatTensor<B> {
+        let mine = rows.get(self.rank()).copied().unwrap_or(0);
+        let exchange = Exchange {
+            send: vec![mine; self.size()],
+            recv: rows.to_vec(),
+            pad_in: 0,
+            pad_out: 0,
+        };
+        // Sending one's rows to every rank: an all-to-all whose chunks are all `x`.
+        let copies = B::float_cat(vec![x; self.size()], 0);
+        self.all_to_all_primitive::<B>(copies, &exchange)
+    }
+
+    /// This rank's rows (`rows[rank]` of them, at its offset) of the sum of `x` over the
+    /// group (not differentiable): sequence parallelism's reduce-scatter.
+    pub fn scatter_rows_primitive<B: Backend>(
+        &self,
+        x: FloatTensor<B>,
+        rows: &[usize],
+    ) -> FloatTensor<B> {
+        let mine = rows.get(self.rank()).copied().unwrap_or(0);
+        let exchange = Exchange {
+            send: rows.to_vec(),
+            recv: vec![mine; self.size()],
+            pad_in: 0,
+            pad_out: 0,
+        };
+        let parts = self.all_to_all_primitive::<B>(x, &exchange);
+        let width = parts.shape().dims::<2>()[1];
+        let parts = B::float_reshape(parts, [self.size(), mine, width].into());
+        let summed = B::float_sum_dim(parts, 0);
+        B::float_reshape(summed, [mine, width].into())
+    }
+
     /// Uneven all-to-all of `i64` metadata (not differentiable): `values` cut into `counts`
     /// (one per rank); what each rank sent here, concatenated in rank order, and how much
     /// came from each. After a failure, nothing.
@@ -230,6 +270,12 @@ pub trait Collective: Backend {
     /// Rows of `x: [Σ send + pad_in, w]` exchanged over `group` into
     /// `[Σ recv + pad_out, w]`; backward, the gradient goes back by the reversed exchange.
     fn all_to_all(x: FloatTensor<Self>, exchange: &Exchange, group: &Group) -> FloatTensor<Self>;
+    /// Sequence parallelism's all-gather of row chunks (`rows[r]` on rank r) along dim 0;
+    /// backward, the reduce-scatter.
+    fn gather_rows(x: FloatTensor<Self>, rows: &[usize], group: &Group) -> FloatTensor<Self>;
+    /// Sequence parallelism's reduce-scatter along dim 0 into chunks of `rows`; backward,
+    /// the all-gather.
+    fn scatter_rows(x: FloatTensor<Self>, rows: &[usize], group: &Group) -> FloatTensor<Self>;
 }
 
 /// A training backend whose inner (evaluation) backend runs the same collectives.
@@ -274,6 +320,20 @@ macro_rules! plain_collective {
                 group: &Group,
             ) -> FloatTensor<Self> {
                 group.all_to_all_primitive::<Self>(x, exchange)
+            }
+            fn gather_rows(
+                x: FloatTensor<Self>,
+                rows: &[usize],
+                group: &Group,
+            ) -> FloatTensor<Self> {
+                group.gather_rows_primitive::<Self>(x, rows)
+            }
+            fn scatter_rows(
+                x: FloatTensor<Self>,
+                rows: &[usize],
+                group: &Group,
+            ) -> FloatTensor<Self> {
+                group.scatter_rows_primitive::<Self>(x, rows)
             }
         }
     };
@@ -321,6 +381,34 @@ impl<B: Collective> Backward<B, 1> for AllToAll {
     }
 }
 
+#[derive(Debug)]
+struct GatherRows;
+
+impl<B: Collective> Backward<B, 1> for GatherRows {
+    type State = (Group, Vec<usize>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (group, rows) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |g| {
+            B::scatter_rows(g, &rows, &group)
+        });
+    }
+}
+
+#[derive(Debug)]
+struct ScatterRows;
+
+impl<B: Collective> Backward<B, 1> for ScatterRows {
+    type State = (Group, Vec<usize>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (group, rows) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |g| {
+            B::gather_rows(g, &rows, &group)
+        });
+    }
+}
+
 impl<B: Collective, C: CheckpointStrategy> Collective for Autodiff<B, C> {
     fn copy_to(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self> {
         match CopyTo
@@ -352,4 +440,70 @@ impl<B: Collective, C: CheckpointStrategy> Collective for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
+
+    fn gather_rows(x: FloatTensor<Self>, rows: &[usize], group: &Group) -> FloatTensor<Self> {
+        let out = B::gather_rows(x.primitive, rows, group);
+        match GatherRows
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((group.clone(), rows.to_vec()), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn scatter_rows(x: FloatTensor<Self>, rows: &[usize], group: &Group) -> FloatTensor<Self> {
+        let out = B::scatter_rows(x.primitive, rows, group);
+        match ScatterRows
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((group.clone(), rows.to_vec()), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+/// The tensor-parallel group of a forward pass, as the model's layers see it: Megatron's
+/// `f`/`g` at the edges of each tensor-parallel region, or, under sequence parallelism
+/// (each rank holding `rows[rank]` consecutive rows of the tokens outside the regions), an
+/// all-gather entering and a reduce-scatter leaving.
+#[derive(Clone, Debug)]
+pub struct TpRegion {
+    pub group: Group,
+    pub rows: Option<Vec<usize>>,
+}
+
+impl TpRegion {
+    /// The input of a column-parallel region (all tokens, the same on every rank).
+    pub fn enter<B: Collective>(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.rows {
+            None => copy_to(x, &self.group),
+            Some(rows) => {
+                let out = B::gather_rows(x.into_primitive().tensor(), rows, &self.group);
+                Tensor::from_primitive(TensorPrimitive::Float(out))
+            }
+        }
+    }
+
+    /// The output of a row-parallel region: the sum over the group (this rank's rows of it
+    /// under sequence parallelism).
+    pub fn leave<B: Collective>(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.rows {
+            None => reduce_from(x, &self.group),
+            Some(rows) => {
+                let out = B::scatter_rows(x.into_primitive().tensor(), rows, &self.group);
+                Tensor::from_primitive(TensorPrimitive::Float(out))
+            }
+        }
+    }
+}
+
+/// `n` rows cut into `parts` consecutive chunks as evenly as possible.
+pub fn split_rows(n: usize, parts: usize) -> Vec<usize> {
+    (0..parts)
+        .map(|r| (r + 1) * n / parts - r * n / parts)
+        .collect()
 }

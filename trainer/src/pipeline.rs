@@ -180,7 +180,7 @@ impl Pipeline {
             Schedule::OneFOneB => (self.stage.count - self.stage.index - 1).min(m),
         };
         let h = model.config.hidden_size;
-        let size = |i: usize| batches[i].batch * batches[i].seq * h;
+        let size = |i: usize| model.local_rows(batches[i].batch * batches[i].seq) * h;
         let mut loss_sum = 0.0;
         let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
         let mut flight: VecDeque<InFlight<B>> = VecDeque::new();
@@ -271,7 +271,7 @@ impl Pipeline {
         let mut sums = [0.0f64, 0.0];
         for chunk in rows.chunks(micro_batch.max(1)) {
             let batch = collate(&chunk.iter().collect::<Vec<_>>());
-            let n = batch.batch * batch.seq;
+            let n = model.local_rows(batch.batch * batch.seq);
             let x = self
                 .receive(prev, n * h)?
                 .map(|v| Tensor::<B, 2>::from_data(TensorData::new(v, [n, h]), &device));
@@ -384,7 +384,7 @@ impl<B: TrainBackend> InFlight<B> {
         denominator: f64,
         loss_sum: &mut f64,
     ) -> Self {
-        let n = batch.batch * batch.seq;
+        let n = model.local_rows(batch.batch * batch.seq);
         let h = model.config.hidden_size;
         let input = received.map(|v| {
             Tensor::<B, 2>::from_data(TensorData::new(v, [n, h]), &model.device()).require_grad()

@@ -10,7 +10,7 @@ use super::config::ModelConfig;
 use super::linear::Linear;
 pub use super::moe::Moe;
 use super::rope;
-use crate::collective::{copy_to, reduce_from, Collective, Group};
+use crate::collective::{split_rows, Collective, Group, TpRegion};
 use crate::loss;
 
 /// RMSNorm as transformers computes it: `w · x / sqrt(mean(x²) + eps)`.
@@ -55,30 +55,25 @@ pub struct Context<B: Backend> {
     /// Additive attention mask `[b, heads, s, s]`: 0 where attention is allowed, -inf elsewhere.
     pub mask: Tensor<B, 4>,
     pub train: bool,
-    /// The tensor-parallel group heads and MLP columns are split over.
-    pub tp: Option<Group>,
+    /// The tensor-parallel group heads and MLP columns are split over (and, under sequence
+    /// parallelism, the rows of each rank outside them).
+    pub tp: Option<TpRegion>,
     /// The expert-parallel group the experts are spread over.
     pub ep: Option<Group>,
 }
 
-/// Megatron's `f` when tensor parallel: the input of a column-parallel region.
-pub(super) fn enter<B: Collective, const D: usize>(
-    x: Tensor<B, D>,
-    tp: Option<&Group>,
-) -> Tensor<B, D> {
+/// The input of a column-parallel region when tensor parallel (see [`TpRegion::enter`]).
+pub(super) fn enter<B: Collective>(x: Tensor<B, 2>, tp: Option<&TpRegion>) -> Tensor<B, 2> {
     match tp {
-        Some(g) => copy_to(x, g),
+        Some(r) => r.enter(x),
         None => x,
     }
 }
 
-/// Megatron's `g` when tensor parallel: the output of a row-parallel region.
-pub(super) fn leave<B: Collective, const D: usize>(
-    x: Tensor<B, D>,
-    tp: Option<&Group>,
-) -> Tensor<B, D> {
+/// The output of a row-parallel region when tensor parallel (see [`TpRegion::leave`]).
+pub(super) fn leave<B: Collective>(x: Tensor<B, 2>, tp: Option<&TpRegion>) -> Tensor<B, 2> {
     match tp {
-        Some(g) => reduce_from(x, g),
+        Some(r) => r.leave(x),
         None => x,
     }
 }
@@ -153,7 +148,7 @@ pub struct Mlp<B: Backend> {
 impl<B: Collective> Mlp<B> {
     /// `x: [n, h]` → `[n, h]`; under tensor parallelism over this rank's columns of gate/up
     /// and rows of down.
-    pub fn forward(&self, x: Tensor<B, 2>, train: bool, tp: Option<&Group>) -> Tensor<B, 2> {
+    pub fn forward(&self, x: Tensor<B, 2>, train: bool, tp: Option<&TpRegion>) -> Tensor<B, 2> {
         let x = enter(x, tp);
         self.down_proj.forward_row(self.hidden(x, train), train, tp)
     }
@@ -228,6 +223,10 @@ pub struct Sharding {
     pub stage: Option<Stage>,
     /// The expert-parallel group the experts are spread over (see [`super::moe`]).
     pub ep: Option<Group>,
+    /// Sequence parallelism (with `tp`): outside the tensor-parallel regions (norms,
+    /// residuals, what passes between pipeline stages) each rank holds only its chunk of
+    /// the tokens (see [`CausalLm::local_rows`]).
+    pub sequence_parallel: bool,
 }
 
 /// One pipeline stage: `index` of `count`, holding layers from `first_layer` on.
@@ -298,8 +297,8 @@ impl<B: Collective> CausalLm<B> {
     }
 
     /// The part of the forward pass this rank holds: from the token ids (first stage) or
-    /// the previous stage's hidden states `hidden: [n, h]`, through its layers, to the
-    /// hidden states for the next stage or, on the last stage, the logits.
+    /// the previous stage's hidden states `hidden: [local_rows(n), h]`, through its layers,
+    /// to the hidden states for the next stage or, on the last stage, the logits.
     pub fn forward_stage(
         &self,
         hidden: Option<Tensor<B, 2>>,
@@ -320,7 +319,7 @@ impl<B: Collective> CausalLm<B> {
         let (k_cos, k_sin) =
             rope::cos_sin::<B>(&self.inv_freq, inputs.positions, kv_heads, &device);
         let mask = attention_mask::<B>(inputs, c.sliding_window, &device).repeat_dim(1, heads);
-        let tp = self.sharding.tp.clone();
+        let tp = self.region(b * s);
         let ctx = Context {
             batch: b,
             seq: s,
@@ -336,7 +335,7 @@ impl<B: Collective> CausalLm<B> {
         };
         let mut x = match hidden {
             Some(x) => x,
-            None => self.embed(inputs.tokens),
+            None => self.embed(inputs.tokens, ctx.tp.as_ref()),
         };
         for layer in &self.layers {
             x = layer.forward(x, &ctx);
@@ -384,16 +383,39 @@ impl<B: Collective> CausalLm<B> {
         }
     }
 
-    /// Token embeddings `[n, h]`. Vocabulary-parallel: each rank looks up the ids in its
-    /// rows, zeros the others, and the group sums.
-    fn embed(&self, tokens: &[u32]) -> Tensor<B, 2> {
+    /// The tensor-parallel region of a pass over `n` tokens, if tensor parallel.
+    fn region(&self, n: usize) -> Option<TpRegion> {
+        let group = self.sharding.tp.clone()?;
+        let rows = self.sequence_rows(n, group.size());
+        Some(TpRegion { group, rows })
+    }
+
+    /// Rows of each tensor-parallel rank under sequence parallelism (`None`: every rank
+    /// holds all `n`; also when there are fewer tokens than ranks).
+    fn sequence_rows(&self, n: usize, tp: usize) -> Option<Vec<usize>> {
+        (self.sharding.sequence_parallel && tp > 1 && n >= tp).then(|| split_rows(n, tp))
+    }
+
+    /// Rows of the hidden states this rank holds outside the tensor-parallel regions (and
+    /// sends to the next pipeline stage) for `n` tokens: its chunk under sequence
+    /// parallelism, else all of them.
+    pub fn local_rows(&self, n: usize) -> usize {
+        let Some(g) = &self.sharding.tp else { return n };
+        self.sequence_rows(n, g.size())
+            .map_or(n, |rows| rows[g.rank()])
+    }
+
+    /// Token embeddings `[n, h]` (this rank's rows under sequence parallelism).
+    /// Vocabulary-parallel: each rank looks up the ids in its rows, zeros the others, and
+    /// the group sums.
+    fn embed(&self, tokens: &[u32], tp: Option<&TpRegion>) -> Tensor<B, 2> {
         let device = self.device();
         let n = tokens.len();
         let embed_tokens = self
             .embed_tokens
             .as_ref()
             .expect("the first pipeline stage holds the embedding");
-        let Some(g) = &self.sharding.tp else {
+        let Some(tp) = tp else {
             let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
             let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &device);
             return embed_tokens.val().select(0, ids);
@@ -411,7 +433,7 @@ impl<B: Collective> CausalLm<B> {
             .collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &device);
         let keep = Tensor::<B, 2>::from_data(TensorData::new(keep, [n, 1]), &device);
-        reduce_from(embed_tokens.val().select(0, ids) * keep, g)
+        tp.leave(embed_tokens.val().select(0, ids) * keep)
     }
 }
 

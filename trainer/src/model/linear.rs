@@ -6,7 +6,7 @@ use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 
 use checkpoint::HostTensor;
 
-use crate::collective::{reduce_from, Collective, Group};
+use crate::collective::{Collective, TpRegion};
 
 /// The low-rank update of one [`Linear`] (PEFT's `lora_A`, `lora_B`).
 #[derive(Module, Debug)]
@@ -90,15 +90,16 @@ impl<B: Backend> Linear<B> {
 
     /// A row-parallel projection (Megatron's `RowParallelLinear`): `x` holds this rank's
     /// slice of the input features, the weight (and LoRA's A) the matching rows; the
-    /// partial products are summed over `group`, then the (replicated) bias is added.
+    /// partial products are summed over the group (this rank's rows of the sum under
+    /// sequence parallelism), then the (replicated) bias is added.
     /// LoRA's replicated B sees a partial input, so its gradient is partial too (summed
     /// over the group after the backward pass).
-    pub fn forward_row(&self, x: Tensor<B, 2>, train: bool, group: Option<&Group>) -> Tensor<B, 2>
+    pub fn forward_row(&self, x: Tensor<B, 2>, train: bool, tp: Option<&TpRegion>) -> Tensor<B, 2>
     where
         B: Collective,
     {
-        match group {
-            Some(g) => self.add_bias(reduce_from(self.forward_unbiased(x, train), g)),
+        match tp {
+            Some(r) => self.add_bias(r.leave(self.forward_unbiased(x, train))),
             None => self.forward(x, train),
         }
     }

@@ -20,7 +20,7 @@ use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::decoder::{enter, leave, CausalLm, FeedForward, Mlp};
 use super::linear::Linear;
-use crate::collective::{all_to_all, Collective, Exchange, Group};
+use crate::collective::{all_to_all, Collective, Exchange, Group, TpRegion};
 
 /// Softmax over the router logits, keep the top-k, renormalise them to sum to 1, and add
 /// each chosen expert's output weighted by its share.
@@ -50,7 +50,7 @@ impl<B: Collective> Moe<B> {
         &self,
         x: Tensor<B, 2>,
         train: bool,
-        tp: Option<&Group>,
+        tp: Option<&TpRegion>,
         ep: Option<&Group>,
     ) -> Tensor<B, 2> {
         let x = enter(x, tp);

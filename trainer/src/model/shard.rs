@@ -11,7 +11,10 @@
 //!   row-parallel base A is cut like the base and B replicated. The replicated factor sees
 //!   only this rank's part of the computation, so its gradient is summed over the group
 //!   after the backward pass ([`Placement::Partial`]), as is the MoE router's.
-//! - Norms are replicated.
+//! - Norms are replicated. Under sequence parallelism (Megatron's `--sequence-parallel`)
+//!   each rank runs norms and residuals on its chunk of the tokens: the regions are entered
+//!   by an all-gather and left by a reduce-scatter, and norms and biases added after a
+//!   row-parallel sum get partial gradients, summed over the group after backward.
 
 use std::collections::HashMap;
 
@@ -189,10 +192,12 @@ impl TensorParallel {
     }
 }
 
-/// Keep this rank's slices of a whole model (with its adapters, if any).
+/// Keep this rank's slices of a whole model (with its adapters, if any); with
+/// `sequence_parallel`, norms and residuals run on each rank's chunk of the tokens.
 pub fn shard<B: Backend>(
     mut model: CausalLm<B>,
     group: Group,
+    sequence_parallel: bool,
 ) -> Result<(CausalLm<B>, TensorParallel)> {
     let (rank, tp) = (group.rank(), group.size());
     check_tensor_parallel(&model.config, tp).map_err(|message| Error::Training {
@@ -203,7 +208,7 @@ pub fn shard<B: Backend>(
         rank,
         placements: HashMap::new(),
     };
-    walk(&mut model, tp, &mut cutter);
+    walk(&mut model, tp, sequence_parallel, &mut cutter);
     let c = &model.config;
     let kv_copies = (tp / c.num_kv_heads).max(1);
     for layer in &mut model.layers {
@@ -220,6 +225,7 @@ pub fn shard<B: Backend>(
     model.sharding = Sharding {
         vocab_start: rank * (c.vocab_size / tp),
         tp: Some(group.clone()),
+        sequence_parallel,
         ..model.sharding
     };
     Ok((
@@ -243,7 +249,7 @@ pub fn unshard<B: Backend>(mut model: CausalLm<B>) -> Result<CausalLm<B>> {
         tp: group.size(),
         failure: None,
     };
-    walk(&mut model, group.size(), &mut gatherer);
+    walk(&mut model, group.size(), false, &mut gatherer);
     if let Some(e) = gatherer.failure {
         return Err(e.into());
     }
@@ -254,6 +260,7 @@ pub fn unshard<B: Backend>(mut model: CausalLm<B>) -> Result<CausalLm<B>> {
     }
     model.sharding.tp = None;
     model.sharding.vocab_start = 0;
+    model.sharding.sequence_parallel = false;
     Ok(model)
 }
 
@@ -268,9 +275,16 @@ trait Visit<B: Backend> {
 }
 
 /// Every parameter of a whole-model layout, in a fixed order, with its cut. `model` may be
-/// whole or already cut: cuts are computed from the config.
-fn walk<B: Backend>(model: &mut CausalLm<B>, tp: usize, f: &mut impl Visit<B>) {
+/// whole or already cut: cuts are computed from the config. Under sequence parallelism
+/// (`sp`) what runs on a rank's chunk of the tokens — norms, biases added after a
+/// row-parallel sum — gets only a partial gradient.
+fn walk<B: Backend>(model: &mut CausalLm<B>, tp: usize, sp: bool, f: &mut impl Visit<B>) {
     let c = model.config.clone();
+    let whole = if sp {
+        Placement::Partial
+    } else {
+        Placement::Replicated
+    };
     let sliced = Placement::Sliced { copies: 1 };
     let vocab = Cut::even(0, c.vocab_size, tp);
     if let Some(embed) = &mut model.embed_tokens {
@@ -281,16 +295,16 @@ fn walk<B: Backend>(model: &mut CausalLm<B>, tp: usize, f: &mut impl Visit<B>) {
             &mut layer.input_layernorm,
             &mut layer.post_attention_layernorm,
         ] {
-            f.param(&mut norm.weight, None, Placement::Replicated);
+            f.param(&mut norm.weight, None, whole);
         }
         if let FeedForward::Sparse(moe) = &mut layer.ffn {
             // The router: replicated, fed the same input everywhere, but it weighs partial
             // expert outputs, so its gradient is partial.
-            visit_linear(f, &mut moe.gate, Role::Router);
+            visit_linear(f, &mut moe.gate, Role::Router, Placement::Partial);
         }
     }
     if let Some(norm) = &mut model.norm {
-        f.param(&mut norm.weight, None, Placement::Replicated);
+        f.param(&mut norm.weight, None, whole);
     }
     let d = c.head_dim;
     let kv = if tp <= c.num_kv_heads {
@@ -314,7 +328,7 @@ fn walk<B: Backend>(model: &mut CausalLm<B>, tp: usize, f: &mut impl Visit<B>) {
             // The router, visited above.
             _ => continue,
         };
-        visit_linear(f, linear, role);
+        visit_linear(f, linear, role, whole);
     }
 }
 
@@ -327,7 +341,13 @@ enum Role {
     Router,
 }
 
-fn visit_linear<B: Backend>(f: &mut impl Visit<B>, l: &mut Linear<B>, role: Role) {
+/// `bias_after_sum`: how a row-parallel projection's bias (added after the sum) is held.
+fn visit_linear<B: Backend>(
+    f: &mut impl Visit<B>,
+    l: &mut Linear<B>,
+    role: Role,
+    bias_after_sum: Placement,
+) {
     let sliced = |cut: Cut| Placement::Sliced { copies: cut.copies };
     match role {
         Role::Column(cut) => {
@@ -343,7 +363,7 @@ fn visit_linear<B: Backend>(f: &mut impl Visit<B>, l: &mut Linear<B>, role: Role
         Role::Row(cut) => {
             f.param(&mut l.weight, Some(cut), sliced(cut));
             if let Some(b) = &mut l.bias {
-                f.param(b, None, Placement::Replicated);
+                f.param(b, None, bias_after_sum);
             }
             if let Some(lora) = &mut l.lora {
                 f.param(&mut lora.a, Some(cut), sliced(cut));
