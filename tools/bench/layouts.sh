@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CPU step time of each two-rank layout against one process, measured side by side in one
-# run on the same data and batch: the quick-start model (Llama) for dp2, tp2 and pp2
-# (1F1B vs GPipe), and a Mixtral made with the quick-start model's sizes (8 experts, top 2;
-# generated with transformers) for dp2 vs ep2. Full SFT, 8 rows of 512 packed tokens per
+# run on the same data and batch: the quick-start model (Llama) for dp2, tp2 (with and
+# without sequence parallelism) and pp2 (1F1B vs GPipe), and a Mixtral made with the
+# quick-start model's sizes (8 experts, top 2; generated with transformers) for dp2 vs ep2. Full SFT, 8 rows of 512 packed tokens per
 # step in micro-batches of 1, mean over steps 3.. of rank 0's step_time.
 #   tools/bench/layouts.sh [STEPS] [/tmp/refenv]
 set -euo pipefail
@@ -71,6 +71,7 @@ one=$(measure assets/quickstart/model 1)
 row "one process" "$one" "$one"
 row "dp2" "$(measure assets/quickstart/model 2)" "$one"
 row "tp2" "$(measure assets/quickstart/model 2 --set parallel.tp=2)" "$one"
+row "tp2 + sequence parallel" "$(measure assets/quickstart/model 2 --set parallel.tp=2 --set parallel.sequence_parallel=true)" "$one"
 row "pp2 1F1B" "$(measure assets/quickstart/model 2 --set parallel.pp=2)" "$one"
 row "pp2 GPipe" "$(measure assets/quickstart/model 2 --set parallel.pp=2 --set parallel.schedule=gpipe)" "$one"
 echo "Mixtral with the same sizes, 8 experts top 2, full SFT"
