@@ -381,44 +381,43 @@ impl<B: Collective> Backward<B, 1> for AllToAll {
     }
 }
 
+/// Sequence parallelism's all-gather (`gather: true`) or reduce-scatter of rows; each is
+/// the other's backward.
 #[derive(Debug)]
-struct GatherRows;
+struct Rows {
+    gather: bool,
+}
 
-impl<B: Collective> Backward<B, 1> for GatherRows {
+impl<B: Collective> Backward<B, 1> for Rows {
     type State = (Group, Vec<usize>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (group, rows) = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |g| {
-            B::scatter_rows(g, &rows, &group)
+        unary::<B, _>(ops.parents, ops.node, grads, |g| match self.gather {
+            true => B::scatter_rows(g, &rows, &group),
+            false => B::gather_rows(g, &rows, &group),
         });
     }
 }
 
-#[derive(Debug)]
-struct ScatterRows;
-
-impl<B: Collective> Backward<B, 1> for ScatterRows {
-    type State = (Group, Vec<usize>);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (group, rows) = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |g| {
-            B::gather_rows(g, &rows, &group)
-        });
+/// `compute` (a collective) applied to `x`, recorded for autodiff as `op` with `state`.
+fn recorded<B: Collective, C: CheckpointStrategy, O: Backward<B, 1>>(
+    op: O,
+    state: O::State,
+    x: FloatTensor<Autodiff<B, C>>,
+    compute: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let prepared = op.prepare::<C>([x.node.clone()]).compute_bound().stateful();
+    let out = compute(x.primitive);
+    match prepared {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
 
 impl<B: Collective, C: CheckpointStrategy> Collective for Autodiff<B, C> {
     fn copy_to(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self> {
-        match CopyTo
-            .prepare::<C>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(group.clone(), x.primitive),
-            OpsKind::UnTracked(prep) => prep.finish(x.primitive),
-        }
+        recorded::<B, C, _>(CopyTo, group.clone(), x, |x| x)
     }
 
     fn reduce_from(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self> {
@@ -430,39 +429,23 @@ impl<B: Collective, C: CheckpointStrategy> Collective for Autodiff<B, C> {
     }
 
     fn all_to_all(x: FloatTensor<Self>, exchange: &Exchange, group: &Group) -> FloatTensor<Self> {
-        let out = B::all_to_all(x.primitive, exchange, group);
-        match AllToAll
-            .prepare::<C>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((group.clone(), exchange.clone()), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        recorded::<B, C, _>(AllToAll, (group.clone(), exchange.clone()), x, |x| {
+            B::all_to_all(x, exchange, group)
+        })
     }
 
     fn gather_rows(x: FloatTensor<Self>, rows: &[usize], group: &Group) -> FloatTensor<Self> {
-        let out = B::gather_rows(x.primitive, rows, group);
-        match GatherRows
-            .prepare::<C>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((group.clone(), rows.to_vec()), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        let state = (group.clone(), rows.to_vec());
+        recorded::<B, C, _>(Rows { gather: true }, state, x, |x| {
+            B::gather_rows(x, rows, group)
+        })
     }
 
     fn scatter_rows(x: FloatTensor<Self>, rows: &[usize], group: &Group) -> FloatTensor<Self> {
-        let out = B::scatter_rows(x.primitive, rows, group);
-        match ScatterRows
-            .prepare::<C>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((group.clone(), rows.to_vec()), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        let state = (group.clone(), rows.to_vec());
+        recorded::<B, C, _>(Rows { gather: false }, state, x, |x| {
+            B::scatter_rows(x, rows, group)
+        })
     }
 }
 
