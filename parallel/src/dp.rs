@@ -163,7 +163,9 @@ impl DataParallel {
     }
 
     /// Under ZeRO-1, drop the gradients of parameters another rank owns, so the optimizer
-    /// steps (and keeps state for) only this rank's share.
+    /// steps (and keeps state for) only this rank's share. Within the group a parameter is
+    /// replicated over, each rank owns a contiguous run in module-path order, balanced by
+    /// element count ([`partition`]).
     pub fn keep_owned_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
         &self,
         module: &M,
