@@ -215,13 +215,12 @@ pub fn run_on<B: Collective>(
         .layout(ctx.world_size, None)
         .map_err(config_error)?;
     let mesh = Mesh::new(layout, ctx.comm.clone())?;
-    let (model, spec) = setup::model::<Autodiff<B>>(
+    let (mut model, spec) = setup::model::<Autodiff<B>>(
         &cfg.model.path,
         cfg.lora.as_ref(),
         cfg.training.seed,
         device,
     )?;
-    let mut model = model;
     trainer::model::moe::set_capacity_factor(&mut model, cfg.training.moe_capacity_factor);
     // The whole model is built, then cut: each rank keeps only its stage's layers and its
     // slices of them (a checkpoint read slice by slice comes with sharded checkpoints).

@@ -16,7 +16,7 @@ use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{try_read_sync, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+use burn::tensor::{try_read_sync, DType, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use parallel::{Collectives, Communicator, ReduceOp};
 
 /// A communicator the model's differentiable collectives run over (one tensor- or
@@ -88,24 +88,34 @@ impl Group {
         }
         let device = B::float_device(&x);
         let shape = x.shape();
-        let data = match try_read_sync(B::float_into_data(x)) {
-            Some(Ok(d)) => d,
-            _ => {
-                self.fail(parallel::Error::InvalidArgument(
-                    "could not read a tensor back from the device".into(),
-                ));
-                return B::float_from_data(
-                    TensorData::new(vec![0f32; shape.num_elements()], shape),
-                    &device,
-                );
-            }
+        let Some((mut values, dtype)) = self.read::<B>(x) else {
+            let zeros = TensorData::new(vec![0f32; shape.num_elements()], shape);
+            return B::float_from_data(zeros, &device);
         };
-        let dtype = data.dtype;
-        let mut values = data.convert::<f32>().into_vec::<f32>().unwrap_or_default();
         if let Err(e) = op(self.comm.as_ref(), &mut values) {
             self.fail(e);
         }
         B::float_from_data(TensorData::new(values, shape).convert_dtype(dtype), &device)
+    }
+
+    /// A host copy of `x` as f32 with its dtype; `None` (the failure recorded) when it
+    /// cannot be read back from the device.
+    fn read<B: Backend>(&self, x: FloatTensor<B>) -> Option<(Vec<f32>, DType)> {
+        match try_read_sync(B::float_into_data(x)) {
+            Some(Ok(d)) => {
+                let dtype = d.dtype;
+                Some((
+                    d.convert::<f32>().into_vec::<f32>().unwrap_or_default(),
+                    dtype,
+                ))
+            }
+            _ => {
+                self.fail(parallel::Error::InvalidArgument(
+                    "could not read a tensor back from the device".into(),
+                ));
+                None
+            }
+        }
     }
 
     /// Sum `x` over the group (not differentiable).
@@ -134,17 +144,9 @@ impl Group {
             return zeros(&device);
         }
         let sent = exchange.send.iter().sum::<usize>();
-        let data = match try_read_sync(B::float_into_data(x)) {
-            Some(Ok(d)) => d,
-            _ => {
-                self.fail(parallel::Error::InvalidArgument(
-                    "could not read a tensor back from the device".into(),
-                ));
-                return zeros(&device);
-            }
+        let Some((mut values, dtype)) = self.read::<B>(x) else {
+            return zeros(&device);
         };
-        let dtype = data.dtype;
-        let mut values = data.convert::<f32>().into_vec::<f32>().unwrap_or_default();
         values.truncate(sent * width);
         let counts: Vec<usize> = exchange.send.iter().map(|&r| r * width).collect();
         match self.comm.all_to_all(&values, &counts) {

@@ -41,10 +41,6 @@ impl ExpertParallel {
         Self { group, experts }
     }
 
-    pub fn group(&self) -> &Group {
-        &self.group
-    }
-
     /// Whether this rank counts the parameter in the global gradient norm: its experts are
     /// its own, everything else is the same on every rank of the group and counted once.
     pub fn counts_in_norm(&self, id: &ParamId) -> bool {

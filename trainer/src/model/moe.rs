@@ -162,7 +162,8 @@ impl<B: Collective> Moe<B> {
                 .filter(|&r| arrived[r as usize] == j as i64)
                 .chain([pad])
                 .collect();
-            let at = ints::<B, 1>(mine.clone(), [mine.len()], &device);
+            let count = mine.len();
+            let at = ints::<B, 1>(mine, [count], &device);
             let out = expert.forward_partial(received.clone().select(0, at.clone()), train);
             y = y.select_assign(0, at, out, IndexingUpdateOp::Add);
         }
