@@ -84,7 +84,7 @@ fn write_job(dir: &Path, model: &str, lora: bool) -> PathBuf {
         // exists, and the head is tied in llama3 (no lm_head module).
         let targets = match model {
             "mixtral" => "[\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"w1\", \"w2\", \"w3\", \"lm_head\"]",
-            "llama3" => "[\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]",
+            "llama3" | "llama-deep" => "[\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]",
             _ => LORA_TARGETS,
         };
         body.push_str(&format!("[lora]\nr = 4\nalpha = 8\ntargets = {targets}\n"));
@@ -204,12 +204,84 @@ fn every_layout_gives_the_losses_norms_and_weights_of_one_process() {
             let what = format!("{what} {name}");
             let got = train(&job, *nproc, sets);
             assert_same(&one, &got, &what);
-            assert_same_tensors(&one_export, &exported(&job, lora), &what);
+            assert_same_tensors(&one_export, &exported(&job, lora), &what, 1e-4);
             let eval = eval_loss(&job);
             assert!(
                 rel_diff(eval, one_eval) < 1e-4,
                 "{what}: eval {eval} vs {one_eval}"
             );
+        }
+    }
+}
+
+/// Interleaved 1F1B (virtual stages) and pipelines deeper than two ranks, on a six-layer
+/// Llama with tied embeddings: the same losses, norms, eval and weights as one process,
+/// and the ranks together hold the model once (plus the last rank's tied head).
+#[test]
+fn interleaved_and_deeper_pipelines_give_the_results_of_one_process() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    const INTERLEAVED: &str = "parallel.schedule=interleaved";
+    // 12 rows a step: whole groups of pp micro-batches for pp 2 and 3, with dp2 too.
+    let batch = "training.global_batch=12";
+    let layouts: &[(&str, usize, &[&str])] = &[
+        ("pp2 × 2 virtual", 2, &["parallel.pp=2", INTERLEAVED]),
+        (
+            "pp2 × 3 virtual",
+            2,
+            &["parallel.pp=2", INTERLEAVED, "parallel.virtual_stages=3"],
+        ),
+        ("pp3 × 2 virtual", 3, &["parallel.pp=3", INTERLEAVED]),
+        ("pp3 1F1B", 3, &["parallel.pp=3"]),
+        ("dp2×pp2 × 2 virtual", 4, &["parallel.pp=2", INTERLEAVED]),
+        (
+            "tp2×pp2 × 2 virtual + SP",
+            4,
+            &["parallel.tp=2", "parallel.pp=2", INTERLEAVED, SP],
+        ),
+    ];
+    for lora in [false, true] {
+        let job = write_job(tmp.path(), "llama-deep", lora);
+        let what = if lora { "lora" } else { "full" };
+        let one = train(&job, 1, &[batch]).remove(0);
+        let one_export = exported(&job, lora);
+        let one_eval = eval_loss(&job);
+        let whole = step_events(&job)[0]["param_elems"]
+            .as_u64()
+            .expect("params");
+        for (name, nproc, sets) in layouts {
+            let what = format!("{what} {name}");
+            let sets: Vec<&str> = sets.iter().copied().chain([batch]).collect();
+            let got = train(&job, *nproc, &sets);
+            assert_same(&one, &got, &what);
+            // LoRA A starts with a zero gradient (B = 0) and then gets tiny ones that AdamW
+            // divides by √v + ε, which magnifies the rounding of dp's different summation
+            // order: plain dp2 already moves one element of this model's adapters by
+            // 1.04e-4 (pp2 interleaved alone: 9e-8).
+            let tol = if lora { 1e-3 } else { 1e-4 };
+            assert_same_tensors(&one_export, &exported(&job, lora), &what, tol);
+            let eval = eval_loss(&job);
+            assert!(
+                rel_diff(eval, one_eval) < 1e-4,
+                "{what}: eval {eval} vs {one_eval}"
+            );
+            if !lora
+                && *nproc
+                    == sets
+                        .iter()
+                        .filter_map(|s| s.strip_prefix("parallel.pp="))
+                        .map(|p| p.parse::<usize>().expect("pp"))
+                        .product::<usize>()
+            {
+                let c = config("llama-deep");
+                let tied =
+                    c["vocab_size"].as_u64().unwrap_or(0) * c["hidden_size"].as_u64().unwrap_or(0);
+                let held: u64 = step_events(&job)
+                    .iter()
+                    .filter(|e| e["step"] == 1)
+                    .map(|e| e["param_elems"].as_u64().expect("params"))
+                    .sum();
+                assert_eq!(held, whole + tied, "{what}: the stages hold the model once");
+            }
         }
     }
 }
@@ -254,11 +326,13 @@ fn exported(job: &Path, lora: bool) -> tidemill::checkpoint::TensorMap {
     tidemill::checkpoint::read_safetensors(&file).expect("export")
 }
 
-/// The slices gathered back from every rank make the model one process trains.
+/// The slices gathered back from every rank make the model one process trains (each
+/// element within `tol` relative to 1 + its size).
 fn assert_same_tensors(
     one: &tidemill::checkpoint::TensorMap,
     got: &tidemill::checkpoint::TensorMap,
     what: &str,
+    tol: f32,
 ) {
     assert_eq!(
         one.keys().collect::<Vec<_>>(),
@@ -274,7 +348,7 @@ fn assert_same_tensors(
             .zip(&b.data)
             .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
             .fold(0.0f32, f32::max);
-        assert!(worst < 1e-4, "{what}: {key} differs by {worst}");
+        assert!(worst < tol, "{what}: {key} differs by {worst}");
     }
 }
 
@@ -451,6 +525,16 @@ fn layouts_that_cannot_work_are_refused_before_any_process_starts() {
             vec!["parallel.tp=2", "training.global_batch=3"],
             "global_batch",
         ),
+        (
+            2,
+            vec!["parallel.pp=2", "parallel.schedule=interleaved"],
+            "= 4 stages cannot exceed the layers (2)",
+        ),
+        (
+            2,
+            vec!["parallel.pp=2", "parallel.virtual_stages=2"],
+            "only with schedule = \"interleaved\"",
+        ),
     ] {
         let out = run_launch(&job, nproc, &sets);
         assert_eq!(out.status.code(), Some(2), "{sets:?}: {}", stderr(&out));
@@ -460,6 +544,15 @@ fn layouts_that_cannot_work_are_refused_before_any_process_starts() {
             "{sets:?}: nothing started"
         );
     }
+    // Interleaving runs micro-batches in groups of pp.
+    let deep = write_job(tmp.path(), "llama-deep", false);
+    let out = run_launch(
+        &deep,
+        3,
+        &["parallel.pp=3", "parallel.schedule=interleaved"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("groups of pp=3"), "{}", stderr(&out));
     // Expert parallelism needs experts.
     let llama = write_job(tmp.path(), "llama3", false);
     let out = run_launch(&llama, 2, &["parallel.ep=2"]);

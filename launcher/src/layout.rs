@@ -28,11 +28,17 @@ pub struct ParallelSection {
     /// Rows per micro-batch; when given it takes precedence over `training.micro_batch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub micro_batch: Option<usize>,
-    /// Pipeline schedule: "1f1b" (default) or "gpipe" ("interleaved" is not available yet).
+    /// Pipeline schedule: "1f1b" (default), "gpipe", or "interleaved" (1F1B over
+    /// `virtual_stages` chunks of layers per rank).
     #[serde(default = "default_schedule")]
     pub schedule: String,
-    /// Layers of each pipeline stage, set by hand (`pp` entries summing to the layers);
-    /// by default balanced by cost (the head counts on the last stage).
+    /// Chunks of layers per pipeline rank under the interleaved schedule (Megatron's
+    /// virtual pipeline stages); 2 when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_stages: Option<usize>,
+    /// Layers of each pipeline stage, set by hand (`pp` entries summing to the layers, or
+    /// `pp × virtual_stages` in pipeline order when interleaved); by default balanced by
+    /// cost (the head counts on the last stage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage_layers: Option<Vec<usize>>,
     /// Sequence parallelism (Megatron's `--sequence-parallel`, with tp > 1): norms and
@@ -55,6 +61,7 @@ impl Default for ParallelSection {
             ep: 1,
             micro_batch: None,
             schedule: default_schedule(),
+            virtual_stages: None,
             stage_layers: None,
             sequence_parallel: false,
             zero1: false,
@@ -90,27 +97,59 @@ impl ParallelSection {
                 self.schedule
             ));
         }
-        if self.schedule == "interleaved" {
-            return Err(
-                "parallel.schedule: \"interleaved\" (virtual stages) is not available yet; \
-                 use \"1f1b\" or \"gpipe\""
-                    .into(),
-            );
+        match (self.schedule.as_str(), self.virtual_stages) {
+            ("interleaved", Some(v)) if v < 2 => {
+                return Err(format!(
+                    "parallel.virtual_stages: {v}: the interleaved schedule needs at least 2 \
+                     chunks of layers per rank"
+                ))
+            }
+            ("interleaved", _) if self.pp < 2 => {
+                return Err("parallel.schedule: \"interleaved\" needs pp ≥ 2".into())
+            }
+            ("interleaved", _) | (_, None) => {}
+            (other, Some(_)) => {
+                return Err(format!(
+                    "parallel.virtual_stages: only with schedule = \"interleaved\" (not \
+                     \"{other}\")"
+                ))
+            }
         }
         if let Some(layers) = &self.stage_layers {
-            if layers.len() != self.pp || layers.contains(&0) {
+            let stages = self.pp * self.chunks();
+            if layers.len() != stages || layers.contains(&0) {
                 return Err(format!(
-                    "parallel.stage_layers: {layers:?} must give pp={} stages at least one \
-                     layer each",
-                    self.pp
+                    "parallel.stage_layers: {layers:?} must give {stages} stages (pp={} × {} \
+                     virtual) at least one layer each",
+                    self.pp,
+                    self.chunks()
                 ));
             }
         }
         Ok(())
     }
 
-    /// Layers per pipeline stage for `model`: as set by hand, or balanced by cost.
+    /// Chunks of layers per pipeline rank: `virtual_stages` when interleaved, else 1.
+    pub fn chunks(&self) -> usize {
+        match self.schedule.as_str() {
+            "interleaved" => self.virtual_stages.unwrap_or(2),
+            _ => 1,
+        }
+    }
+
+    /// Layers per pipeline stage for `model` (per virtual stage, in pipeline order, when
+    /// interleaved): as set by hand, or balanced by cost.
     pub fn stage_sizes(&self, model: &ModelConfig) -> Result<Vec<usize>, String> {
+        let stages = self.pp * self.chunks();
+        if stages > model.num_layers {
+            return Err(format!(
+                "parallel: pp={} × virtual_stages={} = {stages} stages cannot exceed the layers \
+                 ({}): every stage needs at least one",
+                self.pp,
+                self.chunks(),
+                model.num_layers
+            ));
+        }
         match &self.stage_layers {
             Some(layers) => {
                 let total: usize = layers.iter().sum();
@@ -125,7 +164,7 @@ impl ParallelSection {
             }
             None => Ok(trainer::pipeline::balance(
                 &trainer::pipeline::layer_costs(model),
-                self.pp,
+                stages,
             )),
         }
     }
@@ -133,6 +172,7 @@ impl ParallelSection {
     pub fn pipeline_schedule(&self) -> trainer::pipeline::Schedule {
         match self.schedule.as_str() {
             "gpipe" => trainer::pipeline::Schedule::GPipe,
+            "interleaved" => trainer::pipeline::Schedule::Interleaved,
             _ => trainer::pipeline::Schedule::OneFOneB,
         }
     }
@@ -183,6 +223,24 @@ pub fn check_job(
         p.stage_sizes(model)?;
     }
     let per_step = training.micro_batch * layout.data_ranks();
+    let micro = training.global_batch / per_step.max(1);
+    if p.chunks() > 1 && training.global_batch.is_multiple_of(per_step) {
+        let shape = trainer::pipeline::schedule::Shape {
+            ranks: layout.pp,
+            chunks: p.chunks(),
+            micro,
+            backward: true,
+        };
+        trainer::pipeline::schedule::check(p.pipeline_schedule(), shape).map_err(|e| {
+            format!(
+                "training.global_batch: {} / (micro_batch {} × data ranks {}) = {micro} \
+                 micro-batches per step: {e}",
+                training.global_batch,
+                training.micro_batch,
+                layout.data_ranks()
+            )
+        })?;
+    }
     if !training.global_batch.is_multiple_of(per_step) {
         return Err(format!(
             "training.global_batch: {} must be a multiple of micro_batch {} × data-parallel \

@@ -229,7 +229,7 @@ pub fn run_on<B: Collective>(
             .parallel
             .stage_sizes(&model.config)
             .map_err(config_error)?;
-        trainer::pipeline::keep_stage(model, &sizes, mesh.coords.pp)
+        trainer::pipeline::keep_stage(model, &sizes, layout.pp, mesh.coords.pp)
     } else {
         model
     };

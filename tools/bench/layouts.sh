@@ -2,8 +2,10 @@
 # CPU step time of each two-rank layout against one process, measured side by side in one
 # run on the same data and batch: the quick-start model (Llama) for dp2, tp2 (with and
 # without sequence parallelism) and pp2 (1F1B vs GPipe), and a Mixtral made with the
-# quick-start model's sizes (8 experts, top 2; generated with transformers) for dp2 vs ep2. Full SFT, 8 rows of 512 packed tokens per
-# step in micro-batches of 1, mean over steps 3.. of rank 0's step_time.
+# quick-start model's sizes (8 experts, top 2; generated with transformers) for dp2 vs ep2,
+# and a four-layer Llama of those sizes for pp2 1F1B vs GPipe vs interleaved (2 virtual
+# stages per rank). Full SFT, 8 rows of 512 packed tokens per step in micro-batches of 1,
+# mean over steps 3.. of rank 0's step_time.
 #   tools/bench/layouts.sh [STEPS] [/tmp/refenv]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,10 +16,11 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 moe=$tmp/moe
-"$py" - "$moe" <<'PY'
-import shutil, sys, torch
-from transformers import MixtralConfig, MixtralForCausalLM
-out = sys.argv[1]
+deep=$tmp/deep
+"$py" - "$moe" "$deep" <<'PY'
+import json, shutil, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+out, deep = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 cfg = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -26,6 +29,12 @@ cfg = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_h
 MixtralForCausalLM(cfg).save_pretrained(out)
 for f in ["tokenizer.json", "tokenizer_config.json"]:
     shutil.copy(f"assets/quickstart/model/{f}", out)
+cfg = json.load(open("assets/quickstart/model/config.json"))
+cfg["num_hidden_layers"] = 4
+cfg.pop("transformers_version", None)
+LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(deep)
+for f in ["tokenizer.json", "tokenizer_config.json"]:
+    shutil.copy(f"assets/quickstart/model/{f}", deep)
 PY
 
 # Mean step time (ms) of rank 0 of a run: `measure MODEL NPROC [--set k=v]...`
@@ -79,3 +88,9 @@ one=$(measure "$moe" 1)
 row "one process" "$one" "$one"
 row "dp2" "$(measure "$moe" 2)" "$one"
 row "ep2" "$(measure "$moe" 2 --set parallel.ep=2)" "$one"
+echo "Llama with the same sizes and 4 layers, full SFT"
+one=$(measure "$deep" 1)
+row "one process" "$one" "$one"
+row "pp2 1F1B" "$(measure "$deep" 2 --set parallel.pp=2)" "$one"
+row "pp2 GPipe" "$(measure "$deep" 2 --set parallel.pp=2 --set parallel.schedule=gpipe)" "$one"
+row "pp2 interleaved ×2" "$(measure "$deep" 2 --set parallel.pp=2 --set parallel.schedule=interleaved)" "$one"

@@ -2,6 +2,8 @@
 //!
 //! Shapes: `b` batch, `s` sequence, `h` hidden, `n = b·s` tokens, `d` head dim.
 
+use std::ops::Range;
+
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
@@ -229,12 +231,17 @@ pub struct Sharding {
     pub sequence_parallel: bool,
 }
 
-/// One pipeline stage: `index` of `count`, holding layers from `first_layer` on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What one pipeline rank runs: rank `index` of `count`, holding one chunk of consecutive
+/// layers, or several under the interleaved schedule (chunk `c` is virtual stage
+/// `c · count + index`, so the embedding is on rank 0's first chunk and the head on the
+/// last rank's last chunk).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stage {
     pub index: usize,
     pub count: usize,
-    pub first_layer: usize,
+    /// Global layer ranges of this rank's chunks, in order; `layers` holds them one after
+    /// the other.
+    pub chunks: Vec<Range<usize>>,
 }
 
 impl Stage {
@@ -244,6 +251,34 @@ impl Stage {
 
     pub fn is_last(&self) -> bool {
         self.index + 1 == self.count
+    }
+
+    /// Global index of the rank's `local`-th layer.
+    pub fn global_layer(&self, local: usize) -> usize {
+        let mut rest = local;
+        for c in &self.chunks {
+            if rest < c.len() {
+                return c.start + rest;
+            }
+            rest -= c.len();
+        }
+        unreachable!("layer {local} is not in {:?}", self.chunks)
+    }
+
+    /// Indices into `layers` of chunk `chunk`.
+    pub fn local_layers(&self, chunk: usize) -> Range<usize> {
+        let start = self.chunks[..chunk].iter().map(|c| c.len()).sum();
+        start..start + self.chunks[chunk].len()
+    }
+
+    /// Virtual stage of `chunk` (its place along the whole pipeline).
+    pub fn virtual_stage(&self, chunk: usize) -> usize {
+        chunk * self.count + self.index
+    }
+
+    /// Virtual stages along the whole pipeline.
+    pub fn virtual_stages(&self) -> usize {
+        self.count * self.chunks.len()
     }
 }
 
@@ -264,14 +299,21 @@ impl<B: Backend> CausalLm<B> {
         self.devices().into_iter().next().unwrap_or_default()
     }
 
-    /// Global index of `layers[0]`.
-    pub fn first_layer(&self) -> usize {
-        self.sharding.stage.map_or(0, |s| s.first_layer)
+    /// Global index of `layers[i]`.
+    pub fn global_layer(&self, i: usize) -> usize {
+        self.sharding
+            .stage
+            .as_ref()
+            .map_or(i, |s| s.global_layer(i))
     }
 
-    /// Whether this copy ends in the head (a whole model, or the last pipeline stage).
-    pub fn has_head(&self) -> bool {
-        self.sharding.stage.is_none_or(|s| s.is_last())
+    /// Whether running `chunk` ends in the head (a whole model, or the last chunk of the
+    /// last pipeline rank).
+    pub fn ends_in_head(&self, chunk: usize) -> bool {
+        self.sharding
+            .stage
+            .as_ref()
+            .is_none_or(|s| s.is_last() && chunk + 1 == s.chunks.len())
     }
 
     /// The first failure of a collective in this model's groups since the last check
@@ -282,25 +324,22 @@ impl<B: Backend> CausalLm<B> {
         }
         Ok(())
     }
-
-    /// Whether this copy starts from token ids (a whole model, or the first stage).
-    pub fn has_embedding_input(&self) -> bool {
-        self.sharding.stage.is_none_or(|s| s.is_first())
-    }
 }
 
 impl<B: Collective> CausalLm<B> {
     /// Logits `[b·s, vocab]` (under tensor parallelism, this rank's slice of the vocabulary
     /// starting at `sharding.vocab_start`).
     pub fn forward(&self, inputs: &Inputs<'_>, train: bool) -> Tensor<B, 2> {
-        self.forward_stage(None, inputs, train)
+        self.forward_stage(0, None, inputs, train)
     }
 
-    /// The part of the forward pass this rank holds: from the token ids (first stage) or
-    /// the previous stage's hidden states `hidden: [local_rows(n), h]`, through its layers,
-    /// to the hidden states for the next stage or, on the last stage, the logits.
+    /// One chunk of the forward pass this rank holds (see [`Stage`]; a whole model is one
+    /// chunk): from the token ids (first virtual stage) or the previous one's hidden states
+    /// `hidden: [local_rows(n), h]`, through the chunk's layers, to the hidden states for
+    /// the next virtual stage or, on the last, the logits.
     pub fn forward_stage(
         &self,
+        chunk: usize,
         hidden: Option<Tensor<B, 2>>,
         inputs: &Inputs<'_>,
         train: bool,
@@ -337,10 +376,14 @@ impl<B: Collective> CausalLm<B> {
             Some(x) => x,
             None => self.embed(inputs.tokens, ctx.tp.as_ref()),
         };
-        for layer in &self.layers {
+        let layers = match &self.sharding.stage {
+            Some(s) => &self.layers[s.local_layers(chunk)],
+            None => &self.layers[..],
+        };
+        for layer in layers {
             x = layer.forward(x, &ctx);
         }
-        let (Some(norm), true) = (&self.norm, self.has_head()) else {
+        let (Some(norm), true) = (&self.norm, self.ends_in_head(chunk)) else {
             return x;
         };
         let x = enter(norm.forward(x), ctx.tp.as_ref());

@@ -258,10 +258,12 @@ fn check_shape(key: &str, t: &HostTensor, expected: &[usize]) -> Result<()> {
 /// fixed order.
 pub fn linears_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Linear<B>)> {
     let mut out = Vec::new();
-    let first = model.first_layer();
+    let global: Vec<usize> = (0..model.layers.len())
+        .map(|i| model.global_layer(i))
+        .collect();
     for (i, layer) in model.layers.iter_mut().enumerate() {
         let a = &mut layer.self_attn;
-        let p = format!("model.layers.{}", first + i);
+        let p = format!("model.layers.{}", global[i]);
         out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
         out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
         out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
@@ -304,7 +306,7 @@ pub fn to_hf_tensors<B: Backend>(model: &CausalLm<B>) -> TensorMap {
         }
     }
     for (i, layer) in model.layers.iter().enumerate() {
-        let p = format!("model.layers.{}", model.first_layer() + i);
+        let p = format!("model.layers.{}", model.global_layer(i));
         out.insert(
             format!("{p}.input_layernorm.weight"),
             to_host(layer.input_layernorm.weight.val()),

@@ -1,0 +1,381 @@
+//! Pipeline parallelism: layers cut into stages (balanced by cost or set by hand, see
+//! [`stages`]), and micro-batches run through them by a [`schedule`]: 1F1B (Megatron's:
+//! after a warm-up, each stage alternates one forward and one backward, so at most
+//! `stages - index` micro-batches are in flight), GPipe (all forwards, then all backwards)
+//! as the baseline, or interleaved 1F1B, where each rank holds several chunks of layers
+//! (virtual stages) and the bubble shrinks by their number.
+//!
+//! Activations go downstream and their gradients upstream by point-to-point messages on
+//! the pipeline group, after each piece of work as the plan says; a send and a receive
+//! of the same step run at once (`send_recv`), as Megatron batches them, so neither
+//! neighbour waits on the other. A chunk's backward is `(y · g).sum().backward()` with `g`
+//! the received gradient; its input is a fresh leaf requiring grad, whose gradient is what
+//! goes upstream.
+
+pub mod schedule;
+pub mod stages;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use parallel::{Collectives, Communicator};
+
+pub use schedule::Schedule;
+use schedule::{Pass, Shape, Step, Work};
+pub use stages::{balance, gather_stages, keep_stage, layer_costs};
+
+use crate::collective::{Collective, Group, TrainBackend};
+use crate::data::{collate, Batch, Row};
+use crate::error::{Error, Result};
+use crate::loss::supervised;
+use crate::model::decoder::Stage;
+use crate::model::linear::to_host;
+use crate::model::CausalLm;
+use crate::train::{inputs, EvalResult};
+
+/// One rank's part in a pipeline.
+pub struct Pipeline {
+    comm: Arc<dyn Communicator>,
+    stage: Stage,
+    schedule: Schedule,
+    /// First and last stage, which both hold the tied embedding.
+    tied: Option<Group>,
+    embed: Option<ParamId>,
+}
+
+impl Pipeline {
+    /// `comm` is the pipeline group (stage `i` is its rank `i`); `model` this rank's stage.
+    /// Every member calls this at the same point (it may split `comm`).
+    pub fn new<B: burn::tensor::backend::Backend>(
+        comm: Arc<dyn Communicator>,
+        model: &CausalLm<B>,
+        schedule: Schedule,
+    ) -> Result<Self> {
+        let stage = model
+            .sharding
+            .stage
+            .clone()
+            .ok_or_else(|| Error::Training {
+                key: "parallel.pp".into(),
+                message: "the model is not cut into stages".into(),
+            })?;
+        let shape = Shape {
+            ranks: stage.count,
+            chunks: stage.chunks.len(),
+            micro: stage.count,
+            backward: true,
+        };
+        schedule::check(schedule, shape).map_err(|message| Error::Training {
+            key: "parallel.schedule".into(),
+            message,
+        })?;
+        // (Not `lm_head.is_none()`: no stage but the last holds a head.)
+        let tied_model = model.config.tie_word_embeddings && stage.count > 1;
+        let tied = if tied_model && (stage.is_first() || stage.is_last()) {
+            Some(Group::new(comm.split(&[0, stage.count - 1])?))
+        } else {
+            None
+        };
+        Ok(Self {
+            comm,
+            stage,
+            schedule,
+            tied,
+            embed: model.embed_tokens.as_ref().map(|p| p.id),
+        })
+    }
+
+    pub fn comm(&self) -> &Arc<dyn Communicator> {
+        &self.comm
+    }
+
+    /// The last stage's copy of a tied embedding is not counted again in the norm.
+    pub fn counts_in_norm(&self, id: &ParamId) -> bool {
+        !(self.tied.is_some() && !self.stage.is_first() && Some(*id) == self.embed)
+    }
+
+    /// This rank's steps for `micro` micro-batches.
+    fn steps(&self, micro: usize, backward: bool) -> Result<Vec<Step>> {
+        let shape = Shape {
+            ranks: self.stage.count,
+            chunks: self.stage.chunks.len(),
+            micro,
+            backward,
+        };
+        let mut all = schedule::plan(self.schedule, shape).map_err(|message| Error::Training {
+            key: "parallel.schedule".into(),
+            message,
+        })?;
+        Ok(all.swap_remove(self.stage.index))
+    }
+
+    /// Forward and backward of `batches` through the pipeline: the summed loss (non-zero on
+    /// the last stage only) and this stage's accumulated gradients, with the tied
+    /// embedding's gradient summed over the first and last stage.
+    pub fn forward_backward<B: TrainBackend>(
+        &self,
+        model: &CausalLm<B>,
+        batches: &[Batch],
+        denominator: f64,
+    ) -> Result<(f64, GradientsParams)> {
+        let steps = self.steps(batches.len(), true)?;
+        let h = model.config.hidden_size;
+        let size = |w: Work| model.local_rows(batches[w.micro].batch * batches[w.micro].seq) * h;
+        let mut loss_sum = 0.0;
+        let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
+        let mut flight: HashMap<(usize, usize), InFlight<B>> = HashMap::new();
+        self.run(&steps, size, |w, received| match w.pass {
+            Pass::Forward => {
+                let batch = &batches[w.micro];
+                let f = InFlight::forward(model, w.chunk, batch, received, denominator);
+                let out = match &f.output {
+                    Output::Hidden(y) => Some(values(y.clone())),
+                    Output::Loss(loss) => {
+                        loss_sum += loss.clone().into_scalar().elem::<f64>();
+                        None
+                    }
+                };
+                flight.insert((w.chunk, w.micro), f);
+                Ok(out)
+            }
+            Pass::Backward => {
+                let f = flight
+                    .remove(&(w.chunk, w.micro))
+                    .ok_or_else(|| out_of_plan(&w))?;
+                let (grads, dx) = f.backward(received);
+                acc.accumulate(model, grads);
+                model.check_collectives()?;
+                Ok(dx)
+            }
+        })?;
+        let mut grads = acc.grads();
+        if let (Some(tied), Some(id)) = (&self.tied, self.embed) {
+            let params: Vec<_> = parallel::dp::params_by_path(model)
+                .into_iter()
+                .filter(|p| p.id == id && p.trainable)
+                .collect();
+            parallel::dp::all_reduce_params(
+                tied.comm().as_ref(),
+                model,
+                &params,
+                &mut grads,
+                usize::MAX,
+            )?;
+        }
+        Ok((loss_sum, grads))
+    }
+
+    /// Mean token loss of `rows` (forward only, stage by stage), on every stage.
+    pub fn evaluate<B: Collective>(
+        &self,
+        model: &CausalLm<B>,
+        rows: &[Row],
+        micro_batch: usize,
+    ) -> Result<EvalResult> {
+        let h = model.config.hidden_size;
+        let device = model.device();
+        let batches: Vec<Batch> = rows
+            .chunks(micro_batch.max(1))
+            .map(|chunk| collate(&chunk.iter().collect::<Vec<_>>()))
+            .collect();
+        let rows_of = |w: Work| model.local_rows(batches[w.micro].batch * batches[w.micro].seq);
+        let mut sums = [0.0f64, 0.0];
+        if !batches.is_empty() {
+            let steps = self.steps(batches.len(), false)?;
+            self.run(
+                &steps,
+                |w| rows_of(w) * h,
+                |w, received| {
+                    let batch = &batches[w.micro];
+                    let x = received.map(|v| {
+                        Tensor::<B, 2>::from_data(TensorData::new(v, [rows_of(w), h]), &device)
+                    });
+                    let out = model.forward_stage(w.chunk, x, &inputs(batch), false);
+                    model.check_collectives()?;
+                    if !model.ends_in_head(w.chunk) {
+                        return Ok(Some(values(out)));
+                    }
+                    sums[0] += model
+                        .loss_of_logits(out, &batch.targets, 1.0)
+                        .into_scalar()
+                        .elem::<f64>();
+                    sums[1] += supervised(&batch.targets) as f64;
+                    Ok(None)
+                },
+            )?;
+        }
+        self.comm.all_reduce(&mut sums, parallel::ReduceOp::Sum)?;
+        Ok(EvalResult {
+            loss: if sums[1] == 0.0 {
+                0.0
+            } else {
+                sums[0] / sums[1]
+            },
+            tokens: sums[1] as usize,
+        })
+    }
+
+    /// Run this rank's `steps`: `work` gets the tensor received for it (none on the first
+    /// virtual stage's forwards and the last's backwards) and returns what goes on (none
+    /// where nothing does); `size` is the length of what travels for a piece of work.
+    fn run(
+        &self,
+        steps: &[Step],
+        size: impl Fn(Work) -> usize,
+        mut work: impl FnMut(Work, Option<Vec<f32>>) -> Result<Option<Vec<f32>>>,
+    ) -> Result<()> {
+        let p = self.stage.count;
+        let (prev, next) = ((self.stage.index + p - 1) % p, (self.stage.index + 1) % p);
+        let mut received: HashMap<Work, Vec<f32>> = HashMap::new();
+        for step in steps {
+            let out = match step.work {
+                Some(w) => work(w, received.remove(&w))?,
+                None => None,
+            };
+            let (down, up) = if step.send_down {
+                (out, None)
+            } else {
+                (None, out)
+            };
+            if step.send_down != down.is_some() || step.send_up != up.is_some() {
+                return Err(out_of_plan(step));
+            }
+            for (send, to, recv, from) in [
+                (down, next, step.recv_down, prev),
+                (up, prev, step.recv_up, next),
+            ] {
+                if let Some((w, v)) =
+                    self.transfer(send.as_deref(), to, recv.map(|w| (w, size(w))), from)?
+                {
+                    received.insert(w, v);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Send `send` to `to` while receiving `len` values for `w` from `from`, either, or
+    /// neither.
+    fn transfer(
+        &self,
+        send: Option<&[f32]>,
+        to: usize,
+        recv: Option<(Work, usize)>,
+        from: usize,
+    ) -> Result<Option<(Work, Vec<f32>)>> {
+        let mut buf = recv.map(|(w, len)| (w, vec![0f32; len]));
+        match (send, &mut buf) {
+            (Some(s), Some((_, b))) => self.comm.send_recv(s, to, b, from)?,
+            (Some(s), None) => self.comm.send(s, to)?,
+            (None, Some((_, b))) => self.comm.recv(b, from)?,
+            (None, None) => {}
+        }
+        Ok(buf)
+    }
+}
+
+/// Work that does not fit the plan (a bug, not a user error).
+fn out_of_plan(what: &dyn std::fmt::Debug) -> Error {
+    Error::Training {
+        key: "parallel.schedule".into(),
+        message: format!("{what:?} does not follow the pipeline plan"),
+    }
+}
+
+/// A micro-batch between its forward and its backward on one stage.
+///
+/// Its graph starts from its own leaves for the parameters ([`own_leaves`]): graphs of
+/// micro-batches in flight together share no node, so one's backward and burn 0.21's
+/// cleanup after it cannot touch another's. (Sharing the parameter leaves, pp3 with 2
+/// virtual stages came out with a different gradient in about one run of ten: burn's
+/// graph cleanup depends on hash-map order, and its fix, burn PR #5645, came after 0.21.)
+struct InFlight<B: TrainBackend> {
+    /// The stage's parameters as leaves of this micro-batch's graph only.
+    model: CausalLm<B>,
+    /// The received activations (a leaf requiring grad), not on the first stage.
+    input: Option<Tensor<B, 2>>,
+    /// Hidden states for the next stage, or the loss on the last.
+    output: Output<B>,
+}
+
+enum Output<B: TrainBackend> {
+    Hidden(Tensor<B, 2>),
+    Loss(Tensor<B, 1>),
+}
+
+impl<B: TrainBackend> InFlight<B> {
+    fn forward(
+        model: &CausalLm<B>,
+        chunk: usize,
+        batch: &Batch,
+        received: Option<Vec<f32>>,
+        denominator: f64,
+    ) -> Self {
+        let model = own_leaves(model);
+        let n = model.local_rows(batch.batch * batch.seq);
+        let h = model.config.hidden_size;
+        let input = received.map(|v| {
+            Tensor::<B, 2>::from_data(TensorData::new(v, [n, h]), &model.device()).require_grad()
+        });
+        let out = model.forward_stage(chunk, input.clone(), &inputs(batch), true);
+        let output = if model.ends_in_head(chunk) {
+            Output::Loss(model.loss_of_logits(out, &batch.targets, denominator))
+        } else {
+            Output::Hidden(out)
+        };
+        Self {
+            model,
+            input,
+            output,
+        }
+    }
+
+    /// This stage's parameter gradients and the gradient of its input.
+    fn backward(self, g: Option<Vec<f32>>) -> (GradientsParams, Option<Vec<f32>>) {
+        let grads = match self.output {
+            Output::Loss(loss) => loss.backward(),
+            Output::Hidden(y) => {
+                let dims = y.dims();
+                let g = g.unwrap_or_else(|| vec![0.0; dims[0] * dims[1]]);
+                let g = Tensor::<B, 2>::from_data(TensorData::new(g, dims), &y.device());
+                (y * g).sum().backward()
+            }
+        };
+        // A stage whose output does not depend on its input still answers with zeros, so
+        // the stage before it is not left waiting.
+        let dx = self.input.map(|x| {
+            let numel = x.dims().iter().product();
+            x.grad(&grads)
+                .map(values)
+                .unwrap_or_else(|| vec![0.0; numel])
+        });
+        (GradientsParams::from_grads(grads, &self.model), dx)
+    }
+}
+
+/// `model` with every parameter a new leaf (same values, storage and [`ParamId`]s; those
+/// that required grad still do).
+fn own_leaves<B: TrainBackend>(model: &CausalLm<B>) -> CausalLm<B> {
+    struct Detach;
+    impl<B: burn::tensor::backend::AutodiffBackend> ModuleMapper<B> for Detach {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            param.map(|t| {
+                let trainable = t.is_require_grad();
+                let t = t.detach();
+                if trainable {
+                    t.require_grad()
+                } else {
+                    t
+                }
+            })
+        }
+    }
+    model.clone().map(&mut Detach)
+}
+
+fn values<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    to_host(t).data
+}
