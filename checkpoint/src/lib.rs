@@ -35,6 +35,7 @@ mod host;
 mod peft;
 mod peft_config;
 mod safetensors_io;
+pub mod sharded;
 
 pub use atomic::atomic_write;
 pub use error::Error;
