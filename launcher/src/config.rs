@@ -25,6 +25,8 @@ pub struct JobConfig {
     #[serde(default)]
     pub parallel: ParallelSection,
     #[serde(default)]
+    pub checkpoint: crate::saving::CheckpointSection,
+    #[serde(default)]
     pub launch: LaunchSection,
 }
 
@@ -402,6 +404,7 @@ impl JobConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
+        self.checkpoint.validate()?;
         if self.job.name.is_empty() {
             return Err("job.name: must not be empty".into());
         }

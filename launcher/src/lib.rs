@@ -13,6 +13,7 @@ pub mod launch;
 pub mod layout;
 pub mod progress;
 mod rpc;
+pub mod saving;
 pub mod setup;
 pub mod train;
 

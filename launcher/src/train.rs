@@ -12,12 +12,14 @@ use trainer::collective::Group;
 use trainer::data::Row;
 use trainer::model::experts::{is_expert_path, ExpertParallel};
 use trainer::pipeline::Pipeline;
+use trainer::state::Writes;
 use trainer::{AdamWOptions, Schedule, ScheduleKind, StepStats, TrainOptions, Trainer};
 use trainer::{Collective, TrainBackend};
 
 use crate::config::{JobConfig, TrainingSection};
 use crate::error::{require_exists, Error, Result};
 use crate::events::EventLog;
+use crate::saving;
 use crate::setup;
 
 pub fn train_options(t: &TrainingSection, shuffle: bool) -> TrainOptions {
@@ -273,6 +275,38 @@ pub fn run_on<B: Collective>(
         trainer = trainer.with_pipeline(pipeline, mesh.model.clone());
     }
     let t = &cfg.training;
+    let ckpt_root = saving::root(&run_dir);
+    if cfg.checkpoint.resume {
+        // The lead picks the newest checkpoint that verifies; every rank reads its boxes.
+        let mut found = [-1i64];
+        if lead {
+            if let Some(step) = saving::find_resume(&ckpt_root, events)? {
+                found[0] = step as i64;
+            }
+        }
+        ctx.comm.broadcast(&mut found, 0)?;
+        if let Ok(step) = u64::try_from(found[0]) {
+            let dir = saving::resume(&mut trainer, &ckpt_root, step)?;
+            if lead {
+                println!("resuming from {} (step {step})", dir.display());
+                events.event("resumed", json!({"step": step, "from_checkpoint": dir}))?;
+            }
+        }
+    }
+    let writes = Writes {
+        replica: mesh.coords.dp == 0,
+        first_expert_rank: mesh.coords.ep == 0,
+        zero1: cfg.parallel.zero1 && mesh.data.size() > 1,
+    };
+    let mut saver = saving::Saver::new(
+        ckpt_root,
+        ctx.rank,
+        ctx.world_size,
+        writes,
+        cfg.checkpoint.clone(),
+    );
+    let saved_state = json!({"plan": plan(cfg, ctx.world_size),
+                             "config": toml::to_string(cfg).unwrap_or_default()});
     events.phase("train");
     let mut last_loss = f64::NAN;
     while trainer.steps_done() < t.max_steps {
@@ -289,7 +323,11 @@ pub fn run_on<B: Collective>(
                 evaluate(&trainer, rows, t.micro_batch, &mesh, events)?;
             }
         }
+        if saver.due(s.step, t.max_steps) {
+            saver.save(&trainer, &saved_state, events)?;
+        }
     }
+    saver.wait(events)?;
     if let Some(rows) = &eval_rows {
         events.phase("eval");
         evaluate(&trainer, rows, t.micro_batch, &mesh, events)?;

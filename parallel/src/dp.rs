@@ -162,6 +162,28 @@ impl DataParallel {
         Ok(())
     }
 
+    /// Under ZeRO-1, the paths of the trainable parameters whose optimizer state this rank
+    /// keeps; `None` without it (all of them).
+    pub fn owned<B: Backend, M: burn::module::Module<B>>(
+        &self,
+        module: &M,
+    ) -> Option<std::collections::BTreeSet<String>> {
+        if !self.zero1 || self.comm.size() == 1 {
+            return None;
+        }
+        let mut out = std::collections::BTreeSet::new();
+        for (comm, params) in self.groups(module) {
+            let owners = partition(&params, comm.size());
+            out.extend(
+                params
+                    .iter()
+                    .filter(|p| owners.get(&p.path) == Some(&comm.rank()))
+                    .map(|p| p.path.clone()),
+            );
+        }
+        Some(out)
+    }
+
     /// Under ZeRO-1, drop the gradients of parameters another rank owns, so the optimizer
     /// steps (and keeps state for) only this rank's share. Within the group a parameter is
     /// replicated over, each rank owns a contiguous run in module-path order, balanced by

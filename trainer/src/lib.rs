@@ -29,6 +29,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod pipeline;
+pub mod state;
 pub mod train;
 
 pub use collective::{Collective, TrainBackend};

@@ -249,9 +249,56 @@ impl<B: TrainBackend> Trainer<B> {
         out
     }
 
+    /// The position to save with a checkpoint: step, data position (epoch, rows handed out
+    /// in it, global sample index) and seed.
+    pub fn position(&self) -> serde_json::Value {
+        let (epoch, offset) = self.epochs.position();
+        serde_json::json!({"step": self.step, "epoch": epoch, "offset": offset,
+                           "samples_seen": self.step * self.opts.global_batch as u64,
+                           "seed": self.opts.seed,
+                           "rng": "the backend is seeded with seed + step before every step"})
+    }
+
+    /// What this rank writes of a checkpoint, copied to the host.
+    pub fn snapshot(&self, writes: crate::state::Writes) -> crate::state::Snapshot {
+        crate::state::snapshot(self.model(), &self.optim, writes)
+    }
+
+    /// Go on from `ckpt` (saved by this job at any layout): this rank's parameters and
+    /// AdamW state, the step and the data position.
+    pub fn restore(&mut self, ckpt: &checkpoint::sharded::Checkpoint) -> Result<()> {
+        let state = &ckpt.manifest.state;
+        let field = |k: &str| {
+            state[k].as_u64().ok_or_else(|| Error::Training {
+                key: "checkpoint".into(),
+                message: format!("{}: the manifest's state has no `{k}`", ckpt.dir.display()),
+            })
+        };
+        let (step, epoch, offset) = (field("step")?, field("epoch")?, field("offset")?);
+        let model = self.model.take().expect("model is present between steps");
+        let owned = self.dp.as_ref().and_then(|dp| dp.owned(&model));
+        let optim = std::mem::replace(&mut self.optim, self.opts.adamw.build());
+        let (model, optim) = crate::state::restore(model, optim, ckpt, owned.as_ref())?;
+        self.model = Some(model);
+        self.optim = optim;
+        self.step = step;
+        self.epochs = Epochs::resume(
+            self.rows.len(),
+            self.opts.seed,
+            self.opts.shuffle,
+            epoch,
+            offset as usize,
+        );
+        Ok(())
+    }
+
     /// One optimizer step over one global batch.
     pub fn step(&mut self) -> Result<StepStats> {
         let start = Instant::now();
+        // Random draws (LoRA dropout) depend on the step only, so a resumed run draws what
+        // an uninterrupted one would.
+        let device = self.model().device();
+        B::seed(&device, self.opts.seed.wrapping_add(self.step));
         let picked = self.next_rows(self.opts.global_batch);
         // Every rank draws the same global batch and keeps its contiguous share of it.
         let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |dp| (dp.rank(), dp.size()));

@@ -6,6 +6,7 @@ pub mod experts;
 pub mod hf;
 pub mod linear;
 pub mod moe;
+pub mod names;
 pub mod rope;
 pub mod shard;
 

@@ -1,0 +1,222 @@
+//! `[checkpoint]`: periodic sharded checkpoints of a training job (atomic, optionally
+//! written in the background) and resuming from the newest valid one.
+
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use checkpoint::sharded::{self, Checkpoint};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::Result;
+use crate::train::EventSink;
+use trainer::state::{write_snapshot, Writes};
+use trainer::{TrainBackend, Trainer};
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Save every N optimizer steps (0: only at the end).
+    #[serde(default)]
+    pub every: u64,
+    /// Keep the newest N committed checkpoints (the newest is never deleted).
+    #[serde(default = "two")]
+    pub keep_last: usize,
+    /// Copy the state to host memory and write it from a background thread while
+    /// training goes on (`false`: training waits for the write).
+    #[serde(default = "yes", rename = "async")]
+    pub async_save: bool,
+    /// Go on from the newest valid checkpoint in the run directory, if there is one.
+    #[serde(default = "yes")]
+    pub resume: bool,
+    /// Seconds the committing rank waits for every rank's part of a checkpoint.
+    #[serde(default = "commit_timeout")]
+    pub commit_timeout_s: f64,
+}
+
+fn two() -> usize {
+    2
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn commit_timeout() -> f64 {
+    600.0
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            keep_last: two(),
+            async_save: true,
+            resume: true,
+            commit_timeout_s: commit_timeout(),
+        }
+    }
+}
+
+impl CheckpointSection {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.keep_last == 0 {
+            return Err("checkpoint.keep_last: must be at least 1".into());
+        }
+        if !(self.commit_timeout_s.is_finite() && self.commit_timeout_s > 0.0) {
+            return Err("checkpoint.commit_timeout_s: must be a positive number of seconds".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where a job's checkpoints go.
+pub fn root(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// On the lead rank: the step of the newest checkpoint that verifies (dropping unfinished
+/// saves), each newer damaged one reported as an event naming the file.
+pub fn find_resume(root: &Path, events: &mut dyn EventSink) -> Result<Option<u64>> {
+    if !root.exists() {
+        return Ok(None);
+    }
+    sharded::clean_staging(root)?;
+    let (found, skipped) = sharded::latest(root);
+    for s in skipped {
+        eprintln!("skipping checkpoint {}: {}", s.dir.display(), s.error);
+        events.event(
+            "checkpoint_skipped",
+            json!({"dir": s.dir, "file": s.error.file, "reason": s.error.reason}),
+        )?;
+    }
+    Ok(found.map(|c| c.step()))
+}
+
+/// Restore `trainer` from the checkpoint of `step` (every rank, after the lead found it).
+pub fn resume<B: TrainBackend>(
+    trainer: &mut Trainer<B>,
+    root: &Path,
+    step: u64,
+) -> Result<PathBuf> {
+    let dir = root.join(sharded::dir_name(step));
+    let ckpt = Checkpoint::open(&dir, false).map_err(|e| trainer::Error::Training {
+        key: "checkpoint".into(),
+        message: e.to_string(),
+    })?;
+    trainer.restore(&ckpt)?;
+    Ok(dir)
+}
+
+/// Saves of one rank: at most one in the background at a time.
+pub struct Saver {
+    root: PathBuf,
+    rank: usize,
+    world: usize,
+    writes: Writes,
+    section: CheckpointSection,
+    pending: Option<(u64, f64, JoinHandle<Result<Option<PathBuf>>>)>,
+}
+
+impl Saver {
+    pub fn new(
+        root: PathBuf,
+        rank: usize,
+        world: usize,
+        writes: Writes,
+        section: CheckpointSection,
+    ) -> Self {
+        Self {
+            root,
+            rank,
+            world,
+            writes,
+            section,
+            pending: None,
+        }
+    }
+
+    /// Whether to save after `step` of `max_steps`.
+    pub fn due(&self, step: u64, max_steps: u64) -> bool {
+        step == max_steps || (self.section.every > 0 && step.is_multiple_of(self.section.every))
+    }
+
+    /// Save the trainer's state now (`extra` goes into the manifest's state next to the
+    /// trainer's position): copied to the host here, written here or in the background.
+    pub fn save<B: TrainBackend>(
+        &mut self,
+        trainer: &Trainer<B>,
+        extra: &Value,
+        events: &mut dyn EventSink,
+    ) -> Result<()> {
+        self.wait(events)?;
+        let started = Instant::now();
+        let step = trainer.steps_done();
+        let snapshot = trainer.snapshot(self.writes);
+        let mut state = trainer.position();
+        if let (Some(s), Some(e)) = (state.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        std::fs::create_dir_all(&self.root).map_err(|e| checkpoint::Error::Io {
+            path: self.root.clone(),
+            source: e,
+        })?;
+        let staging = sharded::stage(&self.root, step)?;
+        sharded::crash_point("before_shards");
+        let (root, rank, world) = (self.root.clone(), self.rank, self.world);
+        let (keep, timeout) = (
+            self.section.keep_last,
+            Duration::from_secs_f64(self.section.commit_timeout_s),
+        );
+        let write = move || -> Result<Option<PathBuf>> {
+            write_snapshot(&snapshot, &staging, rank)?;
+            if rank != 0 {
+                return Ok(None);
+            }
+            let dir = sharded::commit(&root, &staging, step, world, state, timeout)?;
+            sharded::retire(&root, keep)?;
+            Ok(Some(dir))
+        };
+        if self.section.async_save {
+            let handle = std::thread::spawn(write);
+            self.pending = Some((step, started.elapsed().as_secs_f64(), handle));
+        } else {
+            let dir = write()?;
+            let stall = started.elapsed().as_secs_f64();
+            self.report(step, stall, stall, dir, events)?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the save in the background, if any, and report it.
+    pub fn wait(&mut self, events: &mut dyn EventSink) -> Result<()> {
+        let Some((step, stall, handle)) = self.pending.take() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let dir = handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        let waited = started.elapsed().as_secs_f64();
+        self.report(step, stall + waited, stall, dir, events)
+    }
+
+    fn report(
+        &self,
+        step: u64,
+        blocked_s: f64,
+        snapshot_s: f64,
+        dir: Option<PathBuf>,
+        events: &mut dyn EventSink,
+    ) -> Result<()> {
+        if let Some(dir) = dir {
+            events.event(
+                "checkpoint",
+                json!({"step": step, "path": dir, "async": self.section.async_save,
+                       "stall_s": blocked_s, "snapshot_s": snapshot_s}),
+            )?;
+        }
+        Ok(())
+    }
+}
