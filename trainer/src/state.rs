@@ -254,11 +254,14 @@ pub fn restore<B: TrainBackend>(
             data
         })
     };
+    let trainable: BTreeSet<ParamId> = parallel::dp::params_by_path(&model)
+        .into_iter()
+        .filter(|p| p.trainable)
+        .map(|p| p.id)
+        .collect();
     for h in held(&model) {
         values.insert(h.path.clone(), read(&h.name, &h)?);
-        let trainable = parallel::dp::params_by_path(&model)
-            .iter()
-            .any(|p| p.id == h.id && p.trainable);
+        let trainable = trainable.contains(&h.id);
         let keeps = owned.is_none_or(|o| o.contains(&h.path));
         let step_name = format!("optimizer.{}.step", h.name);
         if !(trainable && keeps) || ckpt.tensor(&step_name).is_none() {
