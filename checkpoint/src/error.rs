@@ -115,6 +115,19 @@ pub enum Error {
         /// What disagrees (e.g. the rank in its shape versus `r`).
         reason: String,
     },
+
+    /// A sharded checkpoint that cannot be used (the file at fault and why).
+    #[error(transparent)]
+    Damaged(#[from] crate::sharded::Damaged),
+
+    /// A conversion that cannot be done as asked (the file or tensor named).
+    #[error("{}: {reason}", file.display())]
+    Convert {
+        /// The file, directory or tensor source at fault.
+        file: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl Error {

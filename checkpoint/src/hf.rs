@@ -12,9 +12,9 @@ use crate::safetensors_io::{check_lengths, read_safetensors_with_dtypes, write_e
 use crate::Error;
 
 /// The single-file weights name transformers uses.
-const SINGLE: &str = "model.safetensors";
+pub(crate) const SINGLE: &str = "model.safetensors";
 /// The index of a sharded checkpoint.
-const INDEX: &str = "model.safetensors.index.json";
+pub(crate) const INDEX: &str = "model.safetensors.index.json";
 
 /// Everything [`load_hf_weights`] read from a model directory.
 #[derive(Clone, Debug, PartialEq)]
@@ -179,17 +179,25 @@ pub fn save_hf_weights(
     check_lengths(&dir.join(SINGLE), &entries)?;
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let no_metadata = BTreeMap::new();
-    let (shards, total_size) = plan_shards(&entries, dtype, max_shard_bytes);
+    let sizes: Vec<(&str, u64)> = entries
+        .iter()
+        .map(|&(k, t)| {
+            let bytes = (t.data.len() as u64).saturating_mul(dtype.size_in_bytes() as u64);
+            (k, bytes)
+        })
+        .collect();
+    let (plan, total_size) = plan_shards(&sizes, max_shard_bytes);
+    let shards: Vec<Vec<(&str, &HostTensor)>> = plan
+        .iter()
+        .map(|keys| keys.iter().map(|&k| (k, &tensors[k])).collect())
+        .collect();
 
     if shards.len() <= 1 {
         write_entries(&dir.join(SINGLE), &entries, dtype, &no_metadata)?;
         return remove_stale(dir, &BTreeSet::from([SINGLE.to_string()]));
     }
 
-    let n = shards.len();
-    let names: Vec<String> = (1..=n)
-        .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
-        .collect();
+    let names = shard_names(shards.len());
     let mut weight_map: BTreeMap<&str, &str> = BTreeMap::new();
     for (name, shard) in names.iter().zip(&shards) {
         write_entries(&dir.join(name), shard, dtype, &no_metadata)?;
@@ -200,44 +208,65 @@ pub fn save_hf_weights(
     // Remove a stale model.safetensors before the index appears, so a
     // reader never prefers an old single file over the new shards.
     remove_stale(dir, &keep)?;
+    let index_path = dir.join(INDEX);
+    atomic_write(
+        &index_path,
+        index_json(&index_path, total_size, weight_map)?.as_bytes(),
+    )
+}
+
+/// The file names of `n` shards: `model.safetensors` alone, else
+/// `model-00001-of-0000N.safetensors`, ….
+pub(crate) fn shard_names(n: usize) -> Vec<String> {
+    if n <= 1 {
+        return vec![SINGLE.to_string()];
+    }
+    (1..=n)
+        .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+        .collect()
+}
+
+/// `model.safetensors.index.json` as transformers writes it (2-space indent, sorted keys,
+/// trailing newline).
+pub(crate) fn index_json(
+    path: &Path,
+    total_size: u64,
+    weight_map: BTreeMap<&str, &str>,
+) -> Result<String, Error> {
     let index = IndexOut {
         metadata: IndexMetadata { total_size },
         weight_map,
     };
-    let index_path = dir.join(INDEX);
     let mut json = serde_json::to_string_pretty(&index).map_err(|source| Error::Json {
-        path: index_path.clone(),
+        path: path.to_path_buf(),
         source,
     })?;
     json.push('\n');
-    atomic_write(&index_path, json.as_bytes())
+    Ok(json)
 }
 
-type Shard<'a> = Vec<(&'a str, &'a HostTensor)>;
-
-/// Split entries into shards the way huggingface_hub does; also returns the
-/// total size in bytes.
-fn plan_shards<'a>(
-    entries: &[(&'a str, &'a HostTensor)],
-    dtype: DType,
+/// Split tensors (name, size in bytes), in order, into shards the way huggingface_hub
+/// does: fill a shard until the next tensor would push it past `max_shard_bytes`; a
+/// tensor larger than that gets a shard of its own. Also returns the total size.
+pub(crate) fn plan_shards<'a>(
+    sizes: &[(&'a str, u64)],
     max_shard_bytes: u64,
-) -> (Vec<Shard<'a>>, u64) {
+) -> (Vec<Vec<&'a str>>, u64) {
     let mut shards = Vec::new();
-    let mut current: Shard<'a> = Vec::new();
+    let mut current = Vec::new();
     let mut current_size = 0u64;
     let mut total = 0u64;
-    for &(key, t) in entries {
-        let size = (t.data.len() as u64).saturating_mul(dtype.size_in_bytes() as u64);
+    for &(key, size) in sizes {
         total = total.saturating_add(size);
         if size > max_shard_bytes {
-            shards.push(vec![(key, t)]);
+            shards.push(vec![key]);
             continue;
         }
         if current_size + size > max_shard_bytes {
             shards.push(std::mem::take(&mut current));
             current_size = 0;
         }
-        current.push((key, t));
+        current.push(key);
         current_size += size;
     }
     if !current.is_empty() || shards.is_empty() {

@@ -1,4 +1,4 @@
-//! Command line: `launch train|run|eval|export` (and the hidden `worker` the agent spawns).
+//! Command line: `launch train|run|eval|export|convert` (and the hidden `worker` the agent spawns).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +75,35 @@ pub enum Command {
         /// Dtype of HF weights: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+    },
+    /// Convert weights: hf:DIR → sharded:DIR laid out for --tp/--pp/--ep, sharded:DIR →
+    /// hf:DIR, or sharded → sharded at another layout. Dtypes kept; streams tensor by tensor.
+    /// The last stdout line is {"tensors","bytes","files","seconds"}.
+    Convert {
+        /// hf:DIR (a Hugging Face model directory) or sharded:DIR (a checkpoint).
+        #[arg(long)]
+        from: String,
+        /// hf:DIR or sharded:DIR; must not exist yet (or be empty).
+        #[arg(long)]
+        to: String,
+        /// Tensor-parallel ranks of a sharded output.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// Pipeline stages of a sharded output.
+        #[arg(long, default_value_t = 1)]
+        pp: usize,
+        /// Expert-parallel ranks of a sharded output.
+        #[arg(long, default_value_t = 1)]
+        ep: usize,
+        /// Chunks of layers per pipeline rank (the interleaved schedule).
+        #[arg(long)]
+        virtual_stages: Option<usize>,
+        /// Layers of each (virtual) stage, comma-separated; balanced by cost by default.
+        #[arg(long, value_delimiter = ',')]
+        stage_layers: Option<Vec<usize>>,
+        /// Largest HF shard file: bytes, or 5GB, 500MB, 2GiB …
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
     },
 }
 
@@ -156,6 +185,38 @@ fn dispatch(cli: Cli) -> Result<()> {
                 });
             }
             crate::export::run(&source, format, &out, &dtype)
+        }
+        Command::Convert {
+            from,
+            to,
+            tp,
+            pp,
+            ep,
+            virtual_stages,
+            stage_layers,
+            max_shard_size,
+        } => {
+            let parallel = crate::layout::ParallelSection {
+                tp,
+                pp,
+                ep,
+                schedule: if virtual_stages.is_some() {
+                    "interleaved".into()
+                } else {
+                    crate::layout::ParallelSection::default().schedule
+                },
+                virtual_stages,
+                stage_layers,
+                ..Default::default()
+            };
+            let request = crate::convert::Request {
+                from: crate::convert::Endpoint::parse("--from", &from)?,
+                to: crate::convert::Endpoint::parse("--to", &to)?,
+                parallel,
+                max_shard_bytes: crate::convert::parse_size(&max_shard_size)?,
+            };
+            println!("{}", crate::convert::run(&request)?);
+            Ok(())
         }
     }
 }

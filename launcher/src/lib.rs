@@ -1,9 +1,10 @@
 //! The `launch` CLI of tidemill: TOML job files, the node agent and the job's coordinator,
-//! the run directory and its event log; `train`, `run`, `eval` and `export`.
+//! the run directory and its event log; `train`, `run`, `eval`, `export` and `convert`.
 
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod convert;
 pub mod coordinator;
 mod error;
 pub mod eval;

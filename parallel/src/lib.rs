@@ -14,7 +14,7 @@ pub use comm::{
     finish_avg, reduce_into, Collectives, Communicator, DType, Element, ReduceOp, SoloComm,
 };
 pub use error::{Error, Result};
-pub use mesh::{Axis, Layout, Mesh};
+pub use mesh::{Axis, Coords, Layout, Mesh};
 pub use nccl::NcclComm;
 pub use runtime::{init, Context, Reporter};
 pub use tcp::{TcpComm, TcpOptions};

@@ -174,9 +174,14 @@ pub fn snapshot<B: TrainBackend>(
     Snapshot { tensors }
 }
 
+/// The file rank `rank` saves its boxes in.
+pub fn shard_file(rank: usize) -> String {
+    format!("rank-{rank:05}.safetensors")
+}
+
 /// Write rank `rank`'s snapshot into `staging` (its shard, then its part file).
 pub fn write_snapshot(snapshot: &Snapshot, staging: &Path, rank: usize) -> Result<()> {
-    let file = format!("rank-{rank:05}.safetensors");
+    let file = shard_file(rank);
     let mut part = Part::default();
     if !snapshot.tensors.is_empty() {
         let layout: Vec<(String, DType, Vec<usize>)> = snapshot

@@ -44,12 +44,12 @@ fn shard_plan_matches_huggingface_hub() {
     // [layer_1], [layer_3], [layer_2], [layer_4, layer_5]. Here in f32 (x4 bytes).
     let ts: Vec<HostTensor> = [6, 10, 30, 2, 2].iter().map(|&n| tensor(n, 0.0)).collect();
     let keys = ["layer_1", "layer_2", "layer_3", "layer_4", "layer_5"];
-    let entries: Vec<(&str, &HostTensor)> = keys.iter().copied().zip(ts.iter()).collect();
-    let (shards, total) = plan_shards(&entries, DType::F32, 40);
-    let got: Vec<Vec<&str>> = shards
+    let entries: Vec<(&str, u64)> = keys
         .iter()
-        .map(|s| s.iter().map(|e| e.0).collect())
+        .copied()
+        .zip(ts.iter().map(|t| t.data.len() as u64 * 4))
         .collect();
+    let (got, total) = plan_shards(&entries, 40);
     assert_eq!(
         got,
         vec![
@@ -75,14 +75,18 @@ fn shard_plans_cover_every_key_once_and_respect_the_limit() {
             .map(|i| tensor(((state >> ((i * 3) % 60)) % 12) as usize, 0.0))
             .collect();
         let keys: Vec<String> = (0..count).map(|i| format!("k{i:02}")).collect();
-        let entries: Vec<(&str, &HostTensor)> =
-            keys.iter().map(String::as_str).zip(ts.iter()).collect();
-        let (shards, total) = plan_shards(&entries, DType::BF16, max);
-        let mut seen: Vec<&str> = shards.iter().flatten().map(|e| e.0).collect();
+        let entries: Vec<(&str, u64)> = keys
+            .iter()
+            .map(String::as_str)
+            .zip(ts.iter().map(|t| t.data.len() as u64 * 2))
+            .collect();
+        let bytes: BTreeMap<&str, u64> = entries.iter().copied().collect();
+        let (shards, total) = plan_shards(&entries, max);
+        let mut seen: Vec<&str> = shards.iter().flatten().copied().collect();
         seen.sort();
         assert_eq!(seen, keys.iter().map(String::as_str).collect::<Vec<_>>());
         for shard in &shards {
-            let size: u64 = shard.iter().map(|e| e.1.data.len() as u64 * 2).sum();
+            let size: u64 = shard.iter().map(|k| bytes[k]).sum();
             assert!(size <= max || shard.len() == 1, "shard {size} > {max}");
         }
         assert_eq!(

@@ -9,6 +9,7 @@
 //! Reading assembles any box of any tensor from the pieces that overlap it, memory-mapped,
 //! so a rank of a different layout reads only the bytes it needs.
 
+mod convert;
 mod read;
 mod write;
 
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use convert::{copy_extras, model_files, write_hf, write_sharded, HfDir, Placement, Source};
 pub use read::{latest, Checkpoint, Skipped};
 pub use write::{clean_staging, commit, crash_point, retire, stage, write_part, Part, ShardWriter};
 
@@ -114,6 +116,10 @@ pub struct Manifest {
     pub step: u64,
     pub files: BTreeMap<String, FileEntry>,
     pub tensors: BTreeMap<String, TensorEntry>,
+    /// Files kept next to the shards that are not tensors — the model's `config.json` and
+    /// tokenizer files — checked like the shards when opened; what conversion to HF copies.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extras: BTreeMap<String, FileEntry>,
     /// What the trainer needs to go on (step, data position, RNG, schedule, resolved
     /// config, parallel plan): opaque here.
     pub state: serde_json::Value,

@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 
 use super::write::hex;
 use super::{
-    committed, decode_into, Damaged, Manifest, Slice, TensorEntry, FORMAT, MANIFEST, VERSION,
+    committed, decode_into, Damaged, FileEntry, Manifest, Slice, TensorEntry, FORMAT, MANIFEST,
+    VERSION,
 };
 use crate::DType;
 
@@ -84,42 +85,11 @@ impl Checkpoint {
             ));
         }
         let mut files = BTreeMap::new();
+        for (name, want) in &manifest.extras {
+            check_file(dir, name, want, verify)?;
+        }
         for (name, want) in &manifest.files {
-            let file_path = dir.join(name);
-            if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                return Err(damaged(
-                    &path,
-                    format!("file name `{name}` leaves the directory"),
-                ));
-            }
-            let file = File::open(&file_path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    damaged(&file_path, "missing (the manifest lists it)")
-                }
-                _ => damaged(&file_path, e.to_string()),
-            })?;
-            let size = file
-                .metadata()
-                .map_err(|e| damaged(&file_path, e.to_string()))?
-                .len();
-            if size != want.bytes {
-                return Err(damaged(
-                    &file_path,
-                    format!(
-                        "{size} bytes, the manifest says {}: truncated or overwritten",
-                        want.bytes
-                    ),
-                ));
-            }
-            if verify {
-                let got = sha256_of(&file_path)?;
-                if got != want.sha256 {
-                    return Err(damaged(
-                        &file_path,
-                        format!("SHA-256 {got}, the manifest says {}", want.sha256),
-                    ));
-                }
-            }
+            let (file_path, file) = check_file(dir, name, want, verify)?;
             // SAFETY: checkpoint files are written once and never modified in place; a
             // file changed under us is the same hazard as for any reader of it.
             #[allow(unsafe_code)]
@@ -254,7 +224,14 @@ impl Checkpoint {
 /// Copy the box `common` from `src` (holding box `from`) into `dst` (holding box `to`),
 /// both row-major with `size`-byte elements: one contiguous run per row of the last
 /// dimension.
-fn copy_box(src: &[u8], from: &Slice, dst: &mut [u8], to: &Slice, common: &Slice, size: usize) {
+pub(crate) fn copy_box(
+    src: &[u8],
+    from: &Slice,
+    dst: &mut [u8],
+    to: &Slice,
+    common: &Slice,
+    size: usize,
+) {
     let dims = common.len.len();
     if dims == 0 {
         dst[..size].copy_from_slice(&src[..size]);
@@ -293,6 +270,51 @@ fn copy_box(src: &[u8], from: &Slice, dst: &mut [u8], to: &Slice, common: &Slice
             index[d] = 0;
         }
     }
+}
+
+/// Open `name` of the checkpoint in `dir`, checking that it stays in the directory and has
+/// the size (and, with `verify`, the SHA-256) the manifest says.
+fn check_file(
+    dir: &Path,
+    name: &str,
+    want: &FileEntry,
+    verify: bool,
+) -> Result<(PathBuf, File), Damaged> {
+    let path = dir.join(MANIFEST);
+    let file_path = dir.join(name);
+    if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+        return Err(damaged(
+            &path,
+            format!("file name `{name}` leaves the directory"),
+        ));
+    }
+    let file = File::open(&file_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => damaged(&file_path, "missing (the manifest lists it)"),
+        _ => damaged(&file_path, e.to_string()),
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|e| damaged(&file_path, e.to_string()))?
+        .len();
+    if size != want.bytes {
+        return Err(damaged(
+            &file_path,
+            format!(
+                "{size} bytes, the manifest says {}: truncated or overwritten",
+                want.bytes
+            ),
+        ));
+    }
+    if verify {
+        let got = sha256_of(&file_path)?;
+        if got != want.sha256 {
+            return Err(damaged(
+                &file_path,
+                format!("SHA-256 {got}, the manifest says {}", want.sha256),
+            ));
+        }
+    }
+    Ok((file_path, file))
 }
 
 fn sha256_of(path: &Path) -> Result<String, Damaged> {

@@ -40,11 +40,21 @@ pub struct ShardWriter {
 
 impl ShardWriter {
     pub fn create(path: &Path, tensors: &[(String, DType, Vec<usize>)]) -> Result<Self, Error> {
-        let mut header = serde_json::Map::new();
-        header.insert(
-            "__metadata__".into(),
+        Self::with_metadata(
+            path,
+            tensors,
             serde_json::json!({"format": "pt", "writer": FORMAT}),
-        );
+        )
+    }
+
+    /// [`ShardWriter::create`] with the header's `__metadata__` given (string values).
+    pub fn with_metadata(
+        path: &Path,
+        tensors: &[(String, DType, Vec<usize>)],
+        metadata: serde_json::Value,
+    ) -> Result<Self, Error> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), metadata);
         let mut offset = 0u64;
         for (name, dtype, shape) in tensors {
             let bytes = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
@@ -128,6 +138,9 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 pub struct Part {
     pub files: BTreeMap<String, FileEntry>,
     pub tensors: BTreeMap<String, TensorEntry>,
+    /// Files copied along (config, tokenizer): see [`super::Manifest::extras`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extras: BTreeMap<String, FileEntry>,
 }
 
 /// The staging directory of the checkpoint of `step` under `root` (created; hidden, so
@@ -195,6 +208,7 @@ pub fn commit(
         step,
         files: BTreeMap::new(),
         tensors: BTreeMap::new(),
+        extras: BTreeMap::new(),
         state,
     };
     for path in &paths {
@@ -204,6 +218,7 @@ pub fn commit(
             source,
         })?;
         manifest.files.extend(part.files);
+        manifest.extras.extend(part.extras);
         for (name, t) in part.tensors {
             match manifest.tensors.get_mut(&name) {
                 Some(have)
@@ -225,21 +240,7 @@ pub fn commit(
             }
         }
     }
-    for (name, t) in &manifest.tensors {
-        let covered: usize = t.pieces.iter().map(|p| p.slice.numel()).sum();
-        let whole: usize = t.shape.iter().product();
-        if covered != whole || !t.pieces.iter().all(|p| p.slice.fits(&t.shape)) {
-            return Err(Error::IndexMismatch {
-                file: staging.to_path_buf(),
-                key: name.clone(),
-                reason: format!(
-                    "the ranks' pieces hold {covered} of its {whole} elements (each exactly once, \
-                     inside {:?}, is needed)",
-                    t.shape
-                ),
-            });
-        }
-    }
+    check_cover(&manifest.tensors, staging)?;
     crash_point("before_manifest");
     let path = staging.join(MANIFEST);
     let bytes = serde_json::to_vec_pretty(&manifest).map_err(|source| Error::Json {
@@ -261,6 +262,27 @@ pub fn commit(
     fs::rename(staging, &target).map_err(|e| Error::io(&target, e))?;
     sync_parent_dir(&target);
     Ok(target)
+}
+
+/// Every tensor's pieces must lie inside it and hold as many elements as it has (each
+/// exactly once); `at` is named in the error.
+pub(crate) fn check_cover(tensors: &BTreeMap<String, TensorEntry>, at: &Path) -> Result<(), Error> {
+    for (name, t) in tensors {
+        let covered: usize = t.pieces.iter().map(|p| p.slice.numel()).sum();
+        let whole: usize = t.shape.iter().product();
+        if covered != whole || !t.pieces.iter().all(|p| p.slice.fits(&t.shape)) {
+            return Err(Error::IndexMismatch {
+                file: at.to_path_buf(),
+                key: name.clone(),
+                reason: format!(
+                    "the ranks' pieces hold {covered} of its {whole} elements (each exactly once, \
+                     inside {:?}, is needed)",
+                    t.shape
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Delete committed checkpoints beyond the newest `keep_last` (at least the newest one

@@ -8,6 +8,7 @@
 use burn::module::ParamId;
 use burn::tensor::backend::Backend;
 use checkpoint::sharded::Slice;
+use parallel::{Coords, Layout};
 
 use super::config::ModelConfig;
 use super::decoder::CausalLm;
@@ -127,6 +128,84 @@ pub fn tp_box(
     }
 }
 
+/// Where a trainer of `layout` keeps tensor `name` of global `shape` (a parameter's HF name,
+/// or its AdamW state's: `optimizer.<name>.exp_avg`, `.exp_avg_sq`, `.step`): each box of it
+/// and the rank (of data-parallel rank 0) that saves it, as [`crate::state::snapshot`] does.
+/// `sizes`: layers per pipeline stage (per virtual stage, in pipeline order). Names of no
+/// layer, expert or cut this knows stay whole on the first rank of their stage.
+pub fn place(
+    name: &str,
+    shape: &[usize],
+    config: &ModelConfig,
+    layout: &Layout,
+    sizes: &[usize],
+) -> Vec<(usize, Slice)> {
+    let (base, scalar) = param_of(name);
+    let pp = pipeline_rank(base, layout.pp, sizes);
+    let ep = match (&config.moe, number_after(base, ".experts.")) {
+        (Some(m), Some(e)) if m.num_experts.is_multiple_of(layout.ep) => {
+            e / (m.num_experts / layout.ep)
+        }
+        _ => 0,
+    };
+    let rank = |tp| layout.rank(Coords { tp, ep, dp: 0, pp });
+    match tp_cut(base, config, layout.tp) {
+        Some((dim, distinct))
+            if !scalar && dim < shape.len() && shape[dim].is_multiple_of(distinct) =>
+        {
+            let len = shape[dim] / distinct;
+            let copies = layout.tp / distinct;
+            (0..distinct)
+                .map(|i| (rank(i * copies), Slice::along(shape, dim, i * len, len)))
+                .collect()
+        }
+        _ => vec![(rank(0), Slice::whole(shape))],
+    }
+}
+
+/// The parameter a state tensor's name belongs to, and whether it is its scalar step.
+fn param_of(name: &str) -> (&str, bool) {
+    let Some(rest) = name.strip_prefix("optimizer.") else {
+        return (name, false);
+    };
+    for suffix in [".exp_avg_sq", ".exp_avg"] {
+        if let Some(p) = rest.strip_suffix(suffix) {
+            return (p, false);
+        }
+    }
+    match rest.strip_suffix(".step") {
+        Some(p) => (p, true),
+        None => (name, false),
+    }
+}
+
+/// The number right after `marker` in `name` (`model.layers.7.…` → 7).
+fn number_after(name: &str, marker: &str) -> Option<usize> {
+    let at = name.find(marker)? + marker.len();
+    let digits: &str = name[at..].split('.').next()?;
+    digits.parse().ok()
+}
+
+/// The pipeline rank holding `name`: its layer's virtual stage modulo the ranks; the
+/// embedding on the first, the final norm and head on the last.
+fn pipeline_rank(name: &str, ranks: usize, sizes: &[usize]) -> usize {
+    if let Some(layer) = number_after(name, "model.layers.") {
+        let mut end = 0;
+        for (stage, &n) in sizes.iter().enumerate() {
+            end += n;
+            if layer < end {
+                return stage % ranks;
+            }
+        }
+        return ranks - 1;
+    }
+    if name.starts_with("model.norm.") || name.starts_with("lm_head.") {
+        ranks - 1
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +266,37 @@ mod tests {
             tp_box("model.layers.0.self_attn.k_proj.weight", &[8, 32], &c, 4, 3);
         assert_eq!((global, copies), (vec![16, 32], 2));
         assert_eq!(slice, Slice::along(&[16, 32], 0, 8, 8));
+    }
+
+    #[test]
+    fn placement_follows_the_stages_experts_and_cuts() {
+        let c = config(2);
+        // tp2 × pp2, interleaved 2 virtual stages of 1 layer: layer 1 on pipeline rank 1.
+        let layout = Layout {
+            dp: 1,
+            tp: 2,
+            pp: 2,
+            ep: 1,
+        };
+        let sizes = [1, 1];
+        let place = |n: &str, shape: &[usize]| place(n, shape, &c, &layout, &sizes);
+        let q = "model.layers.1.self_attn.q_proj.weight";
+        assert_eq!(
+            place(q, &[32, 32]),
+            vec![
+                (2, Slice::along(&[32, 32], 0, 0, 16)),
+                (3, Slice::along(&[32, 32], 0, 16, 16))
+            ]
+        );
+        let m = format!("optimizer.{q}.exp_avg_sq");
+        assert_eq!(place(&m, &[32, 32]), place(q, &[32, 32]));
+        let step = format!("optimizer.{q}.step");
+        assert_eq!(place(&step, &[]), vec![(2, Slice::whole(&[]))]);
+        assert_eq!(
+            place("model.layers.0.input_layernorm.weight", &[32]),
+            vec![(0, Slice::whole(&[32]))]
+        );
+        assert_eq!(place("model.norm.weight", &[32])[0].0, 2);
+        assert_eq!(place("model.embed_tokens.weight", &[96, 32])[1].0, 1);
     }
 }
