@@ -10,8 +10,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+use tidemill::checkpoint;
 
 fn write_job(dir: &Path, max_steps: u64) -> PathBuf {
+    write_job_for(dir, max_steps, &model_dir("llama-deep"))
+}
+
+fn write_job_for(dir: &Path, max_steps: u64, model: &Path) -> PathBuf {
     let data = fixtures().join("data");
     let body = format!(
         "[job]\nname = \"ckpt\"\nrun_dir = \"{run}\"\n[model]\npath = \"{model}\"\n[data]\n\
@@ -19,7 +24,7 @@ fn write_job(dir: &Path, max_steps: u64) -> PathBuf {
          global_batch = 12\nmicro_batch = 1\nlr = 1e-2\nseed = 3\nwarmup_steps = 2\n\
          max_grad_norm = 0.8\n[checkpoint]\nevery = 2\nkeep_last = 3\n",
         run = dir.join("run").display(),
-        model = model_dir("llama-deep").display(),
+        model = model.display(),
         train = data.join("train_tokens.jsonl").display(),
     );
     let path = dir.join("job.toml");
@@ -151,6 +156,7 @@ fn a_checkpoint_saved_at_tp2_pp2_resumes_at_other_layouts() {
         ],
     );
     std::fs::rename(&run_dir, &saved).expect("keep");
+    converted_models_match_training(tmp.path(), &saved, &reference);
     for target in [
         sets(&["--nproc-per-node", "4"]),
         sets(&["--nproc-per-node", "4", "--set", "parallel.tp=4"]),
@@ -182,6 +188,95 @@ fn a_checkpoint_saved_at_tp2_pp2_resumes_at_other_layouts() {
                 "{target:?} step {step}: {loss} vs {want}"
             );
         }
+    }
+}
+
+/// `launch convert` lays a model out as training at tp2 × pp2 saved it (same files, same
+/// boxes); training from the converted directory gives the losses of training from HF;
+/// the run's last checkpoint converted to HF holds the weights the run exported.
+fn converted_models_match_training(tmp: &Path, saved: &Path, reference: &[(u64, f64)]) {
+    let converted = tmp.join("converted");
+    let hf = format!("hf:{}", model_dir("llama-deep").display());
+    convert(&hf, &converted, &["--tp", "2", "--pp", "2"]);
+    let ours = manifest(&converted);
+    let trained = manifest(&saved.join("checkpoints/step-00000004"));
+    let mut compared = 0;
+    for (name, t) in ours["tensors"].as_object().expect("tensors") {
+        assert_eq!(t["pieces"], trained["tensors"][name]["pieces"], "{name}");
+        compared += 1;
+    }
+    assert_eq!(compared, 57 - 1, "every tensor but the tied head");
+
+    let job = write_job_for(tmp, 8, &converted);
+    let run_dir = tmp.join("run");
+    run(&job, &["--set", "checkpoint.resume=false"]);
+    assert_eq!(
+        losses(&run_dir),
+        reference,
+        "trained from the converted model"
+    );
+    std::fs::remove_dir_all(&run_dir).expect("clean");
+
+    let back = tmp.join("back");
+    let last = format!(
+        "sharded:{}",
+        saved.join("checkpoints/step-00000008").display()
+    );
+    let out = launch(&[
+        "convert",
+        "--from",
+        &last,
+        "--to",
+        &format!("hf:{}", back.display()),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let exported = checkpoint::load_hf_weights(&saved.join("export/model")).expect("export");
+    let ours = checkpoint::load_hf_weights(&back).expect("converted");
+    assert_eq!(ours.tensors, exported.tensors);
+    assert!(back.join("config.json").is_file());
+}
+
+fn manifest(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest");
+    serde_json::from_str(&text).expect("manifest JSON")
+}
+
+fn convert(from: &str, to: &Path, args: &[&str]) {
+    let to = format!("sharded:{}", to.display());
+    let mut all = vec!["convert", "--from", from, "--to", &to];
+    all.extend_from_slice(args);
+    let out = launch(&all);
+    assert!(out.status.success(), "{all:?}: {}", stderr(&out));
+}
+
+#[test]
+fn a_mixtral_checkpoint_saved_at_ep2_resumes_at_ep1() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = write_job_for(tmp.path(), 8, &model_dir("mixtral"));
+    let run_dir = tmp.path().join("run");
+    run(&job, &["--set", "checkpoint.resume=false"]);
+    let reference = losses(&run_dir);
+    std::fs::remove_dir_all(&run_dir).expect("clean");
+    run(&job, &["--nproc-per-node", "2", "--set", "parallel.ep=2"]);
+    let saved = manifest(&run_dir.join("checkpoints/step-00000004"));
+    let expert = &saved["tensors"]["model.layers.1.block_sparse_moe.experts.3.w2.weight"];
+    assert_eq!(expert["pieces"][0]["file"], "rank-00001.safetensors");
+    let ep2 = losses(&run_dir);
+    for ((_, a), (_, b)) in ep2.iter().zip(&reference) {
+        assert!(rel_diff(*a, *b) < 1e-5, "ep2 {a} vs one process {b}");
+    }
+    let keep = tmp.path().join("step-4");
+    std::fs::rename(run_dir.join("checkpoints/step-00000004"), &keep).expect("keep");
+    std::fs::remove_dir_all(&run_dir).expect("clean");
+    copy_dir(&keep, &run_dir.join("checkpoints/step-00000004"));
+    run(&job, &[]);
+    let resumed = events_named(&run_dir, "resumed");
+    assert_eq!(resumed[0]["step"], 4);
+    let got = losses(&run_dir);
+    assert_eq!(got.len(), 4, "steps 5..8");
+    for (step, loss) in got {
+        let want = reference[step as usize - 1].1;
+        assert!(rel_diff(loss, want) < 1e-5, "step {step}: {loss} vs {want}");
     }
 }
 

@@ -47,7 +47,9 @@ struct IndexMetadata {
 
 /// Load all weights of a Hugging Face model directory.
 ///
-/// Reads `model.safetensors` if present (transformers prefers it too), else
+/// A sharded checkpoint (a `manifest.json`, as `launch convert` or training write) is read
+/// too: its model weights, not its training state.
+/// Otherwise reads `model.safetensors` if present (transformers prefers it too), else
 /// `model.safetensors.index.json` and every shard its `weight_map` names.
 /// Errors: neither file present ([`Error::NoWeights`]); a shard the index
 /// names is missing ([`Error::Io`] with its path); a shard lacks a key the
@@ -55,6 +57,9 @@ struct IndexMetadata {
 /// the index assigns to another shard, which covers a key duplicated across
 /// shards ([`Error::IndexMismatch`]).
 pub fn load_hf_weights(dir: &Path) -> Result<LoadedWeights, Error> {
+    if dir.join(crate::sharded::MANIFEST).is_file() {
+        return crate::sharded::load_model_weights(dir);
+    }
     let single = dir.join(SINGLE);
     if present(&single)? {
         let (tensors, dtypes) = read_safetensors_with_dtypes(&single)?;

@@ -84,7 +84,11 @@ pub fn run(req: &Request) -> Result<Value> {
                     message: "hf → hf is a copy; convert to sharded:DIR or from one".into(),
                 });
             }
-            let names: Vec<String> = tensors.keys().filter(|n| is_model(n)).cloned().collect();
+            let names: Vec<String> = tensors
+                .keys()
+                .filter(|n| sharded::is_model_tensor(n))
+                .cloned()
+                .collect();
             let left = tensors.len() - names.len();
             if left > 0 {
                 eprintln!(
@@ -125,11 +129,6 @@ pub fn run(req: &Request) -> Result<Value> {
     }))
 }
 
-/// A tensor of the model itself (not AdamW state, not a LoRA adapter).
-fn is_model(name: &str) -> bool {
-    !name.starts_with("optimizer.") && !name.contains(".lora_A.") && !name.contains(".lora_B.")
-}
-
 fn checkpoint_files(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .into_iter()
@@ -166,7 +165,7 @@ fn layout_for(p: &ParallelSection, config: &ModelConfig) -> Result<(Layout, Vec<
         ep: p.ep,
     };
     trainer::model::shard::check_layout(config, &layout)
-        .map_err(|e| bad(format!("--tp/--ep: {e}")))?;
+        .map_err(|e| bad(format!("--tp/--pp/--ep: {e}")))?;
     let sizes = if p.pp > 1 {
         p.stage_sizes(config).map_err(bad)?
     } else {

@@ -116,6 +116,8 @@ pub struct Saver {
     world: usize,
     writes: Writes,
     section: CheckpointSection,
+    /// The model's config and tokenizer files, copied into each checkpoint (by rank 0).
+    extras: Vec<(String, PathBuf)>,
     pending: Option<(u64, f64, JoinHandle<Result<Option<PathBuf>>>)>,
 }
 
@@ -126,6 +128,7 @@ impl Saver {
         world: usize,
         writes: Writes,
         section: CheckpointSection,
+        extras: Vec<(String, PathBuf)>,
     ) -> Self {
         Self {
             root,
@@ -133,6 +136,7 @@ impl Saver {
             world,
             writes,
             section,
+            extras,
             pending: None,
         }
     }
@@ -169,8 +173,9 @@ impl Saver {
             self.section.keep_last,
             Duration::from_secs_f64(self.section.commit_timeout_s),
         );
+        let extras = self.extras.clone();
         let write = move || -> Result<Option<PathBuf>> {
-            write_snapshot(&snapshot, &staging, rank)?;
+            write_snapshot(&snapshot, &staging, rank, &extras)?;
             if rank != 0 {
                 return Ok(None);
             }

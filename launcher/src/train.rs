@@ -304,6 +304,11 @@ pub fn run_on<B: Collective>(
         ctx.world_size,
         writes,
         cfg.checkpoint.clone(),
+        if lead {
+            checkpoint::sharded::model_files(&cfg.model.path)?
+        } else {
+            Vec::new()
+        },
     );
     let saved_state = json!({"plan": plan(cfg, ctx.world_size),
                              "config": toml::to_string(cfg).unwrap_or_default()});

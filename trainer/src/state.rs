@@ -6,7 +6,7 @@
 //! its moments and `optimizer.<hf name>.step` (a scalar) for its AdamW step count.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::module::ParamId;
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -179,10 +179,19 @@ pub fn shard_file(rank: usize) -> String {
     format!("rank-{rank:05}.safetensors")
 }
 
-/// Write rank `rank`'s snapshot into `staging` (its shard, then its part file).
-pub fn write_snapshot(snapshot: &Snapshot, staging: &Path, rank: usize) -> Result<()> {
+/// Write rank `rank`'s snapshot into `staging` (its shard, the `extras` files copied
+/// along, then its part file).
+pub fn write_snapshot(
+    snapshot: &Snapshot,
+    staging: &Path,
+    rank: usize,
+    extras: &[(String, PathBuf)],
+) -> Result<()> {
     let file = shard_file(rank);
-    let mut part = Part::default();
+    let mut part = Part {
+        extras: sharded::copy_extras(extras, staging)?,
+        ..Part::default()
+    };
     if !snapshot.tensors.is_empty() {
         let layout: Vec<(String, DType, Vec<usize>)> = snapshot
             .tensors

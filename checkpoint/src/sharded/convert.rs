@@ -21,7 +21,7 @@ use super::{Checkpoint, FileEntry, Manifest, Piece, ShardWriter, Slice, TensorEn
 use super::{FORMAT, MANIFEST, VERSION};
 use crate::atomic::{parent_dir, sibling_temp_path, sync_parent_dir};
 use crate::hf::{index_json, plan_shards, shard_names, INDEX, SINGLE};
-use crate::{DType, Error};
+use crate::{DType, Error, HostTensor, LoadedWeights, TensorMap};
 
 /// Tensors to convert: their dtypes and global shapes, and any box of each as stored.
 pub trait Source {
@@ -188,6 +188,34 @@ impl Source for HfDir {
         copy_box(src, &whole, &mut out, want, want, size);
         Ok(out)
     }
+}
+
+/// A tensor of the model itself: not AdamW state (`optimizer.…`), not a LoRA adapter.
+pub fn is_model_tensor(name: &str) -> bool {
+    !name.starts_with("optimizer.") && !name.contains(".lora_A.") && !name.contains(".lora_B.")
+}
+
+/// The model weights of the sharded checkpoint in `dir` as whole f32 tensors, as
+/// [`crate::load_hf_weights`] reads an HF directory (which it does for a checkpoint).
+pub fn load_model_weights(dir: &Path) -> Result<LoadedWeights, Error> {
+    let ckpt = Checkpoint::open(dir, true)?;
+    let mut out = LoadedWeights {
+        tensors: TensorMap::new(),
+        dtypes: BTreeMap::new(),
+        files: BTreeMap::new(),
+    };
+    for (name, t) in &ckpt.manifest.tensors {
+        if !is_model_tensor(name) {
+            continue;
+        }
+        let data = ckpt.read(name, &Slice::whole(&t.shape))?;
+        out.tensors
+            .insert(name.clone(), HostTensor::new(t.shape.clone(), data));
+        out.dtypes.insert(name.clone(), t.dtype);
+        let file = t.pieces.first().map_or(MANIFEST, |p| p.file.as_str());
+        out.files.insert(name.clone(), dir.join(file));
+    }
+    Ok(out)
 }
 
 /// The files of an HF model directory besides the weights that a converted model carries

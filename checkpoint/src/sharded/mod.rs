@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use convert::{copy_extras, model_files, write_hf, write_sharded, HfDir, Placement, Source};
+pub use convert::{
+    copy_extras, is_model_tensor, load_model_weights, model_files, write_hf, write_sharded, HfDir,
+    Placement, Source,
+};
 pub use read::{latest, Checkpoint, Skipped};
 pub use write::{clean_staging, commit, crash_point, retire, stage, write_part, Part, ShardWriter};
 
