@@ -118,7 +118,9 @@ pub struct Saver {
     section: CheckpointSection,
     /// The model's config and tokenizer files, copied into each checkpoint (by rank 0).
     extras: Vec<(String, PathBuf)>,
-    pending: Option<(u64, f64, JoinHandle<Result<Option<PathBuf>>>)>,
+    /// The save in the background: step, seconds it blocked training so far, seconds of
+    /// its host copy, the writer.
+    pending: Option<(u64, f64, f64, JoinHandle<Result<Option<PathBuf>>>)>,
 }
 
 impl Saver {
@@ -158,6 +160,7 @@ impl Saver {
         let started = Instant::now();
         let step = trainer.steps_done();
         let snapshot = trainer.snapshot(self.writes);
+        let snapshot_s = started.elapsed().as_secs_f64();
         let mut state = trainer.position();
         if let (Some(s), Some(e)) = (state.as_object_mut(), extra.as_object()) {
             s.extend(e.clone());
@@ -185,18 +188,18 @@ impl Saver {
         };
         if self.section.async_save {
             let handle = std::thread::spawn(write);
-            self.pending = Some((step, started.elapsed().as_secs_f64(), handle));
+            self.pending = Some((step, started.elapsed().as_secs_f64(), snapshot_s, handle));
         } else {
             let dir = write()?;
             let stall = started.elapsed().as_secs_f64();
-            self.report(step, stall, stall, dir, events)?;
+            self.report(step, stall, snapshot_s, dir, events)?;
         }
         Ok(())
     }
 
     /// Wait for the save in the background, if any, and report it.
     pub fn wait(&mut self, events: &mut dyn EventSink) -> Result<()> {
-        let Some((step, stall, handle)) = self.pending.take() else {
+        let Some((step, stall, snapshot_s, handle)) = self.pending.take() else {
             return Ok(());
         };
         let started = Instant::now();
@@ -204,7 +207,7 @@ impl Saver {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         let waited = started.elapsed().as_secs_f64();
-        self.report(step, stall + waited, stall, dir, events)
+        self.report(step, stall + waited, snapshot_s, dir, events)
     }
 
     fn report(

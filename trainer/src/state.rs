@@ -39,7 +39,10 @@ pub struct Boxed {
     pub name: String,
     pub shape: Vec<usize>,
     pub slice: Slice,
+    /// The box's values, row-major; transposed (the parameter's own layout, `[in, out]`)
+    /// when `transposed`, which the writer undoes off the training thread.
     pub data: Vec<f32>,
+    pub transposed: bool,
 }
 
 /// What a rank writes of a checkpoint, copied off the device (so training may go on).
@@ -97,14 +100,6 @@ fn held<B: burn::tensor::backend::Backend>(model: &CausalLm<B>) -> Vec<Held> {
         .collect()
 }
 
-fn to_hf(t: HostTensor, transposed: bool) -> Vec<f32> {
-    if transposed {
-        transpose(&t).data
-    } else {
-        t.data
-    }
-}
-
 type Optim<B> = OptimizerAdaptor<AdamW, CausalLm<B>, B>;
 
 /// AdamW step count and moments (host, internal orientation) of a parameter.
@@ -130,7 +125,7 @@ pub fn snapshot<B: TrainBackend>(
     optim: &Optim<B>,
     writes: Writes,
 ) -> Snapshot {
-    let values = parallel::dp::values_by_path(model);
+    let mut values = parallel::dp::values_by_path(model);
     let records = optim.to_record();
     let mut tensors = Vec::new();
     for h in held(model) {
@@ -139,12 +134,12 @@ pub fn snapshot<B: TrainBackend>(
             continue;
         }
         if writes.replica {
-            let t = HostTensor::new(h.shape.clone(), values[&h.path].clone());
             tensors.push(Boxed {
                 name: h.name.clone(),
                 shape: h.global.clone(),
                 slice: h.slice.clone(),
-                data: to_hf(t, h.transposed),
+                data: values.remove(&h.path).unwrap_or_default(),
+                transposed: h.transposed,
             });
         }
         let Some(record) = records.get(&h.id) else {
@@ -159,7 +154,8 @@ pub fn snapshot<B: TrainBackend>(
                 name: format!("optimizer.{}.{what}", h.name),
                 shape: h.global.clone(),
                 slice: h.slice.clone(),
-                data: to_hf(t, h.transposed),
+                data: t.data,
+                transposed: h.transposed,
             });
         }
         if h.slice.start.iter().all(|&s| s == 0) {
@@ -168,6 +164,7 @@ pub fn snapshot<B: TrainBackend>(
                 shape: Vec::new(),
                 slice: Slice::whole(&[]),
                 data: vec![time as f32],
+                transposed: false,
             });
         }
     }
@@ -200,7 +197,13 @@ pub fn write_snapshot(
             .collect();
         let mut w = ShardWriter::create(&staging.join(&file), &layout)?;
         for t in &snapshot.tensors {
-            w.append_f32(&t.data, DType::F32)?;
+            if t.transposed {
+                let inner: Vec<usize> = t.slice.len.iter().rev().copied().collect();
+                let hf = transpose(&HostTensor::new(inner, t.data.clone()));
+                w.append_f32(&hf.data, DType::F32)?;
+            } else {
+                w.append_f32(&t.data, DType::F32)?;
+            }
             part.tensors.insert(
                 t.name.clone(),
                 TensorEntry {

@@ -1,6 +1,6 @@
 //! Conversion between Hugging Face model directories and sharded checkpoints, and from one
 //! sharded layout to another: tensor bytes copied box by box in their own dtype, one
-//! tensor (or one box of it) in memory at a time, sources memory-mapped.
+//! tensor (or one box of it) in memory at a time, read with positioned reads.
 //!
 //! Outputs are built in a hidden sibling directory and renamed into place, so an
 //! interrupted conversion leaves no directory that looks complete.
@@ -8,23 +8,22 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 
-use memmap2::Mmap;
-use safetensors::SafeTensors;
 use sha2::{Digest, Sha256};
 
-use super::read::copy_box;
+use super::file::BoxFile;
 use super::write::{check_cover, hex};
-use super::{Checkpoint, FileEntry, Manifest, Piece, ShardWriter, Slice, TensorEntry};
+use super::{
+    each_in_parallel, Checkpoint, FileEntry, Manifest, Piece, ShardWriter, Slice, TensorEntry,
+};
 use super::{FORMAT, MANIFEST, VERSION};
 use crate::atomic::{parent_dir, sibling_temp_path, sync_parent_dir};
 use crate::hf::{index_json, plan_shards, shard_names, INDEX, SINGLE};
 use crate::{DType, Error, HostTensor, LoadedWeights, TensorMap};
 
 /// Tensors to convert: their dtypes and global shapes, and any box of each as stored.
-pub trait Source {
+pub trait Source: Sync {
     /// Every tensor: name → (dtype, global shape).
     fn tensors(&self) -> BTreeMap<String, (DType, Vec<usize>)>;
     /// The box `want` of tensor `name`, row-major bytes in its dtype.
@@ -45,18 +44,13 @@ impl Source for Checkpoint {
     }
 }
 
-/// A Hugging Face model directory, every weight file memory-mapped, headers parsed once.
+/// A Hugging Face model directory: every weight file's header parsed once, boxes read
+/// with positioned reads.
 pub struct HfDir {
     pub dir: PathBuf,
-    maps: Vec<Mmap>,
-    tensors: BTreeMap<String, HfTensor>,
-}
-
-struct HfTensor {
-    map: usize,
-    dtype: DType,
-    shape: Vec<usize>,
-    bytes: Range<usize>,
+    files: Vec<BoxFile>,
+    /// Tensor → index in `files`, dtype.
+    tensors: BTreeMap<String, (usize, DType)>,
 }
 
 impl HfDir {
@@ -100,27 +94,21 @@ impl HfDir {
         };
         let mut out = Self {
             dir: dir.to_path_buf(),
-            maps: Vec::new(),
+            files: Vec::new(),
             tensors: BTreeMap::new(),
         };
         for name in &files {
             let path = dir.join(name);
-            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-            // SAFETY: the model's files are only read; one changed under us is the same
-            // hazard as for any reader of it.
-            #[allow(unsafe_code)]
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let st = SafeTensors::deserialize(&map).map_err(|e| Error::Safetensors {
+            let file = BoxFile::open(&path).map_err(|message| Error::Safetensors {
                 file: path.clone(),
-                message: e.to_string(),
+                message,
             })?;
-            let base = map.as_ptr() as usize;
-            for (key, view) in st.tensors() {
-                if let Some(owner) = index.as_ref().map(|i| i.get(&key)) {
+            for (key, stored) in &file.tensors {
+                if let Some(owner) = index.as_ref().map(|i| i.get(key)) {
                     if owner != Some(name) {
                         return Err(Error::IndexMismatch {
                             file: path.clone(),
-                            key,
+                            key: key.clone(),
                             reason: format!(
                                 "in this shard, but {INDEX} puts it {}",
                                 owner.map_or("nowhere".into(), |o| format!("in `{o}`"))
@@ -128,29 +116,14 @@ impl HfDir {
                         });
                     }
                 }
-                let dtype = match view.dtype() {
-                    safetensors::Dtype::F32 => DType::F32,
-                    safetensors::Dtype::BF16 => DType::BF16,
-                    safetensors::Dtype::F16 => DType::F16,
-                    other => {
-                        return Err(Error::UnsupportedDtype {
-                            file: path.clone(),
-                            key,
-                            dtype: format!("{other:?}"),
-                        })
-                    }
-                };
-                let start = view.data().as_ptr() as usize - base;
-                let t = HfTensor {
-                    map: out.maps.len(),
-                    dtype,
-                    shape: view.shape().to_vec(),
-                    bytes: start..start + view.data().len(),
-                };
-                out.tensors.insert(key, t);
+                let dtype = stored.dtype.ok_or_else(|| Error::UnsupportedDtype {
+                    file: path.clone(),
+                    key: key.clone(),
+                    dtype: stored.dtype_name.clone(),
+                })?;
+                out.tensors.insert(key.clone(), (out.files.len(), dtype));
             }
-            drop(st);
-            out.maps.push(map);
+            out.files.push(file);
         }
         if let Some(index) = &index {
             if let Some((key, file)) = index.iter().find(|(k, _)| !out.tensors.contains_key(*k)) {
@@ -169,23 +142,27 @@ impl Source for HfDir {
     fn tensors(&self) -> BTreeMap<String, (DType, Vec<usize>)> {
         self.tensors
             .iter()
-            .map(|(k, t)| (k.clone(), (t.dtype, t.shape.clone())))
+            .map(|(k, &(f, dtype))| (k.clone(), (dtype, self.files[f].tensors[k].shape.clone())))
             .collect()
     }
 
     fn read_bytes(&self, name: &str, want: &Slice) -> Result<Vec<u8>, Error> {
-        let t = self.tensors.get(name).ok_or_else(|| Error::Convert {
+        let &(f, dtype) = self.tensors.get(name).ok_or_else(|| Error::Convert {
             file: self.dir.clone(),
             reason: format!("no tensor `{name}`"),
         })?;
-        let src = &self.maps[t.map][t.bytes.clone()];
-        let whole = Slice::whole(&t.shape);
-        if *want == whole {
-            return Ok(src.to_vec());
+        let file = &self.files[f];
+        let whole = Slice::whole(&file.tensors[name].shape);
+        if !want.fits(&whole.len) {
+            return Err(Error::Convert {
+                file: file.path.clone(),
+                reason: format!("`{name}` is {:?}; {want:?} is not inside it", whole.len),
+            });
         }
-        let size = t.dtype.size_in_bytes();
+        let size = dtype.size_in_bytes();
         let mut out = vec![0u8; want.numel() * size];
-        copy_box(src, &whole, &mut out, want, want, size);
+        file.copy(name, &whole, &mut out, want, want, size)
+            .map_err(|e| Error::io(&file.path, e))?;
         Ok(out)
     }
 }
@@ -265,6 +242,7 @@ pub fn write_sharded(
             extras: copy_extras(extras, staging)?,
             state,
         };
+        let mut layouts = Vec::with_capacity(placement.len());
         for (file, pieces) in placement {
             let mut layout = Vec::with_capacity(pieces.len());
             for (name, slice) in pieces {
@@ -286,11 +264,17 @@ pub fn write_sharded(
                     slice: slice.clone(),
                 });
             }
-            let mut w = ShardWriter::create(&staging.join(file), &layout)?;
-            for (name, slice) in pieces {
+            layouts.push((file, pieces, layout));
+        }
+        let written = each_in_parallel(&layouts, |(file, pieces, layout)| {
+            let mut w = ShardWriter::create(&staging.join(file), layout)?;
+            for (name, slice) in pieces.iter() {
                 w.append(&src.read_bytes(name, slice)?)?;
             }
-            manifest.files.insert(file.clone(), w.finish()?);
+            w.finish()
+        })?;
+        for ((file, _, _), entry) in layouts.iter().zip(written) {
+            manifest.files.insert((*file).clone(), entry);
         }
         if let Some(name) = all.keys().find(|n| !manifest.tensors.contains_key(*n)) {
             return Err(Error::Convert {
@@ -334,8 +318,8 @@ pub fn write_hf(
     let files = shard_names(shards.len());
     build(out, |staging| {
         copy_extras(extras, staging)?;
-        let mut weight_map = BTreeMap::new();
-        for (file, shard) in files.iter().zip(&shards) {
+        let jobs: Vec<(&String, &Vec<&str>)> = files.iter().zip(&shards).collect();
+        each_in_parallel(&jobs, |&(file, shard)| {
             let layout: Vec<(String, DType, Vec<usize>)> = shard
                 .iter()
                 .map(|&n| (n.to_string(), all[n].0, all[n].1.clone()))
@@ -345,9 +329,12 @@ pub fn write_hf(
             let mut w = ShardWriter::with_metadata(&path, &layout, metadata)?;
             for &name in shard {
                 w.append(&src.read_bytes(name, &Slice::whole(&all[name].1))?)?;
-                weight_map.insert(name, file.as_str());
             }
-            w.finish()?;
+            w.finish()
+        })?;
+        let mut weight_map = BTreeMap::new();
+        for (file, shard) in &jobs {
+            weight_map.extend(shard.iter().map(|&n| (n, file.as_str())));
         }
         if files.len() > 1 {
             let path = staging.join(INDEX);

@@ -6,15 +6,17 @@
 //! part file naming what it wrote and its checksum; one committer merges the parts into the
 //! manifest and renames the directory into place, so a checkpoint directory either has a
 //! manifest whose files verify or is not one ([`latest`] skips it, saying why).
-//! Reading assembles any box of any tensor from the pieces that overlap it, memory-mapped,
+//! Reading assembles any box of any tensor from the pieces that overlap it (positioned reads),
 //! so a rank of a different layout reads only the bytes it needs.
 
 mod convert;
+mod file;
 mod read;
 mod write;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -162,6 +164,45 @@ pub fn committed(root: &Path) -> Vec<(u64, PathBuf)> {
 pub struct Damaged {
     pub file: PathBuf,
     pub reason: String,
+}
+
+/// `job` of every item, on as many threads as there are cores (files are independent, and
+/// writing or checking one is CPU-bound: the copy through the page cache and the hash);
+/// the results in order, or the first error.
+pub(crate) fn each_in_parallel<T: Sync, R: Send, E: Send>(
+    items: &[T],
+    job: impl Fn(&T) -> Result<R, E> + Sync,
+) -> Result<Vec<R>, E> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len())
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: Vec<Vec<(usize, Result<R, E>)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        let r = job(item);
+                        failed.fetch_or(r.is_err(), Ordering::Relaxed);
+                        done.push((i, r));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut all: Vec<(usize, Result<R, E>)> = results.into_iter().flatten().collect();
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, r)| r).collect()
 }
 
 pub(crate) fn encode(values: &[f32], dtype: DType) -> Vec<u8> {

@@ -2,40 +2,25 @@
 //! headers against the manifest), then read any box of any tensor from the pieces that
 //! overlap it, memory-mapped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-use safetensors::SafeTensors;
 use sha2::{Digest, Sha256};
 
+use super::file::BoxFile;
 use super::write::hex;
 use super::{
-    committed, decode_into, Damaged, FileEntry, Manifest, Slice, TensorEntry, FORMAT, MANIFEST,
-    VERSION,
+    committed, decode_into, each_in_parallel, Damaged, FileEntry, Manifest, Slice, TensorEntry,
+    FORMAT, MANIFEST, VERSION,
 };
-use crate::DType;
 
 /// A committed checkpoint, verified and open for reading.
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub manifest: Manifest,
-    files: BTreeMap<String, Shard>,
-}
-
-/// One mapped file and where each of its tensors lies in it (the header parsed once).
-struct Shard {
-    map: Mmap,
-    tensors: HashMap<String, Stored>,
-}
-
-struct Stored {
-    dtype: Option<DType>,
-    shape: Vec<usize>,
-    bytes: Range<usize>,
+    files: BTreeMap<String, BoxFile>,
 }
 
 /// A checkpoint [`latest`] passed over, and why.
@@ -84,42 +69,18 @@ impl Checkpoint {
                 ),
             ));
         }
-        let mut files = BTreeMap::new();
-        for (name, want) in &manifest.extras {
-            check_file(dir, name, want, verify)?;
-        }
-        for (name, want) in &manifest.files {
-            let (file_path, file) = check_file(dir, name, want, verify)?;
-            // SAFETY: checkpoint files are written once and never modified in place; a
-            // file changed under us is the same hazard as for any reader of it.
-            #[allow(unsafe_code)]
-            let map =
-                unsafe { Mmap::map(&file) }.map_err(|e| damaged(&file_path, e.to_string()))?;
-            let st = SafeTensors::deserialize(&map)
-                .map_err(|e| damaged(&file_path, format!("not a valid safetensors file: {e}")))?;
-            let base = map.as_ptr() as usize;
-            let tensors = st
-                .tensors()
-                .into_iter()
-                .map(|(key, view)| {
-                    let dtype = match view.dtype() {
-                        safetensors::Dtype::F32 => Some(DType::F32),
-                        safetensors::Dtype::BF16 => Some(DType::BF16),
-                        safetensors::Dtype::F16 => Some(DType::F16),
-                        _ => None,
-                    };
-                    let start = view.data().as_ptr() as usize - base;
-                    let stored = Stored {
-                        dtype,
-                        shape: view.shape().to_vec(),
-                        bytes: start..start + view.data().len(),
-                    };
-                    (key, stored)
-                })
-                .collect();
-            drop(st);
-            files.insert(name.clone(), Shard { map, tensors });
-        }
+        let extras: Vec<_> = manifest.extras.iter().collect();
+        each_in_parallel(&extras, |(name, want)| check_file(dir, name, want, verify))?;
+        let shards: Vec<_> = manifest.files.iter().collect();
+        let opened = each_in_parallel(&shards, |(name, want)| {
+            let (path, _) = check_file(dir, name, want, verify)?;
+            BoxFile::open(&path).map_err(|reason| damaged(&path, reason))
+        })?;
+        let files: BTreeMap<String, BoxFile> = shards
+            .iter()
+            .map(|(name, _)| (*name).clone())
+            .zip(opened)
+            .collect();
         let c = Self {
             dir: dir.to_path_buf(),
             manifest,
@@ -198,9 +159,9 @@ impl Checkpoint {
                 continue;
             };
             // Present: checked when opened.
-            let shard = &self.files[&p.file];
-            let src = &shard.map[shard.tensors[name].bytes.clone()];
-            copy_box(src, &p.slice, &mut out, want, &common, size);
+            let file = &self.files[&p.file];
+            file.copy(name, &p.slice, &mut out, want, &common, size)
+                .map_err(|e| damaged(&file.path, e.to_string()))?;
             covered += common.numel();
         }
         if covered != want.numel() {

@@ -43,9 +43,16 @@ pub fn param<B: Backend, const D: usize>(
 pub fn transpose(t: &HostTensor) -> HostTensor {
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let mut out = vec![0.0; t.data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = t.data[r * cols + c];
+    // In 32 × 32 tiles, so reads and writes both stay in cache (a plain double loop is
+    // several times slower on large weights: it was a tenth of a checkpoint save).
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = t.data[r * cols + c];
+                }
+            }
         }
     }
     HostTensor::new(vec![cols, rows], out)
