@@ -1,6 +1,6 @@
 //! A safetensors file read box by box with positioned reads: the header parsed once (by the
-//! safetensors crate's own validating parser), then only the rows a box needs, a few MB at a
-//! time. Nothing is mapped, so a process copying a model holds the box it builds and one
+//! safetensors crate's own validating parser), then only the bytes a box needs: whole rows
+//! a few MB at a time, or each row's run of a narrower box. Nothing is mapped, so a process copying a model holds the box it builds and one
 //! chunk, not every page it has touched.
 
 use std::collections::HashMap;
@@ -14,8 +14,11 @@ use super::read::copy_box;
 use super::Slice;
 use crate::DType;
 
-/// Bytes read at a time when copying a box.
+/// Bytes read at a time when copying a box of whole rows.
 const CHUNK: usize = 8 << 20;
+/// A box narrower than the stored rows is read run by run (one read per row of the box)
+/// when its runs are at least this long; shorter runs come from whole rows read in chunks.
+const MIN_RUN: usize = 4 << 10;
 
 /// One tensor in a file: its dtype (`None`: one this crate does not read, named in
 /// `dtype_name`), shape, and where its bytes are.
@@ -118,6 +121,12 @@ impl BoxFile {
             dst[..size].copy_from_slice(&one);
             return Ok(());
         }
+        let dims = from.len.len();
+        let run = common.len[dims - 1] * size;
+        let narrow = (1..dims).any(|d| common.len[d] != from.len[d]);
+        if narrow && run >= MIN_RUN {
+            return self.read_runs(offset, from, dst, to, common, size);
+        }
         let row = from.len[1..].iter().product::<usize>() * size;
         let rows_per_chunk = (chunk / row.max(1)).max(1);
         let mut buf = Vec::new();
@@ -138,6 +147,53 @@ impl BoxFile {
             first += rows;
         }
         Ok(())
+    }
+
+    /// One positioned read per run of `common` along the last dimension, straight into
+    /// its place in `dst`: only the bytes the box needs.
+    fn read_runs(
+        &self,
+        offset: u64,
+        from: &Slice,
+        dst: &mut [u8],
+        to: &Slice,
+        common: &Slice,
+        size: usize,
+    ) -> std::io::Result<()> {
+        let dims = common.len.len();
+        let strides = |len: &[usize]| -> Vec<usize> {
+            let mut s = vec![size; dims];
+            for d in (0..dims - 1).rev() {
+                s[d] = s[d + 1] * len[d + 1];
+            }
+            s
+        };
+        let (src_strides, dst_strides) = (strides(&from.len), strides(&to.len));
+        let run = common.len[dims - 1] * size;
+        let mut index = vec![0usize; dims - 1];
+        loop {
+            let (mut s, mut d_off) = (0, 0);
+            for d in 0..dims {
+                let at = common.start[d] + if d < dims - 1 { index[d] } else { 0 };
+                s += (at - from.start[d]) * src_strides[d];
+                d_off += (at - to.start[d]) * dst_strides[d];
+            }
+            self.file
+                .read_exact_at(&mut dst[d_off..d_off + run], offset + s as u64)?;
+            // Next run: an odometer over the leading dimensions.
+            let mut d = dims - 1;
+            loop {
+                if d == 0 {
+                    return Ok(());
+                }
+                d -= 1;
+                index[d] += 1;
+                if index[d] < common.len[d] {
+                    break;
+                }
+                index[d] = 0;
+            }
+        }
     }
 }
 
@@ -177,6 +233,26 @@ mod tests {
                 .collect();
             assert_eq!(got, vec![5.0, 6.0, 9.0, 10.0, 13.0, 14.0], "chunk {chunk}");
         }
+        // Runs of 4 KiB and more are read one by one: columns 1024..2048 of a [3, 2048] tensor.
+        let wide: Vec<f32> = (0..3 * 2048).map(|v| v as f32).collect();
+        let path = dir.path().join("w.safetensors");
+        let mut w =
+            ShardWriter::create(&path, &[("w".into(), DType::F32, vec![3, 2048])]).expect("create");
+        w.append_f32(&wide, DType::F32).expect("w");
+        w.finish().expect("finish");
+        let wf = BoxFile::open(&path).expect("open");
+        let half = Slice::along(&[3, 2048], 1, 1024, 1024);
+        let mut out = vec![0u8; 3 * 1024 * 4];
+        wf.copy("w", &Slice::whole(&[3, 2048]), &mut out, &half, &half, 4)
+            .expect("runs");
+        let got: Vec<f32> = out
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let want: Vec<f32> = (0..3)
+            .flat_map(|r| (1024..2048).map(move |c| (r * 2048 + c) as f32))
+            .collect();
+        assert_eq!(got, want);
         let mut one = vec![0u8; 4];
         let scalar = Slice::whole(&[]);
         f.copy("s", &scalar, &mut one, &scalar, &scalar, 4)
