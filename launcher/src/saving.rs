@@ -118,9 +118,17 @@ pub struct Saver {
     section: CheckpointSection,
     /// The model's config and tokenizer files, copied into each checkpoint (by rank 0).
     extras: Vec<(String, PathBuf)>,
-    /// The save in the background: step, seconds it blocked training so far, seconds of
-    /// its host copy, the writer.
-    pending: Option<(u64, f64, f64, JoinHandle<Result<Option<PathBuf>>>)>,
+    pending: Option<Pending>,
+}
+
+/// The save in the background.
+struct Pending {
+    step: u64,
+    /// Seconds it has blocked training so far.
+    stall_s: f64,
+    /// Seconds of its host copy.
+    snapshot_s: f64,
+    writer: JoinHandle<Result<Option<PathBuf>>>,
 }
 
 impl Saver {
@@ -188,7 +196,12 @@ impl Saver {
         };
         if self.section.async_save {
             let handle = std::thread::spawn(write);
-            self.pending = Some((step, started.elapsed().as_secs_f64(), snapshot_s, handle));
+            self.pending = Some(Pending {
+                step,
+                stall_s: started.elapsed().as_secs_f64(),
+                snapshot_s,
+                writer: handle,
+            });
         } else {
             let dir = write()?;
             let stall = started.elapsed().as_secs_f64();
@@ -199,15 +212,21 @@ impl Saver {
 
     /// Wait for the save in the background, if any, and report it.
     pub fn wait(&mut self, events: &mut dyn EventSink) -> Result<()> {
-        let Some((step, stall, snapshot_s, handle)) = self.pending.take() else {
+        let Some(Pending {
+            step,
+            stall_s,
+            snapshot_s,
+            writer,
+        }) = self.pending.take()
+        else {
             return Ok(());
         };
         let started = Instant::now();
-        let dir = handle
+        let dir = writer
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         let waited = started.elapsed().as_secs_f64();
-        self.report(step, stall + waited, snapshot_s, dir, events)
+        self.report(step, stall_s + waited, snapshot_s, dir, events)
     }
 
     fn report(
