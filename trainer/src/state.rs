@@ -176,6 +176,24 @@ pub fn shard_file(rank: usize) -> String {
     format!("rank-{rank:05}.safetensors")
 }
 
+/// burn's AdamW record of a `D`-dimensional parameter from its step count and moments.
+fn adamw_record<B: TrainBackend, const D: usize>(
+    time: usize,
+    m1: Vec<f32>,
+    m2: Vec<f32>,
+    shape: &[usize],
+    device: &B::Device,
+) -> AdaptorRecord<AdamW, B> {
+    let t = |v: Vec<f32>| {
+        Tensor::<B::InnerBackend, D>::from_data(TensorData::new(v, shape.to_vec()), device)
+    };
+    AdaptorRecord::from_state(AdamWState::new(AdaptiveMomentumState::new(
+        time,
+        t(m1),
+        t(m2),
+    )))
+}
+
 /// Write rank `rank`'s snapshot into `staging` (its shard, the `extras` files copied
 /// along, then its part file).
 pub fn write_snapshot(
@@ -288,29 +306,9 @@ pub fn restore<B: TrainBackend>(
         let m1 = read(&format!("optimizer.{}.exp_avg", h.name), &h)?;
         let m2 = read(&format!("optimizer.{}.exp_avg_sq", h.name), &h)?;
         let record = if h.shape.len() == 1 {
-            let t = |v: Vec<f32>| {
-                Tensor::<B::InnerBackend, 1>::from_data(
-                    TensorData::new(v, h.shape.clone()),
-                    &device,
-                )
-            };
-            AdaptorRecord::from_state(AdamWState::new(AdaptiveMomentumState::new(
-                time,
-                t(m1),
-                t(m2),
-            )))
+            adamw_record::<B, 1>(time, m1, m2, &h.shape, &device)
         } else {
-            let t = |v: Vec<f32>| {
-                Tensor::<B::InnerBackend, 2>::from_data(
-                    TensorData::new(v, h.shape.clone()),
-                    &device,
-                )
-            };
-            AdaptorRecord::from_state(AdamWState::new(AdaptiveMomentumState::new(
-                time,
-                t(m1),
-                t(m2),
-            )))
+            adamw_record::<B, 2>(time, m1, m2, &h.shape, &device)
         };
         records.insert(h.id, record);
     }

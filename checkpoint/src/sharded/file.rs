@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::Metadata;
 
-use super::read::copy_box;
 use super::Slice;
 use crate::DType;
 
@@ -160,39 +159,75 @@ impl BoxFile {
         common: &Slice,
         size: usize,
     ) -> std::io::Result<()> {
-        let dims = common.len.len();
-        let strides = |len: &[usize]| -> Vec<usize> {
-            let mut s = vec![size; dims];
-            for d in (0..dims - 1).rev() {
-                s[d] = s[d + 1] * len[d + 1];
-            }
-            s
-        };
-        let (src_strides, dst_strides) = (strides(&from.len), strides(&to.len));
-        let run = common.len[dims - 1] * size;
-        let mut index = vec![0usize; dims - 1];
-        loop {
-            let (mut s, mut d_off) = (0, 0);
-            for d in 0..dims {
-                let at = common.start[d] + if d < dims - 1 { index[d] } else { 0 };
-                s += (at - from.start[d]) * src_strides[d];
-                d_off += (at - to.start[d]) * dst_strides[d];
-            }
+        for_each_run(from, to, common, size, |s, d, n| {
             self.file
-                .read_exact_at(&mut dst[d_off..d_off + run], offset + s as u64)?;
-            // Next run: an odometer over the leading dimensions.
-            let mut d = dims - 1;
-            loop {
-                if d == 0 {
-                    return Ok(());
-                }
-                d -= 1;
-                index[d] += 1;
-                if index[d] < common.len[d] {
-                    break;
-                }
-                index[d] = 0;
+                .read_exact_at(&mut dst[d..d + n], offset + s as u64)
+        })
+    }
+}
+
+/// Copy the box `common` from `src` (holding box `from`) into `dst` (holding box `to`),
+/// both row-major with `size`-byte elements.
+pub(crate) fn copy_box(
+    src: &[u8],
+    from: &Slice,
+    dst: &mut [u8],
+    to: &Slice,
+    common: &Slice,
+    size: usize,
+) {
+    let copied: Result<(), std::convert::Infallible> =
+        for_each_run(from, to, common, size, |s, d, n| {
+            dst[d..d + n].copy_from_slice(&src[s..s + n]);
+            Ok(())
+        });
+    let Ok(()) = copied;
+}
+
+/// `f(source offset, destination offset, bytes)` for each contiguous run of the box
+/// `common` (one per row of its last dimension; one element for a scalar), where the source
+/// holds the box `from` and the destination the box `to`, row-major, `size`-byte elements.
+fn for_each_run<E>(
+    from: &Slice,
+    to: &Slice,
+    common: &Slice,
+    size: usize,
+    mut f: impl FnMut(usize, usize, usize) -> Result<(), E>,
+) -> Result<(), E> {
+    let dims = common.len.len();
+    if dims == 0 {
+        return f(0, 0, size);
+    }
+    let strides = |len: &[usize]| -> Vec<usize> {
+        let mut s = vec![size; dims];
+        for d in (0..dims - 1).rev() {
+            s[d] = s[d + 1] * len[d + 1];
+        }
+        s
+    };
+    let (src_strides, dst_strides) = (strides(&from.len), strides(&to.len));
+    let run = common.len[dims - 1] * size;
+    let mut index = vec![0usize; dims - 1];
+    loop {
+        let (mut s, mut d_off) = (0, 0);
+        for d in 0..dims {
+            let at = common.start[d] + if d < dims - 1 { index[d] } else { 0 };
+            s += (at - from.start[d]) * src_strides[d];
+            d_off += (at - to.start[d]) * dst_strides[d];
+        }
+        f(s, d_off, run)?;
+        // Next run: an odometer over the leading dimensions.
+        let mut d = dims - 1;
+        loop {
+            if d == 0 {
+                return Ok(());
             }
+            d -= 1;
+            index[d] += 1;
+            if index[d] < common.len[d] {
+                break;
+            }
+            index[d] = 0;
         }
     }
 }

@@ -182,57 +182,6 @@ impl Checkpoint {
     }
 }
 
-/// Copy the box `common` from `src` (holding box `from`) into `dst` (holding box `to`),
-/// both row-major with `size`-byte elements: one contiguous run per row of the last
-/// dimension.
-pub(crate) fn copy_box(
-    src: &[u8],
-    from: &Slice,
-    dst: &mut [u8],
-    to: &Slice,
-    common: &Slice,
-    size: usize,
-) {
-    let dims = common.len.len();
-    if dims == 0 {
-        dst[..size].copy_from_slice(&src[..size]);
-        return;
-    }
-    let strides = |len: &[usize]| -> Vec<usize> {
-        let mut s = vec![size; dims];
-        for d in (0..dims - 1).rev() {
-            s[d] = s[d + 1] * len[d + 1];
-        }
-        s
-    };
-    let (src_strides, dst_strides) = (strides(&from.len), strides(&to.len));
-    let run = common.len[dims - 1] * size;
-    let mut index = vec![0usize; dims - 1];
-    loop {
-        let mut s = 0;
-        let mut d_off = 0;
-        for d in 0..dims {
-            let at = common.start[d] + if d < dims - 1 { index[d] } else { 0 };
-            s += (at - from.start[d]) * src_strides[d];
-            d_off += (at - to.start[d]) * dst_strides[d];
-        }
-        dst[d_off..d_off + run].copy_from_slice(&src[s..s + run]);
-        // Next row: an odometer over the leading dimensions.
-        let mut d = dims - 1;
-        loop {
-            if d == 0 {
-                return;
-            }
-            d -= 1;
-            index[d] += 1;
-            if index[d] < common.len[d] {
-                break;
-            }
-            index[d] = 0;
-        }
-    }
-}
-
 /// Open `name` of the checkpoint in `dir`, checking that it stays in the directory and has
 /// the size (and, with `verify`, the SHA-256) the manifest says.
 fn check_file(
