@@ -60,75 +60,105 @@ pub fn load_hf_weights(dir: &Path) -> Result<LoadedWeights, Error> {
     if dir.join(crate::sharded::MANIFEST).is_file() {
         return crate::sharded::load_model_weights(dir);
     }
-    let single = dir.join(SINGLE);
-    if present(&single)? {
-        let (tensors, dtypes) = read_safetensors_with_dtypes(&single)?;
-        let files = tensors
-            .keys()
-            .map(|k| (k.clone(), single.clone()))
-            .collect();
-        return Ok(LoadedWeights {
-            tensors,
-            dtypes,
-            files,
-        });
+    let weights = WeightFiles::find(dir)?;
+    let mut out = LoadedWeights {
+        tensors: TensorMap::new(),
+        dtypes: BTreeMap::new(),
+        files: BTreeMap::new(),
+    };
+    for shard in &weights.shards {
+        let path = dir.join(shard);
+        let (tensors, dtypes) = read_safetensors_with_dtypes(&path)?;
+        weights.check_shard(shard, &path, tensors.keys().map(String::as_str))?;
+        for key in tensors.keys() {
+            out.files.insert(key.clone(), path.clone());
+        }
+        out.tensors.extend(tensors);
+        out.dtypes.extend(dtypes);
     }
-    let index = dir.join(INDEX);
-    if !present(&index)? {
-        return Err(Error::NoWeights {
-            dir: dir.to_path_buf(),
-        });
-    }
-    load_sharded(dir, &index)
+    Ok(out)
 }
 
 fn present(path: &Path) -> Result<bool, Error> {
     path.try_exists().map_err(|e| Error::io(path, e))
 }
 
-fn load_sharded(dir: &Path, index_path: &Path) -> Result<LoadedWeights, Error> {
-    let text = fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
-    let index: IndexIn = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: index_path.to_path_buf(),
-        source,
-    })?;
-    if index.weight_map.is_empty() {
-        return Err(Error::InvalidIndex {
-            file: index_path.to_path_buf(),
-            reason: "weight_map is empty".to_string(),
-        });
-    }
-    let mut by_shard: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for (key, shard) in &index.weight_map {
-        let mut parts = Path::new(shard).components();
-        if !matches!(
-            (parts.next(), parts.next()),
-            (Some(Component::Normal(_)), None)
-        ) {
-            return Err(Error::IndexMismatch {
-                file: index_path.to_path_buf(),
-                key: key.clone(),
-                reason: format!("shard `{shard}` is not a plain file name in the model directory"),
+/// The weight files of an HF model directory: `model.safetensors` if present (transformers
+/// prefers it too), else the shards `model.safetensors.index.json` names.
+pub(crate) struct WeightFiles {
+    /// File names in the directory.
+    pub shards: Vec<String>,
+    /// The index's path and its `weight_map`, when sharded.
+    index: Option<(PathBuf, BTreeMap<String, String>)>,
+}
+
+impl WeightFiles {
+    pub(crate) fn find(dir: &Path) -> Result<Self, Error> {
+        let single = dir.join(SINGLE);
+        if present(&single)? {
+            return Ok(Self {
+                shards: vec![SINGLE.to_string()],
+                index: None,
             });
         }
-        by_shard.entry(shard).or_default().insert(key);
+        let index_path = dir.join(INDEX);
+        if !present(&index_path)? {
+            return Err(Error::NoWeights {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let text = fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        let index: IndexIn = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: index_path.clone(),
+            source,
+        })?;
+        if index.weight_map.is_empty() {
+            return Err(Error::InvalidIndex {
+                file: index_path,
+                reason: "weight_map is empty".to_string(),
+            });
+        }
+        let mut shards = BTreeSet::new();
+        for (key, shard) in &index.weight_map {
+            let mut parts = Path::new(shard).components();
+            if !matches!(
+                (parts.next(), parts.next()),
+                (Some(Component::Normal(_)), None)
+            ) {
+                return Err(Error::IndexMismatch {
+                    file: index_path,
+                    key: key.clone(),
+                    reason: format!(
+                        "shard `{shard}` is not a plain file name in the model directory"
+                    ),
+                });
+            }
+            shards.insert(shard.clone());
+        }
+        Ok(Self {
+            shards: shards.into_iter().collect(),
+            index: Some((index_path, index.weight_map)),
+        })
     }
 
-    let mut out = LoadedWeights {
-        tensors: TensorMap::new(),
-        dtypes: BTreeMap::new(),
-        files: BTreeMap::new(),
-    };
-    for (shard, promised) in by_shard {
-        let path = dir.join(shard);
-        let (tensors, dtypes) = read_safetensors_with_dtypes(&path)?;
+    /// Shard `shard` (at `path`) must hold exactly the `keys` the index assigns to it.
+    pub(crate) fn check_shard<'a>(
+        &self,
+        shard: &str,
+        path: &Path,
+        keys: impl Iterator<Item = &'a str>,
+    ) -> Result<(), Error> {
+        let Some((index_path, weight_map)) = &self.index else {
+            return Ok(());
+        };
         let mismatch = |key: &str, reason: String| Error::IndexMismatch {
-            file: path.clone(),
+            file: path.to_path_buf(),
             key: key.to_string(),
             reason,
         };
-        for key in tensors.keys() {
-            match index.weight_map.get(key) {
+        let mut held = BTreeSet::new();
+        for key in keys {
+            match weight_map.get(key) {
                 None => {
                     return Err(mismatch(
                         key,
@@ -144,22 +174,21 @@ fn load_sharded(dir: &Path, index_path: &Path) -> Result<LoadedWeights, Error> {
                         format!("present in this shard but {INDEX} assigns it to `{owner}`"),
                     ))
                 }
-                Some(_) => {}
-            }
+                Some(_) => held.insert(key),
+            };
         }
-        if let Some(missing) = promised.iter().find(|k| !tensors.contains_key(**k)) {
+        let promised = weight_map.iter().filter(|(_, s)| *s == shard);
+        if let Some((missing, _)) = promised
+            .into_iter()
+            .find(|(k, _)| !held.contains(k.as_str()))
+        {
             return Err(mismatch(
                 missing,
                 format!("{INDEX} assigns it to this shard but the shard does not contain it"),
             ));
         }
-        for key in tensors.keys() {
-            out.files.insert(key.clone(), path.clone());
-        }
-        out.tensors.extend(tensors);
-        out.dtypes.extend(dtypes);
+        Ok(())
     }
-    Ok(out)
 }
 
 /// Save `tensors` as a Hugging Face model directory (created if missing).

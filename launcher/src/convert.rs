@@ -96,8 +96,8 @@ pub fn run(req: &Request) -> Result<Value> {
                      adapters: `launch export` writes adapters)"
                 );
             }
-            sharded::write_hf(source.as_ref(), &names, out, req.max_shard_bytes, &extras)?;
-            let files = checkpoint_files(out);
+            let files =
+                sharded::write_hf(source.as_ref(), &names, out, req.max_shard_bytes, &extras)?;
             (names, files)
         }
         Endpoint::Sharded(out) => {
@@ -127,15 +127,6 @@ pub fn run(req: &Request) -> Result<Value> {
         "files": files,
         "seconds": started.elapsed().as_secs_f64(),
     }))
-}
-
-fn checkpoint_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-        .count()
 }
 
 /// The model's config.json: in the HF directory, or carried in the checkpoint.
@@ -179,7 +170,7 @@ fn layout_json(layout: &Layout, sizes: &[usize]) -> Value {
 }
 
 /// Every tensor's boxes in the file of the rank that would save it.
-pub fn place_all(
+fn place_all(
     tensors: &BTreeMap<String, (checkpoint::DType, Vec<usize>)>,
     config: &ModelConfig,
     layout: &Layout,

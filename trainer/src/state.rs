@@ -19,7 +19,7 @@ use checkpoint::{DType, HostTensor};
 use crate::collective::TrainBackend;
 use crate::error::{Error, Result};
 use crate::model::experts::is_expert_path;
-use crate::model::linear::{to_host, transpose};
+use crate::model::linear::{to_host, transpose, transposed};
 use crate::model::names::{named, tp_box};
 use crate::model::CausalLm;
 
@@ -216,9 +216,9 @@ pub fn write_snapshot(
         let mut w = ShardWriter::create(&staging.join(&file), &layout)?;
         for t in &snapshot.tensors {
             if t.transposed {
-                let inner: Vec<usize> = t.slice.len.iter().rev().copied().collect();
-                let hf = transpose(&HostTensor::new(inner, t.data.clone()));
-                w.append_f32(&hf.data, DType::F32)?;
+                // Held as `[in, out]`: the HF box is `[out, in]` = slice.len.
+                let (out, inn) = (t.slice.len[0], t.slice.len[1]);
+                w.append_f32(&transposed(inn, out, &t.data), DType::F32)?;
             } else {
                 w.append_f32(&t.data, DType::F32)?;
             }

@@ -8,18 +8,18 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 use super::file::BoxFile;
 use super::write::{check_cover, hex};
+use super::MANIFEST;
 use super::{
     each_in_parallel, Checkpoint, FileEntry, Manifest, Piece, ShardWriter, Slice, TensorEntry,
 };
-use super::{FORMAT, MANIFEST, VERSION};
 use crate::atomic::{parent_dir, sibling_temp_path, sync_parent_dir};
-use crate::hf::{index_json, plan_shards, shard_names, INDEX, SINGLE};
+use crate::hf::{index_json, plan_shards, shard_names, WeightFiles, INDEX};
 use crate::{DType, Error, HostTensor, LoadedWeights, TensorMap};
 
 /// Tensors to convert: their dtypes and global shapes, and any box of each as stored.
@@ -55,67 +55,22 @@ pub struct HfDir {
 
 impl HfDir {
     /// Open `model.safetensors`, or the shards `model.safetensors.index.json` names (each
-    /// must hold exactly the tensors the index gives it).
+    /// must hold exactly the tensors the index gives it), as [`crate::load_hf_weights`] does.
     pub fn open(dir: &Path) -> Result<Self, Error> {
-        let single = dir.join(SINGLE);
-        let index_path = dir.join(INDEX);
-        let (files, index) = if single.is_file() {
-            (vec![SINGLE.to_string()], None)
-        } else if index_path.is_file() {
-            let text = fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-            #[derive(serde::Deserialize)]
-            struct Index {
-                weight_map: BTreeMap<String, String>,
-            }
-            let index: Index = serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: index_path.clone(),
-                source,
-            })?;
-            let mut files: Vec<String> = index.weight_map.values().cloned().collect();
-            files.sort();
-            files.dedup();
-            for f in &files {
-                let mut parts = Path::new(f).components();
-                if !matches!(
-                    (parts.next(), parts.next()),
-                    (Some(Component::Normal(_)), None)
-                ) {
-                    return Err(Error::InvalidIndex {
-                        file: index_path,
-                        reason: format!("shard `{f}` is not a plain file name in the directory"),
-                    });
-                }
-            }
-            (files, Some(index.weight_map))
-        } else {
-            return Err(Error::NoWeights {
-                dir: dir.to_path_buf(),
-            });
-        };
+        let weights = WeightFiles::find(dir)?;
         let mut out = Self {
             dir: dir.to_path_buf(),
             files: Vec::new(),
             tensors: BTreeMap::new(),
         };
-        for name in &files {
-            let path = dir.join(name);
+        for shard in &weights.shards {
+            let path = dir.join(shard);
             let file = BoxFile::open(&path).map_err(|message| Error::Safetensors {
                 file: path.clone(),
                 message,
             })?;
+            weights.check_shard(shard, &path, file.tensors.keys().map(String::as_str))?;
             for (key, stored) in &file.tensors {
-                if let Some(owner) = index.as_ref().map(|i| i.get(key)) {
-                    if owner != Some(name) {
-                        return Err(Error::IndexMismatch {
-                            file: path.clone(),
-                            key: key.clone(),
-                            reason: format!(
-                                "in this shard, but {INDEX} puts it {}",
-                                owner.map_or("nowhere".into(), |o| format!("in `{o}`"))
-                            ),
-                        });
-                    }
-                }
                 let dtype = stored.dtype.ok_or_else(|| Error::UnsupportedDtype {
                     file: path.clone(),
                     key: key.clone(),
@@ -124,15 +79,6 @@ impl HfDir {
                 out.tensors.insert(key.clone(), (out.files.len(), dtype));
             }
             out.files.push(file);
-        }
-        if let Some(index) = &index {
-            if let Some((key, file)) = index.iter().find(|(k, _)| !out.tensors.contains_key(*k)) {
-                return Err(Error::IndexMismatch {
-                    file: dir.join(file),
-                    key: key.clone(),
-                    reason: format!("{INDEX} puts it in this shard, which does not hold it"),
-                });
-            }
         }
         Ok(out)
     }
@@ -233,15 +179,8 @@ pub fn write_sharded(
 ) -> Result<Manifest, Error> {
     let all = src.tensors();
     build(out, |staging| {
-        let mut manifest = Manifest {
-            format: FORMAT.into(),
-            version: VERSION,
-            step,
-            files: BTreeMap::new(),
-            tensors: BTreeMap::new(),
-            extras: copy_extras(extras, staging)?,
-            state,
-        };
+        let mut manifest = Manifest::new(step, state);
+        manifest.extras = copy_extras(extras, staging)?;
         let mut layouts = Vec::with_capacity(placement.len());
         for (file, pieces) in placement {
             let mut layout = Vec::with_capacity(pieces.len());
@@ -296,14 +235,15 @@ pub fn write_sharded(
 /// Write the tensors `names` of `src` as a Hugging Face model directory at `out` (which
 /// must not exist, or be an empty directory): shards of at most `max_shard_bytes` split
 /// as transformers splits them, `model.safetensors.index.json` when there are several,
-/// each tensor in its source dtype, and the `extras` copied along.
+/// each tensor in its source dtype, and the `extras` copied along. The number of weight
+/// files written.
 pub fn write_hf(
     src: &dyn Source,
     names: &[String],
     out: &Path,
     max_shard_bytes: u64,
     extras: &[(String, PathBuf)],
-) -> Result<(), Error> {
+) -> Result<usize, Error> {
     let all = src.tensors();
     let mut sizes = Vec::with_capacity(names.len());
     for name in names {
@@ -340,7 +280,7 @@ pub fn write_hf(
             let path = staging.join(INDEX);
             write_synced(&path, index_json(&path, total, weight_map)?.as_bytes())?;
         }
-        Ok(())
+        Ok(files.len())
     })
 }
 

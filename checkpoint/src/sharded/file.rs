@@ -32,6 +32,8 @@ pub(crate) struct BoxFile {
     pub path: PathBuf,
     file: File,
     pub tensors: HashMap<String, Stored>,
+    /// Bytes read at a time when copying a box of whole rows (one row at least).
+    chunk: usize,
 }
 
 impl BoxFile {
@@ -83,6 +85,7 @@ impl BoxFile {
             path: path.to_path_buf(),
             file,
             tensors,
+            chunk: CHUNK,
         })
     }
 
@@ -98,21 +101,6 @@ impl BoxFile {
         common: &Slice,
         size: usize,
     ) -> std::io::Result<()> {
-        self.copy_in_chunks(name, from, dst, to, common, size, CHUNK)
-    }
-
-    /// [`BoxFile::copy`] reading at most `chunk` bytes at a time (one row at least).
-    #[allow(clippy::too_many_arguments)]
-    pub fn copy_in_chunks(
-        &self,
-        name: &str,
-        from: &Slice,
-        dst: &mut [u8],
-        to: &Slice,
-        common: &Slice,
-        size: usize,
-        chunk: usize,
-    ) -> std::io::Result<()> {
         let offset = self.tensors[name].offset;
         if from.len.is_empty() {
             let mut one = vec![0u8; size];
@@ -127,7 +115,7 @@ impl BoxFile {
             return self.read_runs(offset, from, dst, to, common, size);
         }
         let row = from.len[1..].iter().product::<usize>() * size;
-        let rows_per_chunk = (chunk / row.max(1)).max(1);
+        let rows_per_chunk = (self.chunk / row.max(1)).max(1);
         let mut buf = Vec::new();
         let end = common.start[0] + common.len[0];
         let mut first = common.start[0];
@@ -251,7 +239,7 @@ mod tests {
         w.append_f32(&[7.0], DType::F32).expect("s");
         w.append_f32(&values, DType::F32).expect("t");
         w.finish().expect("finish");
-        let f = BoxFile::open(&path).expect("open");
+        let mut f = BoxFile::open(&path).expect("open");
         // The file holds rows 10..15 of a [20, 4] tensor; read its rows 11..14, columns 1..3.
         let held = Slice::along(&[20, 4], 0, 10, 5);
         let want = Slice {
@@ -259,9 +247,9 @@ mod tests {
             len: vec![3, 2],
         };
         for chunk in [1, 16, 40, 1 << 20] {
+            f.chunk = chunk;
             let mut out = vec![0u8; 6 * 4];
-            f.copy_in_chunks("t", &held, &mut out, &want, &want, 4, chunk)
-                .expect("copy");
+            f.copy("t", &held, &mut out, &want, &want, 4).expect("copy");
             let got: Vec<f32> = out
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))

@@ -130,6 +130,21 @@ pub struct Manifest {
     pub state: serde_json::Value,
 }
 
+impl Manifest {
+    /// An empty manifest of this format and version.
+    pub fn new(step: u64, state: serde_json::Value) -> Self {
+        Self {
+            format: FORMAT.into(),
+            version: VERSION,
+            step,
+            files: BTreeMap::new(),
+            tensors: BTreeMap::new(),
+            extras: BTreeMap::new(),
+            state,
+        }
+    }
+}
+
 /// Directory name of the committed checkpoint of `step`.
 pub fn dir_name(step: u64) -> String {
     format!("step-{step:08}")

@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{
-    committed, dir_name, encode, FileEntry, Manifest, TensorEntry, FORMAT, MANIFEST, VERSION,
-};
+use super::{committed, dir_name, encode, FileEntry, Manifest, TensorEntry, FORMAT, MANIFEST};
 use crate::atomic::{atomic_write, sync_parent_dir};
 use crate::{DType, Error};
 
@@ -202,15 +200,7 @@ pub fn commit(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let mut manifest = Manifest {
-        format: FORMAT.into(),
-        version: VERSION,
-        step,
-        files: BTreeMap::new(),
-        tensors: BTreeMap::new(),
-        extras: BTreeMap::new(),
-        state,
-    };
+    let mut manifest = Manifest::new(step, state);
     for path in &paths {
         let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
         let part: Part = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
