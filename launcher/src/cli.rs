@@ -1,4 +1,4 @@
-//! Command line: `launch train|run|eval|export|convert` (and the hidden `worker` the agent spawns).
+//! Command line: `launch train|run|eval|export|convert|plan` (and the hidden `worker` the agent spawns).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -105,6 +105,11 @@ pub enum Command {
         #[arg(long, default_value = "5GB")]
         max_shard_size: String,
     },
+    /// Pick dp/tp/pp/ep, micro-batch, recomputation, ZeRO-1 and virtual stages for a job
+    /// (a job file, or model dimensions) on a cluster, from a cost model: candidates best
+    /// first with predicted step time, TFLOP/s, MFU and memory, and why the rest were
+    /// rejected. `--calibrate` measures this machine into a hardware profile.
+    Plan(Box<crate::plan::PlanArgs>),
 }
 
 /// torchrun's flags; each overrides the job file's `[launch]` key of the same name.
@@ -216,6 +221,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                 max_shard_bytes: crate::convert::parse_size(&max_shard_size)?,
             };
             println!("{}", crate::convert::run(&request)?);
+            Ok(())
+        }
+        Command::Plan(args) => {
+            print!("{}", crate::plan::run(&args)?);
             Ok(())
         }
     }

@@ -50,6 +50,16 @@ pub struct ParallelSection {
     /// broadcasts the parameters it owns; experts' state across the dp ranks holding them).
     #[serde(default)]
     pub zero1: bool,
+    /// "manual" (default): the layout above. "auto": the strategy search picks dp, tp, pp,
+    /// ep, the micro-batch, ZeRO-1 and virtual stages for the world it is launched on
+    /// (`launch plan` shows its reasoning); values set above other than 1/false pin
+    /// that choice.
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    /// Hardware profile the search plans for under `strategy = "auto"`: a built-in name
+    /// (a100-80g, h100-80g, h200, cpu) or a .toml file; default "cpu" on the CPU backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<String>,
 }
 
 impl Default for ParallelSection {
@@ -65,8 +75,14 @@ impl Default for ParallelSection {
             stage_layers: None,
             sequence_parallel: false,
             zero1: false,
+            strategy: default_strategy(),
+            hardware: None,
         }
     }
+}
+
+fn default_strategy() -> String {
+    "manual".into()
 }
 
 fn one() -> usize {
@@ -90,6 +106,22 @@ impl ParallelSection {
         }
         if self.micro_batch == Some(0) {
             return Err("parallel.micro_batch: must be at least 1".into());
+        }
+        match self.strategy.as_str() {
+            "manual" => {}
+            "auto" if self.stage_layers.is_some() => {
+                return Err(
+                    "parallel.stage_layers: set by hand only with strategy = \"manual\" \
+                            (the search balances stages itself)"
+                        .into(),
+                )
+            }
+            "auto" => {}
+            other => {
+                return Err(format!(
+                    "parallel.strategy: `{other}`: expected \"manual\" or \"auto\""
+                ))
+            }
         }
         if !["1f1b", "gpipe", "interleaved"].contains(&self.schedule.as_str()) {
             return Err(format!(

@@ -1,5 +1,5 @@
 //! The `launch` CLI of tidemill: TOML job files, the node agent and the job's coordinator,
-//! the run directory and its event log; `train`, `run`, `eval`, `export` and `convert`.
+//! the run directory and its event log; `train`, `run`, `eval`, `export`, `convert` and `plan`.
 
 pub mod agent;
 pub mod cli;
@@ -12,6 +12,7 @@ pub mod events;
 pub mod export;
 pub mod launch;
 pub mod layout;
+pub mod plan;
 pub mod progress;
 mod rpc;
 pub mod saving;

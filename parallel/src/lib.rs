@@ -1,12 +1,14 @@
 //! Parallel layouts for tidemill: communicators (TCP on CPU, NCCL on GPU), the worker
 //! runtime (rank context from the environment, progress reports) and data parallelism.
-//! The dp×tp×pp×ep mesh and its groups ([`mesh`]); the strategy search comes next.
+//! The dp×tp×pp×ep mesh and its groups ([`mesh`]); the cost model and strategy search
+//! ([`plan`]).
 
 mod comm;
 pub mod dp;
 mod error;
 pub mod mesh;
 pub mod nccl;
+pub mod plan;
 pub mod runtime;
 mod tcp;
 

@@ -81,6 +81,33 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The dimensions the cost model works from (every family here: RMSNorm, SwiGLU, no
+    /// dropout).
+    pub fn shape(&self) -> parallel::plan::ModelShape {
+        let (experts, top_k) = self
+            .moe
+            .as_ref()
+            .map_or((0, 0), |m| (m.num_experts, m.top_k));
+        parallel::plan::ModelShape {
+            layers: self.num_layers,
+            hidden: self.hidden_size,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            ffn: self.intermediate_size,
+            vocab: self.vocab_size,
+            experts,
+            top_k,
+            gated_mlp: true,
+            tied_embeddings: self.tie_word_embeddings,
+            qkv_bias: self.qkv_bias,
+            o_bias: self.o_bias,
+            mlp_bias: self.mlp_bias,
+            norm_bias: false,
+            dropout: false,
+        }
+    }
+
     /// Read `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");

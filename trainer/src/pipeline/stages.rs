@@ -10,55 +10,10 @@ use parallel::{Collectives, Communicator};
 /// Relative forward cost of each layer (multiply-adds per token of its active
 /// parameters), with the head's added to the last layer: what [`balance`] evens out.
 pub fn layer_costs(c: &ModelConfig) -> Vec<f64> {
-    let (h, d) = (c.hidden_size as f64, c.head_dim as f64);
-    let attn = h * d * (2 * c.num_heads + 2 * c.num_kv_heads) as f64;
-    let ffn = match &c.moe {
-        None => 3.0 * h * c.intermediate_size as f64,
-        Some(m) => h * m.num_experts as f64 + m.top_k as f64 * 3.0 * h * c.intermediate_size as f64,
-    };
-    let mut costs = vec![attn + ffn; c.num_layers];
-    if let Some(last) = costs.last_mut() {
-        *last += h * c.vocab_size as f64;
-    }
-    costs
+    c.shape().layer_costs()
 }
 
-/// Layers per stage: contiguous, at least one each, minimising the costliest stage.
-pub fn balance(costs: &[f64], stages: usize) -> Vec<usize> {
-    let n = costs.len();
-    if stages == 0 || stages > n {
-        return Vec::new();
-    }
-    let prefix: Vec<f64> = std::iter::once(0.0)
-        .chain(costs.iter().scan(0.0, |acc, c| {
-            *acc += c;
-            Some(*acc)
-        }))
-        .collect();
-    // best[k][i]: the lowest possible maximum over the first i layers in k stages.
-    let mut best = vec![vec![f64::INFINITY; n + 1]; stages + 1];
-    let mut cut = vec![vec![0usize; n + 1]; stages + 1];
-    best[0][0] = 0.0;
-    for k in 1..=stages {
-        for i in k..=n {
-            for j in (k - 1)..i {
-                let v = best[k - 1][j].max(prefix[i] - prefix[j]);
-                if v < best[k][i] {
-                    best[k][i] = v;
-                    cut[k][i] = j;
-                }
-            }
-        }
-    }
-    let mut sizes = vec![0; stages];
-    let mut i = n;
-    for k in (1..=stages).rev() {
-        let j = cut[k][i];
-        sizes[k - 1] = i - j;
-        i = j;
-    }
-    sizes
-}
+pub use parallel::plan::balance;
 
 /// Keep pipeline rank `index`'s layers (and the embedding, norm and head where they
 /// belong) of a whole model: `sizes` are the layers of each virtual stage along the
@@ -148,25 +103,4 @@ pub fn gather_stages<B: burn::tensor::backend::Backend>(
         values.extend(theirs);
     }
     Ok(whole.map(|w| parallel::dp::replace_by_path(w, values)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn balance_evens_out_the_costliest_stage() {
-        assert_eq!(balance(&[1.0; 4], 2), vec![2, 2]);
-        assert_eq!(balance(&[1.0, 1.0, 1.0, 3.0], 2), vec![3, 1]);
-        assert_eq!(balance(&[1.0; 5], 5), vec![1; 5]);
-        assert!(balance(&[1.0; 2], 3).is_empty());
-        for n in 1..12 {
-            for p in 1..=n {
-                let costs: Vec<f64> = (0..n).map(|i| ((i * 7) % 5 + 1) as f64).collect();
-                let sizes = balance(&costs, p);
-                assert_eq!(sizes.iter().sum::<usize>(), n);
-                assert!(sizes.iter().all(|&s| s >= 1), "{sizes:?}");
-            }
-        }
-    }
 }

@@ -1,0 +1,114 @@
+//! How a plan is shown: a table for people, JSON for programs.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use parallel::plan::{Plan, Priced, GIB};
+use serde_json::{json, Value};
+
+/// One candidate as `launch plan --format json` lists it.
+pub fn candidate_json(p: &Priced) -> Value {
+    let (c, e) = (&p.candidate, &p.estimate);
+    json!({
+        "dp": c.dp, "tp": c.tp, "pp": c.pp, "ep": c.ep, "micro_batch": c.micro_batch,
+        "recompute": c.recompute, "zero1": c.zero1, "virtual_stages": c.virtual_stages,
+        "step_time_s": e.step_time_s, "tflops_per_gpu": e.tflops_per_gpu, "mfu": e.mfu,
+        "mem_gb_per_gpu": e.memory.total() / GIB,
+        "breakdown": {
+            "pipeline_s": e.pipeline_s, "bubble_s": e.bubble_s, "tp_comm_s": e.tp_comm_s,
+            "ep_comm_s": e.ep_comm_s, "pp_comm_s": e.pp_comm_s, "dp_comm_s": e.dp_comm_s,
+            "optimizer_s": e.optimizer_s,
+            "weights_gb": e.memory.weights / GIB, "grads_gb": e.memory.grads / GIB,
+            "optimizer_gb": e.memory.optimizer / GIB,
+            "activations_gb": e.memory.activations / GIB,
+            "reserved_gb": e.memory.reserved / GIB,
+        },
+    })
+}
+
+/// `{"world","hardware","search_s","candidates":[…best first, top K],"rejected":[…all]}`.
+pub fn json_report(plan: &Plan, top: usize, hardware: &str, search_s: f64) -> Value {
+    json!({
+        "world": plan.world,
+        "hardware": hardware,
+        "search_s": search_s,
+        "considered": plan.candidates.len(),
+        "candidates": plan.candidates.iter().take(top).map(candidate_json).collect::<Vec<_>>(),
+        "rejected": plan.rejected,
+    })
+}
+
+/// The top candidates as a table, then what was rejected, grouped by reason.
+pub fn table(plan: &Plan, top: usize, hardware: &str, search_s: f64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} devices of {hardware}: {} candidates fit, {} rejected; searched in {:.3} s",
+        plan.world,
+        plan.candidates.len(),
+        plan.rejected.len(),
+        search_s
+    );
+    let _ = writeln!(
+        out,
+        "{:>3} {:>5} {:>3} {:>4} {:>3} {:>4} {:>2} {:>5} {:>5} {:>10} {:>9} {:>6} {:>8}   bubble / tp / dp s",
+        "#",
+        "dp",
+        "tp",
+        "pp",
+        "ep",
+        "mb",
+        "v",
+        "recmp",
+        "zero1",
+        "step s",
+        "TFLOP/s",
+        "MFU",
+        "mem GiB",
+        "bubble / tp / dp s"
+    );
+    for (i, p) in plan.candidates.iter().take(top).enumerate() {
+        let (c, e) = (&p.candidate, &p.estimate);
+        let yes = |b: bool| if b { "yes" } else { "-" };
+        let _ = writeln!(
+            out,
+            "{:>3} {:>5} {:>3} {:>4} {:>3} {:>4} {:>2} {:>5} {:>5} {:>10.4} {:>9.1} {:>5.1}% {:>8.2}   {:.3} / {:.3} / {:.3}",
+            i + 1,
+            c.dp,
+            c.tp,
+            c.pp,
+            c.ep,
+            c.micro_batch,
+            c.virtual_stages,
+            yes(c.recompute),
+            yes(c.zero1),
+            e.step_time_s,
+            e.tflops_per_gpu,
+            e.mfu * 100.0,
+            e.memory.total() / GIB,
+            e.bubble_s,
+            e.tp_comm_s,
+            e.dp_comm_s
+        );
+    }
+    if !plan.rejected.is_empty() {
+        // Grouped by the reason's wording up to its first number; one example each.
+        let mut kinds: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for (i, r) in plan.rejected.iter().enumerate() {
+            let kind = r
+                .reason
+                .split(|ch: char| ch.is_ascii_digit())
+                .next()
+                .unwrap_or("");
+            kinds.entry(kind).or_insert((0, i)).0 += 1;
+        }
+        let mut shown: Vec<(usize, usize)> = kinds.into_values().collect();
+        shown.sort_by_key(|&(n, _)| std::cmp::Reverse(n));
+        let _ = writeln!(out, "rejected, by reason (--format json lists each):");
+        for (n, i) in shown {
+            let r = &plan.rejected[i];
+            let _ = writeln!(out, "  {n:>6} × e.g. {}: {}", r.layout, r.reason);
+        }
+    }
+    out
+}

@@ -1,0 +1,283 @@
+//! The strategy search: every dp × tp × pp × ep layout of a world, with every micro-batch,
+//! recomputation, ZeRO-1 and virtual-stage choice, priced by the cost model and ranked by
+//! predicted step time. Every layout or variant left out keeps the reason.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::cost::{balance, estimate, Candidate, Estimate, Job};
+use super::hardware::{Hardware, GIB};
+
+/// What the search may vary; `Some` fixes a choice (to price one layout).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Space {
+    pub dp: Option<usize>,
+    pub tp: Option<usize>,
+    pub pp: Option<usize>,
+    pub ep: Option<usize>,
+    pub micro_batch: Option<usize>,
+    pub virtual_stages: Option<usize>,
+    pub zero1: Option<bool>,
+    pub recompute: Option<bool>,
+    /// The trainer cannot recompute activations: only `recompute = false` is tried.
+    pub no_recompute: bool,
+}
+
+/// A layout or variant the search left out, and why.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rejection {
+    pub layout: String,
+    pub reason: String,
+}
+
+/// A candidate with its predicted cost.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Priced {
+    pub candidate: Candidate,
+    pub estimate: Estimate,
+}
+
+/// The search's result: candidates best first, and what was left out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub world: usize,
+    pub candidates: Vec<Priced>,
+    pub rejected: Vec<Rejection>,
+}
+
+impl Plan {
+    pub fn best(&self) -> Option<&Priced> {
+        self.candidates.first()
+    }
+}
+
+fn divisors(n: usize) -> Vec<usize> {
+    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
+}
+
+fn layout_name(dp: usize, tp: usize, pp: usize, ep: usize) -> String {
+    format!("dp={dp} tp={tp} pp={pp} ep={ep}")
+}
+
+/// Why the model, the node or the batch rules out tp/pp/ep (dp follows), if they do.
+pub fn check_layout(
+    job: &Job,
+    hw: &Hardware,
+    dp: usize,
+    tp: usize,
+    pp: usize,
+    ep: usize,
+) -> Option<String> {
+    let m = &job.model;
+    let divides = |what: &str, n: usize| {
+        (!n.is_multiple_of(tp)).then(|| format!("tp={tp} must divide the {what} ({n})"))
+    };
+    divides("attention heads", m.heads)
+        .or_else(|| {
+            (!(m.kv_heads.is_multiple_of(tp) || tp.is_multiple_of(m.kv_heads))).then(|| {
+                format!(
+                    "tp={tp} must divide the key/value heads ({}) or be a multiple of them",
+                    m.kv_heads
+                )
+            })
+        })
+        .or_else(|| divides("MLP width", m.ffn))
+        .or_else(|| divides("vocabulary", m.vocab))
+        .or_else(|| {
+            (tp > hw.gpus_per_node || !hw.gpus_per_node.is_multiple_of(tp)).then(|| {
+                format!(
+                    "tp={tp} must divide the {} devices of a node (tensor-parallel groups stay \
+                     inside one)",
+                    hw.gpus_per_node
+                )
+            })
+        })
+        .or_else(|| match m.experts {
+            0 if ep > 1 => Some(format!("ep={ep} needs a mixture-of-experts model")),
+            e if e > 0 && !e.is_multiple_of(ep) => {
+                Some(format!("ep={ep} must divide the experts ({e})"))
+            }
+            _ => None,
+        })
+        .or_else(|| {
+            (pp > m.layers).then(|| {
+                format!(
+                    "pp={pp} cannot exceed the layers ({}): every stage needs one",
+                    m.layers
+                )
+            })
+        })
+        .or_else(|| {
+            (!job.global_batch.is_multiple_of(dp * ep)).then(|| {
+                format!(
+                    "the global batch ({}) must split evenly over dp×ep = {} data ranks",
+                    job.global_batch,
+                    dp * ep
+                )
+            })
+        })
+}
+
+/// Search `world` devices of `hw` for `job`, within `space`.
+pub fn search(job: &Job, hw: &Hardware, world: usize, space: &Space) -> Plan {
+    let mut candidates = Vec::new();
+    let mut rejected = Vec::new();
+    let costs = job.model.layer_costs();
+    let mut sizes: HashMap<usize, Vec<usize>> = HashMap::new();
+    let limit = hw.usable_bytes();
+    let pick = |fixed: Option<usize>, all: Vec<usize>| match fixed {
+        Some(v) => vec![v],
+        None => all,
+    };
+    for tp in pick(space.tp, divisors(world)) {
+        if !world.is_multiple_of(tp) {
+            rejected.push(Rejection {
+                layout: format!("tp={tp}"),
+                reason: format!("tp={tp} does not divide the {world} devices"),
+            });
+            continue;
+        }
+        for pp in pick(space.pp, divisors(world / tp)) {
+            if !(world / tp).is_multiple_of(pp) {
+                rejected.push(Rejection {
+                    layout: format!("tp={tp} pp={pp}"),
+                    reason: format!("tp×pp = {} does not divide the {world} devices", tp * pp),
+                });
+                continue;
+            }
+            for ep in pick(space.ep, divisors(world / tp / pp)) {
+                let rest = world / tp / pp;
+                let dp = rest / ep;
+                let name = layout_name(dp, tp, pp, ep);
+                if !rest.is_multiple_of(ep) {
+                    rejected.push(Rejection {
+                        layout: name,
+                        reason: format!(
+                            "tp×pp×ep = {} does not divide the {world} devices",
+                            tp * pp * ep
+                        ),
+                    });
+                    continue;
+                }
+                if space.dp.is_some_and(|d| d != dp) {
+                    continue;
+                }
+                if let Some(reason) = check_layout(job, hw, dp, tp, pp, ep) {
+                    rejected.push(Rejection {
+                        layout: name,
+                        reason,
+                    });
+                    continue;
+                }
+                let rows = job.global_batch / (dp * ep);
+                for mb in pick(space.micro_batch, divisors(rows)) {
+                    if !rows.is_multiple_of(mb) {
+                        rejected.push(Rejection {
+                            layout: format!("{name} mb={mb}"),
+                            reason: format!(
+                                "micro-batch {mb} must divide the {rows} sequences per data rank"
+                            ),
+                        });
+                        continue;
+                    }
+                    let micro = rows / mb;
+                    let max_v = if pp > 1 { job.model.layers / pp } else { 1 };
+                    for v in pick(space.virtual_stages, (1..=max_v).collect()) {
+                        if let Some(reason) = check_virtual(job, pp, v, micro) {
+                            rejected.push(Rejection {
+                                layout: format!("{name} mb={mb} v={v}"),
+                                reason,
+                            });
+                            continue;
+                        }
+                        let stage_sizes = sizes
+                            .entry(pp * v)
+                            .or_insert_with(|| balance(&costs, pp * v))
+                            .clone();
+                        let recomputes: &[bool] = match (space.recompute, space.no_recompute) {
+                            (Some(r), _) => &[r][..],
+                            (None, true) => &[false],
+                            (None, false) => &[false, true],
+                        };
+                        let zero1s: &[bool] = match space.zero1 {
+                            Some(z) => &[z][..],
+                            None if dp * ep > 1 => &[false, true],
+                            None => &[false],
+                        };
+                        for &recompute in recomputes.iter() {
+                            for &zero1 in zero1s.iter() {
+                                let candidate = Candidate {
+                                    dp,
+                                    tp,
+                                    pp,
+                                    ep,
+                                    micro_batch: mb,
+                                    recompute,
+                                    zero1,
+                                    virtual_stages: v,
+                                };
+                                let estimate = estimate(job, hw, candidate, &stage_sizes);
+                                let need = estimate.memory.total();
+                                if need > limit {
+                                    rejected.push(Rejection {
+                                        layout: candidate.to_string(),
+                                        reason: format!(
+                                            "does not fit: needs {:.2} GiB per device, {:.2} GiB \
+                                             usable",
+                                            need / GIB,
+                                            limit / GIB
+                                        ),
+                                    });
+                                    continue;
+                                }
+                                candidates.push(Priced {
+                                    candidate,
+                                    estimate,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if candidates.is_empty() && rejected.is_empty() {
+        rejected.push(Rejection {
+            layout: format!("{space:?}"),
+            reason: format!("no dp × tp × pp × ep of these choices makes {world} devices"),
+        });
+    }
+    candidates.sort_by(|a, b| a.estimate.step_time_s.total_cmp(&b.estimate.step_time_s));
+    Plan {
+        world,
+        candidates,
+        rejected,
+    }
+}
+
+/// Why `v` virtual stages per rank cannot run `micro` micro-batches on `pp` ranks.
+fn check_virtual(job: &Job, pp: usize, v: usize, micro: usize) -> Option<String> {
+    if v == 0 {
+        return Some("virtual_stages must be at least 1".into());
+    }
+    if v == 1 {
+        return None;
+    }
+    if pp < 2 {
+        return Some("the interleaved schedule needs pp ≥ 2".into());
+    }
+    if pp * v > job.model.layers {
+        return Some(format!(
+            "pp × virtual stages = {} exceeds the layers ({})",
+            pp * v,
+            job.model.layers
+        ));
+    }
+    (!micro.is_multiple_of(pp)).then(|| {
+        format!(
+            "the interleaved schedule runs micro-batches in groups of pp={pp}; {micro} per step \
+             is not a multiple"
+        )
+    })
+}

@@ -1,0 +1,256 @@
+//! What the cost model knows of a job: the model's dimensions, how it is trained (full
+//! or LoRA, in which precision) and the parameters one rank of a layout holds.
+
+use serde::{Deserialize, Serialize};
+
+/// A decoder-only transformer's dimensions: all the cost model knows of a model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelShape {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// MLP width (each expert's, for a mixture of experts).
+    pub ffn: usize,
+    pub vocab: usize,
+    /// Experts per MoE layer; 0 for a dense model.
+    pub experts: usize,
+    /// Experts each token is routed to.
+    pub top_k: usize,
+    /// SwiGLU (gate, up, down) rather than a plain two-matrix MLP.
+    pub gated_mlp: bool,
+    /// The LM head is the embedding matrix.
+    pub tied_embeddings: bool,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// LayerNorm with a bias (GPT) rather than RMSNorm.
+    pub norm_bias: bool,
+    /// Dropout after attention and MLP (GPT-era models): its masks cost activation memory.
+    pub dropout: bool,
+}
+
+/// Which projections carry LoRA adapters (experts' w1/w3/w2 are gate/up/down).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoraTargets {
+    pub q: bool,
+    pub k: bool,
+    pub v: bool,
+    pub o: bool,
+    pub gate: bool,
+    pub up: bool,
+    pub down: bool,
+    pub head: bool,
+}
+
+impl LoraTargets {
+    /// Every projection, the head included.
+    pub fn all() -> Self {
+        Self {
+            q: true,
+            k: true,
+            v: true,
+            o: true,
+            gate: true,
+            up: true,
+            down: true,
+            head: true,
+        }
+    }
+}
+
+/// Full-parameter fine-tuning or LoRA (base frozen, only the adapters train).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    Full,
+    Lora { rank: usize, targets: LoraTargets },
+}
+
+/// Bytes per element of what training keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Precision {
+    /// Everything in f32 (what tidemill trains in today): weights, gradients, AdamW's two
+    /// moments and activations.
+    F32,
+    /// Megatron's mixed precision: bf16 weights and activations, f32 gradients, f32 master
+    /// weights and AdamW moments (18 bytes per trained parameter).
+    Bf16Mixed,
+}
+
+impl Precision {
+    pub fn weight_bytes(self) -> u64 {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16Mixed => 2,
+        }
+    }
+    pub fn grad_bytes(self) -> u64 {
+        4
+    }
+    /// Optimizer-owned bytes per trained parameter: AdamW's two f32 moments, plus an f32
+    /// master copy when the weights themselves are bf16.
+    pub fn optimizer_bytes(self) -> u64 {
+        match self {
+            Self::F32 => 8,
+            Self::Bf16Mixed => 12,
+        }
+    }
+    pub fn activation_bytes(self) -> u64 {
+        self.weight_bytes()
+    }
+    /// Whether matmuls run at the bf16 rate (else at the f32/TF32 rate).
+    pub fn bf16(self) -> bool {
+        matches!(self, Self::Bf16Mixed)
+    }
+}
+
+/// What one rank of a layout holds: its tensor- and expert-parallel degree, the layers of
+/// its pipeline rank (all its virtual stages together), and whether it holds the embedding
+/// (first pipeline rank) and the final norm and head (last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    pub tp: usize,
+    pub ep: usize,
+    pub layers: usize,
+    pub first: bool,
+    pub last: bool,
+}
+
+/// Parameter elements one rank holds: all of them, those it trains, and of those the
+/// experts' (reduced over data-parallel ranks only, not over expert-parallel ones).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Params {
+    pub weights: u64,
+    pub trainable: u64,
+    pub expert_trainable: u64,
+}
+
+impl std::ops::AddAssign for Params {
+    fn add_assign(&mut self, o: Self) {
+        self.weights += o.weights;
+        self.trainable += o.trainable;
+        self.expert_trainable += o.expert_trainable;
+    }
+}
+
+impl ModelShape {
+    /// Key/value heads one tensor-parallel rank holds (one, in copies, when tp exceeds them).
+    pub fn kv_heads_per_rank(&self, tp: usize) -> usize {
+        (self.kv_heads / tp).max(1)
+    }
+
+    /// Parameters per layer as [`layer_costs`] weighs them: attention projections and the
+    /// experts a token visits (or the MLP), plus the router.
+    fn layer_cost(&self) -> f64 {
+        let (h, d) = (self.hidden as f64, self.head_dim as f64);
+        let attn = h * d * (2 * self.heads + 2 * self.kv_heads) as f64;
+        let mlp = if self.gated_mlp { 3.0 } else { 2.0 } * h * self.ffn as f64;
+        attn + match self.experts {
+            0 => mlp,
+            e => h * e as f64 + self.top_k as f64 * mlp,
+        }
+    }
+
+    /// Relative compute of each layer, the head counted with the last: what pipeline
+    /// stages are balanced by.
+    pub fn layer_costs(&self) -> Vec<f64> {
+        let mut costs = vec![self.layer_cost(); self.layers];
+        if let Some(last) = costs.last_mut() {
+            *last += (self.hidden * self.vocab) as f64;
+        }
+        costs
+    }
+
+    /// Parameter elements a rank holds and trains, exactly as the trainer builds its
+    /// shard: column-parallel projections (q, k, v, gate, up, the head and the embedding's
+    /// vocabulary) and their biases cut over tp, row-parallel ones (o, down) cut on their
+    /// input with the bias whole, norms and the router whole; k/v whole heads in copies
+    /// when tp exceeds them; experts/ep experts each; a tied head on a last stage that is
+    /// not the first holds its copy of the embedding. LoRA: A of a column projection
+    /// whole and B cut, the other way round for a row projection.
+    pub fn params(&self, mode: &Mode, s: &Share) -> Params {
+        let tp = s.tp as u64;
+        let (h, v, f) = (self.hidden as u64, self.vocab as u64, self.ffn as u64);
+        let d = self.head_dim as u64;
+        let q = self.heads as u64 * d;
+        let kv = self.kv_heads_per_rank(s.tp) as u64 * d;
+        let (lora, targets) = match *mode {
+            Mode::Full => (None, LoraTargets::default()),
+            Mode::Lora { rank, targets } => (Some(rank as u64), targets),
+        };
+        let full = lora.is_none();
+        // (weights, trainable) of one linear: `out_here`/`in_here` its local box.
+        let linear = |input: u64, output: u64, column: bool, target: bool, bias: bool| {
+            let (in_here, out_here) = if column {
+                (input, output / tp)
+            } else {
+                (input / tp, output)
+            };
+            let mut w = in_here * out_here;
+            if bias {
+                w += if column { out_here } else { output };
+            }
+            let adapters = match lora {
+                Some(r) if target => r * in_here + r * out_here,
+                _ => 0,
+            };
+            (w + adapters, if full { w } else { adapters })
+        };
+        let mut dense = Params::default();
+        let add = |p: &mut Params, (w, t): (u64, u64)| {
+            p.weights += w;
+            p.trainable += t;
+        };
+        let norm = if self.norm_bias { 2 * h } else { h };
+        let norms = (2 * norm, if full { 2 * norm } else { 0 });
+        let mut layer = Params::default();
+        add(&mut layer, norms);
+        add(&mut layer, linear(h, q, true, targets.q, self.qkv_bias));
+        // k and v: whole heads per rank (`kv × tp` columns cut tp ways).
+        add(
+            &mut layer,
+            linear(h, kv * tp, true, targets.k, self.qkv_bias),
+        );
+        add(
+            &mut layer,
+            linear(h, kv * tp, true, targets.v, self.qkv_bias),
+        );
+        add(&mut layer, linear(q, h, false, targets.o, self.o_bias));
+        let mut mlp = Params::default();
+        add(&mut mlp, linear(h, f, true, targets.gate, self.mlp_bias));
+        if self.gated_mlp {
+            add(&mut mlp, linear(h, f, true, targets.up, self.mlp_bias));
+        }
+        add(&mut mlp, linear(f, h, false, targets.down, self.mlp_bias));
+        let mut experts = Params::default();
+        if self.experts == 0 {
+            layer += mlp;
+        } else {
+            let router = h * self.experts as u64;
+            add(&mut layer, (router, if full { router } else { 0 }));
+            let local = (self.experts / s.ep) as u64;
+            let one = mlp;
+            experts.weights = local * one.weights;
+            experts.trainable = local * one.trainable;
+            experts.expert_trainable = experts.trainable;
+        }
+        let l = s.layers as u64;
+        dense.weights = l * layer.weights;
+        dense.trainable = l * layer.trainable;
+        let embedding = v / tp * h;
+        if s.first || (s.last && self.tied_embeddings) {
+            add(&mut dense, (embedding, if full { embedding } else { 0 }));
+        }
+        if s.last {
+            add(&mut dense, (norm, if full { norm } else { 0 }));
+            if !self.tied_embeddings {
+                add(&mut dense, linear(h, v, true, targets.head, false));
+            }
+        }
+        dense.weights += l * experts.weights;
+        dense.trainable += l * experts.trainable;
+        dense.expert_trainable = l * experts.expert_trainable;
+        dense
+    }
+}
