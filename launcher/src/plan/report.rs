@@ -65,7 +65,6 @@ pub fn table(plan: &Plan, top: usize, hardware: &str, search_s: f64) -> String {
         "TFLOP/s",
         "MFU",
         "mem GiB",
-        "bubble / tp / dp s"
     );
     for (i, p) in plan.candidates.iter().take(top).enumerate() {
         let (c, e) = (&p.candidate, &p.estimate);
