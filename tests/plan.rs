@@ -1,7 +1,15 @@
 //! The strategy search against published numbers: Megatron-LM's SC'21 Table 1 (GPT 1.7B–1T
-//! on A100-80GB), priced at the published layout and searched freely.
+//! on A100-80GB), priced at the published layout and searched freely; and `strategy =
+//! "auto"` on the CPU test world: it picks a layout that trains, never one the model says
+//! will not fit, and logs the measured step time next to the prediction.
 
+mod common;
+
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+use common::*;
+use serde_json::Value;
 
 use tidemill::launcher::plan::profiles;
 use tidemill::parallel::plan::{search, Job, Mode, ModelShape, Precision, Space};
@@ -158,4 +166,233 @@ fn megatron_sc21_table_1_is_predicted_within_15_percent_and_the_search_does_no_w
         assert!(best.estimate.memory.total() <= hw.usable_bytes());
     }
     println!("worst |predicted/published − 1| = {worst:.3}");
+}
+
+/// A full-SFT job on the llama3 fixture with `strategy = "auto"` and hardware profile
+/// `hardware` (the CPU profile with `memory_gib` of memory, nothing reserved).
+fn auto_job(dir: &Path, memory_gib: f64) -> PathBuf {
+    let cpu = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hardware/cpu.toml"),
+    )
+    .expect("cpu profile");
+    let profile = cpu
+        .replace("memory_gib = 4.0", &format!("memory_gib = {memory_gib}"))
+        .replace("reserved_gib = 0.25", "reserved_gib = 0.0");
+    assert_ne!(profile, cpu, "the cpu profile's memory lines moved");
+    let hw = dir.join("small.toml");
+    std::fs::write(&hw, profile).expect("profile");
+    let data = fixtures().join("data");
+    let body = format!(
+        "[job]\nname = \"auto\"\nrun_dir = \"{run}\"\n[model]\npath = \"{model}\"\n[data]\n\
+         train = \"{train}\"\nmax_seq_len = 64\npacking = false\n[training]\nmax_steps = 4\n\
+         global_batch = 8\nmicro_batch = 1\nlr = 1e-2\nseed = 3\n[parallel]\n\
+         strategy = \"auto\"\nhardware = \"{hw}\"\n",
+        run = dir.join("run").display(),
+        model = model_dir("llama3").display(),
+        train = data.join("train_tokens.jsonl").display(),
+        hw = hw.display(),
+    );
+    let path = dir.join("auto.toml");
+    std::fs::write(&path, body).expect("job");
+    path
+}
+
+fn train(job: &Path, nproc: usize, sets: &[&str]) -> (std::process::Output, Vec<Value>) {
+    let run = job.parent().expect("dir").join("run");
+    let _ = std::fs::remove_dir_all(&run);
+    let mut c = launch_cmd();
+    c.arg("train")
+        .arg(job)
+        .args(["--nproc-per-node", &nproc.to_string()]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    let out = c.output().expect("launch runs");
+    (out, run_events(&run))
+}
+
+fn losses(events: &[Value]) -> Vec<f64> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "step" && e["rank"] == 0)
+        .map(|e| e["loss"].as_f64().expect("loss"))
+        .collect()
+}
+
+#[test]
+fn strategy_auto_trains_the_layout_it_picks_and_never_one_that_does_not_fit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Plenty of memory: the search may pick any layout; 0.5 MiB: data parallelism (the
+    // whole model on each rank) does not fit, a tensor-parallel layout does.
+    for (memory_gib, sharded) in [(4.0, false), (0.0005, true)] {
+        let job = auto_job(tmp.path(), memory_gib);
+        let (one, reference) = train(&job, 1, &["parallel.strategy=\"manual\""]);
+        assert!(one.status.success(), "{}", stderr(&one));
+        let (out, events) = train(&job, 4, &[]);
+        assert!(out.status.success(), "{memory_gib} GiB: {}", stderr(&out));
+        let start = events
+            .iter()
+            .find(|e| e["event"] == "start")
+            .expect("start");
+        let auto = &start["plan"]["auto"];
+        let n = |k: &str| auto[k].as_u64().expect(k) as usize;
+        println!("{memory_gib} GiB per rank: picked {auto}");
+        assert_eq!(n("dp") * n("tp") * n("pp") * n("ep"), 4, "{auto}");
+        assert_eq!(start["plan"]["tp"], auto["tp"]);
+        assert_eq!(start["plan"]["dp"], auto["dp"]);
+        assert!(
+            auto["mem_gb_per_gpu"].as_f64().expect("mem") <= memory_gib,
+            "{auto}"
+        );
+        assert!(auto["step_time_s"].as_f64().expect("time") > 0.0);
+        if sharded {
+            assert!(
+                n("tp") * n("pp") > 1,
+                "dp=4 does not fit in {memory_gib} GiB: {auto}"
+            );
+        }
+        let steps: Vec<&Value> = events.iter().filter(|e| e["event"] == "step").collect();
+        assert_eq!(steps.len(), 4 * 4, "every rank finishes every step");
+        let (a, b) = (losses(&reference), losses(&events));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                rel_diff(*y, *x) < 1e-4,
+                "{auto}: losses {b:?} vs one process {a:?}"
+            );
+        }
+        let check = events
+            .iter()
+            .find(|e| e["event"] == "plan_check")
+            .expect("a plan_check event");
+        println!(
+            "  predicted {:.4} s/step, measured {:.4} s/step",
+            check["predicted_step_time_s"], check["measured_step_time_s"]
+        );
+        assert_eq!(check["predicted_step_time_s"], auto["step_time_s"]);
+        assert!(check["measured_step_time_s"].as_f64().expect("measured") > 0.0);
+    }
+    // Too little memory for any layout: refused before anything starts, naming the reason.
+    let job = auto_job(tmp.path(), 0.0001);
+    let (out, events) = train(&job, 4, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("parallel.strategy") && err.contains("does not fit"),
+        "{err}"
+    );
+    assert!(events.is_empty(), "nothing started");
+}
+
+#[test]
+fn launch_plan_prints_candidates_best_first_and_every_rejection_as_json() {
+    let out = launch(&[
+        "plan",
+        "--layers",
+        "32",
+        "--hidden",
+        "4096",
+        "--heads",
+        "32",
+        "--kv-heads",
+        "8",
+        "--ffn",
+        "14336",
+        "--vocab",
+        "128256",
+        "--seq-len",
+        "4096",
+        "--global-batch",
+        "64",
+        "--nnodes",
+        "2",
+        "--hardware",
+        "h100-80g",
+        "--top",
+        "5",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let c = v["candidates"].as_array().expect("candidates");
+    assert_eq!(c.len(), 5);
+    for key in [
+        "dp",
+        "tp",
+        "pp",
+        "ep",
+        "micro_batch",
+        "recompute",
+        "zero1",
+        "virtual_stages",
+        "step_time_s",
+        "tflops_per_gpu",
+        "mfu",
+        "mem_gb_per_gpu",
+    ] {
+        assert!(!c[0][key].is_null(), "{key} in {}", c[0]);
+    }
+    let times: Vec<f64> = c
+        .iter()
+        .map(|c| c["step_time_s"].as_f64().expect("t"))
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    let rejected = v["rejected"].as_array().expect("rejected");
+    assert!(rejected.iter().any(|r| r["reason"]
+        .as_str()
+        .expect("reason")
+        .contains("does not fit")));
+    assert!(rejected.iter().all(|r| r["layout"].is_string()));
+    // One layout priced: every candidate has it.
+    let out = launch(&[
+        "plan",
+        "--layers",
+        "32",
+        "--hidden",
+        "4096",
+        "--heads",
+        "32",
+        "--vocab",
+        "32000",
+        "--seq-len",
+        "2048",
+        "--global-batch",
+        "64",
+        "--nnodes",
+        "2",
+        "--tp",
+        "8",
+        "--pp",
+        "2",
+        "--format",
+        "json",
+    ]);
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    for c in v["candidates"].as_array().expect("candidates") {
+        assert_eq!((c["tp"].as_u64(), c["pp"].as_u64()), (Some(8), Some(2)));
+    }
+    // Bad input names the flag.
+    let out = launch(&["plan", "--layers", "32"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--hidden"), "{}", stderr(&out));
+    let out = launch(&[
+        "plan",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--vocab",
+        "512",
+        "--seq-len",
+        "64",
+        "--global-batch",
+        "8",
+        "--hardware",
+        "b200",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--hardware"), "{}", stderr(&out));
 }

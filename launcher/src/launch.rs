@@ -19,6 +19,19 @@ pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
     let cfg = JobConfig::load(config, overrides)?;
     train::preflight(&cfg)?;
     let world = cfg.launch.nproc_per_node * cfg.launch.nnodes;
+    // Under strategy = "auto" the search picks the layout (each worker repeats it).
+    let (cfg, chosen) = crate::plan::resolve(&cfg, config, world, cfg.launch.nproc_per_node)?;
+    if let Some(c) = &chosen {
+        println!(
+            "plan: {} (predicted {:.3} s/step, {}/device on {}; {} candidates, {} rejected; `launch plan` explains)",
+            c.priced.candidate,
+            c.priced.estimate.step_time_s,
+            parallel::plan::human_bytes(c.priced.estimate.memory.total()),
+            c.hardware,
+            c.considered,
+            c.rejected
+        );
+    }
     let t = &cfg.training;
     // Refuse a layout that cannot work before any process starts.
     let model = trainer::ModelConfig::from_dir(&cfg.model.path)?;
@@ -44,7 +57,7 @@ pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
             program: current_exe()?,
             args,
         },
-        start: train::start_fields(&cfg, world),
+        start: train::start_fields(&cfg, world, chosen.as_ref()),
         max_steps: Some(t.max_steps),
     })
 }

@@ -19,6 +19,7 @@ use trainer::{Collective, TrainBackend};
 use crate::config::{JobConfig, TrainingSection};
 use crate::error::{require_exists, Error, Result};
 use crate::events::EventLog;
+use crate::plan::Chosen;
 use crate::saving;
 use crate::setup;
 
@@ -121,12 +122,17 @@ pub fn prepare_run_dir(cfg: &JobConfig) -> Result<()> {
     Ok(())
 }
 
-/// Fields of the job's `start` event.
-pub fn start_fields(cfg: &JobConfig, world_size: usize) -> Value {
+/// Fields of the job's `start` event; under `strategy = "auto"` the plan carries the
+/// search's pick and its predictions.
+pub fn start_fields(cfg: &JobConfig, world_size: usize, chosen: Option<&Chosen>) -> Value {
     let mode = if cfg.lora.is_some() { "lora" } else { "full" };
+    let mut plan = plan(cfg, world_size);
+    if let (Value::Object(m), Some(c)) = (&mut plan, chosen) {
+        m.insert("auto".into(), c.event());
+    }
     json!({"job": cfg.job.name, "model": cfg.model.path, "mode": mode, "world_size": world_size,
            "nnodes": cfg.launch.nnodes, "nproc_per_node": cfg.launch.nproc_per_node,
-           "plan": plan(cfg, world_size)})
+           "plan": plan})
 }
 
 /// The layout a job runs with, for its `start` event.
@@ -135,20 +141,43 @@ fn plan(cfg: &JobConfig, world_size: usize) -> Value {
     match p.layout(world_size, None) {
         Ok(l) => json!({"dp": l.dp, "tp": l.tp, "pp": l.pp, "ep": l.ep, "zero1": p.zero1,
                         "sequence_parallel": p.sequence_parallel && l.tp > 1,
-                        "schedule": p.schedule, "micro_batch": cfg.training.micro_batch}),
+                        "schedule": p.schedule, "virtual_stages": p.chunks(),
+                        "micro_batch": cfg.training.micro_batch, "strategy": p.strategy}),
         Err(e) => json!({"error": e}),
     }
+}
+
+/// Steps whose times are compared with the plan's prediction (the first, which warms up,
+/// left out when there are more).
+const PLAN_CHECK_STEPS: u64 = 4;
+
+/// The measured step time next to the plan's prediction, once `PLAN_CHECK_STEPS` steps (or
+/// all there are) have run: the median of the steps after the first.
+fn plan_check(predicted: f64, times: &[f64]) -> Value {
+    let mut t: Vec<f64> = times
+        .iter()
+        .copied()
+        .skip(usize::from(times.len() > 1))
+        .collect();
+    t.sort_by(f64::total_cmp);
+    let measured = t.get(t.len() / 2).copied().unwrap_or(f64::NAN);
+    json!({"predicted_step_time_s": predicted, "measured_step_time_s": measured,
+           "measured_over_predicted": measured / predicted, "steps": times.len()})
 }
 
 /// Train in this process alone, writing the run directory directly (no launcher): what
 /// library users and tests call.
 pub fn run(cfg: &JobConfig) -> Result<()> {
     preflight(cfg)?;
-    prepare_run_dir(cfg)?;
+    let (cfg, chosen) = crate::plan::resolve(cfg, Path::new(PARALLEL), 1, 1)?;
+    prepare_run_dir(&cfg)?;
     let mut events = EventLog::open(&cfg.run_dir().join("events.jsonl"))?;
-    events.emit("start", start_fields(cfg, 1))?;
-    run_rank(cfg, &Context::solo(), &mut events)
+    events.emit("start", start_fields(&cfg, 1, chosen.as_ref()))?;
+    run_rank(&cfg, chosen.as_ref(), &Context::solo(), &mut events)
 }
+
+/// Names the job file's section in errors where the file's path is not at hand.
+const PARALLEL: &str = "[parallel]";
 
 /// One rank of a launched job (`launch worker`): rank context from the environment,
 /// events through the agent. A failure is also told to the agent, so the coordinator's
@@ -156,7 +185,14 @@ pub fn run(cfg: &JobConfig) -> Result<()> {
 pub fn worker(cfg: &JobConfig) -> Result<()> {
     let mut ctx = parallel::init()?;
     let mut reporter = std::mem::replace(&mut ctx.reporter, Reporter::disabled());
-    let result = run_rank(cfg, &ctx, &mut reporter);
+    // Under strategy = "auto" every worker runs the launcher's (deterministic) search.
+    let result = crate::plan::resolve(
+        cfg,
+        Path::new(PARALLEL),
+        ctx.world_size,
+        ctx.local_world_size,
+    )
+    .and_then(|(cfg, chosen)| run_rank(&cfg, chosen.as_ref(), &ctx, &mut reporter));
     if let Err(e) = &result {
         reporter.error(&crate::error::chain(e));
     }
@@ -164,21 +200,30 @@ pub fn worker(cfg: &JobConfig) -> Result<()> {
     result
 }
 
-fn run_rank(cfg: &JobConfig, ctx: &Context, events: &mut dyn EventSink) -> Result<()> {
+fn run_rank(
+    cfg: &JobConfig,
+    chosen: Option<&Chosen>,
+    ctx: &Context,
+    events: &mut dyn EventSink,
+) -> Result<()> {
     match cfg.job.device.as_str() {
         #[cfg(feature = "cuda")]
         "cuda" => run_on::<burn::backend::Cuda>(
             cfg,
+            chosen,
             ctx,
             events,
             &burn::backend::cuda::CudaDevice::new(ctx.local_rank),
         ),
-        _ => run_on::<setup::Cpu>(cfg, ctx, events, &Default::default()),
+        _ => run_on::<setup::Cpu>(cfg, chosen, ctx, events, &Default::default()),
     }
 }
 
+/// Train `cfg` as rank `ctx.rank`; `chosen`: the automatic plan, whose predicted step time
+/// is logged next to the measured one.
 pub fn run_on<B: Collective>(
     cfg: &JobConfig,
+    chosen: Option<&Chosen>,
     ctx: &Context,
     events: &mut dyn EventSink,
     device: &B::Device,
@@ -314,9 +359,19 @@ pub fn run_on<B: Collective>(
                              "config": toml::to_string(cfg).unwrap_or_default()});
     events.phase("train");
     let mut last_loss = f64::NAN;
+    let mut step_times = Vec::new();
     while trainer.steps_done() < t.max_steps {
         let s = trainer.step()?;
         last_loss = s.loss;
+        if let Some(c) = chosen.filter(|_| lead) {
+            step_times.push(s.seconds);
+            if s.step == PLAN_CHECK_STEPS.min(t.max_steps) {
+                events.event(
+                    "plan_check",
+                    plan_check(c.priced.estimate.step_time_s, &step_times),
+                )?;
+            }
+        }
         let tokens_per_s = s.tokens as f64 / s.seconds.max(1e-9);
         let extra = json!({"lr": s.lr, "tokens_per_s": tokens_per_s, "grad_norm": s.grad_norm,
                            "tokens": s.tokens, "supervised_tokens": s.supervised_tokens,

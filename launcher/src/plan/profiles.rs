@@ -79,15 +79,17 @@ pub fn to_toml(hw: &Hardware) -> Result<String> {
     toml::to_string(hw).map_err(|e| Error::Launch(format!("writing a hardware profile: {e}")))
 }
 
-/// Measure this machine's CPU backend: the f32 matmul rate of the backend tidemill trains
-/// with (the best of a few 512² … 1024² products), the memory copy bandwidth (a 256 MB
-/// copy) and the loopback bandwidth; memory is the machine's available memory split over
-/// `workers`. The peak is taken as what was measured (achievable fraction 1).
+/// Measure this machine's CPU backend for `workers` worker processes sharing it: the f32
+/// matmul rate of the backend tidemill trains with (the best of a few 512² … 1024²
+/// products, on all cores), the memory copy bandwidth (a 128 MB copy) and the loopback
+/// bandwidth; rates and the available memory are split over the workers. The peak is
+/// taken as what was measured (achievable fraction 1).
 pub fn calibrate(workers: usize) -> Result<Hardware> {
-    let tflops = matmul_tflops();
-    let copy = copy_gbs();
+    let share = workers.max(1) as f64;
+    let tflops = matmul_tflops() / share;
+    let copy = copy_gbs() / share;
     let loopback = loopback_gbs().unwrap_or(copy / 4.0);
-    let memory = available_gib().unwrap_or(8.0) / workers.max(1) as f64;
+    let memory = available_gib().unwrap_or(8.0) / share;
     let hw = Hardware {
         name: "calibrated-cpu".into(),
         peak_tflops: tflops,

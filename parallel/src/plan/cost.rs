@@ -496,8 +496,13 @@ fn dp_reduce(hw: &Hardware, c: Candidate, p: Precision, held: Params) -> f64 {
     let dense = (held.trainable - held.expert_trainable) as f64;
     let experts = held.expert_trainable as f64;
     let (g, w) = (p.grad_bytes() as f64, p.weight_bytes() as f64);
-    let per_elem = if c.zero1 { g + w } else { 2.0 * g };
-    ring(dense * per_elem, c.data_ranks(), c.tp) + ring(experts * per_elem, c.dp, c.tp * c.ep)
+    // (bytes per element, collectives): an all-reduce is a reduce-scatter and an
+    // all-gather in one; ZeRO-1 runs them apart, the second on the weights.
+    let phases: &[f64] = if c.zero1 { &[g, w] } else { &[2.0 * g] };
+    phases
+        .iter()
+        .map(|b| ring(dense * b, c.data_ranks(), c.tp) + ring(experts * b, c.dp, c.tp * c.ep))
+        .sum()
 }
 
 /// Bytes of weights, gradients and optimizer state a rank of `c` holding `share` keeps

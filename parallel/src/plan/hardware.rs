@@ -96,3 +96,23 @@ impl Hardware {
 }
 
 pub const GIB: f64 = (1u64 << 30) as f64;
+
+/// `bytes` for people: GiB, MiB or KiB with three significant digits.
+pub fn human_bytes(bytes: f64) -> String {
+    let (unit, scale) = if bytes >= GIB {
+        ("GiB", GIB)
+    } else if bytes >= GIB / 1024.0 {
+        ("MiB", GIB / 1024.0)
+    } else {
+        ("KiB", 1024.0)
+    };
+    let v = bytes / scale;
+    let decimals = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else {
+        2
+    };
+    format!("{v:.decimals$} {unit}")
+}

@@ -32,6 +32,9 @@ mod shape;
 pub use cost::{
     balance, estimate, owned_state, rank_layers, state_memory, Candidate, Estimate, Job, Memory,
 };
-pub use hardware::{Hardware, GIB};
+pub use hardware::{human_bytes, Hardware, GIB};
 pub use search::{check_layout, search, Plan, Priced, Rejection, Space};
 pub use shape::{LoraTargets, Mode, ModelShape, Params, Precision, Share};
+
+#[cfg(test)]
+mod tests;

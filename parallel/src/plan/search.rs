@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::cost::{balance, estimate, Candidate, Estimate, Job};
-use super::hardware::{Hardware, GIB};
+use super::hardware::{human_bytes, Hardware};
 
 /// What the search may vary; `Some` fixes a choice (to price one layout).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -223,10 +223,9 @@ pub fn search(job: &Job, hw: &Hardware, world: usize, space: &Space) -> Plan {
                                     rejected.push(Rejection {
                                         layout: candidate.to_string(),
                                         reason: format!(
-                                            "does not fit: needs {:.2} GiB per device, {:.2} GiB \
-                                             usable",
-                                            need / GIB,
-                                            limit / GIB
+                                            "does not fit: needs {} per device, {} usable",
+                                            human_bytes(need),
+                                            human_bytes(limit)
                                         ),
                                     });
                                     continue;
