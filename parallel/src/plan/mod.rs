@@ -4,7 +4,7 @@
 //! stages that ranks what fits by predicted step time and says why the rest does not.
 //!
 //! ```
-//! use parallel::plan::{search, Hardware, Job, Mode, ModelShape, Precision, Space};
+//! use tidemill_parallel::plan::{search, Hardware, Job, Mode, ModelShape, Precision, Space};
 //!
 //! let model = ModelShape {
 //!     layers: 32, hidden: 4096, heads: 32, kv_heads: 8, head_dim: 128, ffn: 14336,
