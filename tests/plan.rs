@@ -372,6 +372,48 @@ fn launch_plan_prints_candidates_best_first_and_every_rejection_as_json() {
     for c in v["candidates"].as_array().expect("candidates") {
         assert_eq!((c["tp"].as_u64(), c["pp"].as_u64()), (Some(8), Some(2)));
     }
+    // A calibrated profile of this machine is a profile `--hardware` takes.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let profile = tmp.path().join("here.toml");
+    let out = launch(&[
+        "plan",
+        "--calibrate",
+        "--gpus-per-node",
+        "2",
+        "--out",
+        profile.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&profile).expect("profile written");
+    assert!(
+        text.contains("peak_tflops") && text.contains("memory_bandwidth_gbs"),
+        "{text}"
+    );
+    let out = launch(&[
+        "plan",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--vocab",
+        "512",
+        "--seq-len",
+        "64",
+        "--global-batch",
+        "8",
+        "--gpus-per-node",
+        "2",
+        "--hardware",
+        profile.to_str().expect("utf-8"),
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(v["hardware"], "calibrated-cpu");
+    assert!(!v["candidates"].as_array().expect("candidates").is_empty());
     // Bad input names the flag.
     let out = launch(&["plan", "--layers", "32"]);
     assert_eq!(out.status.code(), Some(2));

@@ -440,8 +440,10 @@ pub fn estimate(job: &Job, hw: &Hardware, c: Candidate, sizes: &[usize]) -> Esti
         .max_by_key(|p| p.trainable)
         .unwrap_or_default();
     let dp_s = dp_reduce(hw, c, p, held);
-    let last_backward = layer.scaled(layers.iter().copied().max().unwrap_or(0) as f64 * 0.5);
-    let dp_comm_s = (dp_s - last_backward.total()).max(0.0);
+    // Gradients stream out during the last micro-batch's backward (twice its forward).
+    let deepest = layers.iter().copied().max().unwrap_or(0) as f64;
+    let last_backward = k.layer_forward().total() * 2.0 * deepest;
+    let dp_comm_s = (dp_s - last_backward).max(0.0);
     let owned = owned_state(c, held);
     let optimizer_s = owned
         * (2 * p.weight_bytes() + p.grad_bytes() + 2 * p.optimizer_bytes()) as f64
