@@ -360,12 +360,14 @@ pub fn run_on<B: Collective>(
     events.phase("train");
     let mut last_loss = f64::NAN;
     let mut step_times = Vec::new();
+    // Steps this process runs (fewer after a resume): the plan check waits for some.
+    let checked_after = PLAN_CHECK_STEPS.min(t.max_steps.saturating_sub(trainer.steps_done()));
     while trainer.steps_done() < t.max_steps {
         let s = trainer.step()?;
         last_loss = s.loss;
         if let Some(c) = chosen.filter(|_| lead) {
             step_times.push(s.seconds);
-            if s.step == PLAN_CHECK_STEPS.min(t.max_steps) {
+            if step_times.len() as u64 == checked_after {
                 events.event(
                     "plan_check",
                     plan_check(c.priced.estimate.step_time_s, &step_times),

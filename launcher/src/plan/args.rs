@@ -137,6 +137,8 @@ impl PlanArgs {
             job.seq_len = self.seq_len.unwrap_or(job.seq_len);
             job.global_batch = self.global_batch.unwrap_or(job.global_batch);
             job.sequence_parallel |= self.sequence_parallel;
+            job.scatter_gather_sends = job.sequence_parallel;
+            job.validate().map_err(|e| usage("CONFIG", e))?;
             return Ok((job, Some(cfg)));
         }
         let need = |flag: &str, v: Option<usize>| {
@@ -152,9 +154,9 @@ impl PlanArgs {
         let heads = need("--heads", self.heads)?;
         let gated = self.gated_mlp;
         let ffn = self.ffn.unwrap_or(if gated {
-            (8 * hidden / 3).div_ceil(256) * 256
+            (hidden.saturating_mul(8) / 3).div_ceil(256) * 256
         } else {
-            4 * hidden
+            hidden.saturating_mul(4)
         });
         let model = ModelShape {
             layers: need("--layers", self.layers)?,
@@ -202,7 +204,10 @@ impl PlanArgs {
             mode,
             precision,
             sequence_parallel: self.sequence_parallel,
+            scatter_gather_sends: self.sequence_parallel,
         };
+        job.validate()
+            .map_err(|e| usage("--layers/--hidden/…", e))?;
         Ok((job, None))
     }
 

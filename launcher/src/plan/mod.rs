@@ -37,6 +37,7 @@ pub fn job_of(cfg: &JobConfig, model: &ModelConfig) -> Job {
         mode,
         precision: Precision::F32,
         sequence_parallel: cfg.parallel.sequence_parallel,
+        scatter_gather_sends: cfg.parallel.sequence_parallel,
     }
 }
 
@@ -202,9 +203,8 @@ fn apply(cfg: &JobConfig, c: &plan::Candidate) -> JobConfig {
         p.schedule = "interleaved".into();
         p.virtual_stages = Some(c.virtual_stages);
     } else {
-        if p.schedule == "interleaved" {
-            p.schedule = "1f1b".into();
-        }
+        // The plan priced 1F1B (GPipe would keep every micro-batch's activations).
+        p.schedule = "1f1b".into();
         p.virtual_stages = None;
     }
     p.stage_layers = None;
@@ -247,15 +247,20 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     {
         hw.gpus_per_node = g;
     }
-    if nnodes == 0 || hw.gpus_per_node == 0 {
+    let world = nnodes.saturating_mul(hw.gpus_per_node);
+    if world == 0 || world > plan::MAX_WORLD {
         return Err(Error::Config {
             file: "--nnodes/--gpus-per-node".into(),
-            message: "must be at least 1".into(),
+            message: format!(
+                "{nnodes} nodes × {} devices: the search takes 1 to {} devices",
+                hw.gpus_per_node,
+                plan::MAX_WORLD
+            ),
         });
     }
     let space = args.space(cfg.as_ref())?;
     let started = Instant::now();
-    let found = plan::search(&job, &hw, nnodes * hw.gpus_per_node, &space);
+    let found = plan::search(&job, &hw, world, &space);
     let search_s = started.elapsed().as_secs_f64();
     Ok(match args.format.as_str() {
         "json" => json_report(&found, args.top, &hw.name, search_s).to_string(),

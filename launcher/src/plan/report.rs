@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use parallel::plan::{Plan, Priced, GIB};
 use serde_json::{json, Value};
 
-/// One candidate as `launch plan --format json` lists it.
+/// One candidate as `launch plan --format json` lists it. Sizes (`*_gb`) are GiB (2³⁰
+/// bytes, as `nvidia-smi` counts), times seconds.
 pub fn candidate_json(p: &Priced) -> Value {
     let (c, e) = (&p.candidate, &p.estimate);
     json!({
@@ -26,7 +27,8 @@ pub fn candidate_json(p: &Priced) -> Value {
     })
 }
 
-/// `{"world","hardware","search_s","candidates":[…best first, top K],"rejected":[…all]}`.
+/// `{"world","hardware","search_s","considered","candidates":[…best first, top K],
+/// "rejected":[…all]}`; `considered`: how many candidates fit.
 pub fn json_report(plan: &Plan, top: usize, hardware: &str, search_s: f64) -> Value {
     json!({
         "world": plan.world,

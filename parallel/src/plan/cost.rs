@@ -30,6 +30,58 @@ pub struct Job {
     /// Megatron's sequence parallelism with tp > 1 (norms and residuals on 1/tp of the
     /// tokens; same communication volume).
     pub sequence_parallel: bool,
+    /// Each tensor-parallel rank sends only its 1/tp of the activation to the next
+    /// pipeline stage (Megatron's scatter-gather; tidemill does so under sequence
+    /// parallelism, otherwise every rank sends the whole activation).
+    pub scatter_gather_sends: bool,
+}
+
+impl Job {
+    /// Dimensions the cost model can work with: each at least 1, whole heads per key/value
+    /// head, 1 ≤ top-k ≤ experts, and a model small enough (10¹⁵ parameters) that counts
+    /// stay exact.
+    pub fn validate(&self) -> Result<(), String> {
+        let m = &self.model;
+        for (key, v) in [
+            ("layers", m.layers),
+            ("hidden", m.hidden),
+            ("heads", m.heads),
+            ("kv_heads", m.kv_heads),
+            ("head_dim", m.head_dim),
+            ("ffn", m.ffn),
+            ("vocab", m.vocab),
+            ("seq_len", self.seq_len),
+            ("global_batch", self.global_batch),
+        ] {
+            if v == 0 {
+                return Err(format!("{key}: must be at least 1"));
+            }
+        }
+        if !m.heads.is_multiple_of(m.kv_heads) {
+            return Err(format!(
+                "kv_heads: {} must divide the attention heads ({})",
+                m.kv_heads, m.heads
+            ));
+        }
+        if m.experts > 0 && !(1..=m.experts).contains(&m.top_k) {
+            return Err(format!(
+                "top_k: {} must be 1 to the experts ({})",
+                m.top_k, m.experts
+            ));
+        }
+        let (h, f, v) = (m.hidden as f64, m.ffn as f64, m.vocab as f64);
+        let per_layer =
+            4.0 * h * (m.heads * m.head_dim) as f64 + 3.0 * h * f * m.experts.max(1) as f64;
+        let params = m.layers as f64 * per_layer + 2.0 * h * v;
+        if params > 1e15 || self.seq_len > 1 << 24 || self.global_batch > 1 << 32 {
+            return Err(format!(
+                "a model of {params:.3e} parameters, sequences of {} and batches of {} are beyond \
+                 what the model plans for (10¹⁵, 2²⁴, 2³²)",
+                self.seq_len, self.global_batch
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One point of the search space.
@@ -160,7 +212,7 @@ impl<'a> Costs<'a> {
             job,
             hw,
             c,
-            tokens: (c.micro_batch * job.seq_len) as f64,
+            tokens: c.micro_batch as f64 * job.seq_len as f64,
             rate: peak * 1e12 * hw.achievable_fraction,
             bytes_per_s: hw.memory_bandwidth_gbs * 1e9,
             e: job.precision.activation_bytes() as f64,
@@ -218,8 +270,7 @@ impl<'a> Costs<'a> {
         let act = if m.gated_mlp { 4.0 } else { 3.0 } * t * f / tp * k;
         let rotary = 4.0 * (q + kv) * t;
         let routing = if m.experts == 0 { 0.0 } else { 4.0 * t * k * h };
-        let probs = (self.c.micro_batch * self.job.seq_len * self.job.seq_len) as f64
-            * (m.heads as f64 / tp);
+        let probs = self.tokens * self.job.seq_len as f64 * (m.heads as f64 / tp);
         let softmax = (2.0 + 3.0 * drop) * probs;
         (replicated + act + rotary + routing + softmax) * self.e
     }
@@ -265,9 +316,13 @@ impl<'a> Costs<'a> {
         let grad_factor = if self.full() { 2.0 } else { 1.0 };
         let bwd_flops = weights * grad_factor + 2.0 * scores;
         let bwd_extra = (bwd_flops - 2.0 * (weights + scores)) / self.rate;
+        // Backward: twice the forward's compute, the same collectives (Megatron's f/g
+        // operators swap all-reduce and identity).
         let mut all = fwd;
-        all.add(fwd.scaled(2.0));
-        all.compute_s += bwd_extra;
+        all.add(Pass {
+            compute_s: 2.0 * fwd.compute_s + bwd_extra,
+            ..fwd
+        });
         if self.c.recompute {
             all.add(fwd);
         }
@@ -284,16 +339,19 @@ impl<'a> Costs<'a> {
         let traffic = 24.0 * t * v / tp + 4.0 * t * h * self.e;
         Pass {
             compute_s: fwd * passes / self.rate + 2.0 * traffic / self.bytes_per_s,
+            // The gradient of the head's input sums over the vocabulary's ranks.
+            tp_s: self.tp_all_reduce(t * h * self.e),
             ..Pass::default()
         }
     }
 
-    /// The embedding lookup on the first pipeline rank (vocabulary-parallel: an all-reduce).
+    /// The embedding lookup on the first pipeline rank (vocabulary-parallel: an
+    /// all-reduce in the forward, none in the backward).
     fn embed_step(&self) -> Pass {
         let bytes = self.tokens * self.job.model.hidden as f64 * self.e;
         Pass {
             compute_s: 4.0 * bytes / self.bytes_per_s,
-            tp_s: 2.0 * self.tp_all_reduce(bytes),
+            tp_s: self.tp_all_reduce(bytes),
             ..Pass::default()
         }
     }
@@ -310,8 +368,7 @@ impl<'a> Costs<'a> {
         let drop = if m.dropout { 1.0 } else { 0.0 };
         let q = (m.heads * m.head_dim) as f64 / tp;
         let kv = (m.kv_heads_per_rank(self.c.tp) * m.head_dim) as f64;
-        let probs = (self.c.micro_batch * self.job.seq_len * self.job.seq_len) as f64
-            * (m.heads as f64 / tp);
+        let probs = self.tokens * self.job.seq_len as f64 * (m.heads as f64 / tp);
         // Inputs of the two norms, of QKV and of the MLP; dropout masks (a byte each).
         let replicated = (4.0 * e * t * h + 2.0 * drop * t * h) / sp;
         let attention = e * t * (2.0 * q + 2.0 * kv) + e * probs * (1.0 + drop) + drop * probs;
@@ -385,9 +442,21 @@ pub fn estimate(job: &Job, hw: &Hardware, c: Candidate, sizes: &[usize]) -> Esti
     let layers = rank_layers(sizes, c.pp);
     let v = c.virtual_stages.max(1);
     let p2p = if c.pp > 1 {
-        let bytes = k.tokens * m.hidden as f64 * k.e / c.tp as f64;
-        let stride = c.tp * c.ep * c.dp;
-        let bw = hw.group_bandwidth(2, stride);
+        let whole = k.tokens * m.hidden as f64 * k.e;
+        let bytes = if job.scatter_gather_sends {
+            whole / c.tp as f64
+        } else {
+            whole
+        };
+        // NVLink when the whole pipeline sits in one node; otherwise stages meet across
+        // nodes, and every device sends at once: each gets its share of the node's NICs.
+        let g = hw.gpus_per_node;
+        let span = c.pp * c.tp * c.ep * c.dp;
+        let bw = if span <= g && g.is_multiple_of(span) {
+            hw.intra_node_gbs * 1e9
+        } else {
+            hw.inter_node_gbs * 1e9 / g as f64
+        };
         2.0 * v as f64 * (bytes / bw + hw.latency_us * 1e-6)
     } else {
         0.0
@@ -439,11 +508,12 @@ pub fn estimate(job: &Job, hw: &Hardware, c: Candidate, sizes: &[usize]) -> Esti
         })
         .max_by_key(|p| p.trainable)
         .unwrap_or_default();
-    let dp_s = dp_reduce(hw, c, p, held);
-    // Gradients stream out during the last micro-batch's backward (twice its forward).
+    let (reduce_s, gather_s) = dp_reduce(hw, c, p, held);
+    // Gradients stream out during the last micro-batch's backward (twice its forward);
+    // ZeRO-1's all-gather of the stepped weights comes after the optimizer.
     let deepest = layers.iter().copied().max().unwrap_or(0) as f64;
-    let last_backward = k.layer_forward().total() * 2.0 * deepest;
-    let dp_comm_s = (dp_s - last_backward).max(0.0);
+    let last_backward = k.layer_forward().compute_s * 2.0 * deepest;
+    let dp_comm_s = (reduce_s - last_backward).max(0.0) + gather_s;
     let owned = owned_state(c, held);
     let optimizer_s = owned
         * (2 * p.weight_bytes() + p.grad_bytes() + 2 * p.optimizer_bytes()) as f64
@@ -485,9 +555,9 @@ pub fn owned_state(c: Candidate, held: Params) -> f64 {
     }
 }
 
-/// Seconds of the data-parallel gradient reduction (reduce-scatter + all-gather of the
-/// weights under ZeRO-1, the same volume as an all-reduce of gradients otherwise).
-fn dp_reduce(hw: &Hardware, c: Candidate, p: Precision, held: Params) -> f64 {
+/// Seconds of the data-parallel gradient reduction and of ZeRO-1's all-gather of the
+/// stepped weights after it (0 without ZeRO-1, whose all-reduce does both halves at once).
+fn dp_reduce(hw: &Hardware, c: Candidate, p: Precision, held: Params) -> (f64, f64) {
     let ring = |bytes: f64, size: usize, stride: usize| {
         if size == 1 {
             return 0.0;
@@ -500,11 +570,13 @@ fn dp_reduce(hw: &Hardware, c: Candidate, p: Precision, held: Params) -> f64 {
     let (g, w) = (p.grad_bytes() as f64, p.weight_bytes() as f64);
     // (bytes per element, collectives): an all-reduce is a reduce-scatter and an
     // all-gather in one; ZeRO-1 runs them apart, the second on the weights.
-    let phases: &[f64] = if c.zero1 { &[g, w] } else { &[2.0 * g] };
-    phases
-        .iter()
-        .map(|b| ring(dense * b, c.data_ranks(), c.tp) + ring(experts * b, c.dp, c.tp * c.ep))
-        .sum()
+    let phase =
+        |b: f64| ring(dense * b, c.data_ranks(), c.tp) + ring(experts * b, c.dp, c.tp * c.ep);
+    if c.zero1 {
+        (phase(g), phase(w))
+    } else {
+        (phase(2.0 * g), 0.0)
+    }
 }
 
 /// Bytes of weights, gradients and optimizer state a rank of `c` holding `share` keeps
@@ -567,7 +639,7 @@ fn step_flops(job: &Job, c: Candidate) -> (f64, f64) {
     let grad = if k.full() { 2.0 } else { 1.0 };
     let layer_fwd = weights + scores;
     let layer_bwd = weights * grad + 2.0 * scores;
-    let head_fwd = 2.0 * k.tokens * (m.hidden * m.vocab) as f64;
+    let head_fwd = 2.0 * k.tokens * m.hidden as f64 * m.vocab as f64;
     let head = head_fwd * (1.0 + grad);
     let passes = (job.global_batch / c.micro_batch) as f64;
     let model = passes * (m.layers as f64 * (layer_fwd + layer_bwd) + head);

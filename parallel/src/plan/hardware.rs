@@ -69,15 +69,21 @@ impl Hardware {
                 return Err(format!("{key}: {v} must be zero or more"));
             }
         }
+        if self.reserved_gib >= self.memory_gib {
+            return Err(format!(
+                "reserved_gib: {} leaves nothing of memory_gib {}",
+                self.reserved_gib, self.memory_gib
+            ));
+        }
         if self.gpus_per_node == 0 {
             return Err("gpus_per_node: must be at least 1".into());
         }
         Ok(())
     }
 
-    /// Bytes of device memory a plan may use.
-    pub fn usable_bytes(&self) -> f64 {
-        (self.memory_gib - self.reserved_gib) * GIB
+    /// Bytes of device memory; a plan's total (which counts `reserved_gib`) must fit.
+    pub fn memory_bytes(&self) -> f64 {
+        self.memory_gib * GIB
     }
 
     /// Bus bandwidth (bytes/s) of a collective over `size` ranks spaced `stride` apart in

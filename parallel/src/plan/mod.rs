@@ -12,7 +12,8 @@
 //!     qkv_bias: false, o_bias: false, mlp_bias: false, norm_bias: false, dropout: false,
 //! };
 //! let job = Job { model, seq_len: 4096, global_batch: 64, mode: Mode::Full,
-//!                 precision: Precision::Bf16Mixed, sequence_parallel: false };
+//!                 precision: Precision::Bf16Mixed, sequence_parallel: false,
+//!                 scatter_gather_sends: false };
 //! let hw = Hardware {
 //!     name: "h100-80g".into(), peak_tflops: 989.0, peak_tflops_f32: 495.0,
 //!     achievable_fraction: 0.6, memory_gib: 79.6, reserved_gib: 3.0,
@@ -21,7 +22,7 @@
 //! };
 //! let plan = search(&job, &hw, 16, &Space::default());
 //! let best = plan.best().expect("an 8B model fits on two nodes");
-//! assert!(best.estimate.memory.total() <= hw.usable_bytes());
+//! assert!(best.estimate.memory.total() <= hw.memory_bytes());
 //! ```
 
 mod cost;
@@ -33,7 +34,7 @@ pub use cost::{
     balance, estimate, owned_state, rank_layers, state_memory, Candidate, Estimate, Job, Memory,
 };
 pub use hardware::{human_bytes, Hardware, GIB};
-pub use search::{check_layout, search, Plan, Priced, Rejection, Space};
+pub use search::{check_layout, search, Plan, Priced, Rejection, Space, MAX_WORLD};
 pub use shape::{LoraTargets, Mode, ModelShape, Params, Precision, Share};
 
 #[cfg(test)]

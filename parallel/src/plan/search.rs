@@ -52,9 +52,25 @@ impl Plan {
     }
 }
 
-fn divisors(n: usize) -> Vec<usize> {
-    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
+/// The divisors of `n`, ascending, in O(√n).
+pub(super) fn divisors(n: usize) -> Vec<usize> {
+    let (mut low, mut high) = (Vec::new(), Vec::new());
+    let mut d = 1;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            low.push(d);
+            if d * d != n {
+                high.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    low.extend(high.into_iter().rev());
+    low
 }
+
+/// The largest world the search takes (a million devices).
+pub const MAX_WORLD: usize = 1 << 20;
 
 fn layout_name(dp: usize, tp: usize, pp: usize, ep: usize) -> String {
     format!("dp={dp} tp={tp} pp={pp} ep={ep}")
@@ -123,9 +139,25 @@ pub fn check_layout(
 pub fn search(job: &Job, hw: &Hardware, world: usize, space: &Space) -> Plan {
     let mut candidates = Vec::new();
     let mut rejected = Vec::new();
+    let invalid = if world == 0 || world > MAX_WORLD {
+        Some((
+            format!("{world} devices"),
+            format!("the search takes 1 to {MAX_WORLD} devices"),
+        ))
+    } else {
+        job.validate().err().map(|e| ("the model".to_string(), e))
+    };
+    if let Some((layout, reason)) = invalid {
+        rejected.push(Rejection { layout, reason });
+        return Plan {
+            world,
+            candidates,
+            rejected,
+        };
+    }
     let costs = job.model.layer_costs();
     let mut sizes: HashMap<usize, Vec<usize>> = HashMap::new();
-    let limit = hw.usable_bytes();
+    let limit = hw.memory_bytes();
     let pick = |fixed: Option<usize>, all: Vec<usize>| match fixed {
         Some(v) => vec![v],
         None => all,
@@ -223,7 +255,7 @@ pub fn search(job: &Job, hw: &Hardware, world: usize, space: &Space) -> Plan {
                                     rejected.push(Rejection {
                                         layout: candidate.to_string(),
                                         reason: format!(
-                                            "does not fit: needs {} per device, {} usable",
+                                            "does not fit: needs {} per device, has {}",
                                             human_bytes(need),
                                             human_bytes(limit)
                                         ),

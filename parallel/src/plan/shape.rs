@@ -157,7 +157,7 @@ impl ModelShape {
     pub fn layer_costs(&self) -> Vec<f64> {
         let mut costs = vec![self.layer_cost(); self.layers];
         if let Some(last) = costs.last_mut() {
-            *last += (self.hidden * self.vocab) as f64;
+            *last += self.hidden as f64 * self.vocab as f64;
         }
         costs
     }

@@ -48,6 +48,7 @@ fn job(model: ModelShape, global_batch: usize, mode: Mode) -> Job {
         mode,
         precision: Precision::Bf16Mixed,
         sequence_parallel: false,
+        scatter_gather_sends: false,
     }
 }
 
@@ -88,7 +89,7 @@ fn every_candidate_fits_divides_and_is_ranked_and_every_rejection_says_why() {
             let c = p.candidate;
             let what = format!("{c} on {world} for {m:?}");
             assert_eq!(c.world(), world, "{what}");
-            assert!(p.estimate.memory.total() <= hw.usable_bytes(), "{what}");
+            assert!(p.estimate.memory.total() <= hw.memory_bytes(), "{what}");
             assert!(
                 m.heads.is_multiple_of(c.tp) && m.vocab.is_multiple_of(c.tp),
                 "{what}"
@@ -128,7 +129,7 @@ fn every_candidate_fits_divides_and_is_ranked_and_every_rejection_says_why() {
         assert!(plan
             .candidates
             .iter()
-            .all(|p| p.estimate.memory.total() <= tight.usable_bytes()));
+            .all(|p| p.estimate.memory.total() <= tight.memory_bytes()));
         assert!(plan
             .rejected
             .iter()
@@ -338,4 +339,12 @@ fn parameters_are_counted_as_the_layers_hold_them() {
         46_702_792_704 + norms_and_routers,
         "replicated over tp: norms and routers"
     );
+}
+
+#[test]
+fn divisors_are_all_found_in_order() {
+    for n in 1..200 {
+        let slow: Vec<usize> = (1..=n).filter(|d| n % d == 0).collect();
+        assert_eq!(super::search::divisors(n), slow, "{n}");
+    }
 }
