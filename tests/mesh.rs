@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use common::*;
 use serde_json::Value;
@@ -94,17 +93,6 @@ fn write_job(dir: &Path, model: &str, lora: bool) -> PathBuf {
     path
 }
 
-fn run_launch(job: &Path, nproc: usize, sets: &[&str]) -> Output {
-    let mut c = launch_cmd();
-    c.arg("train")
-        .arg(job)
-        .args(["--nproc-per-node", &nproc.to_string()]);
-    for s in sets {
-        c.args(["--set", s]);
-    }
-    c.output().expect("launch runs")
-}
-
 /// Events named `name` of a finished run.
 fn events(job: &Path, name: &str) -> Vec<Value> {
     run_events(&job.parent().expect("dir").join("run"))
@@ -128,7 +116,7 @@ fn eval_loss(job: &Path) -> f64 {
 /// Train and return, per rank, `(loss, grad_norm)` at each step.
 fn train(job: &Path, nproc: usize, sets: &[&str]) -> Vec<Vec<(f64, f64)>> {
     let _ = std::fs::remove_dir_all(job.parent().expect("dir").join("run"));
-    let out = run_launch(job, nproc, sets);
+    let out = launch_train(job, nproc, sets);
     assert!(
         out.status.success(),
         "{sets:?} on {nproc}: {}",
@@ -312,7 +300,7 @@ fn a_capacity_factor_drops_the_same_tokens_in_every_layout() {
         );
     }
     let llama = write_job(tmp.path(), "llama3", false);
-    let out = run_launch(&llama, 1, &capped);
+    let out = launch_train(&llama, 1, &capped);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("has no experts"), "{}", stderr(&out));
 }
@@ -525,7 +513,7 @@ fn layouts_that_cannot_work_are_refused_before_any_process_starts() {
             "only with schedule = \"interleaved\"",
         ),
     ] {
-        let out = run_launch(&job, nproc, &sets);
+        let out = launch_train(&job, nproc, &sets);
         assert_eq!(out.status.code(), Some(2), "{sets:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(says), "{sets:?}: {}", stderr(&out));
         assert!(
@@ -535,7 +523,7 @@ fn layouts_that_cannot_work_are_refused_before_any_process_starts() {
     }
     // Interleaving runs micro-batches in groups of pp.
     let deep = write_job(tmp.path(), "llama-deep", false);
-    let out = run_launch(
+    let out = launch_train(
         &deep,
         3,
         &["parallel.pp=3", "parallel.schedule=interleaved"],
@@ -544,7 +532,7 @@ fn layouts_that_cannot_work_are_refused_before_any_process_starts() {
     assert!(stderr(&out).contains("groups of pp=3"), "{}", stderr(&out));
     // Expert parallelism needs experts.
     let llama = write_job(tmp.path(), "llama3", false);
-    let out = run_launch(&llama, 2, &["parallel.ep=2"]);
+    let out = launch_train(&llama, 2, &["parallel.ep=2"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("ep=2 needs a mixture-of-experts model"),

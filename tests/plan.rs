@@ -53,28 +53,10 @@ fn rows() -> Vec<Row> {
 const SEQ: usize = 2048;
 const VOCAB: usize = 51200;
 
-/// Megatron's GPT: LayerNorm, biases everywhere, GeLU MLP of 4h, tied embeddings, dropout;
-/// mixed precision as in the paper.
+/// Megatron's GPT in mixed precision, as in the paper.
 fn gpt(r: &Row) -> Job {
     Job {
-        model: ModelShape {
-            layers: r.layers,
-            hidden: r.hidden,
-            heads: r.heads,
-            kv_heads: r.heads,
-            head_dim: r.hidden / r.heads,
-            ffn: 4 * r.hidden,
-            vocab: VOCAB,
-            experts: 0,
-            top_k: 0,
-            gated_mlp: false,
-            tied_embeddings: true,
-            qkv_bias: true,
-            o_bias: true,
-            mlp_bias: true,
-            norm_bias: true,
-            dropout: true,
-        },
+        model: ModelShape::gpt(r.layers, r.hidden, r.heads, VOCAB),
         seq_len: SEQ,
         global_batch: r.batch,
         mode: Mode::Full,
@@ -202,14 +184,7 @@ fn auto_job(dir: &Path, memory_gib: f64) -> PathBuf {
 fn train(job: &Path, nproc: usize, sets: &[&str]) -> (std::process::Output, Vec<Value>) {
     let run = job.parent().expect("dir").join("run");
     let _ = std::fs::remove_dir_all(&run);
-    let mut c = launch_cmd();
-    c.arg("train")
-        .arg(job)
-        .args(["--nproc-per-node", &nproc.to_string()]);
-    for s in sets {
-        c.args(["--set", s]);
-    }
-    let out = c.output().expect("launch runs");
+    let out = launch_train(job, nproc, sets);
     (out, run_events(&run))
 }
 
@@ -391,20 +366,7 @@ fn launch_plan_prints_candidates_best_first_and_every_rejection_as_json() {
         text.contains("peak_tflops") && text.contains("memory_bandwidth_gbs"),
         "{text}"
     );
-    let out = launch(&[
-        "plan",
-        "--layers",
-        "2",
-        "--hidden",
-        "64",
-        "--heads",
-        "4",
-        "--vocab",
-        "512",
-        "--seq-len",
-        "64",
-        "--global-batch",
-        "8",
+    let out = plan_tiny(&[
         "--gpus-per-node",
         "2",
         "--hardware",
@@ -420,7 +382,14 @@ fn launch_plan_prints_candidates_best_first_and_every_rejection_as_json() {
     let out = launch(&["plan", "--layers", "32"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--hidden"), "{}", stderr(&out));
-    let out = launch(&[
+    let out = plan_tiny(&["--hardware", "b200"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--hardware"), "{}", stderr(&out));
+}
+
+/// `launch plan` for a two-layer model of width 64, with `more` flags.
+fn plan_tiny(more: &[&str]) -> std::process::Output {
+    let mut args = vec![
         "plan",
         "--layers",
         "2",
@@ -434,9 +403,7 @@ fn launch_plan_prints_candidates_best_first_and_every_rejection_as_json() {
         "64",
         "--global-batch",
         "8",
-        "--hardware",
-        "b200",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("--hardware"), "{}", stderr(&out));
+    ];
+    args.extend_from_slice(more);
+    launch(&args)
 }

@@ -54,6 +54,18 @@ pub fn launch_cmd() -> std::process::Command {
     c
 }
 
+/// `launch train JOB --nproc-per-node N --set …` (quiet, one thread per worker).
+pub fn launch_train(job: &Path, nproc: usize, sets: &[&str]) -> Output {
+    let mut c = launch_cmd();
+    c.arg("train")
+        .arg(job)
+        .args(["--nproc-per-node", &nproc.to_string()]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    c.output().expect("launch runs")
+}
+
 /// Every event a run wrote to `run/events.jsonl`.
 pub fn run_events(run: &Path) -> Vec<Value> {
     std::fs::read_to_string(run.join("events.jsonl"))

@@ -135,6 +135,29 @@ impl std::ops::AddAssign for Params {
 }
 
 impl ModelShape {
+    /// Megatron's GPT: LayerNorm, biases everywhere, a GeLU MLP of 4 × hidden, the head tied
+    /// to the embedding, dropout.
+    pub fn gpt(layers: usize, hidden: usize, heads: usize, vocab: usize) -> Self {
+        Self {
+            layers,
+            hidden,
+            heads,
+            kv_heads: heads,
+            head_dim: hidden / heads.max(1),
+            ffn: 4 * hidden,
+            vocab,
+            experts: 0,
+            top_k: 0,
+            gated_mlp: false,
+            tied_embeddings: true,
+            qkv_bias: true,
+            o_bias: true,
+            mlp_bias: true,
+            norm_bias: true,
+            dropout: true,
+        }
+    }
+
     /// Key/value heads one tensor-parallel rank holds (one, in copies, when tp exceeds them).
     pub fn kv_heads_per_rank(&self, tp: usize) -> usize {
         (self.kv_heads / tp).max(1)

@@ -252,24 +252,7 @@ fn each_lever_moves_memory_and_time_the_way_it_should() {
 fn gpt_flops_with_recomputation_are_megatrons_formula() {
     // Narayanan et al. (2021): 96·B·s·l·h²·(1 + s/6h + V/16lh) per step.
     let (l, h, a, v, s, b) = (24usize, 2304usize, 24usize, 51200usize, 2048usize, 512usize);
-    let model = ModelShape {
-        layers: l,
-        hidden: h,
-        heads: a,
-        kv_heads: a,
-        head_dim: h / a,
-        ffn: 4 * h,
-        vocab: v,
-        experts: 0,
-        top_k: 0,
-        gated_mlp: false,
-        tied_embeddings: true,
-        qkv_bias: true,
-        o_bias: true,
-        mlp_bias: true,
-        norm_bias: true,
-        dropout: true,
-    };
+    let model = ModelShape::gpt(l, h, a, v);
     let job = Job {
         seq_len: s,
         ..job(model, b, Mode::Full)
