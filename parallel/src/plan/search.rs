@@ -180,11 +180,9 @@ pub fn search(job: &Job, hw: &Hardware, world: usize, space: &Space) -> Plan {
             }
             for ep in pick(space.ep, divisors(world / tp / pp)) {
                 let rest = world / tp / pp;
-                let dp = rest / ep;
-                let name = layout_name(dp, tp, pp, ep);
                 if !rest.is_multiple_of(ep) {
                     rejected.push(Rejection {
-                        layout: name,
+                        layout: format!("tp={tp} pp={pp} ep={ep}"),
                         reason: format!(
                             "tp×pp×ep = {} does not divide the {world} devices",
                             tp * pp * ep
@@ -192,6 +190,8 @@ pub fn search(job: &Job, hw: &Hardware, world: usize, space: &Space) -> Plan {
                     });
                     continue;
                 }
+                let dp = rest / ep;
+                let name = layout_name(dp, tp, pp, ep);
                 if space.dp.is_some_and(|d| d != dp) {
                     continue;
                 }
