@@ -393,3 +393,89 @@ fn a_stopped_peer_fails_the_others_within_the_deadline() {
         assert!(!alive(pid), "worker {pid} outlived the job");
     }
 }
+
+/// The control plane takes calls only with the job's shared secret: a call with a wrong
+/// token (or none) during a two-agent job is refused and logged, and the job goes on to
+/// the losses of an undisturbed run; a multi-node job without a secret does not start.
+#[test]
+fn a_control_plane_call_with_a_wrong_token_is_rejected_and_the_job_goes_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = write_job(tmp.path(), true, 6);
+    let undisturbed = train(&job, 2, 2, &[]);
+    let run = job.parent().expect("dir").join("run");
+    let _ = std::fs::remove_dir_all(&run);
+    let rdzv = format!("127.0.0.1:{}", free_port());
+    let children: Vec<Child> = (0..2)
+        .map(|node| {
+            let mut c = launch_cmd();
+            c.arg("train").arg(&job).args([
+                "--nproc-per-node",
+                "2",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                &node.to_string(),
+                "--rdzv",
+                &rdzv,
+            ]);
+            c.stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("launch starts")
+        })
+        .collect();
+    // Once the coordinator is up (it writes the start event), knock with a wrong token.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !run_events(&run).iter().any(|e| e["event"] == "start") {
+        assert!(Instant::now() < deadline, "the coordinator never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let wrong = tidemill::launcher::agent::probe(&rdzv, "not-the-job-token-0000")
+        .expect_err("a wrong token is refused")
+        .to_string();
+    assert!(wrong.contains("wrong token"), "{wrong}");
+    tidemill::launcher::agent::probe(&rdzv, TOKEN).expect("the job's token is accepted");
+    for child in children {
+        let out = child.wait_with_output().expect("launch ends");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rejected: Vec<_> = run_events(&run)
+        .into_iter()
+        .filter(|e| e["event"] == "auth_rejected")
+        .collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0]["reason"], "wrong token");
+    assert!(rejected[0]["peer"]
+        .as_str()
+        .expect("peer")
+        .starts_with("127.0.0.1:"));
+    assert_same(
+        &undisturbed,
+        &losses(&run),
+        "a job knocked on with a wrong token",
+    );
+
+    // Two nodes and no secret: refused before anything starts, naming what to set.
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .env_remove(tidemill::launcher::auth::TOKEN_ENV)
+        .arg("train")
+        .arg(&job)
+        .args([
+            "--nproc-per-node",
+            "1",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--rdzv",
+            &rdzv,
+        ])
+        .output()
+        .expect("launch runs");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("TIDEMILL_TOKEN"), "{}", stderr(&out));
+}

@@ -57,6 +57,10 @@ pub struct LaunchSection {
     /// Seconds to wait for every node to join.
     #[serde(default = "default_rdzv_timeout")]
     pub rdzv_timeout_s: f64,
+    /// File whose first line is the control plane's shared secret (same on every node;
+    /// `TIDEMILL_TOKEN` takes precedence). Required with nnodes > 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
 }
 
 fn one() -> usize {

@@ -2,6 +2,7 @@
 //! the run directory and its event log; `train`, `run`, `eval`, `export`, `convert` and `plan`.
 
 pub mod agent;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod convert;

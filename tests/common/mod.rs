@@ -50,9 +50,14 @@ pub fn rel_diff(a: f64, b: f64) -> f64 {
 /// share the CI machine's cores).
 pub fn launch_cmd() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_launch"));
-    c.env("RUST_LOG", "warn").env("RAYON_NUM_THREADS", "1");
+    c.env("RUST_LOG", "warn")
+        .env("RAYON_NUM_THREADS", "1")
+        .env(tidemill::launcher::auth::TOKEN_ENV, TOKEN);
     c
 }
+
+/// The control-plane secret every test job's agents share.
+pub const TOKEN: &str = "tidemill-test-token-0123456789";
 
 /// `launch train JOB --nproc-per-node N --set …` (quiet, one thread per worker).
 pub fn launch_train(job: &Path, nproc: usize, sets: &[&str]) -> Output {
@@ -80,6 +85,7 @@ pub fn launch(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_launch"))
         .args(args)
         .env("RUST_LOG", "warn")
+        .env(tidemill::launcher::auth::TOKEN_ENV, TOKEN)
         .output()
         .expect("launch runs")
 }

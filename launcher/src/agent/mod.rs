@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::auth::{Attach, Token};
 use crate::config::LaunchSection;
 use crate::coordinator::state::{Policy, WorkerExit};
 use crate::coordinator::{self, Coordinator, Settings};
@@ -58,6 +60,7 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
     let l = &plan.launch;
     let node = l.node_rank;
     let rdzv_timeout = Duration::from_secs_f64(l.rdzv_timeout_s);
+    let token = Token::resolve(l)?;
     // Node 0 hosts the coordinator.
     let (rdzv, server) = if node == 0 {
         let bind = l.rdzv.clone().unwrap_or_else(|| "127.0.0.1:0".into());
@@ -79,14 +82,19 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
         };
         let coordinator = Coordinator::new(settings, events)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(coordinator::serve(coordinator, listener, async {
-            let _ = stop_rx.await;
-        }));
+        let task = tokio::spawn(coordinator::serve(
+            coordinator,
+            listener,
+            token.clone(),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
         (addr.to_string(), Some((stop_tx, task)))
     } else {
         (l.rdzv.clone().unwrap_or_default(), None)
     };
-    let result = node_agent(&plan, &rdzv, rdzv_timeout).await;
+    let result = node_agent(&plan, &rdzv, rdzv_timeout, &token).await;
     if let Some((stop, task)) = server {
         let _ = stop.send(());
         let _ = task.await;
@@ -94,11 +102,21 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
     result
 }
 
-async fn connect(rdzv: &str, timeout: Duration) -> Result<CoordinatorClient<Channel>> {
+/// A coordinator client whose every call carries the job's token.
+type Client = CoordinatorClient<InterceptedService<Channel, Attach>>;
+
+async fn connect(rdzv: &str, timeout: Duration, token: &Token) -> Result<Client> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        match CoordinatorClient::connect(format!("http://{rdzv}")).await {
-            Ok(c) => return Ok(c),
+        let endpoint = Channel::from_shared(format!("http://{rdzv}"))
+            .map_err(|e| Error::Launch(format!("launch.rdzv: `{rdzv}`: {e}")))?;
+        match endpoint.connect().await {
+            Ok(channel) => {
+                return Ok(CoordinatorClient::with_interceptor(
+                    channel,
+                    Attach(token.clone()),
+                ))
+            }
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 return Err(Error::Launch(format!(
                     "cannot reach the coordinator at {rdzv} (launch.rdzv): {e}"
@@ -139,10 +157,15 @@ struct Worker {
     running: bool,
 }
 
-async fn node_agent(plan: &LaunchPlan, rdzv: &str, rdzv_timeout: Duration) -> Result<()> {
+async fn node_agent(
+    plan: &LaunchPlan,
+    rdzv: &str,
+    rdzv_timeout: Duration,
+    token: &Token,
+) -> Result<()> {
     let l = &plan.launch;
     let node = l.node_rank;
-    let mut client = connect(rdzv, rdzv_timeout).await?;
+    let mut client = connect(rdzv, rdzv_timeout, token).await?;
     let host = data_host(l, rdzv);
     let join = client
         .join(rpc::JoinRequest {
@@ -293,7 +316,7 @@ async fn read_to_close(
 }
 
 /// Node 0 keeps the coordinator up until every node is done (or the job stops).
-async fn wait_finished(client: &mut CoordinatorClient<Channel>, node: usize) -> Result<()> {
+async fn wait_finished(client: &mut Client, node: usize) -> Result<()> {
     loop {
         let reply = beat(client, node, &mut Vec::new()).await?;
         if reply.stop {
@@ -307,7 +330,7 @@ async fn wait_finished(client: &mut CoordinatorClient<Channel>, node: usize) -> 
 }
 
 async fn beat(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     node: usize,
     reports: &mut Vec<String>,
 ) -> Result<rpc::HeartbeatReply> {
@@ -346,7 +369,7 @@ fn kill_all(workers: &mut [Worker]) {
 #[allow(clippy::too_many_arguments)]
 async fn supervise(
     plan: &LaunchPlan,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     workers: &mut [Worker],
     reports: &mut Vec<String>,
     link_rx: &mut UnboundedReceiver<LinkMsg>,
@@ -467,4 +490,25 @@ async fn supervise(
             _ = terminate.recv() => return Err(Error::JobStopped("terminated (SIGTERM)".into())),
         }
     }
+}
+
+/// One call to the coordinator at `rdzv` carrying `token` (a heartbeat from no node, which
+/// changes nothing): Ok if the coordinator accepts the token. For health checks and tests.
+pub fn probe(rdzv: &str, token: &str) -> Result<()> {
+    let token = Token::parse(token, "--token")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Launch(format!("starting a runtime: {e}")))?;
+    runtime.block_on(async {
+        let mut client = connect(rdzv, Duration::from_secs(5), &token).await?;
+        client
+            .heartbeat(rpc::HeartbeatRequest {
+                node_rank: u32::MAX,
+                reports: Vec::new(),
+            })
+            .await
+            .map_err(status("probe"))?;
+        Ok(())
+    })
 }

@@ -341,10 +341,27 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
     }
 }
 
-/// Serve the coordinator on `listener` until `shutdown` resolves, re-deciding twice a second.
+impl Coordinator {
+    /// A call refused for want of the job's token: logged, the job goes on.
+    fn rejected(&self, peer: String, why: &str) {
+        tracing::warn!(peer, why, "control-plane call rejected");
+        let mut inner = self.lock();
+        log(
+            &mut inner.events,
+            "auth_rejected",
+            None,
+            None,
+            json!({"peer": peer, "reason": why}),
+        );
+    }
+}
+
+/// Serve the coordinator on `listener` until `shutdown` resolves, re-deciding twice a
+/// second; only calls carrying `token` get through.
 pub async fn serve(
     coordinator: Coordinator,
     listener: tokio::net::TcpListener,
+    token: crate::auth::Token,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let ticker = coordinator.clone();
@@ -355,8 +372,15 @@ pub async fn serve(
             ticker.tick();
         }
     });
+    let logger = coordinator.clone();
+    let check = crate::auth::Check {
+        token,
+        rejected: Arc::new(move |peer, why| logger.rejected(peer, why)),
+    };
     let result = tonic::transport::Server::builder()
-        .add_service(rpc::coordinator_server::CoordinatorServer::new(coordinator))
+        .add_service(
+            rpc::coordinator_server::CoordinatorServer::with_interceptor(coordinator, check),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
