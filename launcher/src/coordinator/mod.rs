@@ -2,6 +2,8 @@
 //! assignment, the peer table, heartbeats, the fault decision and the event log.
 //! The decisions themselves are pure functions in [`state`].
 
+pub mod detect;
+pub mod recover;
 pub mod state;
 
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,0 +1,417 @@
+//! Fault detection, as pure functions of what the workers and agents reported and `now`:
+//! tested by editing timestamps, with no network and no sleeps.
+//!
+//! - **crash**: a worker exited non-zero or by a signal ([`crash`]).
+//! - **lost heartbeat**: an agent silent for `heartbeat_timeout`.
+//! - **hang**: no step finished for max(`hang_factor` × the median recent step time,
+//!   `hang_floor`); the culprit is the rank whose collective sequence number lags the
+//!   others' (it never entered the collective they wait in), named with its node, the
+//!   collective and its number, and its phase.
+//! - **straggler**: a rank whose busy time (its step time less the time it waited in
+//!   collectives) exceeds the median's `straggler_factor` for `straggler_steps` steps in a row.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::state::WorkerExit;
+
+/// Thresholds of the detectors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DetectPolicy {
+    pub heartbeat_timeout: Duration,
+    pub hang_factor: f64,
+    pub hang_floor: Duration,
+    pub straggler_factor: f64,
+    pub straggler_steps: u32,
+    /// Recent steps the median step time is taken over.
+    pub window: usize,
+}
+
+impl Default for DetectPolicy {
+    fn default() -> Self {
+        Self {
+            heartbeat_timeout: Duration::from_secs(3),
+            hang_factor: 10.0,
+            hang_floor: Duration::from_secs(10),
+            straggler_factor: 1.5,
+            straggler_steps: 3,
+            window: 20,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Crash,
+    LostHeartbeat,
+    Hang,
+    Straggler,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Crash => "crash",
+            Kind::LostHeartbeat => "lost_heartbeat",
+            Kind::Hang => "hang",
+            Kind::Straggler => "straggler",
+        }
+    }
+}
+
+/// A detected fault, as the `fault` event records it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fault {
+    pub kind: Kind,
+    pub rank: Option<usize>,
+    pub node: Option<usize>,
+    pub detail: String,
+    pub detected_at: Instant,
+    /// The last moment the thing was known healthy (its last heartbeat, the last step).
+    pub healthy_at: Instant,
+}
+
+impl Fault {
+    /// Seconds from the last sign of health to detection.
+    pub fn detection_latency(&self) -> f64 {
+        self.detected_at
+            .saturating_duration_since(self.healthy_at)
+            .as_secs_f64()
+    }
+}
+
+/// A crashed worker as a fault.
+pub fn crash(exit: &WorkerExit, now: Instant, healthy_at: Instant) -> Fault {
+    Fault {
+        kind: Kind::Crash,
+        rank: Some(exit.rank),
+        node: Some(exit.node),
+        detail: exit.describe(),
+        detected_at: now,
+        healthy_at,
+    }
+}
+
+/// Where a rank was last seen.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Position {
+    node: usize,
+    step: u64,
+    /// Collectives it has entered, and the kind of the last.
+    seq: u64,
+    collective: String,
+    phase: String,
+    slow_streak: u32,
+    straggling: bool,
+}
+
+/// What the detectors know of one generation of the job.
+#[derive(Clone, Debug)]
+pub struct Detector {
+    policy: DetectPolicy,
+    ranks: BTreeMap<usize, Position>,
+    nodes: BTreeMap<usize, Instant>,
+    recent: VecDeque<f64>,
+    last_step_at: Instant,
+    /// Busy seconds of each rank at the step being assembled.
+    busy: BTreeMap<u64, BTreeMap<usize, f64>>,
+    world: usize,
+    hang_reported: bool,
+}
+
+impl Detector {
+    /// A generation of `world` ranks on `nodes` (all heard from at `now`).
+    pub fn new(policy: DetectPolicy, world: usize, nodes: &[usize], now: Instant) -> Self {
+        Self {
+            policy,
+            ranks: BTreeMap::new(),
+            nodes: nodes.iter().map(|&n| (n, now)).collect(),
+            recent: VecDeque::new(),
+            last_step_at: now,
+            busy: BTreeMap::new(),
+            world,
+            hang_reported: false,
+        }
+    }
+
+    pub fn heartbeat(&mut self, node: usize, now: Instant) {
+        if let Some(t) = self.nodes.get_mut(&node) {
+            *t = now;
+        }
+    }
+
+    /// A rank's position: collectives entered, the last one's kind, its phase.
+    pub fn position(&mut self, rank: usize, node: usize, seq: u64, collective: &str, phase: &str) {
+        let p = self.ranks.entry(rank).or_default();
+        p.node = node;
+        if seq >= p.seq {
+            p.seq = seq;
+            p.collective = collective.into();
+        }
+        p.phase = phase.into();
+    }
+
+    /// A rank finished `step` in `seconds`, `busy` of them not waiting for others. Returns
+    /// a straggler fault the first time a rank has been slow `straggler_steps` in a row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        rank: usize,
+        node: usize,
+        step: u64,
+        seconds: f64,
+        busy: f64,
+        seq: u64,
+        now: Instant,
+    ) -> Option<Fault> {
+        let p = self.ranks.entry(rank).or_default();
+        p.node = node;
+        p.step = p.step.max(step);
+        p.seq = p.seq.max(seq);
+        self.hang_reported = false;
+        if rank == 0 {
+            self.last_step_at = now;
+            self.recent.push_back(seconds);
+            while self.recent.len() > self.policy.window {
+                self.recent.pop_front();
+            }
+        }
+        let at = self.busy.entry(step).or_default();
+        at.insert(rank, busy);
+        if at.len() < self.world {
+            return None;
+        }
+        let done = self.busy.remove(&step).unwrap_or_default();
+        self.busy.retain(|&s, _| s > step);
+        self.judge_stragglers(&done, now)
+    }
+
+    fn judge_stragglers(&mut self, busy: &BTreeMap<usize, f64>, now: Instant) -> Option<Fault> {
+        let median = median(busy.values().copied())?;
+        let limit = median * self.policy.straggler_factor;
+        let mut found = None;
+        for (&rank, &b) in busy {
+            let Some(p) = self.ranks.get_mut(&rank) else {
+                continue;
+            };
+            if b > limit && median > 0.0 {
+                p.slow_streak += 1;
+            } else {
+                p.slow_streak = 0;
+                p.straggling = false;
+            }
+            if p.slow_streak >= self.policy.straggler_steps && !p.straggling && found.is_none() {
+                p.straggling = true;
+                found = Some(Fault {
+                    kind: Kind::Straggler,
+                    rank: Some(rank),
+                    node: Some(p.node),
+                    detail: format!(
+                        "rank {rank} (node {}) was busy {b:.3} s a step, over {:.1}× the median \
+                         {median:.3} s, for {} steps in a row",
+                        p.node, self.policy.straggler_factor, p.slow_streak
+                    ),
+                    detected_at: now,
+                    healthy_at: now,
+                });
+            }
+        }
+        found
+    }
+
+    /// The step-progress limit now: max(hang_factor × median recent step, hang_floor).
+    pub fn hang_limit(&self) -> Duration {
+        let typical = median(self.recent.iter().copied()).unwrap_or(0.0);
+        Duration::from_secs_f64(typical * self.policy.hang_factor).max(self.policy.hang_floor)
+    }
+
+    /// Faults visible at `now`: silent agents (each once per call), and a hang (once, until
+    /// a step finishes again).
+    pub fn check(&mut self, now: Instant) -> Vec<Fault> {
+        let mut out = Vec::new();
+        for (&node, &seen) in &self.nodes {
+            let silent = now.saturating_duration_since(seen);
+            if silent > self.policy.heartbeat_timeout {
+                out.push(Fault {
+                    kind: Kind::LostHeartbeat,
+                    rank: None,
+                    node: Some(node),
+                    detail: format!(
+                        "node {node}: no heartbeat for {:.1} s (limit {:.1} s)",
+                        silent.as_secs_f64(),
+                        self.policy.heartbeat_timeout.as_secs_f64()
+                    ),
+                    detected_at: now,
+                    healthy_at: seen,
+                });
+            }
+        }
+        let stalled = now.saturating_duration_since(self.last_step_at);
+        if !self.hang_reported && stalled > self.hang_limit() {
+            self.hang_reported = true;
+            out.push(self.hang(now, stalled));
+        }
+        out
+    }
+
+    /// The hang fault: the rank whose collective count lags the most (the lowest; on a tie
+    /// the lowest rank), and what the others wait in.
+    fn hang(&self, now: Instant, stalled: Duration) -> Fault {
+        let culprit = self
+            .ranks
+            .iter()
+            .min_by_key(|(rank, p)| (p.seq, **rank))
+            .map(|(&r, p)| (r, p.clone()));
+        let ahead = self.ranks.values().map(|p| p.seq).max().unwrap_or(0);
+        let waiting_in = self
+            .ranks
+            .values()
+            .find(|p| p.seq == ahead)
+            .map_or(String::new(), |p| p.collective.clone());
+        let (rank, node, detail) =
+            match culprit {
+                Some((r, p)) if p.seq < ahead => {
+                    (
+                        Some(r),
+                        Some(p.node),
+                        format!(
+                    "no step for {:.1} s (limit {:.1} s): rank {r} (node {}) is at collective \
+                     #{} ({}, phase {}) while the others wait in #{ahead} ({waiting_in})",
+                    stalled.as_secs_f64(),
+                    self.hang_limit().as_secs_f64(),
+                    p.node,
+                    p.seq,
+                    if p.collective.is_empty() { "none yet" } else { &p.collective },
+                    if p.phase.is_empty() { "unknown" } else { &p.phase },
+                ),
+                    )
+                }
+                _ => (
+                    None,
+                    None,
+                    format!(
+                    "no step for {:.1} s (limit {:.1} s); every rank is at collective #{ahead} \
+                     ({waiting_in}): no single rank lags",
+                    stalled.as_secs_f64(),
+                    self.hang_limit().as_secs_f64()
+                ),
+                ),
+            };
+        Fault {
+            kind: Kind::Hang,
+            rank,
+            node,
+            detail,
+            detected_at: now,
+            healthy_at: self.last_step_at,
+        }
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(t0: Instant, s: f64) -> Instant {
+        t0 + Duration::from_secs_f64(s)
+    }
+
+    #[test]
+    fn a_silent_agent_is_lost_after_the_timeout_and_not_before() {
+        let t0 = Instant::now();
+        let mut d = Detector::new(DetectPolicy::default(), 4, &[0, 1], t0);
+        d.heartbeat(0, secs(t0, 2.5));
+        assert!(d.check(secs(t0, 3.0)).is_empty());
+        let f = d.check(secs(t0, 3.2));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!((f[0].kind, f[0].node), (Kind::LostHeartbeat, Some(1)));
+        assert!((f[0].detection_latency() - 3.2).abs() < 1e-9);
+        assert!(f[0].detail.contains("node 1"), "{}", f[0].detail);
+    }
+
+    #[test]
+    fn a_hang_names_the_rank_whose_collectives_lag() {
+        let t0 = Instant::now();
+        let mut d = Detector::new(DetectPolicy::default(), 4, &[0, 1], t0);
+        for step in 1..=5u64 {
+            let now = secs(t0, step as f64 * 0.5);
+            for rank in 0..4 {
+                d.heartbeat(rank / 2, now);
+                assert_eq!(d.step(rank, rank / 2, step, 0.5, 0.4, step * 10, now), None);
+            }
+        }
+        // Rank 3 stops inside step 6; the others enter collective #61 and wait there.
+        for rank in 0..3 {
+            d.position(rank, rank / 2, 61, "all_reduce", "train");
+        }
+        d.position(3, 1, 60, "all_reduce", "train");
+        // The limit is the floor (10 × 0.5 s < 10 s): nothing at 12 s, a hang after 12.5 s.
+        assert_eq!(d.hang_limit(), Duration::from_secs(10));
+        for node in [0, 1] {
+            d.heartbeat(node, secs(t0, 12.4));
+        }
+        assert!(d.check(secs(t0, 12.4)).is_empty());
+        let f = d.check(secs(t0, 12.6));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(
+            (f[0].kind, f[0].rank, f[0].node),
+            (Kind::Hang, Some(3), Some(1))
+        );
+        assert!(
+            f[0].detail.contains("#60") && f[0].detail.contains("#61"),
+            "{}",
+            f[0].detail
+        );
+        assert!((f[0].detection_latency() - 10.1).abs() < 1e-6);
+        // Reported once, until steps resume.
+        assert!(d.check(secs(t0, 12.8)).is_empty());
+    }
+
+    #[test]
+    fn the_hang_limit_follows_the_recent_step_time() {
+        let t0 = Instant::now();
+        let mut d = Detector::new(DetectPolicy::default(), 1, &[0], t0);
+        for step in 1..=25u64 {
+            d.step(0, 0, step, 3.0, 3.0, step, secs(t0, step as f64 * 3.0));
+        }
+        assert_eq!(d.hang_limit(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_rank_slow_for_m_steps_in_a_row_is_a_straggler_once() {
+        let t0 = Instant::now();
+        let mut d = Detector::new(DetectPolicy::default(), 4, &[0, 1], t0);
+        let mut found = Vec::new();
+        for step in 1..=8u64 {
+            let now = secs(t0, step as f64);
+            for rank in 0..4 {
+                // Rank 2 is slow from step 3 on, but for one step rank 1 is too.
+                let busy = match (rank, step) {
+                    (2, s) if s >= 3 => 0.9,
+                    (1, 4) => 0.9,
+                    _ => 0.4,
+                };
+                found.extend(d.step(rank, rank / 2, step, 1.0, busy, step, now));
+            }
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            (found[0].kind, found[0].rank, found[0].node),
+            (Kind::Straggler, Some(2), Some(1))
+        );
+        assert!(
+            found[0].detail.contains("3 steps in a row"),
+            "{}",
+            found[0].detail
+        );
+    }
+}
