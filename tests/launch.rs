@@ -57,12 +57,9 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Train `job` with `nproc` workers on each of `nnodes` agents; return rank 0's losses.
-fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64> {
-    let run = job.parent().expect("dir").join("run");
-    let _ = std::fs::remove_dir_all(&run);
-    let rdzv = format!("127.0.0.1:{}", free_port());
-    let children: Vec<Child> = (0..nnodes)
+/// Start `nnodes` agents of `job` (rendezvous at `rdzv`), `nproc` workers each.
+fn start_agents(job: &Path, nnodes: usize, nproc: usize, rdzv: &str, sets: &[&str]) -> Vec<Child> {
+    (0..nnodes)
         .map(|node| {
             let mut c = launch_cmd();
             c.arg("train")
@@ -75,7 +72,7 @@ fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64> {
                     "--node-rank",
                     &node.to_string(),
                     "--rdzv",
-                    &rdzv,
+                    rdzv,
                 ]);
             }
             for s in sets {
@@ -86,7 +83,15 @@ fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64> {
                 .spawn()
                 .expect("launch starts")
         })
-        .collect();
+        .collect()
+}
+
+/// Train `job` with `nproc` workers on each of `nnodes` agents; return rank 0's losses.
+fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64> {
+    let run = job.parent().expect("dir").join("run");
+    let _ = std::fs::remove_dir_all(&run);
+    let rdzv = format!("127.0.0.1:{}", free_port());
+    let children = start_agents(job, nnodes, nproc, &rdzv, sets);
     for child in children {
         let out = child.wait_with_output().expect("launch ends");
         assert!(
@@ -405,25 +410,7 @@ fn a_control_plane_call_with_a_wrong_token_is_rejected_and_the_job_goes_on() {
     let run = job.parent().expect("dir").join("run");
     let _ = std::fs::remove_dir_all(&run);
     let rdzv = format!("127.0.0.1:{}", free_port());
-    let children: Vec<Child> = (0..2)
-        .map(|node| {
-            let mut c = launch_cmd();
-            c.arg("train").arg(&job).args([
-                "--nproc-per-node",
-                "2",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                &node.to_string(),
-                "--rdzv",
-                &rdzv,
-            ]);
-            c.stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("launch starts")
-        })
-        .collect();
+    let children = start_agents(&job, 2, 2, &rdzv, &[]);
     // Once the coordinator is up (it writes the start event), knock with a wrong token.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !run_events(&run).iter().any(|e| e["event"] == "start") {

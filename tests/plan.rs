@@ -263,33 +263,23 @@ fn strategy_auto_trains_the_layout_it_picks_and_never_one_that_does_not_fit() {
 
 #[test]
 fn launch_plan_prints_candidates_best_first_and_every_rejection_as_json() {
-    let out = launch(&[
-        "plan",
-        "--layers",
-        "32",
-        "--hidden",
-        "4096",
-        "--heads",
-        "32",
-        "--kv-heads",
-        "8",
-        "--ffn",
-        "14336",
-        "--vocab",
-        "128256",
-        "--seq-len",
-        "4096",
-        "--global-batch",
-        "64",
-        "--nnodes",
-        "2",
-        "--hardware",
-        "h100-80g",
-        "--top",
-        "5",
-        "--format",
-        "json",
-    ]);
+    let out = plan_for(
+        LLAMA3_8B,
+        &[
+            "--seq-len",
+            "4096",
+            "--global-batch",
+            "64",
+            "--nnodes",
+            "2",
+            "--hardware",
+            "h100-80g",
+            "--top",
+            "5",
+            "--format",
+            "json",
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
     let c = v["candidates"].as_array().expect("candidates");
@@ -322,29 +312,25 @@ fn launch_plan_prints_candidates_best_first_and_every_rejection_as_json() {
         .contains("does not fit")));
     assert!(rejected.iter().all(|r| r["layout"].is_string()));
     // One layout priced: every candidate has it.
-    let out = launch(&[
-        "plan",
-        "--layers",
-        "32",
-        "--hidden",
-        "4096",
-        "--heads",
-        "32",
-        "--vocab",
-        "32000",
-        "--seq-len",
-        "2048",
-        "--global-batch",
-        "64",
-        "--nnodes",
-        "2",
-        "--tp",
-        "8",
-        "--pp",
-        "2",
-        "--format",
-        "json",
-    ]);
+    let out = plan_for(
+        &[
+            "--layers", "32", "--hidden", "4096", "--heads", "32", "--vocab", "32000",
+        ],
+        &[
+            "--seq-len",
+            "2048",
+            "--global-batch",
+            "64",
+            "--nnodes",
+            "2",
+            "--tp",
+            "8",
+            "--pp",
+            "2",
+            "--format",
+            "json",
+        ],
+    );
     let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
     for c in v["candidates"].as_array().expect("candidates") {
         assert_eq!((c["tp"].as_u64(), c["pp"].as_u64()), (Some(8), Some(2)));
@@ -387,10 +373,33 @@ fn launch_plan_prints_candidates_best_first_and_every_rejection_as_json() {
     assert!(stderr(&out).contains("--hardware"), "{}", stderr(&out));
 }
 
+/// Llama-3 8B's dimensions as `launch plan` flags.
+const LLAMA3_8B: &[&str] = &[
+    "--layers",
+    "32",
+    "--hidden",
+    "4096",
+    "--heads",
+    "32",
+    "--kv-heads",
+    "8",
+    "--ffn",
+    "14336",
+    "--vocab",
+    "128256",
+];
+
+/// `launch plan` for the model given by `model` flags, with `more` flags.
+fn plan_for(model: &[&str], more: &[&str]) -> std::process::Output {
+    let mut args = vec!["plan"];
+    args.extend_from_slice(model);
+    args.extend_from_slice(more);
+    launch(&args)
+}
+
 /// `launch plan` for a two-layer model of width 64, with `more` flags.
 fn plan_tiny(more: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "plan",
+    let tiny = [
         "--layers",
         "2",
         "--hidden",
@@ -404,6 +413,5 @@ fn plan_tiny(more: &[&str]) -> std::process::Output {
         "--global-batch",
         "8",
     ];
-    args.extend_from_slice(more);
-    launch(&args)
+    plan_for(&tiny, more)
 }
