@@ -102,7 +102,7 @@ mod imp {
             buf: &mut CudaSlice<T>,
             o: ReduceOp,
         ) -> Result<()> {
-            self.tick();
+            let _in = self.tick("all_reduce");
             self.comm()
                 .0
                 .all_reduce_in_place(buf, &op(o))
@@ -116,7 +116,7 @@ mod imp {
             input: &CudaSlice<T>,
             output: &mut CudaSlice<T>,
         ) -> Result<()> {
-            self.tick();
+            let _in = self.tick("all_gather");
             self.comm()
                 .0
                 .all_gather(input, output)
@@ -130,8 +130,10 @@ mod imp {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         }
 
-        fn tick(&self) {
+        /// Count a collective (the job's position sees it until the guard drops).
+        fn tick(&self, name: &'static str) -> crate::runtime::position::InCollective {
             self.seq.fetch_add(1, Ordering::Relaxed);
+            crate::runtime::position::enter(name, true)
         }
 
         fn up<T: DeviceRepr + Element>(&self, host: &[u8]) -> Result<CudaSlice<T>> {
@@ -194,7 +196,7 @@ mod imp {
             self.seq.load(Ordering::Relaxed)
         }
         fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, o: ReduceOp) -> Result<()> {
-            self.tick();
+            let _in = self.tick("all_reduce");
             if buf.is_empty() {
                 return Ok(()); // CUDA refuses zero-byte allocations; nothing to move
             }
@@ -207,7 +209,7 @@ mod imp {
             }
         }
         fn all_gather_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
-            self.tick();
+            let _in = self.tick("all_gather");
             if input.is_empty() {
                 return Ok(()); // CUDA refuses zero-byte allocations; nothing to move
             }
@@ -226,7 +228,7 @@ mod imp {
             dtype: DType,
             o: ReduceOp,
         ) -> Result<()> {
-            self.tick();
+            let _in = self.tick("reduce_scatter");
             if output.is_empty() {
                 return Ok(());
             }
@@ -239,7 +241,7 @@ mod imp {
             }
         }
         fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
-            self.tick();
+            let _in = self.tick("broadcast");
             if buf.is_empty() {
                 return Ok(()); // CUDA refuses zero-byte allocations; nothing to move
             }
@@ -271,7 +273,7 @@ mod imp {
             let n = self.size();
             let lens: Vec<i64> = send.iter().map(|s| s.len() as i64).collect();
             let all = self.all_gather(&lens)?;
-            self.tick();
+            let _in = self.tick("all_to_all");
             let recv_lens: Vec<usize> = (0..n).map(|j| all[j * n + self.rank()] as usize).collect();
             // CUDA refuses zero-byte allocations: empty slots move nothing.
             let sends = send

@@ -23,6 +23,9 @@ pub enum ToAgent {
     },
     /// Sent after every optimizer step and on phase changes.
     Progress(Progress),
+    /// Sent by the reporter's thread every [`POSITION_EVERY`], also while the worker is
+    /// blocked in a collective (a stopped process sends nothing).
+    Position(Position),
     /// A job event for `events.jsonl` (audit, eval, export, done...).
     Event {
         rank: usize,
@@ -47,9 +50,32 @@ pub struct Progress {
     pub seq: u64,
     /// Seconds the last step took.
     pub step_time: f64,
+    /// Seconds since the previous step's report not spent waiting in collectives (what a
+    /// slow rank has more of; its peers wait for it).
+    #[serde(default)]
+    pub busy: f64,
+    /// Collectives this process has entered (see [`crate::runtime::position`]).
+    #[serde(default)]
+    pub collectives: u64,
     /// Anything else for the event log (lr, grad norm, tokens...).
     #[serde(default)]
     pub extra: serde_json::Value,
+}
+
+/// How often a worker says where it is.
+pub const POSITION_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Where a worker is: for the coordinator's hang detector.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Position {
+    pub rank: usize,
+    /// Optimizer steps done.
+    pub step: u64,
+    pub phase: String,
+    /// Collectives entered, the kind of the last, and whether the worker is inside it.
+    pub collectives: u64,
+    pub collective: String,
+    pub inside: bool,
 }
 
 /// What an agent sends a worker.
@@ -112,6 +138,8 @@ mod tests {
             phase: "train".into(),
             seq: 40,
             step_time: 0.25,
+            busy: 0.2,
+            collectives: 41,
             extra: serde_json::json!({"lr": 1e-3}),
         });
         let mut buf = Vec::new();

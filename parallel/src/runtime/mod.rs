@@ -21,6 +21,7 @@
 
 pub mod env;
 pub mod link;
+pub mod position;
 mod reporter;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -199,6 +199,7 @@ impl TcpComm {
                 source,
             });
         }
+        let _in = crate::runtime::position::enter(op.name(), tick);
         let call = Call::new(self, op, detail, seq);
         f(&call).map_err(|fault| {
             let err = blame::conclude(&call, fault);
