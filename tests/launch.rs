@@ -8,112 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::jobs::*;
 use common::*;
-
-/// Rank 0's loss at each step (and then the eval losses), in order.
-fn losses(run: &Path) -> Vec<f64> {
-    let mut steps: Vec<(u64, f64)> = run_events(run)
-        .iter()
-        .filter(|e| e["event"] == "step" && e["rank"] == 0)
-        .map(|e| {
-            (
-                e["step"].as_u64().expect("step"),
-                e["loss"].as_f64().expect("loss"),
-            )
-        })
-        .collect();
-    steps.sort_by_key(|s| s.0);
-    let evals = run_events(run)
-        .into_iter()
-        .filter(|e| e["event"] == "eval")
-        .map(|e| e["loss"].as_f64().expect("loss"));
-    steps.into_iter().map(|s| s.1).chain(evals).collect()
-}
-
-fn write_job(dir: &Path, lora: bool, steps: u64) -> PathBuf {
-    let data = fixtures().join("data");
-    let mut body = format!(
-        "[job]\nname = \"dp\"\nrun_dir = \"{run}\"\n[model]\npath = \"{model}\"\n[data]\ntrain = \"{train}\"\neval = \"{eval}\"\nmax_seq_len = 64\npacking = false\n\
-         [training]\nmax_steps = {steps}\nglobal_batch = 8\nmicro_batch = 1\nlr = 1e-2\nseed = 3\nwarmup_steps = 2\neval_every = 5\n",
-        run = dir.join("run").display(),
-        model = model_dir("llama2").display(),
-        train = data.join("train_tokens.jsonl").display(),
-        eval = data.join("eval_tokens.jsonl").display(),
-    );
-    if lora {
-        body.push_str(
-            "[lora]\nr = 4\nalpha = 8\ntargets = [\"q_proj\", \"v_proj\", \"down_proj\"]\n",
-        );
-    }
-    let path = dir.join("job.toml");
-    std::fs::write(&path, body).expect("job");
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Start `nnodes` agents of `job` (rendezvous at `rdzv`), `nproc` workers each.
-fn start_agents(job: &Path, nnodes: usize, nproc: usize, rdzv: &str, sets: &[&str]) -> Vec<Child> {
-    (0..nnodes)
-        .map(|node| {
-            let mut c = launch_cmd();
-            c.arg("train")
-                .arg(job)
-                .args(["--nproc-per-node", &nproc.to_string()]);
-            if nnodes > 1 {
-                c.args([
-                    "--nnodes",
-                    &nnodes.to_string(),
-                    "--node-rank",
-                    &node.to_string(),
-                    "--rdzv",
-                    rdzv,
-                ]);
-            }
-            for s in sets {
-                c.args(["--set", s]);
-            }
-            c.stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("launch starts")
-        })
-        .collect()
-}
-
-/// Train `job` with `nproc` workers on each of `nnodes` agents; return rank 0's losses.
-fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64> {
-    let run = job.parent().expect("dir").join("run");
-    let _ = std::fs::remove_dir_all(&run);
-    let rdzv = format!("127.0.0.1:{}", free_port());
-    let children = start_agents(job, nnodes, nproc, &rdzv, sets);
-    for child in children {
-        let out = child.wait_with_output().expect("launch ends");
-        assert!(
-            out.status.success(),
-            "{nnodes}×{nproc}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let ev = run_events(&run);
-    let world = nnodes * nproc;
-    for rank in 0..world {
-        let steps = ev
-            .iter()
-            .filter(|e| e["event"] == "step" && e["rank"] == rank as u64)
-            .count();
-        assert!(
-            steps > 0 && ev.iter().any(|e| e["step_time"].is_number()),
-            "rank {rank} reported its steps"
-        );
-    }
-    losses(&run)
-}
 
 /// Elements of optimizer state `rank` held after its first step in the last run of `job`.
 fn optimizer_state(job: &Path, rank: u64) -> u64 {
@@ -123,17 +19,6 @@ fn optimizer_state(job: &Path, rank: u64) -> u64 {
         .find(|e| e["event"] == "step" && e["rank"] == rank && e["step"] == 1)
         .and_then(|e| e["optimizer_state_elems"].as_u64())
         .expect("a step event with optimizer_state_elems")
-}
-
-fn assert_same(reference: &[f64], got: &[f64], what: &str) {
-    assert_eq!(reference.len(), got.len(), "{what}: step count");
-    for (i, (a, b)) in reference.iter().zip(got).enumerate() {
-        assert!(
-            rel_diff(*b, *a) < 1e-5,
-            "{what}: step {} loss {b} vs one process {a}",
-            i + 1
-        );
-    }
 }
 
 #[test]
@@ -309,45 +194,10 @@ fn start_long_job(dir: &Path, sets: &[&str]) -> (Child, Vec<u32>, PathBuf) {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie is gone for our purposes; `kill -0` would still succeed on it.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
-        .unwrap_or(false)
-}
-
-fn wait_exit(mut child: Child, limit: Duration) -> (std::process::ExitStatus, String, Duration) {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use std::io::Read;
-                let _ = e.read_to_string(&mut err);
-            }
-            return (status, err, start.elapsed());
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("launch did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
-fn a_killed_worker_stops_the_job_and_is_named() {
+fn a_killed_worker_stops_a_job_without_restarts_and_is_named() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (child, pids, run) = start_long_job(tmp.path(), &[]);
+    let (child, pids, run) = start_long_job(tmp.path(), &["launch.max_restarts=0"]);
     signal(pids[1], "-KILL");
     let (status, err, took) = wait_exit(child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(1), "{err}");
@@ -358,11 +208,20 @@ fn a_killed_worker_stops_the_job_and_is_named() {
         .iter()
         .find(|e| e["event"] == "fault")
         .expect("a fault event");
-    assert_eq!(fault["fault_rank"], 1, "{fault}");
-    assert!(
-        fault["reason"].as_str().expect("reason").contains("rank 1"),
+    assert_eq!(
+        (&fault["rank"], &fault["kind"]),
+        (&1.into(), &"crash".into()),
         "{fault}"
     );
+    assert!(
+        fault["detail"].as_str().expect("detail").contains("rank 1"),
+        "{fault}"
+    );
+    let decision = ev
+        .iter()
+        .find(|e| e["event"] == "decision")
+        .expect("a decision");
+    assert_eq!(decision["action"], "give_up", "{decision}");
     for pid in pids {
         assert!(!alive(pid), "worker {pid} outlived the job");
     }
@@ -371,7 +230,10 @@ fn a_killed_worker_stops_the_job_and_is_named() {
 #[test]
 fn a_stopped_peer_fails_the_others_within_the_deadline() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (child, pids, run) = start_long_job(tmp.path(), &["launch.collective_timeout_s=2"]);
+    let (child, pids, run) = start_long_job(
+        tmp.path(),
+        &["launch.collective_timeout_s=2", "launch.max_restarts=0"],
+    );
     signal(pids[1], "-STOP");
     let stopped = Instant::now();
     let (status, err, _) = wait_exit(child, Duration::from_secs(30));
@@ -388,9 +250,9 @@ fn a_stopped_peer_fails_the_others_within_the_deadline() {
         .find(|e| e["event"] == "fault")
         .expect("a fault event");
     assert!(
-        fault["reason"]
+        fault["detail"]
             .as_str()
-            .expect("reason")
+            .expect("detail")
             .contains("rank 1 did not answer"),
         "{fault}"
     );

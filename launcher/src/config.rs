@@ -2,6 +2,7 @@
 //! checks that turn it into a job we can run. Every key is described in `configs/README.md`.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -51,9 +52,38 @@ pub struct LaunchSection {
     /// Seconds a collective may wait for a peer before failing with an error naming it.
     #[serde(default = "default_collective_timeout")]
     pub collective_timeout_s: f64,
+    /// Seconds between an agent's heartbeats (they carry the workers' reports).
+    #[serde(default = "default_heartbeat_interval")]
+    pub heartbeat_interval_s: f64,
     /// Seconds without a heartbeat after which the coordinator declares a node lost.
     #[serde(default = "default_heartbeat_timeout")]
     pub heartbeat_timeout_s: f64,
+    /// A hang: no progress for max(hang_factor × the median recent step, hang_floor_s).
+    #[serde(default = "default_hang_factor")]
+    pub hang_factor: f64,
+    #[serde(default = "default_hang_floor")]
+    pub hang_floor_s: f64,
+    /// A straggler: busy (not waiting for peers) over straggler_factor × the median for
+    /// straggler_steps steps in a row.
+    #[serde(default = "default_straggler_factor")]
+    pub straggler_factor: f64,
+    #[serde(default = "default_straggler_steps")]
+    pub straggler_steps: u32,
+    /// Restarts (of any kind) before the job gives up.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    /// Fewest nodes the job may shrink to.
+    #[serde(default = "one")]
+    pub min_nodes: usize,
+    /// Crashes or hangs on one node after which it is excluded.
+    #[serde(default = "default_exclude_after")]
+    pub exclude_after: u32,
+    /// Exclude a straggling node (else it is only reported).
+    #[serde(default)]
+    pub exclude_stragglers: bool,
+    /// This agent is a spare: it waits, and takes a lost node's place.
+    #[serde(default)]
+    pub spare: bool,
     /// Seconds to wait for every node to join.
     #[serde(default = "default_rdzv_timeout")]
     pub rdzv_timeout_s: f64,
@@ -69,8 +99,29 @@ fn one() -> usize {
 fn default_collective_timeout() -> f64 {
     300.0
 }
+fn default_heartbeat_interval() -> f64 {
+    1.0
+}
 fn default_heartbeat_timeout() -> f64 {
-    30.0
+    3.0
+}
+fn default_hang_factor() -> f64 {
+    10.0
+}
+fn default_hang_floor() -> f64 {
+    120.0
+}
+fn default_straggler_factor() -> f64 {
+    1.5
+}
+fn default_straggler_steps() -> u32 {
+    3
+}
+fn default_max_restarts() -> u32 {
+    3
+}
+fn default_exclude_after() -> u32 {
+    3
 }
 fn default_rdzv_timeout() -> f64 {
     300.0
@@ -119,7 +170,7 @@ impl LaunchSection {
         if self.nnodes == 0 {
             return Err("launch.nnodes: must be at least 1".into());
         }
-        if self.node_rank >= self.nnodes {
+        if self.node_rank >= self.nnodes && !self.spare {
             return Err(format!(
                 "launch.node_rank: {} must be below nnodes {}",
                 self.node_rank, self.nnodes
@@ -138,8 +189,10 @@ impl LaunchSection {
         }
         for (key, v) in [
             ("collective_timeout_s", self.collective_timeout_s),
+            ("heartbeat_interval_s", self.heartbeat_interval_s),
             ("heartbeat_timeout_s", self.heartbeat_timeout_s),
             ("rdzv_timeout_s", self.rdzv_timeout_s),
+            ("hang_floor_s", self.hang_floor_s),
         ] {
             if !(v.is_finite() && v > 0.0 && v <= parallel::runtime::env::MAX_SECONDS) {
                 return Err(format!(
@@ -148,7 +201,50 @@ impl LaunchSection {
                 ));
             }
         }
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s {
+            return Err(format!(
+                "launch.heartbeat_timeout_s: {} must be longer than heartbeat_interval_s {}",
+                self.heartbeat_timeout_s, self.heartbeat_interval_s
+            ));
+        }
+        for (key, v) in [
+            ("hang_factor", self.hang_factor),
+            ("straggler_factor", self.straggler_factor),
+        ] {
+            if !(v.is_finite() && v >= 1.0) {
+                return Err(format!("launch.{key}: {v} must be a number ≥ 1"));
+            }
+        }
+        if self.straggler_steps == 0 || self.exclude_after == 0 || self.min_nodes == 0 {
+            return Err(
+                "launch.straggler_steps, exclude_after and min_nodes: must be at least 1".into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The coordinator's detection thresholds.
+    pub fn detect_policy(&self) -> crate::coordinator::detect::DetectPolicy {
+        crate::coordinator::detect::DetectPolicy {
+            heartbeat_timeout: Duration::from_secs_f64(self.heartbeat_timeout_s),
+            hang_factor: self.hang_factor,
+            hang_floor: Duration::from_secs_f64(self.hang_floor_s),
+            straggler_factor: self.straggler_factor,
+            straggler_steps: self.straggler_steps,
+            // Positions ride on the heartbeats: a healthy rank is heard from every beat.
+            position_silence: Duration::from_secs_f64((1.5 * self.heartbeat_interval_s).max(1.5)),
+            ..Default::default()
+        }
+    }
+
+    /// The coordinator's recovery limits.
+    pub fn recovery_policy(&self) -> crate::coordinator::recover::RecoveryPolicy {
+        crate::coordinator::recover::RecoveryPolicy {
+            max_restarts: self.max_restarts,
+            min_nodes: self.min_nodes,
+            exclude_after: self.exclude_after,
+            exclude_stragglers: self.exclude_stragglers,
+        }
     }
 }
 

@@ -34,6 +34,11 @@ impl EventLog {
         })
     }
 
+    /// Stamp later events with `generation` (the coordinator's, after a restart).
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+
     /// Append an event of rank 0 on node 0 (a job run in one process).
     pub fn emit(&mut self, kind: &str, fields: Value) -> Result<()> {
         self.emit_as(kind, Some(0), Some(0), fields)

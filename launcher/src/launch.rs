@@ -17,6 +17,7 @@ fn current_exe() -> Result<PathBuf> {
 /// `launch train CONFIG [--set ...] [--nproc-per-node N ...]`.
 pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
     let cfg = JobConfig::load(config, overrides)?;
+    let as_written = cfg.clone();
     train::preflight(&cfg)?;
     // A multi-node job without its control-plane secret is refused before anything starts.
     crate::auth::Token::resolve(&cfg.launch)?;
@@ -61,6 +62,50 @@ pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
         },
         start: train::start_fields(&cfg, world, chosen.as_ref()),
         max_steps: Some(t.max_steps),
+        replan: Some(replan(as_written, config.to_path_buf(), world)),
+    })
+}
+
+/// How a restarted generation of a training job runs: it resumes from the last committed
+/// checkpoint; with a world other than `world` (nodes were lost or a spare differs) the
+/// strategy search re-plans the layout (keeping the job file's pins if it can), and the
+/// workers get it as `--set` overrides. The plan goes into the `restart` event.
+fn replan(cfg: JobConfig, file: PathBuf, world: usize) -> crate::coordinator::Replan {
+    std::sync::Arc::new(move |now: usize, local: usize| {
+        let mut args = vec!["--set".to_string(), "checkpoint.resume=true".to_string()];
+        if now == world {
+            return Ok((args, json!({"layout": "unchanged", "world": now})));
+        }
+        let mut auto = cfg.clone();
+        auto.parallel.strategy = "auto".into();
+        let resolved = crate::plan::resolve(&auto, &file, now, local).or_else(|_| {
+            let p = &mut auto.parallel;
+            (p.dp, p.tp, p.pp, p.ep) = (None, 1, 1, 1);
+            (p.micro_batch, p.virtual_stages, p.zero1, p.stage_layers) = (None, None, false, None);
+            crate::plan::resolve(&auto, &file, now, local)
+        });
+        let (resolved, chosen) = resolved.map_err(|e| e.to_string())?;
+        let p = &resolved.parallel;
+        let mut sets = vec![
+            "parallel.strategy=\"manual\"".to_string(),
+            format!("parallel.dp={}", p.dp.unwrap_or(1)),
+            format!("parallel.tp={}", p.tp),
+            format!("parallel.pp={}", p.pp),
+            format!("parallel.ep={}", p.ep),
+            format!("parallel.zero1={}", p.zero1),
+            format!("parallel.schedule=\"{}\"", p.schedule),
+            format!("training.micro_batch={}", resolved.training.micro_batch),
+        ];
+        sets.extend(p.micro_batch.map(|m| format!("parallel.micro_batch={m}")));
+        sets.extend(
+            p.virtual_stages
+                .map(|v| format!("parallel.virtual_stages={v}")),
+        );
+        for set in sets {
+            args.extend(["--set".to_string(), set]);
+        }
+        let plan = chosen.map_or(serde_json::Value::Null, |c| c.event());
+        Ok((args, plan))
     })
 }
 
@@ -101,5 +146,6 @@ pub fn run_program(
             args: args.to_vec(),
         },
         max_steps: None,
+        replan: None,
     })
 }

@@ -362,8 +362,12 @@ pub fn run_on<B: Collective>(
     let mut step_times = Vec::new();
     // Steps this process runs (fewer after a resume): the plan check waits for some.
     let checked_after = PLAN_CHECK_STEPS.min(t.max_steps.saturating_sub(trainer.steps_done()));
+    let delay = injected_delay(ctx.rank);
     while trainer.steps_done() < t.max_steps {
         let s = trainer.step()?;
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         last_loss = s.loss;
         if let Some(c) = chosen.filter(|_| lead) {
             step_times.push(s.seconds);
@@ -439,6 +443,31 @@ pub fn run_on<B: Collective>(
         "done",
         json!({"steps": t.max_steps, "loss": last_loss, "seconds": started.elapsed().as_secs_f64()}),
     )
+}
+
+/// Test-only fault injection: with `TIDEMILL_TEST_DELAY=RANK:SECONDS[,RANK:SECONDS…]` in
+/// its environment (`*` for any rank; a rank's own entry wins), a rank sleeps that long
+/// after every step: a straggler for the coordinator to find, or steps slow enough for a
+/// test to act between them.
+fn injected_delay(rank: usize) -> Option<Duration> {
+    let spec = std::env::var("TIDEMILL_TEST_DELAY").ok()?;
+    let mut any = None;
+    for entry in spec.split(',') {
+        let (r, secs) = entry.split_once(':')?;
+        let secs: f64 = secs
+            .trim()
+            .parse()
+            .ok()
+            .filter(|s: &f64| s.is_finite() && *s > 0.0)?;
+        match r.trim() {
+            "*" => any = Some(secs),
+            r if r.parse::<usize>().ok() == Some(rank) => {
+                return Some(Duration::from_secs_f64(secs))
+            }
+            _ => {}
+        }
+    }
+    any.map(Duration::from_secs_f64)
 }
 
 /// Every data rank evaluates its contiguous share of `rows` (tensor-parallel ranks the same

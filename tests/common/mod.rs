@@ -2,6 +2,8 @@
 //! `tools/golden/make_fixtures.py` with transformers, and helpers to run `launch`.
 #![allow(dead_code)]
 
+pub mod jobs;
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 

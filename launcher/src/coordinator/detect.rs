@@ -3,10 +3,12 @@
 //!
 //! - **crash**: a worker exited non-zero or by a signal ([`crash`]).
 //! - **lost heartbeat**: an agent silent for `heartbeat_timeout`.
-//! - **hang**: no step finished for max(`hang_factor` × the median recent step time,
-//!   `hang_floor`); the culprit is the rank whose collective sequence number lags the
-//!   others' (it never entered the collective they wait in), named with its node, the
-//!   collective and its number, and its phase.
+//! - **hang**: no progress (a finished step, or a rank entering a collective no rank had
+//!   entered) for max(`hang_factor` × the median recent step time, `hang_floor`), once the
+//!   generation finished its first step; the culprit is the rank whose collective sequence number lags the
+//!   others' (it never entered the collective they wait in), else the one that stopped
+//!   reporting its position, named with its node, the collective and its number, and its
+//!   phase.
 //! - **straggler**: a rank whose busy time (its step time less the time it waited in
 //!   collectives) exceeds the median's `straggler_factor` for `straggler_steps` steps in a row.
 
@@ -25,6 +27,9 @@ pub struct DetectPolicy {
     pub straggler_steps: u32,
     /// Recent steps the median step time is taken over.
     pub window: usize,
+    /// A rank whose position reports stopped this long ago is silent (its reporter thread
+    /// sends one every 0.5 s, also from inside a collective).
+    pub position_silence: Duration,
 }
 
 impl Default for DetectPolicy {
@@ -36,6 +41,7 @@ impl Default for DetectPolicy {
             straggler_factor: 1.5,
             straggler_steps: 3,
             window: 20,
+            position_silence: Duration::from_millis(1500),
         }
     }
 }
@@ -69,6 +75,8 @@ pub struct Fault {
     pub detected_at: Instant,
     /// The last moment the thing was known healthy (its last heartbeat, the last step).
     pub healthy_at: Instant,
+    /// Restarting cannot help (a worker reported a configuration error, exit status 2).
+    pub permanent: bool,
 }
 
 impl Fault {
@@ -89,6 +97,7 @@ pub fn crash(exit: &WorkerExit, now: Instant, healthy_at: Instant) -> Fault {
         detail: exit.describe(),
         detected_at: now,
         healthy_at,
+        permanent: exit.code == Some(2),
     }
 }
 
@@ -101,7 +110,11 @@ struct Position {
     seq: u64,
     collective: String,
     phase: String,
+    /// When its last position report arrived.
+    reported_at: Option<Instant>,
     slow_streak: u32,
+    /// When the first step of the current slow streak was judged.
+    slow_since: Option<Instant>,
     straggling: bool,
 }
 
@@ -112,11 +125,17 @@ pub struct Detector {
     ranks: BTreeMap<usize, Position>,
     nodes: BTreeMap<usize, Instant>,
     recent: VecDeque<f64>,
+    /// The last progress: a finished step, or any rank entering a collective none had.
     last_step_at: Instant,
+    /// The most collectives any rank has entered.
+    max_seq: u64,
     /// Busy seconds of each rank at the step being assembled.
     busy: BTreeMap<u64, BTreeMap<usize, f64>>,
     world: usize,
     hang_reported: bool,
+    /// Hangs are looked for once the generation finished a step (loading a model may take
+    /// longer than any step).
+    armed: bool,
 }
 
 impl Detector {
@@ -128,10 +147,44 @@ impl Detector {
             nodes: nodes.iter().map(|&n| (n, now)).collect(),
             recent: VecDeque::new(),
             last_step_at: now,
+            max_seq: 0,
             busy: BTreeMap::new(),
             world,
             hang_reported: false,
+            armed: false,
         }
+    }
+
+    /// A new generation of `world` ranks, watching `nodes`: positions and step times start over,
+    /// nodes keep their last heartbeat (new ones count as heard from at `now`).
+    pub fn reset(&mut self, world: usize, nodes: &[usize], now: Instant) {
+        self.nodes.retain(|n, _| nodes.contains(n));
+        for &n in nodes {
+            self.nodes.entry(n).or_insert(now);
+        }
+        self.ranks.clear();
+        self.recent.clear();
+        self.busy.clear();
+        self.last_step_at = now;
+        self.max_seq = 0;
+        self.world = world;
+        self.hang_reported = false;
+        self.armed = false;
+    }
+
+    /// Every watched node has been heard from at or after `t`.
+    pub fn all_heard_since(&self, t: Instant) -> bool {
+        self.nodes.values().all(|&seen| seen >= t)
+    }
+
+    /// Watch `node`'s heartbeats from `now` on (a spare that registered).
+    pub fn watch(&mut self, node: usize, now: Instant) {
+        self.nodes.insert(node, now);
+    }
+
+    /// Stop watching `node` (excluded, or finished for good).
+    pub fn forget_node(&mut self, node: usize) {
+        self.nodes.remove(&node);
     }
 
     pub fn heartbeat(&mut self, node: usize, now: Instant) {
@@ -140,8 +193,16 @@ impl Detector {
         }
     }
 
-    /// A rank's position: collectives entered, the last one's kind, its phase.
-    pub fn position(&mut self, rank: usize, node: usize, seq: u64, collective: &str, phase: &str) {
+    /// A rank's position at `now`: collectives entered, the last one's kind, its phase.
+    pub fn position(
+        &mut self,
+        rank: usize,
+        node: usize,
+        seq: u64,
+        collective: &str,
+        phase: &str,
+        now: Instant,
+    ) {
         let p = self.ranks.entry(rank).or_default();
         p.node = node;
         if seq >= p.seq {
@@ -149,6 +210,11 @@ impl Detector {
             p.collective = collective.into();
         }
         p.phase = phase.into();
+        p.reported_at = Some(now);
+        if seq > self.max_seq {
+            self.max_seq = seq;
+            self.last_step_at = now;
+        }
     }
 
     /// A rank finished `step` in `seconds`, `busy` of them not waiting for others. Returns
@@ -168,7 +234,10 @@ impl Detector {
         p.node = node;
         p.step = p.step.max(step);
         p.seq = p.seq.max(seq);
+        p.phase = "train".into();
+        p.reported_at = Some(now);
         self.hang_reported = false;
+        self.armed = true;
         if rank == 0 {
             self.last_step_at = now;
             self.recent.push_back(seconds);
@@ -196,8 +265,10 @@ impl Detector {
             };
             if b > limit && median > 0.0 {
                 p.slow_streak += 1;
+                p.slow_since.get_or_insert(now);
             } else {
                 p.slow_streak = 0;
+                p.slow_since = None;
                 p.straggling = false;
             }
             if p.slow_streak >= self.policy.straggler_steps && !p.straggling && found.is_none() {
@@ -212,14 +283,16 @@ impl Detector {
                         p.node, self.policy.straggler_factor, p.slow_streak
                     ),
                     detected_at: now,
-                    healthy_at: now,
+                    // Its first slow step: the latency is the streak's length.
+                    healthy_at: p.slow_since.unwrap_or(now),
+                    permanent: false,
                 });
             }
         }
         found
     }
 
-    /// The step-progress limit now: max(hang_factor × median recent step, hang_floor).
+    /// The progress limit now: max(hang_factor × median recent step, hang_floor).
     pub fn hang_limit(&self) -> Duration {
         let typical = median(self.recent.iter().copied()).unwrap_or(0.0);
         Duration::from_secs_f64(typical * self.policy.hang_factor).max(self.policy.hang_floor)
@@ -243,24 +316,29 @@ impl Detector {
                     ),
                     detected_at: now,
                     healthy_at: seen,
+                    permanent: false,
                 });
             }
         }
         let stalled = now.saturating_duration_since(self.last_step_at);
-        if !self.hang_reported && stalled > self.hang_limit() {
+        if self.armed && !self.hang_reported && stalled > self.hang_limit() {
             self.hang_reported = true;
             out.push(self.hang(now, stalled));
         }
         out
     }
 
-    /// The hang fault: the rank whose collective count lags the most (the lowest; on a tie
-    /// the lowest rank), and what the others wait in.
+    /// The hang fault: the rank whose collective count lags the most (the lowest), else one
+    /// that stopped reporting its position; on a tie the stalest, then the lowest rank.
     fn hang(&self, now: Instant, stalled: Duration) -> Fault {
+        let silent_for = |p: &Position| {
+            p.reported_at
+                .map_or(stalled, |t| now.saturating_duration_since(t))
+        };
         let culprit = self
             .ranks
             .iter()
-            .min_by_key(|(rank, p)| (p.seq, **rank))
+            .min_by_key(|(rank, p)| (p.seq, std::cmp::Reverse(silent_for(p)), **rank))
             .map(|(&r, p)| (r, p.clone()));
         let ahead = self.ranks.values().map(|p| p.seq).max().unwrap_or(0);
         let waiting_in = self
@@ -268,35 +346,48 @@ impl Detector {
             .values()
             .find(|p| p.seq == ahead)
             .map_or(String::new(), |p| p.collective.clone());
-        let (rank, node, detail) =
-            match culprit {
-                Some((r, p)) if p.seq < ahead => {
-                    (
-                        Some(r),
-                        Some(p.node),
-                        format!(
-                    "no step for {:.1} s (limit {:.1} s): rank {r} (node {}) is at collective \
-                     #{} ({}, phase {}) while the others wait in #{ahead} ({waiting_in})",
-                    stalled.as_secs_f64(),
-                    self.hang_limit().as_secs_f64(),
-                    p.node,
-                    p.seq,
-                    if p.collective.is_empty() { "none yet" } else { &p.collective },
-                    if p.phase.is_empty() { "unknown" } else { &p.phase },
-                ),
-                    )
-                }
-                _ => (
-                    None,
-                    None,
+        let limits = format!(
+            "no step for {:.1} s (limit {:.1} s)",
+            stalled.as_secs_f64(),
+            self.hang_limit().as_secs_f64()
+        );
+        let named = |s: &str, none: &str| {
+            if s.is_empty() {
+                none.to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        let (rank, node, detail) = match culprit {
+            Some((r, p)) if p.seq < ahead || silent_for(&p) > self.policy.position_silence => {
+                let why = if p.seq < ahead {
+                    String::new()
+                } else {
+                    format!(", silent for {:.1} s,", silent_for(&p).as_secs_f64())
+                };
+                (
+                    Some(r),
+                    Some(p.node),
                     format!(
-                    "no step for {:.1} s (limit {:.1} s); every rank is at collective #{ahead} \
-                     ({waiting_in}): no single rank lags",
-                    stalled.as_secs_f64(),
-                    self.hang_limit().as_secs_f64()
+                        "{limits}: rank {r} (node {}){why} is at collective #{} ({}, phase {}, \
+                         step {}) while the others wait in #{ahead} ({waiting_in})",
+                        p.node,
+                        p.seq,
+                        named(&p.collective, "none yet"),
+                        named(&p.phase, "unknown"),
+                        p.step,
+                    ),
+                )
+            }
+            _ => (
+                None,
+                None,
+                format!(
+                    "{limits}; every rank is at collective #{ahead} ({waiting_in}) and \
+                     reporting: no single rank lags"
                 ),
-                ),
-            };
+            ),
+        };
         Fault {
             kind: Kind::Hang,
             rank,
@@ -304,6 +395,7 @@ impl Detector {
             detail,
             detected_at: now,
             healthy_at: self.last_step_at,
+            permanent: false,
         }
     }
 }
@@ -351,10 +443,10 @@ mod tests {
         }
         // Rank 3 stops inside step 6; the others enter collective #61 and wait there.
         for rank in 0..3 {
-            d.position(rank, rank / 2, 61, "all_reduce", "train");
+            d.position(rank, rank / 2, 61, "all_reduce", "train", secs(t0, 2.5));
         }
-        d.position(3, 1, 60, "all_reduce", "train");
-        // The limit is the floor (10 × 0.5 s < 10 s): nothing at 12 s, a hang after 12.5 s.
+        d.position(3, 1, 60, "all_reduce", "train", secs(t0, 2.5));
+        // The limit is the floor (10 × 0.5 s < 10 s): nothing at 12.4 s, a hang after 12.5 s.
         assert_eq!(d.hang_limit(), Duration::from_secs(10));
         for node in [0, 1] {
             d.heartbeat(node, secs(t0, 12.4));
@@ -374,6 +466,32 @@ mod tests {
         assert!((f[0].detection_latency() - 10.1).abs() < 1e-6);
         // Reported once, until steps resume.
         assert!(d.check(secs(t0, 12.8)).is_empty());
+    }
+
+    #[test]
+    fn a_silent_rank_is_the_culprit_when_no_count_lags_and_setup_is_not_a_hang() {
+        let t0 = Instant::now();
+        let mut d = Detector::new(DetectPolicy::default(), 2, &[0], t0);
+        // Loading the model for a minute is not a hang: nothing is armed before a step.
+        d.heartbeat(0, secs(t0, 60.0));
+        assert!(d.check(secs(t0, 60.0)).is_empty());
+        d.step(0, 0, 1, 0.5, 0.4, 10, secs(t0, 60.5));
+        d.step(1, 0, 1, 0.5, 0.4, 10, secs(t0, 60.5));
+        // Both entered collective #11; rank 1 went silent (stopped), rank 0 reports from
+        // inside the collective.
+        d.position(1, 0, 11, "all_reduce", "train", secs(t0, 60.6));
+        for t in [61.0, 65.0, 70.0, 70.7] {
+            d.position(0, 0, 11, "all_reduce", "train", secs(t0, t));
+            d.heartbeat(0, secs(t0, t));
+        }
+        let f = d.check(secs(t0, 70.7));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!((f[0].kind, f[0].rank), (Kind::Hang, Some(1)));
+        assert!(f[0].detail.contains("silent for 10.1 s"), "{}", f[0].detail);
+        // A new generation starts over, unarmed.
+        d.reset(2, &[0], secs(t0, 71.0));
+        d.heartbeat(0, secs(t0, 200.0));
+        assert!(d.check(secs(t0, 200.0)).is_empty());
     }
 
     #[test]

@@ -1,41 +1,73 @@
 //! The job's coordinator (one per job, inside node 0's agent): rendezvous, rank
-//! assignment, the peer table, heartbeats, the fault decision and the event log.
-//! The decisions themselves are pure functions in [`state`].
+//! assignment, the peer table, heartbeats, fault detection and recovery, the event log.
+//!
+//! The job runs in generations. When [`detect`] finds a fault, [`recover::decide`] says
+//! what to do; a restart bumps the generation: every agent hears it in its next heartbeat
+//! reply, kills its workers, waits for them and joins again; the new generation's
+//! rendezvous completes only when every member has, so two generations never train at
+//! once (and each generation's data plane has its own connection token). A lost node is
+//! left out, a spare takes its place or the job shrinks: the workers of the new
+//! generation get the layout re-planned for their world and resume from the last
+//! committed checkpoint ([`Settings::replan`]).
 
 pub mod detect;
 pub mod recover;
+pub mod service;
 pub mod state;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use tokio::sync::Notify;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use crate::events::EventLog;
 use crate::progress::StepDisplay;
-use crate::rpc;
-use state::{decide, Decision, JobState, Policy, WorkerExit};
+use detect::{DetectPolicy, Detector, Fault};
+use recover::{Action, Cluster, RecoveryPolicy};
+use state::{JobState, WorkerExit};
+
+pub use service::serve;
+
+/// Worker arguments for a new generation of `world` ranks (`local` per node), and the
+/// plan for its `restart` event.
+pub type Replan = Arc<dyn Fn(usize, usize) -> Result<(Vec<String>, Value), String> + Send + Sync>;
 
 /// What the coordinator needs to know up front.
 pub struct Settings {
     pub nnodes: usize,
-    pub policy: Policy,
+    pub detect: DetectPolicy,
+    pub recover: RecoveryPolicy,
     pub rdzv_timeout: Duration,
     /// Fields of the `start` event.
     pub start: Value,
     /// Shown as a bar (or log lines) from rank 0's step reports.
     pub display: StepDisplay,
+    /// How a restarted generation's workers are told to resume (and, for a changed world,
+    /// their new layout); `None`: the same command again.
+    pub replan: Option<Replan>,
 }
+
+/// Failed workers reported within this long of the first are one crash (and it is acted on
+/// only once every node has beaten since): the one a signal ended is blamed, not the peers
+/// that lost their connection to it.
+const CRASH_WINDOW: Duration = Duration::from_millis(500);
 
 struct Inner {
     state: JobState,
+    detector: Detector,
     events: EventLog,
     display: StepDisplay,
-    fault_logged: bool,
+    /// Failed workers of the current generation, as reported.
+    crashes: Vec<(Instant, WorkerExit)>,
+    /// Faults per node so far.
+    node_faults: BTreeMap<usize, u32>,
+    /// When the fault being recovered from was detected (until the next step).
+    recovering: Option<Instant>,
+    finish_logged: bool,
     done_logged: bool,
-    finished: bool,
 }
 
 /// The gRPC service; cheap to clone.
@@ -44,28 +76,48 @@ pub struct Coordinator {
     inner: Arc<Mutex<Inner>>,
     changed: Arc<Notify>,
     nonce: u64,
-    policy: Policy,
+    policy: RecoveryPolicy,
+    replan: Option<Replan>,
     rdzv_timeout: Duration,
     started: Instant,
+}
+
+/// Unix seconds of an instant in the past (or now).
+fn unix(at: Instant) -> f64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    now - Instant::now().saturating_duration_since(at).as_secs_f64()
+}
+
+fn log(events: &mut EventLog, kind: &str, rank: Option<usize>, node: Option<usize>, fields: Value) {
+    if let Err(e) = events.emit_as(kind, rank, node, fields) {
+        tracing::warn!("event log: {e:#}");
+    }
 }
 
 impl Coordinator {
     pub fn new(settings: Settings, mut events: EventLog) -> crate::Result<Self> {
         events.emit("start", settings.start)?;
+        let now = Instant::now();
         Ok(Self {
             inner: Arc::new(Mutex::new(Inner {
                 state: JobState::new(settings.nnodes),
+                detector: Detector::new(settings.detect, 0, &[], now),
                 events,
                 display: settings.display,
-                fault_logged: false,
+                crashes: Vec::new(),
+                node_faults: BTreeMap::new(),
+                recovering: None,
+                finish_logged: false,
                 done_logged: false,
-                finished: false,
             })),
             changed: Arc::new(Notify::new()),
             nonce: rand::random(),
-            policy: settings.policy,
+            policy: settings.recover,
+            replan: settings.replan,
             rdzv_timeout: settings.rdzv_timeout,
-            started: Instant::now(),
+            started: now,
         })
     }
 
@@ -76,274 +128,189 @@ impl Coordinator {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Re-evaluate the job (called on a timer and on every message): logs a fault once.
-    pub fn tick(&self) -> Decision {
-        let mut inner = self.lock();
-        let decision = decide(Instant::now(), &inner.state, &self.policy);
-        match &decision {
-            Decision::Stop(fault) if !inner.fault_logged => {
-                inner.fault_logged = true;
-                // A lost node becomes the job's fault too: waiting RPCs abort on it.
-                inner.state.fault.get_or_insert_with(|| fault.clone());
-                inner.display.abandon();
-                let fields =
-                    json!({"node": fault.node, "fault_rank": fault.rank, "reason": fault.reason});
-                log(
-                    &mut inner.events,
-                    "fault",
-                    fault.rank,
-                    Some(fault.node),
-                    fields,
-                );
-                self.changed.notify_waiters();
-            }
-            Decision::Finished if !inner.finished => {
-                inner.finished = true;
-                inner.display.finish();
-                // `launch train`'s rank 0 logs its own `done` (steps, loss); a user program
-                // gets one from here.
-                if !inner.done_logged {
-                    let seconds = self.started.elapsed().as_secs_f64();
-                    log(
-                        &mut inner.events,
-                        "done",
-                        None,
-                        None,
-                        json!({"seconds": seconds}),
-                    );
-                }
-            }
-            _ => {}
-        }
-        decision
+    /// The data-plane token of `generation`: workers of another generation cannot connect.
+    fn nonce(&self, generation: u64) -> u64 {
+        self.nonce ^ generation.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
-    /// Wait until `ready` holds (or the job stops, or `timeout` passes).
+    /// Look for faults (on a timer and after every message) and act on them; log the end.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let s = &inner.state;
+        if s.started && s.stopped.is_none() && !s.finished() {
+            // A crash is acted on once every node has been heard from since: a node that
+            // died with it (its workers' peers crash first) is then found as a lost node,
+            // not taken for a transient crash.
+            let decided = inner.crashes.first().is_some_and(|(at, _)| {
+                now.saturating_duration_since(*at) >= CRASH_WINDOW
+                    && inner.detector.all_heard_since(*at)
+            });
+            if decided {
+                let fault = culprit(&inner.crashes, now);
+                inner.crashes.clear();
+                self.handle(&mut inner, fault, now);
+            }
+            for fault in inner.detector.check(now) {
+                if inner.state.stopped.is_some() {
+                    break;
+                }
+                self.handle(&mut inner, fault, now);
+            }
+        }
+        if inner.state.stopped.is_some() {
+            inner.display.abandon();
+        } else if inner.state.finished() && !inner.finish_logged {
+            inner.finish_logged = true;
+            inner.display.finish();
+            // `launch train`'s rank 0 logs its own `done` (steps, loss); a user program
+            // gets one from here.
+            if !inner.done_logged {
+                let seconds = self.started.elapsed().as_secs_f64();
+                log(
+                    &mut inner.events,
+                    "done",
+                    None,
+                    None,
+                    json!({"seconds": seconds}),
+                );
+            }
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Log `fault`, decide and act: restart, replace, shrink, give up or go on.
+    fn handle(&self, inner: &mut Inner, fault: Fault, now: Instant) {
+        let fields = json!({
+            "kind": fault.kind.as_str(), "detail": fault.detail,
+            "detected_at": unix(fault.detected_at),
+            "detection_latency_s": fault.detection_latency(),
+        });
+        log(&mut inner.events, "fault", fault.rank, fault.node, fields);
+        if let Some(n) = fault.node.filter(|n| inner.state.spares.contains(n)) {
+            // A spare went silent: it just stops being one.
+            inner.state.exclude(n, fault.detail.clone());
+            inner.detector.forget_node(n);
+            let why = format!("spare node {n} dropped: {}", fault.detail);
+            log(
+                &mut inner.events,
+                "decision",
+                None,
+                Some(n),
+                json!({"action": "drop_spare", "reason": why}),
+            );
+            return;
+        }
+        let cluster = Cluster {
+            active: inner.state.members.clone(),
+            spares: inner.state.spares.clone(),
+            restarts: inner.state.restarts,
+            faults: inner.node_faults.clone(),
+        };
+        let (action, reason) = recover::decide(&fault, &cluster, &self.policy);
+        if let Some(n) = fault.node.filter(|_| action != Action::Continue) {
+            *inner.node_faults.entry(n).or_default() += 1;
+        }
+        let fields =
+            json!({"action": action.name(), "reason": reason, "fault": fault.kind.as_str()});
+        log(
+            &mut inner.events,
+            "decision",
+            fault.rank,
+            fault.node,
+            fields,
+        );
+        tracing::warn!(
+            "{}: {} → {}: {reason}",
+            fault.kind.as_str(),
+            fault.detail,
+            action.name()
+        );
+        match action {
+            Action::Continue => return,
+            Action::GiveUp => {
+                inner.state.stopped = Some(format!("{} (giving up: {reason})", fault.detail));
+            }
+            Action::RestartInPlace => self.restart(inner, &fault, now),
+            Action::Replace { lost, spare } => {
+                inner.state.exclude(lost, fault.detail.clone());
+                inner.detector.forget_node(lost);
+                inner.state.promote(spare);
+                self.restart(inner, &fault, now);
+            }
+            Action::Shrink { lost, .. } => {
+                inner.state.exclude(lost, fault.detail.clone());
+                inner.detector.forget_node(lost);
+                self.restart(inner, &fault, now);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Start the next generation with the current members.
+    fn restart(&self, inner: &mut Inner, fault: &Fault, now: Instant) {
+        let world = inner.state.world_size();
+        let local = inner.state.local_world();
+        let (args, plan) = match &self.replan {
+            None => (Vec::new(), Value::Null),
+            Some(replan) => match replan(world, local) {
+                Ok(v) => v,
+                Err(e) => {
+                    inner.state.stopped = Some(format!(
+                        "{} (re-planning for {world} ranks failed: {e})",
+                        fault.detail
+                    ));
+                    return;
+                }
+            },
+        };
+        inner.state.next_generation(args);
+        inner.crashes.clear();
+        let watched = inner.state.watched();
+        inner.detector.reset(world, &watched, now);
+        let members: Vec<usize> = inner.state.members.iter().copied().collect();
+        let generation = inner.state.generation;
+        inner.events.set_generation(generation);
+        let fields =
+            json!({"generation": generation, "world": world, "nodes": members, "plan": plan});
+        log(&mut inner.events, "restart", None, None, fields);
+        inner.recovering = Some(fault.detected_at);
+    }
+
+    /// Wait until `ready` gives an answer, or `timeout` passes.
     async fn wait_for<T>(
         &self,
         timeout: Duration,
         what: &str,
-        ready: impl Fn(&JobState) -> Option<T>,
+        ready: impl Fn(&JobState) -> Option<Result<T, Status>>,
     ) -> Result<T, Status> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
             {
                 let inner = self.lock();
-                if let Some(v) = ready(&inner.state) {
-                    return Ok(v);
+                if let Some(answer) = ready(&inner.state) {
+                    return answer;
                 }
-                if let Some(f) = &inner.state.fault {
-                    return Err(Status::aborted(format!("the job stopped: {}", f.reason)));
+                if let Some(why) = &inner.state.stopped {
+                    return Err(Status::aborted(format!("the job stopped: {why}")));
                 }
                 if tokio::time::Instant::now() >= deadline {
-                    let joined: Vec<usize> = inner.state.nodes.keys().copied().collect();
+                    let s = &inner.state;
+                    let joined: Vec<usize> = s.nodes.keys().copied().collect();
                     return Err(Status::deadline_exceeded(format!(
-                        "{what} did not happen within {:.0} s (nodes joined: {joined:?} of {})",
+                        "{what} did not happen within {:.0} s (generation {}; nodes joined: \
+                         {joined:?}; members {:?})",
                         timeout.as_secs_f64(),
-                        inner.state.nnodes
+                        s.generation,
+                        s.members
                     )));
                 }
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
     }
-}
 
-fn log(events: &mut EventLog, kind: &str, rank: Option<usize>, node: Option<usize>, fields: Value) {
-    if let Err(e) = events.emit_as(kind, rank, node, fields) {
-        tracing::warn!("event log: {e:#}");
-    }
-}
-
-/// One report line from an agent: a worker's message (see `parallel::runtime::link`) or the
-/// agent's own (`spawn`).
-fn ingest(inner: &mut Inner, node: usize, line: &str) {
-    let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(line) else {
-        tracing::warn!("node {node} sent an unreadable report: {line}");
-        return;
-    };
-    let kind = msg
-        .remove("type")
-        .and_then(|t| t.as_str().map(String::from))
-        .unwrap_or_default();
-    let rank = msg
-        .remove("rank")
-        .and_then(|r| r.as_u64())
-        .map(|r| r as usize);
-    match kind.as_str() {
-        "progress" => {
-            let extra = msg.remove("extra");
-            if let Some(Value::Object(extra)) = extra {
-                msg.extend(extra);
-            }
-            if rank == Some(0) && msg.get("phase").and_then(Value::as_str) == Some("train") {
-                inner.display.step(&msg);
-            }
-            log(
-                &mut inner.events,
-                "step",
-                rank,
-                Some(node),
-                Value::Object(msg),
-            );
-        }
-        "event" => {
-            let event = msg
-                .remove("event")
-                .and_then(|e| e.as_str().map(String::from))
-                .unwrap_or_default();
-            let fields = msg.remove("fields").unwrap_or(Value::Null);
-            inner.done_logged |= event == "done";
-            log(&mut inner.events, &event, rank, Some(node), fields);
-        }
-        "error" | "spawn" => log(
-            &mut inner.events,
-            &kind,
-            rank,
-            Some(node),
-            Value::Object(msg),
-        ),
-        _ => {}
-    }
-}
-
-fn node_of(n: u32) -> usize {
-    n as usize
-}
-
-#[tonic::async_trait]
-impl rpc::coordinator_server::Coordinator for Coordinator {
-    async fn join(
-        &self,
-        request: Request<rpc::JoinRequest>,
-    ) -> Result<Response<rpc::JoinReply>, Status> {
-        let r = request.into_inner();
-        let node = node_of(r.node_rank);
-        {
-            let mut inner = self.lock();
-            inner
-                .state
-                .join(
-                    Instant::now(),
-                    node,
-                    r.nnodes as usize,
-                    r.nproc as usize,
-                    &r.host,
-                )
-                .map_err(Status::invalid_argument)?;
-            let fields = json!({"host": r.host, "nproc": r.nproc});
-            log(&mut inner.events, "join", None, Some(node), fields);
-        }
-        self.changed.notify_waiters();
-        let (world, first, generation) = self
-            .wait_for(self.rdzv_timeout, "rendezvous", |s| {
-                s.all_joined()
-                    .then(|| (s.world_size(), s.first_rank(node), s.generation))
-            })
-            .await?;
-        Ok(Response::new(rpc::JoinReply {
-            world_size: world as u32,
-            first_rank: first as u32,
-            generation,
-            nonce: self.nonce,
-        }))
-    }
-
-    async fn exchange_peers(
-        &self,
-        request: Request<rpc::PeersRequest>,
-    ) -> Result<Response<rpc::PeersReply>, Status> {
-        let r = request.into_inner();
-        {
-            let mut inner = self.lock();
-            let node = node_of(r.node_rank);
-            let expected = inner.state.nodes.get(&node).map(|n| n.nproc);
-            if expected != Some(r.addrs.len()) {
-                return Err(Status::invalid_argument(format!(
-                    "node {node} posted {} addresses, expected {expected:?}",
-                    r.addrs.len()
-                )));
-            }
-            inner.state.peers.insert(node, r.addrs);
-        }
-        self.changed.notify_waiters();
-        let addrs = self
-            .wait_for(self.rdzv_timeout, "the peer exchange", JobState::peer_table)
-            .await?;
-        Ok(Response::new(rpc::PeersReply { addrs }))
-    }
-
-    async fn heartbeat(
-        &self,
-        request: Request<rpc::HeartbeatRequest>,
-    ) -> Result<Response<rpc::HeartbeatReply>, Status> {
-        let r = request.into_inner();
-        let node = node_of(r.node_rank);
-        {
-            let mut inner = self.lock();
-            inner.state.heartbeat(Instant::now(), node);
-            for line in &r.reports {
-                ingest(&mut inner, node, line);
-            }
-        }
-        let reply = match self.tick() {
-            Decision::Stop(f) => rpc::HeartbeatReply {
-                stop: true,
-                reason: f.reason,
-                finished: false,
-            },
-            Decision::Finished => rpc::HeartbeatReply {
-                stop: false,
-                reason: String::new(),
-                finished: true,
-            },
-            Decision::Continue => rpc::HeartbeatReply::default(),
-        };
-        Ok(Response::new(reply))
-    }
-
-    async fn worker_exit(
-        &self,
-        request: Request<rpc::WorkerExitRequest>,
-    ) -> Result<Response<rpc::Ack>, Status> {
-        let r = request.into_inner();
-        let exit = WorkerExit {
-            node: node_of(r.node_rank),
-            rank: r.rank as usize,
-            pid: r.pid,
-            code: (r.signal == 0).then_some(r.code),
-            signal: (r.signal != 0).then_some(r.signal),
-            message: r.message,
-        };
-        {
-            let mut inner = self.lock();
-            let fields = json!({"pid": exit.pid, "code": exit.code, "signal": exit.signal, "message": exit.message});
-            log(
-                &mut inner.events,
-                "exit",
-                Some(exit.rank),
-                Some(exit.node),
-                fields,
-            );
-            inner.state.worker_exit(&exit);
-        }
-        self.tick();
-        Ok(Response::new(rpc::Ack {}))
-    }
-
-    async fn node_done(
-        &self,
-        request: Request<rpc::NodeDoneRequest>,
-    ) -> Result<Response<rpc::Ack>, Status> {
-        let node = node_of(request.into_inner().node_rank);
-        self.lock().state.node_done(Instant::now(), node);
-        self.tick();
-        Ok(Response::new(rpc::Ack {}))
-    }
-}
-
-impl Coordinator {
     /// A call refused for want of the job's token: logged, the job goes on.
     fn rejected(&self, peer: String, why: &str) {
         tracing::warn!(peer, why, "control-plane call rejected");
@@ -358,36 +325,102 @@ impl Coordinator {
     }
 }
 
-/// Serve the coordinator on `listener` until `shutdown` resolves, re-deciding twice a
-/// second; only calls carrying `token` get through.
-pub async fn serve(
-    coordinator: Coordinator,
-    listener: tokio::net::TcpListener,
-    token: crate::auth::Token,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    let ticker = coordinator.clone();
-    let tick = tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            every.tick().await;
-            ticker.tick();
-        }
-    });
-    let logger = coordinator.clone();
-    let check = crate::auth::Check {
-        token,
-        rejected: Arc::new(move |peer, why| logger.rejected(peer, why)),
+/// The crash to act on: among the failures reported together, the one a signal ended (its
+/// peers fail after it, having lost their connection), else the first.
+fn culprit(crashes: &[(Instant, WorkerExit)], now: Instant) -> Fault {
+    let (at, exit) = crashes
+        .iter()
+        .find(|(_, e)| e.signal.is_some())
+        .unwrap_or(&crashes[0]);
+    let first = crashes[0].0.min(*at);
+    detect::crash(exit, now, first)
+}
+
+/// One report line from an agent in `generation`: a worker's message (see
+/// `parallel::runtime::link`) or the agent's own (`spawn`). Returns the faults it reveals
+/// (a straggler).
+fn ingest(inner: &mut Inner, node: usize, generation: u64, line: &str, now: Instant) -> Vec<Fault> {
+    let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(line) else {
+        tracing::warn!("node {node} sent an unreadable report: {line}");
+        return Vec::new();
     };
-    let result = tonic::transport::Server::builder()
-        .add_service(
-            rpc::coordinator_server::CoordinatorServer::with_interceptor(coordinator, check),
-        )
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await;
-    tick.abort();
-    result
+    let kind = msg
+        .remove("type")
+        .and_then(|t| t.as_str().map(String::from))
+        .unwrap_or_default();
+    let rank = msg
+        .remove("rank")
+        .and_then(|r| r.as_u64())
+        .map(|r| r as usize);
+    let current = generation == inner.state.generation;
+    let text = |m: &serde_json::Map<String, Value>, k: &str| {
+        m.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let number = |m: &serde_json::Map<String, Value>, k: &str| m.get(k).and_then(Value::as_u64);
+    let mut faults = Vec::new();
+    match kind.as_str() {
+        "position" => {
+            if let (true, Some(r)) = (current, rank) {
+                let seq = number(&msg, "collectives").unwrap_or(0);
+                let (collective, phase) = (text(&msg, "collective"), text(&msg, "phase"));
+                inner
+                    .detector
+                    .position(r, node, seq, &collective, &phase, now);
+            }
+            return faults;
+        }
+        "progress" => {
+            let train = msg.get("phase").and_then(Value::as_str) == Some("train");
+            if let (true, true, Some(r)) = (current, train, rank) {
+                let step = number(&msg, "step").unwrap_or(0);
+                let seconds = msg.get("step_time").and_then(Value::as_f64).unwrap_or(0.0);
+                let busy = msg.get("busy").and_then(Value::as_f64).unwrap_or(seconds);
+                let seq = number(&msg, "collectives").unwrap_or(0);
+                faults.extend(inner.detector.step(r, node, step, seconds, busy, seq, now));
+                if let Some(since) = inner.recovering.take() {
+                    let seconds = now.saturating_duration_since(since).as_secs_f64();
+                    let fields = json!({"step": step, "seconds_since_fault": seconds});
+                    log(&mut inner.events, "recovered", None, None, fields);
+                }
+            }
+            if let Some(Value::Object(extra)) = msg.remove("extra") {
+                msg.extend(extra);
+            }
+            if rank == Some(0) && train && current {
+                inner.display.step(&msg);
+            }
+            msg.insert("generation".into(), json!(generation));
+            log(
+                &mut inner.events,
+                "step",
+                rank,
+                Some(node),
+                Value::Object(msg),
+            );
+        }
+        "event" => {
+            let event = text(&msg, "event");
+            let mut fields = msg.remove("fields").unwrap_or(Value::Null);
+            if let Value::Object(f) = &mut fields {
+                f.insert("generation".into(), json!(generation));
+            }
+            inner.done_logged |= event == "done";
+            log(&mut inner.events, &event, rank, Some(node), fields);
+        }
+        "error" | "spawn" => {
+            msg.insert("generation".into(), json!(generation));
+            log(
+                &mut inner.events,
+                &kind,
+                rank,
+                Some(node),
+                Value::Object(msg),
+            );
+        }
+        _ => {}
+    }
+    faults
 }

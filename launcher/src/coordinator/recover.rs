@@ -81,6 +81,13 @@ pub fn decide(fault: &Fault, cluster: &Cluster, policy: &RecoveryPolicy) -> (Act
         Kind::Straggler | Kind::LostHeartbeat => true,
         Kind::Crash | Kind::Hang => seen >= policy.exclude_after,
     };
+    if fault.permanent {
+        return (
+            Action::GiveUp,
+            "the worker reported a configuration error (exit status 2); restarting would not help"
+                .into(),
+        );
+    }
     if cluster.restarts >= policy.max_restarts {
         return (
             Action::GiveUp,
@@ -149,6 +156,7 @@ mod tests {
             detail: String::new(),
             detected_at: now,
             healthy_at: now,
+            permanent: false,
         }
     }
 

@@ -1,23 +1,15 @@
-//! The coordinator's state and its decisions, as pure functions of (state, now): tested by
-//! editing timestamps, with no network and no sleeps.
+//! Who is in the job: the nodes that joined, the generation they run, spares, excluded
+//! nodes. Pure bookkeeping (no clock, no network), tested directly; liveness and faults are
+//! [`super::detect`]'s, what to do about them [`super::recover`]'s.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
 
 /// A node agent that joined.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Node {
     pub nproc: usize,
     pub host: String,
-    pub last_seen: Instant,
-}
-
-/// Why the job must stop.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Fault {
-    pub node: usize,
-    pub rank: Option<usize>,
-    pub reason: String,
+    pub spare: bool,
 }
 
 /// How a worker process ended.
@@ -66,32 +58,42 @@ pub fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-/// Limits the decisions use.
+/// This node's part of a generation.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Policy {
-    pub heartbeat_timeout: Duration,
+pub struct Assignment {
+    pub generation: u64,
+    pub world_size: usize,
+    pub first_rank: usize,
+    /// Nodes in the generation, and this node's place among them.
+    pub nnodes: usize,
+    pub index: usize,
 }
 
-/// What the coordinator knows about the job.
+/// What the coordinator knows about the job's membership.
 #[derive(Clone, Debug)]
 pub struct JobState {
+    /// Nodes the job starts with.
     pub nnodes: usize,
     pub generation: u64,
+    /// The first rendezvous completed.
+    pub started: bool,
+    /// Nodes of the current generation.
+    pub members: BTreeSet<usize>,
+    pub spares: BTreeSet<usize>,
+    /// Nodes left out for good, and why.
+    pub excluded: BTreeMap<usize, String>,
+    /// Every agent that registered.
     pub nodes: BTreeMap<usize, Node>,
+    /// Members that joined the current generation.
+    pub joined: BTreeSet<usize>,
     pub peers: BTreeMap<usize, Vec<String>>,
+    /// Members whose workers all finished this generation.
     pub done: BTreeSet<usize>,
-    pub fault: Option<Fault>,
-}
-
-/// The coordinator's verdict at a moment.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Decision {
-    /// Keep going (rendezvous still open, or training).
-    Continue,
-    /// Stop every worker on every node.
-    Stop(Fault),
-    /// Every node finished cleanly.
-    Finished,
+    /// Why the job stopped for good.
+    pub stopped: Option<String>,
+    /// Worker arguments of the current generation.
+    pub args: Vec<String>,
+    pub restarts: u32,
 }
 
 impl JobState {
@@ -99,170 +101,195 @@ impl JobState {
         Self {
             nnodes,
             generation: 0,
+            started: false,
+            members: BTreeSet::new(),
+            spares: BTreeSet::new(),
+            excluded: BTreeMap::new(),
             nodes: BTreeMap::new(),
+            joined: BTreeSet::new(),
             peers: BTreeMap::new(),
             done: BTreeSet::new(),
-            fault: None,
+            stopped: None,
+            args: Vec::new(),
+            restarts: 0,
         }
     }
 
-    /// Register a node; errors name what disagrees.
+    /// Register a node, or take a member's join for the current generation; errors name
+    /// what disagrees. Returns true when this join completed the first rendezvous.
     pub fn join(
         &mut self,
-        now: Instant,
-        node_rank: usize,
+        node: usize,
         nnodes: usize,
         nproc: usize,
         host: &str,
-    ) -> Result<(), String> {
+        spare: bool,
+    ) -> Result<bool, String> {
         if nnodes != self.nnodes {
             return Err(format!(
-                "node {node_rank} says nnodes = {nnodes}, the coordinator runs with {}",
+                "node {node} says nnodes = {nnodes}, the coordinator runs with {}",
                 self.nnodes
             ));
         }
-        if node_rank >= self.nnodes {
-            return Err(format!(
-                "node rank {node_rank} is outside 0..{}",
-                self.nnodes
-            ));
-        }
-        if self.nodes.contains_key(&node_rank) {
-            return Err(format!(
-                "node rank {node_rank} joined twice (two agents with the same --node-rank?)"
-            ));
+        if let Some(why) = self.excluded.get(&node) {
+            return Err(format!("node {node} was excluded from the job: {why}"));
         }
         if nproc == 0 {
-            return Err(format!("node {node_rank} has no workers"));
+            return Err(format!("node {node} has no workers"));
         }
-        self.nodes.insert(
-            node_rank,
-            Node {
-                nproc,
-                host: host.into(),
-                last_seen: now,
-            },
-        );
-        // Agents do not beat while they wait for the others: the clocks start together.
-        if self.all_joined() {
-            for n in self.nodes.values_mut() {
-                n.last_seen = now;
+        if let Some(known) = self.nodes.get(&node) {
+            // A member joining again for the next generation.
+            if known.nproc != nproc || known.spare != spare {
+                return Err(format!(
+                    "node rank {node} joined twice with different settings (two agents with \
+                     the same --node-rank?)"
+                ));
             }
+            if !self.started {
+                return Err(format!(
+                    "node rank {node} joined twice (two agents with the same --node-rank?)"
+                ));
+            }
+            if self.members.contains(&node) {
+                self.joined.insert(node);
+            }
+            return Ok(false);
         }
-        Ok(())
+        if !spare && (self.started || node >= self.nnodes) {
+            return Err(format!(
+                "node rank {node} is outside the job's nodes 0..{} (a spare sets launch.spare)",
+                self.nnodes
+            ));
+        }
+        let record = Node {
+            nproc,
+            host: host.into(),
+            spare,
+        };
+        self.nodes.insert(node, record);
+        if spare {
+            self.spares.insert(node);
+            return Ok(false);
+        }
+        let regular: BTreeSet<usize> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.spare)
+            .map(|(&r, _)| r)
+            .collect();
+        if regular.len() == self.nnodes {
+            self.started = true;
+            self.joined = regular.clone();
+            self.members = regular;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
-    pub fn all_joined(&self) -> bool {
-        self.nodes.len() == self.nnodes
+    /// `node`'s ranks once every member joined the current generation.
+    pub fn assignment(&self, node: usize) -> Option<Assignment> {
+        let ready =
+            self.started && self.members.contains(&node) && self.members.is_subset(&self.joined);
+        ready.then(|| Assignment {
+            generation: self.generation,
+            world_size: self.world_size(),
+            first_rank: self.first_rank(node),
+            nnodes: self.members.len(),
+            index: self.members.range(..node).count(),
+        })
     }
 
-    /// Ranks are assigned node by node: node n gets the ranks after those of nodes < n.
-    pub fn first_rank(&self, node_rank: usize) -> usize {
-        self.nodes.range(..node_rank).map(|(_, n)| n.nproc).sum()
+    fn nproc(&self, node: usize) -> usize {
+        self.nodes.get(&node).map_or(0, |n| n.nproc)
+    }
+
+    /// Ranks are assigned member by member: a node gets the ranks after those of the
+    /// members before it.
+    pub fn first_rank(&self, node: usize) -> usize {
+        self.members.range(..node).map(|&n| self.nproc(n)).sum()
     }
 
     pub fn world_size(&self) -> usize {
-        self.nodes.values().map(|n| n.nproc).sum()
+        self.members.iter().map(|&n| self.nproc(n)).sum()
     }
 
-    /// The full peer table once every node posted its addresses.
+    /// Workers per node of the current generation (the fewest, if they differ).
+    pub fn local_world(&self) -> usize {
+        self.members
+            .iter()
+            .map(|&n| self.nproc(n))
+            .min()
+            .unwrap_or(1)
+    }
+
+    /// The nodes whose heartbeats matter: members and spares.
+    pub fn watched(&self) -> Vec<usize> {
+        self.members.union(&self.spares).copied().collect()
+    }
+
+    /// The full peer table once every member posted its addresses.
     pub fn peer_table(&self) -> Option<Vec<String>> {
-        (self.peers.len() == self.nnodes).then(|| self.peers.values().flatten().cloned().collect())
+        let all = self.peers.len() == self.members.len()
+            && self.members.iter().all(|m| self.peers.contains_key(m));
+        all.then(|| self.peers.values().flatten().cloned().collect())
     }
 
-    pub fn heartbeat(&mut self, now: Instant, node_rank: usize) {
-        if let Some(n) = self.nodes.get_mut(&node_rank) {
-            n.last_seen = now;
+    /// Every member's workers finished this generation.
+    pub fn finished(&self) -> bool {
+        self.started && !self.members.is_empty() && self.members.is_subset(&self.done)
+    }
+
+    /// Leave `node` out of every later generation.
+    pub fn exclude(&mut self, node: usize, why: String) {
+        self.members.remove(&node);
+        self.spares.remove(&node);
+        self.excluded.insert(node, why);
+    }
+
+    /// Bring spare `node` into the members.
+    pub fn promote(&mut self, node: usize) {
+        if self.spares.remove(&node) {
+            self.members.insert(node);
         }
     }
 
-    /// Record a worker's end; the first failure becomes the job's fault.
-    pub fn worker_exit(&mut self, exit: &WorkerExit) -> Option<Fault> {
-        if exit.success() || self.fault.is_some() {
-            return None;
-        }
-        let fault = Fault {
-            node: exit.node,
-            rank: Some(exit.rank),
-            reason: exit.describe(),
-        };
-        self.fault = Some(fault.clone());
-        Some(fault)
+    /// Start the next generation with the current members and `args`: nobody has joined
+    /// it yet.
+    pub fn next_generation(&mut self, args: Vec<String>) {
+        self.generation += 1;
+        self.restarts += 1;
+        self.args = args;
+        self.joined.clear();
+        self.peers.clear();
+        self.done.clear();
     }
-
-    pub fn node_done(&mut self, now: Instant, node_rank: usize) {
-        self.heartbeat(now, node_rank);
-        self.done.insert(node_rank);
-    }
-}
-
-/// The decision at `now`: a recorded fault stops the job; so does a node that joined but
-/// has not been heard from for `heartbeat_timeout` (and is not done).
-pub fn decide(now: Instant, state: &JobState, policy: &Policy) -> Decision {
-    if let Some(f) = &state.fault {
-        return Decision::Stop(f.clone());
-    }
-    if state.all_joined() && state.done.len() == state.nnodes {
-        return Decision::Finished;
-    }
-    // Nobody beats during the rendezvous (its own timeout covers a node that never comes).
-    if !state.all_joined() {
-        return Decision::Continue;
-    }
-    for (&rank, node) in &state.nodes {
-        let silent = now.saturating_duration_since(node.last_seen);
-        if !state.done.contains(&rank) && silent > policy.heartbeat_timeout {
-            return Decision::Stop(Fault {
-                node: rank,
-                rank: None,
-                reason: format!(
-                    "node {rank} ({}) lost: no heartbeat for {:.1} s (limit {:.1} s)",
-                    node.host,
-                    silent.as_secs_f64(),
-                    policy.heartbeat_timeout.as_secs_f64()
-                ),
-            });
-        }
-    }
-    Decision::Continue
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn policy() -> Policy {
-        Policy {
-            heartbeat_timeout: Duration::from_secs(10),
-        }
-    }
-
     #[test]
     fn ranks_follow_node_order_and_joins_are_checked() {
-        let t0 = Instant::now();
         let mut s = JobState::new(3);
-        s.join(t0, 2, 3, 4, "c").expect("join");
-        s.join(t0, 0, 3, 2, "a").expect("join");
-        assert!(!s.all_joined());
+        assert_eq!(s.join(2, 3, 4, "c", false), Ok(false));
+        assert_eq!(s.join(0, 3, 2, "a", false), Ok(false));
+        assert_eq!(s.assignment(0), None);
         assert!(s
-            .join(t0, 0, 3, 2, "a")
+            .join(0, 3, 2, "a", false)
             .expect_err("twice")
             .contains("twice"));
         assert!(s
-            .join(t0, 1, 2, 2, "b")
+            .join(1, 2, 2, "b", false)
             .expect_err("nnodes")
             .contains("nnodes"));
-        assert!(s.join(t0, 5, 3, 2, "b").is_err());
-        s.join(t0, 1, 3, 3, "b").expect("join");
-        assert!(s.all_joined());
+        assert!(s.join(5, 3, 2, "b", false).is_err());
+        assert_eq!(s.join(1, 3, 3, "b", false), Ok(true));
+        let a = s.assignment(2).expect("all joined");
+        assert_eq!((a.first_rank, a.world_size, a.nnodes), (5, 9, 3));
         assert_eq!(
-            (
-                s.first_rank(0),
-                s.first_rank(1),
-                s.first_rank(2),
-                s.world_size()
-            ),
-            (0, 2, 5, 9)
+            (s.first_rank(0), s.first_rank(1), s.world_size()),
+            (0, 2, 9)
         );
         assert_eq!(s.peer_table(), None);
         for n in 0..3 {
@@ -272,91 +299,43 @@ mod tests {
     }
 
     #[test]
-    fn first_failure_stops_the_job_and_names_the_rank() {
-        let t0 = Instant::now();
-        let mut s = JobState::new(1);
-        s.join(t0, 0, 1, 2, "a").expect("join");
-        let ok = WorkerExit {
-            node: 0,
-            rank: 0,
-            pid: 10,
-            code: Some(0),
-            signal: None,
-            message: String::new(),
-        };
-        assert_eq!(s.worker_exit(&ok), None);
-        let killed = WorkerExit {
-            rank: 1,
-            pid: 11,
-            code: None,
-            signal: Some(9),
-            ..ok.clone()
-        };
-        let fault = s.worker_exit(&killed).expect("a fault");
-        assert_eq!(fault.rank, Some(1));
-        assert_eq!(
-            fault.reason,
-            "rank 1 (node 0, pid 11) was killed by signal 9 (SIGKILL)"
-        );
-        // Later failures (the others losing their peer) do not replace the first.
-        let after = WorkerExit {
-            code: Some(1),
-            message: "lost the connection to rank 1".into(),
-            ..ok
-        };
-        assert_eq!(s.worker_exit(&after), None);
-        assert_eq!(decide(t0, &s, &policy()), Decision::Stop(fault));
+    fn a_generation_starts_when_its_members_joined_again() {
+        let mut s = JobState::new(2);
+        s.join(0, 2, 2, "a", false).expect("join");
+        s.join(9, 2, 2, "spare", true).expect("a spare");
+        s.join(1, 2, 2, "b", false).expect("join");
+        s.done.insert(0);
+        s.exclude(1, "lost".into());
+        s.promote(9);
+        s.next_generation(vec!["--set".into(), "x=1".into()]);
+        assert_eq!((s.generation, s.restarts), (1, 1));
+        assert!(s.done.is_empty() && s.assignment(0).is_none());
+        s.join(0, 2, 2, "a", false).expect("rejoin");
+        assert_eq!(s.assignment(0), None, "the spare has not joined yet");
+        s.join(9, 2, 2, "spare", true).expect("the spare joins");
+        let a = s.assignment(9).expect("ready");
+        assert_eq!((a.generation, a.first_rank, a.world_size), (1, 2, 4));
+        // The excluded node cannot come back.
+        let e = s.join(1, 2, 2, "b", false).expect_err("excluded");
+        assert!(e.contains("excluded") && e.contains("lost"), "{e}");
+        assert!(!s.finished());
+        s.done.extend([0, 9]);
+        assert!(s.finished());
     }
 
     #[test]
-    fn a_late_joiner_does_not_make_the_early_ones_lost() {
-        let t0 = Instant::now();
-        let mut s = JobState::new(2);
-        s.join(t0, 0, 2, 1, "a").expect("join");
-        assert_eq!(
-            decide(t0 + Duration::from_secs(60), &s, &policy()),
-            Decision::Continue
-        );
-        s.join(t0 + Duration::from_secs(60), 1, 2, 1, "b")
-            .expect("join");
-        assert_eq!(
-            decide(t0 + Duration::from_secs(65), &s, &policy()),
-            Decision::Continue
-        );
-    }
-
-    #[test]
-    fn silent_nodes_are_lost_done_nodes_are_not() {
-        let t0 = Instant::now();
-        let mut s = JobState::new(2);
-        s.join(t0, 0, 2, 1, "a").expect("join");
-        s.join(t0, 1, 2, 1, "b").expect("join");
-        let p = policy();
-        assert_eq!(
-            decide(t0 + Duration::from_secs(9), &s, &p),
-            Decision::Continue
-        );
-        s.heartbeat(t0 + Duration::from_secs(9), 0);
-        match decide(t0 + Duration::from_secs(11), &s, &p) {
-            Decision::Stop(f) => {
-                assert!(f.node == 1 && f.reason.contains("node 1 (b) lost"), "{f:?}")
-            }
-            d => panic!("expected a stop, got {d:?}"),
+    fn a_shrunk_generation_renumbers_the_ranks() {
+        let mut s = JobState::new(3);
+        for n in 0..3 {
+            s.join(n, 3, 2, "h", false).expect("join");
         }
-        s.node_done(t0 + Duration::from_secs(11), 1);
-        s.heartbeat(t0 + Duration::from_secs(11), 0);
-        assert_eq!(
-            decide(t0 + Duration::from_secs(100), &s, &p).clone(),
-            Decision::Stop(Fault {
-                node: 0,
-                rank: None,
-                reason: "node 0 (a) lost: no heartbeat for 89.0 s (limit 10.0 s)".into(),
-            })
-        );
-        s.node_done(t0 + Duration::from_secs(100), 0);
-        assert_eq!(
-            decide(t0 + Duration::from_secs(500), &s, &p),
-            Decision::Finished
-        );
+        s.exclude(1, "lost".into());
+        s.next_generation(Vec::new());
+        for n in [0, 2] {
+            s.join(n, 3, 2, "h", false).expect("rejoin");
+        }
+        let a = s.assignment(2).expect("ready");
+        assert_eq!((a.first_rank, a.world_size, a.nnodes), (2, 4, 2));
+        assert_eq!(s.local_world(), 2);
     }
 }

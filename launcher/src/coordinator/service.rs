@@ -1,0 +1,270 @@
+//! The coordinator's gRPC service and its server.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tonic::{Request, Response, Status};
+
+use super::state::{JobState, WorkerExit};
+use super::{ingest, log, Coordinator};
+use crate::rpc;
+
+/// How often the coordinator looks for faults between messages.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A spare waits this long to be called in.
+const SPARE_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The code and message prefix that tell an agent to join again: the generation moved on
+/// while it waited.
+pub const REJOIN: &str = "rejoin:";
+
+fn rejoin(generation: u64) -> Status {
+    Status::aborted(format!(
+        "{REJOIN} the job moved on to generation {generation}"
+    ))
+}
+
+fn node_of(n: u32) -> usize {
+    n as usize
+}
+
+/// What a heartbeat (or worker exit) from `node`, whose workers run `generation`, is told.
+fn reply_for(state: &JobState, node: usize, generation: u64) -> rpc::HeartbeatReply {
+    let stop = |reason: String| rpc::HeartbeatReply {
+        stop: true,
+        reason,
+        ..Default::default()
+    };
+    if let Some(why) = &state.stopped {
+        return stop(why.clone());
+    }
+    if let Some(why) = state.excluded.get(&node) {
+        return stop(format!("node {node} was excluded from the job: {why}"));
+    }
+    if state.finished() {
+        return rpc::HeartbeatReply {
+            finished: true,
+            ..Default::default()
+        };
+    }
+    if state.members.contains(&node) && generation < state.generation {
+        return rpc::HeartbeatReply {
+            restart: true,
+            generation: state.generation,
+            ..Default::default()
+        };
+    }
+    rpc::HeartbeatReply::default()
+}
+
+impl Coordinator {
+    fn reply(&self, node: usize, generation: u64) -> rpc::HeartbeatReply {
+        self.tick();
+        reply_for(&self.lock().state, node, generation)
+    }
+}
+
+#[tonic::async_trait]
+impl rpc::coordinator_server::Coordinator for Coordinator {
+    async fn join(
+        &self,
+        request: Request<rpc::JoinRequest>,
+    ) -> Result<Response<rpc::JoinReply>, Status> {
+        let r = request.into_inner();
+        let node = node_of(r.node_rank);
+        {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            let first = inner
+                .state
+                .join(node, r.nnodes as usize, r.nproc as usize, &r.host, r.spare)
+                .map_err(Status::failed_precondition)?;
+            let now = Instant::now();
+            inner.detector.heartbeat(node, now);
+            if first {
+                let watched = inner.state.watched();
+                inner
+                    .detector
+                    .reset(inner.state.world_size(), &watched, now);
+            } else if r.spare {
+                inner.detector.watch(node, now);
+            }
+            let fields = json!({"host": r.host, "nproc": r.nproc, "spare": r.spare});
+            log(&mut inner.events, "join", None, Some(node), fields);
+        }
+        self.changed.notify_waiters();
+        let timeout = if r.spare {
+            SPARE_WAIT
+        } else {
+            self.rdzv_timeout
+        };
+        let reply = self
+            .wait_for(timeout, "rendezvous", |s| {
+                if let Some(why) = s.excluded.get(&node) {
+                    let why = format!("node {node} was excluded from the job: {why}");
+                    return Some(Err(Status::failed_precondition(why)));
+                }
+                if r.spare && s.finished() {
+                    return Some(Ok(rpc::JoinReply {
+                        finished: true,
+                        ..Default::default()
+                    }));
+                }
+                if let Some(a) = s.assignment(node) {
+                    return Some(Ok(rpc::JoinReply {
+                        world_size: a.world_size as u32,
+                        first_rank: a.first_rank as u32,
+                        generation: a.generation,
+                        nonce: self.nonce(a.generation),
+                        args: s.args.clone(),
+                        nnodes: a.nnodes as u32,
+                        node_index: a.index as u32,
+                        finished: false,
+                    }));
+                }
+                // A restart while this node waited: it must join the new generation.
+                let moved_on = s.started && s.members.contains(&node) && !s.joined.contains(&node);
+                moved_on.then(|| Err(rejoin(s.generation)))
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn exchange_peers(
+        &self,
+        request: Request<rpc::PeersRequest>,
+    ) -> Result<Response<rpc::PeersReply>, Status> {
+        let r = request.into_inner();
+        let generation = r.generation;
+        {
+            let mut inner = self.lock();
+            let node = node_of(r.node_rank);
+            if inner.state.generation != generation {
+                return Err(rejoin(inner.state.generation));
+            }
+            let expected = inner.state.nodes.get(&node).map(|n| n.nproc);
+            if expected != Some(r.addrs.len()) {
+                return Err(Status::invalid_argument(format!(
+                    "node {node} posted {} addresses, expected {expected:?}",
+                    r.addrs.len()
+                )));
+            }
+            inner.state.peers.insert(node, r.addrs);
+        }
+        self.changed.notify_waiters();
+        let addrs = self
+            .wait_for(self.rdzv_timeout, "the peer exchange", |s| {
+                if s.generation != generation {
+                    return Some(Err(rejoin(s.generation)));
+                }
+                s.peer_table().map(Ok)
+            })
+            .await?;
+        Ok(Response::new(rpc::PeersReply { addrs }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<rpc::HeartbeatRequest>,
+    ) -> Result<Response<rpc::HeartbeatReply>, Status> {
+        let r = request.into_inner();
+        let node = node_of(r.node_rank);
+        let now = Instant::now();
+        {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            inner.detector.heartbeat(node, now);
+            let mut faults = Vec::new();
+            for line in &r.reports {
+                faults.extend(ingest(inner, node, r.generation, line, now));
+            }
+            for fault in faults {
+                self.handle(inner, fault, now);
+            }
+        }
+        Ok(Response::new(self.reply(node, r.generation)))
+    }
+
+    async fn worker_exit(
+        &self,
+        request: Request<rpc::WorkerExitRequest>,
+    ) -> Result<Response<rpc::HeartbeatReply>, Status> {
+        let r = request.into_inner();
+        let exit = WorkerExit {
+            node: node_of(r.node_rank),
+            rank: r.rank as usize,
+            pid: r.pid,
+            code: (r.signal == 0).then_some(r.code),
+            signal: (r.signal != 0).then_some(r.signal),
+            message: r.message,
+        };
+        {
+            let mut inner = self.lock();
+            let fields = json!({"pid": exit.pid, "code": exit.code, "signal": exit.signal,
+                                "message": exit.message, "generation": r.generation});
+            log(
+                &mut inner.events,
+                "exit",
+                Some(exit.rank),
+                Some(exit.node),
+                fields,
+            );
+            let s = &inner.state;
+            if !exit.success() && r.generation == s.generation && s.stopped.is_none() {
+                inner.crashes.push((Instant::now(), exit.clone()));
+            }
+        }
+        Ok(Response::new(self.reply(exit.node, r.generation)))
+    }
+
+    async fn node_done(
+        &self,
+        request: Request<rpc::NodeDoneRequest>,
+    ) -> Result<Response<rpc::Ack>, Status> {
+        let r = request.into_inner();
+        {
+            let mut inner = self.lock();
+            if r.generation == inner.state.generation {
+                inner.state.done.insert(node_of(r.node_rank));
+            }
+        }
+        self.tick();
+        Ok(Response::new(rpc::Ack {}))
+    }
+}
+
+/// Serve the coordinator on `listener` until `shutdown` resolves, looking for faults every
+/// [`TICK`]; only calls carrying `token` get through.
+pub async fn serve(
+    coordinator: Coordinator,
+    listener: tokio::net::TcpListener,
+    token: crate::auth::Token,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let ticker = coordinator.clone();
+    let tick = tokio::spawn(async move {
+        let mut every = tokio::time::interval(TICK);
+        loop {
+            every.tick().await;
+            ticker.tick();
+        }
+    });
+    let logger = coordinator.clone();
+    let check = crate::auth::Check {
+        token,
+        rejected: Arc::new(move |peer, why| logger.rejected(peer, why)),
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(
+            rpc::coordinator_server::CoordinatorServer::with_interceptor(coordinator, check),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    tick.abort();
+    result
+}

@@ -1,0 +1,335 @@
+//! Fault tolerance end to end: a job of 2 agents × 2 workers on loopback, a fault injected
+//! with a signal (or, for a straggler, a test-only delay), and the job must detect it, name
+//! it, recover and finish every step with the losses of an undisturbed run. Each test
+//! prints its detection latency and recovery time (fault → next completed step) and checks
+//! them against the targets: a lost heartbeat within 3 × the 1 s interval + 1 s, a hang
+//! within the hang limit + 1 s, recovery within 15 s.
+//!
+//! The tests measure time, so they run one at a time.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::jobs::*;
+use common::*;
+use serde_json::Value;
+
+const STEPS: u64 = 60;
+/// Checkpoint every 2 steps; a hang is no progress for 3 s (the steps take far less).
+const SETS: &[&str] = &["checkpoint.every=2", "launch.hang_floor_s=3"];
+const HANG_LIMIT_S: f64 = 3.0;
+const HEARTBEAT_TIMEOUT_S: f64 = 3.0;
+const RECOVERY_TARGET_S: f64 = 15.0;
+
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Rank 0's losses of the undisturbed 2 × 2 run (computed once).
+fn reference() -> &'static BTreeMap<u64, f64> {
+    static REFERENCE: OnceLock<BTreeMap<u64, f64>> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let job = write_job(tmp.path(), true, STEPS);
+        train(&job, 2, 2, SETS);
+        let losses = step_losses(&tmp.path().join("run"));
+        assert_eq!(
+            losses.len() as u64,
+            STEPS,
+            "the reference run took every step"
+        );
+        losses
+    })
+}
+
+struct Job {
+    agents: Vec<Child>,
+    run: PathBuf,
+    /// Worker pid of each rank (first generation).
+    workers: BTreeMap<u64, u32>,
+}
+
+/// Every rank sleeps this long after each step (a test-only hook that does not change the
+/// numbers): the steps take about 15 ms here, too fast to act between them.
+const PACE: &str = "*:0.1";
+
+/// Start the job (each node's agent with `TIDEMILL_TEST_DELAY` = `delays[node]`) and
+/// return once every rank has taken 4 steps (2 checkpoints committed).
+fn start(dir: &Path, delays: [&str; 2]) -> Job {
+    let job = write_job(dir, true, STEPS);
+    let run = dir.join("run");
+    let rdzv = format!("127.0.0.1:{}", free_port());
+    let envs = [
+        (0, "TIDEMILL_TEST_DELAY", delays[0]),
+        (1, "TIDEMILL_TEST_DELAY", delays[1]),
+    ];
+    let mut agents = start_agents_env(&job, 2, 2, &rdzv, SETS, &envs);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ev = run_events(&run);
+        let stepped = |r: u64| {
+            ev.iter()
+                .any(|e| e["event"] == "step" && e["rank"] == r && e["step"].as_u64() >= Some(4))
+        };
+        if (0..4).all(stepped) {
+            let workers = ev
+                .iter()
+                .filter(|e| e["event"] == "spawn")
+                .map(|e| {
+                    let rank = e["rank"].as_u64().expect("rank");
+                    (rank, e["pid"].as_u64().expect("pid") as u32)
+                })
+                .collect();
+            return Job {
+                agents,
+                run,
+                workers,
+            };
+        }
+        if Instant::now() > deadline || ev.iter().any(|e| e["event"] == "done") {
+            for a in &mut agents {
+                let _ = a.kill();
+                let _ = a.wait();
+            }
+            panic!("the job never got going (or ended too soon): {ev:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait for the agents in `survivors` to end successfully (within 3 minutes).
+fn finish(job: &mut Job, survivors: &[usize]) {
+    for &n in survivors {
+        let child = std::mem::replace(
+            &mut job.agents[n],
+            std::process::Command::new("true").spawn().expect("true"),
+        );
+        let (status, err, _) = wait_exit(child, Duration::from_secs(180));
+        assert!(status.success(), "agent {n}: {err}");
+    }
+}
+
+/// Kill whatever is left of the job (a stopped agent, its workers).
+fn kill_rest(job: &mut Job) {
+    for a in &mut job.agents {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+}
+
+fn event<'a>(ev: &'a [Value], kind: &str) -> &'a Value {
+    ev.iter()
+        .find(|e| e["event"] == kind)
+        .unwrap_or_else(|| panic!("no `{kind}` event in {ev:#?}"))
+}
+
+/// The fault of `kind`, its decision, and the printed detection latency and recovery time.
+fn report<'a>(ev: &'a [Value], kind: &str, what: &str) -> (&'a Value, &'a Value, f64, Option<f64>) {
+    let fault = ev
+        .iter()
+        .find(|e| e["event"] == "fault" && e["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} fault in {ev:#?}"));
+    let decision = ev
+        .iter()
+        .find(|e| e["event"] == "decision")
+        .expect("a decision");
+    let latency = fault["detection_latency_s"].as_f64().expect("latency");
+    let recovery = ev
+        .iter()
+        .find(|e| e["event"] == "recovered")
+        .and_then(|e| e["seconds_since_fault"].as_f64());
+    println!(
+        "{what}: {kind} detected after {latency:.2} s; recovery (fault → next step) {}; {}",
+        recovery.map_or("none needed".into(), |r| format!("{r:.2} s")),
+        fault["detail"]
+    );
+    (fault, decision, latency, recovery)
+}
+
+fn assert_losses(got: &BTreeMap<u64, f64>, tolerance: f64, what: &str) {
+    let reference = reference();
+    assert_eq!(got.len(), reference.len(), "{what}: every step finished");
+    for (step, want) in reference {
+        let have = got[step];
+        assert!(
+            rel_diff(have, *want) <= tolerance,
+            "{what}: step {step} loss {have} vs undisturbed {want}"
+        );
+    }
+}
+
+/// Every worker of the first generation is gone (killed before the restart).
+fn assert_gone(job: &Job) {
+    for (rank, pid) in &job.workers {
+        assert!(
+            !alive(*pid),
+            "rank {rank}'s worker {pid} outlived its generation"
+        );
+    }
+}
+
+#[test]
+fn a_killed_worker_is_restarted_in_place_with_the_losses_of_an_undisturbed_run() {
+    let _one = serial();
+    reference();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut job = start(tmp.path(), [PACE, PACE]);
+    signal(job.workers[&2], "-KILL");
+    finish(&mut job, &[0, 1]);
+    let ev = run_events(&job.run);
+    let (fault, decision, _, recovery) = report(&ev, "crash", "SIGKILL rank 2");
+    assert_eq!(
+        (&fault["rank"], &fault["node"]),
+        (&2.into(), &1.into()),
+        "{fault}"
+    );
+    assert!(
+        fault["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("SIGKILL"),
+        "{fault}"
+    );
+    assert_eq!(decision["action"], "restart_in_place", "{decision}");
+    let restart = event(&ev, "restart");
+    assert_eq!(
+        (&restart["generation"], &restart["world"]),
+        (&1.into(), &4.into())
+    );
+    assert!(event(&ev, "resumed")["step"].as_u64() >= Some(2));
+    assert!(recovery.expect("recovered") <= RECOVERY_TARGET_S);
+    assert_losses(&step_losses(&job.run), 1e-5, "restarted in place");
+    assert_gone(&job);
+}
+
+#[test]
+fn a_stopped_worker_is_a_hang_naming_it_and_the_job_recovers() {
+    let _one = serial();
+    reference();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut job = start(tmp.path(), [PACE, PACE]);
+    signal(job.workers[&1], "-STOP");
+    finish(&mut job, &[0, 1]);
+    let ev = run_events(&job.run);
+    let (fault, decision, latency, recovery) = report(&ev, "hang", "SIGSTOP rank 1");
+    assert_eq!(
+        (&fault["rank"], &fault["node"]),
+        (&1.into(), &0.into()),
+        "{fault}"
+    );
+    assert!(
+        fault["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("rank 1 (node 0)"),
+        "{fault}"
+    );
+    assert_eq!(decision["action"], "restart_in_place", "{decision}");
+    assert!(
+        latency <= HANG_LIMIT_S + 1.0,
+        "hang detected after {latency} s"
+    );
+    assert!(recovery.expect("recovered") <= RECOVERY_TARGET_S);
+    assert_losses(&step_losses(&job.run), 1e-5, "recovered from a hang");
+    assert_gone(&job);
+}
+
+/// A lost node (its agent stopped, or killed with its workers) is excluded and the job
+/// re-plans for the 2 ranks left, resharding from the last checkpoint.
+fn lose_node_1(how: &str) {
+    let _one = serial();
+    reference();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut job = start(tmp.path(), [PACE, PACE]);
+    let agent = job.agents[1].id();
+    signal(agent, how);
+    if how == "-KILL" {
+        // Its workers die with it (PR_SET_PDEATHSIG); say so explicitly all the same.
+        for rank in [2, 3] {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &job.workers[&rank].to_string()])
+                .status();
+        }
+    }
+    finish(&mut job, &[0]);
+    kill_rest(&mut job);
+    let ev = run_events(&job.run);
+    let what = format!("kill {how} node 1's agent");
+    let (fault, decision, latency, recovery) = report(&ev, "lost_heartbeat", &what);
+    assert_eq!(fault["node"], 1, "{fault}");
+    assert_eq!(decision["action"], "shrink", "{decision}");
+    assert!(
+        latency <= HEARTBEAT_TIMEOUT_S + 1.0,
+        "lost heartbeat after {latency} s"
+    );
+    assert!(recovery.expect("recovered") <= RECOVERY_TARGET_S);
+    let restart = event(&ev, "restart");
+    assert_eq!(
+        (&restart["world"], &restart["nodes"]),
+        (&2.into(), &serde_json::json!([0]))
+    );
+    assert_eq!(
+        restart["plan"]["dp"].as_u64().unwrap_or(0)
+            * restart["plan"]["tp"].as_u64().unwrap_or(0)
+            * restart["plan"]["pp"].as_u64().unwrap_or(0),
+        2,
+        "{restart}"
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e["event"] == "step" && e["generation"] == 1 && e["rank"] == 1),
+        "the 2-rank generation trained"
+    );
+    assert_losses(&step_losses(&job.run), 1e-4, "shrunk to 2 ranks");
+    for rank in [0, 1] {
+        assert!(
+            !alive(job.workers[&rank]),
+            "rank {rank} outlived its generation"
+        );
+    }
+}
+
+#[test]
+fn a_stopped_agent_is_a_lost_node_and_the_job_shrinks_to_two_ranks() {
+    lose_node_1("-STOP");
+}
+
+#[test]
+fn a_killed_agent_and_its_workers_are_a_lost_node_and_the_job_shrinks() {
+    lose_node_1("-KILL");
+}
+
+#[test]
+fn a_rank_slowed_by_a_delay_is_reported_as_a_straggler() {
+    let _one = serial();
+    reference();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut job = start(tmp.path(), [PACE, "3:0.4,*:0.1"]);
+    finish(&mut job, &[0, 1]);
+    let ev = run_events(&job.run);
+    let (fault, decision, latency, _) = report(
+        &ev,
+        "straggler",
+        "rank 3 sleeping 0.4 s a step, the others 0.1 s",
+    );
+    assert_eq!(
+        (&fault["rank"], &fault["node"]),
+        (&3.into(), &1.into()),
+        "{fault}"
+    );
+    assert_eq!(decision["action"], "continue", "{decision}");
+    assert!(latency < 10.0, "{latency}");
+    assert!(
+        !ev.iter().any(|e| e["event"] == "restart"),
+        "a straggler is only reported"
+    );
+    assert_losses(&step_losses(&job.run), 1e-5, "with a straggler");
+}
