@@ -64,6 +64,11 @@ const PACE: &str = "*:0.1";
 /// Start the job (each node's agent with `TIDEMILL_TEST_DELAY` = `delays[node]`) and
 /// return once every rank has taken 4 steps (2 checkpoints committed).
 fn start(dir: &Path, delays: [&str; 2]) -> Job {
+    start_with(dir, delays, false)
+}
+
+/// [`start`], with a spare agent (node rank 2) registered when `spare`.
+fn start_with(dir: &Path, delays: [&str; 2], spare: bool) -> Job {
     let job = write_job(dir, true, STEPS);
     let run = dir.join("run");
     let rdzv = format!("127.0.0.1:{}", free_port());
@@ -72,6 +77,29 @@ fn start(dir: &Path, delays: [&str; 2]) -> Job {
         (1, "TIDEMILL_TEST_DELAY", delays[1]),
     ];
     let mut agents = start_agents_env(&job, 2, 2, &rdzv, SETS, &envs);
+    if spare {
+        let mut c = launch_cmd();
+        c.arg("train").arg(&job).args([
+            "--nproc-per-node",
+            "2",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "2",
+            "--rdzv",
+            &rdzv,
+            "--set",
+            "launch.spare=true",
+        ]);
+        for s in SETS {
+            c.args(["--set", s]);
+        }
+        c.env("TIDEMILL_TEST_DELAY", PACE);
+        let spawned = c
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        agents.push(spawned.spawn().expect("the spare starts"));
+    }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let ev = run_events(&run);
@@ -305,6 +333,42 @@ fn a_stopped_agent_is_a_lost_node_and_the_job_shrinks_to_two_ranks() {
 #[test]
 fn a_killed_agent_and_its_workers_are_a_lost_node_and_the_job_shrinks() {
     lose_node_1("-KILL");
+}
+
+#[test]
+fn a_lost_node_is_replaced_by_a_registered_spare_keeping_the_layout() {
+    let _one = serial();
+    reference();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut job = start_with(tmp.path(), [PACE, PACE], true);
+    signal(job.agents[1].id(), "-STOP");
+    finish(&mut job, &[0, 2]);
+    kill_rest(&mut job);
+    let ev = run_events(&job.run);
+    let (fault, decision, latency, recovery) =
+        report(&ev, "lost_heartbeat", "SIGSTOP node 1, spare 2");
+    assert_eq!(fault["node"], 1, "{fault}");
+    assert_eq!(decision["action"], "replace_node", "{decision}");
+    assert!(
+        latency <= HEARTBEAT_TIMEOUT_S + 1.0,
+        "lost heartbeat after {latency} s"
+    );
+    assert!(recovery.expect("recovered") <= RECOVERY_TARGET_S);
+    let restart = event(&ev, "restart");
+    assert_eq!(
+        (&restart["world"], &restart["nodes"]),
+        (&4.into(), &serde_json::json!([0, 2]))
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e["event"] == "step" && e["generation"] == 1 && e["node"] == 2),
+        "the spare trained"
+    );
+    assert_losses(
+        &step_losses(&job.run),
+        1e-5,
+        "with a spare in a lost node's place",
+    );
 }
 
 #[test]

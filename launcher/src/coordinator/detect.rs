@@ -347,7 +347,7 @@ impl Detector {
             .find(|p| p.seq == ahead)
             .map_or(String::new(), |p| p.collective.clone());
         let limits = format!(
-            "no step for {:.1} s (limit {:.1} s)",
+            "no progress for {:.1} s (limit {:.1} s)",
             stalled.as_secs_f64(),
             self.hang_limit().as_secs_f64()
         );

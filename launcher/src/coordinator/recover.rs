@@ -11,6 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::detect::{Fault, Kind};
 
+/// The node whose agent hosts the coordinator: it cannot be excluded.
+pub const COORDINATOR_NODE: usize = 0;
+
 /// Limits of recovery.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecoveryPolicy {
@@ -116,6 +119,15 @@ pub fn decide(fault: &Fault, cluster: &Cluster, policy: &RecoveryPolicy) -> (Act
             policy.exclude_after
         ),
     };
+    if lost == COORDINATOR_NODE {
+        return (
+            Action::GiveUp,
+            format!(
+                "node {lost} should be excluded ({why}), but it hosts the coordinator; \
+                 restart the job (a fault there is likely not the node's)"
+            ),
+        );
+    }
     if let Some(&spare) = cluster.spares.iter().next() {
         return (
             Action::Replace { lost, spare },
@@ -178,6 +190,11 @@ mod tests {
         let (a, why) = decide(&fault(Kind::Crash, 1), &c, &p);
         assert_eq!(a, Action::Shrink { lost: 1, nodes: 1 }, "{why}");
         assert!(why.contains("3 faults"), "{why}");
+        // The coordinator's node is never excluded: the job gives up instead.
+        c.faults.insert(0, 2);
+        let (a, why) = decide(&fault(Kind::Crash, 0), &c, &p);
+        assert_eq!(a, Action::GiveUp, "{why}");
+        assert!(why.contains("hosts the coordinator"), "{why}");
     }
 
     #[test]
@@ -198,7 +215,7 @@ mod tests {
             min_nodes: 2,
             ..p.clone()
         };
-        let (a, why) = decide(&fault(Kind::LostHeartbeat, 0), &c, &strict);
+        let (a, why) = decide(&fault(Kind::LostHeartbeat, 1), &c, &strict);
         assert_eq!(a, Action::GiveUp);
         assert!(why.contains("min_nodes = 2"), "{why}");
         c.restarts = p.max_restarts;
