@@ -279,11 +279,13 @@ fn a_control_plane_call_with_a_wrong_token_is_rejected_and_the_job_goes_on() {
         assert!(Instant::now() < deadline, "the coordinator never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let wrong = tidemill::launcher::agent::probe(&rdzv, "not-the-job-token-0000")
-        .expect_err("a wrong token is refused")
-        .to_string();
+    let wrong =
+        tidemill::launcher::agent::probe(&rdzv, "not-the-job-token-0000", &Default::default())
+            .expect_err("a wrong token is refused")
+            .to_string();
     assert!(wrong.contains("wrong token"), "{wrong}");
-    tidemill::launcher::agent::probe(&rdzv, TOKEN).expect("the job's token is accepted");
+    tidemill::launcher::agent::probe(&rdzv, TOKEN, &Default::default())
+        .expect("the job's token is accepted");
     for child in children {
         let out = child.wait_with_output().expect("launch ends");
         assert!(
@@ -327,4 +329,61 @@ fn a_control_plane_call_with_a_wrong_token_is_rejected_and_the_job_goes_on() {
         .expect("launch runs");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("TIDEMILL_TOKEN"), "{}", stderr(&out));
+}
+
+/// With `launch.tls_ca` (and node 0's certificate and key) the control plane runs over TLS:
+/// the job trains to the losses of a plain one; a plain-text call does not get through, a
+/// TLS call with the right token does; a file that is not PEM is refused naming its key.
+#[test]
+fn the_control_plane_runs_over_tls_when_given_certificates() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = write_job(tmp.path(), true, 4);
+    let plain = train(&job, 2, 1, &[]);
+    let run = job.parent().expect("dir").join("run");
+    let _ = std::fs::remove_dir_all(&run);
+    let tls = fixtures().join("tls");
+    let set = |key: &str, file: &str| format!("launch.{key}=\"{}\"", tls.join(file).display());
+    let sets = [
+        set("tls_ca", "ca.pem"),
+        set("tls_cert", "server.pem"),
+        set("tls_key", "server.key"),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let rdzv = format!("127.0.0.1:{}", free_port());
+    let children = start_agents(&job, 2, 1, &rdzv, &sets);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !run_events(&run).iter().any(|e| e["event"] == "start") {
+        assert!(Instant::now() < deadline, "the coordinator never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    use tidemill::launcher::agent::probe;
+    assert!(
+        probe(&rdzv, TOKEN, &Default::default()).is_err(),
+        "plain text got through"
+    );
+    let launch = tidemill::launcher::config::LaunchSection {
+        tls_ca: Some(tls.join("ca.pem")),
+        node_rank: 1,
+        ..Default::default()
+    };
+    let client = tidemill::launcher::tls::Tls::load(&launch).expect("the CA loads");
+    probe(&rdzv, TOKEN, &client).expect("a TLS call with the token is accepted");
+    for child in children {
+        let out = child.wait_with_output().expect("launch ends");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_same(&plain, &losses(&run), "a job over TLS");
+
+    let not_pem = format!("launch.tls_ca=\"{}\"", job.display());
+    let out = launch_train(&job, 1, &[&not_pem]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("launch.tls_ca") && stderr(&out).contains("PEM"),
+        "{}",
+        stderr(&out)
+    );
 }

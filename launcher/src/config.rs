@@ -91,6 +91,18 @@ pub struct LaunchSection {
     /// `TIDEMILL_TOKEN` takes precedence). Required with nnodes > 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// TLS for the control plane: the CA (PEM) every agent checks the coordinator's
+    /// certificate against; setting it turns TLS on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// Node 0's certificate and private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// The name to check in the coordinator's certificate (default: the host of `rdzv`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_domain: Option<String>,
 }
 
 fn one() -> usize {

@@ -21,6 +21,7 @@ pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
     train::preflight(&cfg)?;
     // A multi-node job without its control-plane secret is refused before anything starts.
     crate::auth::Token::resolve(&cfg.launch)?;
+    crate::tls::Tls::load(&cfg.launch)?;
     let world = cfg.launch.nproc_per_node * cfg.launch.nnodes;
     // Under strategy = "auto" the search picks the layout (each worker repeats it).
     let (cfg, chosen) = crate::plan::resolve(&cfg, config, world, cfg.launch.nproc_per_node)?;

@@ -18,6 +18,7 @@ pub mod progress;
 mod rpc;
 pub mod saving;
 pub mod setup;
+pub mod tls;
 pub mod train;
 
 pub use config::JobConfig;

@@ -24,6 +24,7 @@ use crate::events::EventLog;
 use crate::progress::StepDisplay;
 use crate::rpc;
 use crate::rpc::coordinator_client::CoordinatorClient;
+use crate::tls::Tls;
 pub use spawn::WorkerCommand;
 
 /// Everything an agent needs to run its part of a job.
@@ -60,6 +61,7 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
     let node = l.node_rank;
     let rdzv_timeout = Duration::from_secs_f64(l.rdzv_timeout_s);
     let token = Token::resolve(l)?;
+    let tls = Tls::load(l)?;
     // Node 0 hosts the coordinator.
     let (rdzv, server) = if node == 0 {
         let bind = l.rdzv.clone().unwrap_or_else(|| "127.0.0.1:0".into());
@@ -85,6 +87,7 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
             coordinator,
             listener,
             token.clone(),
+            tls.server.clone(),
             async {
                 let _ = stop_rx.await;
             },
@@ -93,7 +96,7 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
     } else {
         (l.rdzv.clone().unwrap_or_default(), None)
     };
-    let result = node_agent(&plan, &rdzv, rdzv_timeout, &token).await;
+    let result = node_agent(&plan, &rdzv, rdzv_timeout, &token, &tls).await;
     if let Some((stop, mut task)) = server {
         // Graceful shutdown waits for open connections; a stopped (or wedged) agent's
         // never closes, so give the others a moment and then stop serving.
@@ -111,11 +114,16 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
 /// A coordinator client whose every call carries the job's token.
 type Client = CoordinatorClient<InterceptedService<Channel, Attach>>;
 
-async fn connect(rdzv: &str, timeout: Duration, token: &Token) -> Result<Client> {
+async fn connect(rdzv: &str, timeout: Duration, token: &Token, tls: &Tls) -> Result<Client> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let endpoint = Channel::from_shared(format!("http://{rdzv}"))
+        let mut endpoint = Channel::from_shared(format!("{}://{rdzv}", tls.scheme()))
             .map_err(|e| Error::Launch(format!("launch.rdzv: `{rdzv}`: {e}")))?;
+        if let Some(config) = &tls.client {
+            endpoint = endpoint
+                .tls_config(config.clone())
+                .map_err(|e| Error::Launch(format!("launch.tls_ca: {e}")))?;
+        }
         match endpoint.connect().await {
             Ok(channel) => {
                 return Ok(CoordinatorClient::with_interceptor(
@@ -182,10 +190,11 @@ async fn node_agent(
     rdzv: &str,
     rdzv_timeout: Duration,
     token: &Token,
+    tls: &Tls,
 ) -> Result<()> {
     let l = &plan.launch;
     let node = l.node_rank;
-    let mut client = connect(rdzv, rdzv_timeout, token).await?;
+    let mut client = connect(rdzv, rdzv_timeout, token, tls).await?;
     let host = data_host(l, rdzv);
     let beat_every = Duration::from_secs_f64(l.heartbeat_interval_s);
     // The generation this node last ran: heartbeats carry it.
@@ -311,15 +320,16 @@ async fn beat(
 }
 
 /// One call to the coordinator at `rdzv` carrying `token` (a heartbeat from no node, which
-/// changes nothing): Ok if the coordinator accepts the token. For health checks and tests.
-pub fn probe(rdzv: &str, token: &str) -> Result<()> {
+/// changes nothing), over TLS if `tls` says so: Ok if the coordinator accepts the call. For
+/// health checks and tests.
+pub fn probe(rdzv: &str, token: &str, tls: &Tls) -> Result<()> {
     let token = Token::parse(token, "--token")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Launch(format!("starting a runtime: {e}")))?;
     runtime.block_on(async {
-        let mut client = connect(rdzv, Duration::from_secs(5), &token).await?;
+        let mut client = connect(rdzv, Duration::from_secs(5), &token, tls).await?;
         client
             .heartbeat(rpc::HeartbeatRequest {
                 node_rank: u32::MAX,

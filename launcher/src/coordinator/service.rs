@@ -236,11 +236,12 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
 }
 
 /// Serve the coordinator on `listener` until `shutdown` resolves, looking for faults every
-/// [`TICK`]; only calls carrying `token` get through.
+/// [`TICK`] (over TLS when `tls` is given); only calls carrying `token` get through.
 pub async fn serve(
     coordinator: Coordinator,
     listener: tokio::net::TcpListener,
     token: crate::auth::Token,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let ticker = coordinator.clone();
@@ -256,7 +257,11 @@ pub async fn serve(
         token,
         rejected: Arc::new(move |peer, why| logger.rejected(peer, why)),
     };
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    let result = server
         .add_service(
             rpc::coordinator_server::CoordinatorServer::with_interceptor(coordinator, check),
         )
