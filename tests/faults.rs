@@ -167,7 +167,7 @@ fn report<'a>(ev: &'a [Value], kind: &str, what: &str) -> (&'a Value, &'a Value,
         .unwrap_or_else(|| panic!("no {kind} fault in {ev:#?}"));
     let decision = ev
         .iter()
-        .find(|e| e["event"] == "decision")
+        .find(|e| e["event"] == "decision" && e["fault"] == kind)
         .expect("a decision");
     let latency = fault["detection_latency_s"].as_f64().expect("latency");
     let recovery = ev
@@ -341,6 +341,14 @@ fn a_lost_node_is_replaced_by_a_registered_spare_keeping_the_layout() {
     reference();
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut job = start_with(tmp.path(), [PACE, PACE], true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !run_events(&job.run)
+        .iter()
+        .any(|e| e["event"] == "join" && e["spare"] == true)
+    {
+        assert!(Instant::now() < deadline, "the spare never registered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     signal(job.agents[1].id(), "-STOP");
     finish(&mut job, &[0, 2]);
     kill_rest(&mut job);

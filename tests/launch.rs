@@ -350,9 +350,14 @@ fn the_control_plane_runs_over_tls_when_given_certificates() {
     ];
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     let rdzv = format!("127.0.0.1:{}", free_port());
-    let children = start_agents(&job, 2, 1, &rdzv, &sets);
+    // Paced (a test-only sleep after each step) so the probes find the job running.
+    let pace = [
+        (0, "TIDEMILL_TEST_DELAY", "*:0.5"),
+        (1, "TIDEMILL_TEST_DELAY", "*:0.5"),
+    ];
+    let children = start_agents_env(&job, 2, 1, &rdzv, &sets, &pace);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !run_events(&run).iter().any(|e| e["event"] == "start") {
+    while !run_events(&run).iter().any(|e| e["event"] == "step") {
         assert!(Instant::now() < deadline, "the coordinator never started");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -386,4 +391,14 @@ fn the_control_plane_runs_over_tls_when_given_certificates() {
         "{}",
         stderr(&out)
     );
+    // A key that does not belong to the certificate: refused before anything starts.
+    let wrong_key = [
+        set("tls_ca", "ca.pem"),
+        set("tls_cert", "ca.pem"),
+        set("tls_key", "server.key"),
+    ];
+    let wrong_key: Vec<&str> = wrong_key.iter().map(String::as_str).collect();
+    let out = launch_train(&job, 1, &wrong_key);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("launch.tls_key"), "{}", stderr(&out));
 }

@@ -213,6 +213,19 @@ impl LaunchSection {
                 ));
             }
         }
+        if self.spare && self.node_rank < self.nnodes {
+            return Err(format!(
+                "launch.node_rank: a spare needs a node rank of its own, at least nnodes = {} \
+                 (it is {})",
+                self.nnodes, self.node_rank
+            ));
+        }
+        if self.heartbeat_interval_s < 0.01 {
+            return Err(format!(
+                "launch.heartbeat_interval_s: {} is below 0.01 s",
+                self.heartbeat_interval_s
+            ));
+        }
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s {
             return Err(format!(
                 "launch.heartbeat_timeout_s: {} must be longer than heartbeat_interval_s {}",
@@ -244,7 +257,7 @@ impl LaunchSection {
             straggler_factor: self.straggler_factor,
             straggler_steps: self.straggler_steps,
             // Positions ride on the heartbeats: a healthy rank is heard from every beat.
-            position_silence: Duration::from_secs_f64((1.5 * self.heartbeat_interval_s).max(1.5)),
+            position_silence: Duration::from_secs_f64((2.0 * self.heartbeat_interval_s).max(2.0)),
             ..Default::default()
         }
     }

@@ -47,13 +47,28 @@ impl Tls {
         };
         let mut client =
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem("tls_ca", ca)?));
-        if let Some(domain) = &launch.tls_domain {
-            client = client.domain_name(domain.clone());
+        // Node 0 dials its own coordinator by address: check the name the others dial.
+        let rdzv_host = launch
+            .rdzv
+            .as_deref()
+            .and_then(|r| r.rsplit_once(':'))
+            .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']').to_string());
+        if let Some(domain) = launch.tls_domain.clone().or(rdzv_host) {
+            client = client.domain_name(domain);
         }
         let server = match (&launch.tls_cert, &launch.tls_key, launch.node_rank) {
-            (Some(cert), Some(key), 0) => Some(ServerTlsConfig::new().identity(
-                Identity::from_pem(pem("tls_cert", cert)?, pem("tls_key", key)?),
-            )),
+            (Some(cert), Some(key), 0) => {
+                let identity = Identity::from_pem(pem("tls_cert", cert)?, pem("tls_key", key)?);
+                let config = ServerTlsConfig::new().identity(identity);
+                // A key that does not match the certificate fails here, not at the first call.
+                tonic::transport::Server::builder()
+                    .tls_config(config.clone())
+                    .map_err(|e| Error::Config {
+                        file: key.clone(),
+                        message: format!("launch.tls_cert / launch.tls_key: {e}"),
+                    })?;
+                Some(config)
+            }
             (_, _, 0) => {
                 return Err(Error::Config {
                     file: "launch.tls_cert".into(),

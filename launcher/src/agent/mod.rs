@@ -207,15 +207,25 @@ async fn node_agent(
         generation = join.generation;
         let ended = workers::run_generation(plan, &mut client, &join, &host, rdzv).await?;
         if let Ended::Done = ended {
-            let _ = tokio::time::timeout(
-                RPC_TIMEOUT,
-                client.node_done(rpc::NodeDoneRequest {
+            // The coordinator must hear it: without it the job never finishes.
+            let mut silent = Silence::new(l);
+            loop {
+                let request = rpc::NodeDoneRequest {
                     node_rank: node as u32,
                     generation,
-                }),
-            )
-            .await;
-            if let Ended::Done = wait_finished(&mut client, node, generation, beat_every).await? {
+                };
+                let sent = match tokio::time::timeout(RPC_TIMEOUT, client.node_done(request)).await
+                {
+                    Ok(Ok(_)) => Ok(rpc::HeartbeatReply::default()),
+                    Ok(Err(s)) => Err(status("reporting this node done")(s)),
+                    Err(_) => Err(Error::Launch("reporting this node done: no answer".into())),
+                };
+                if silent.check(sent)?.is_some() {
+                    break;
+                }
+                tokio::time::sleep(beat_every).await;
+            }
+            if let Ended::Done = wait_finished(&mut client, plan, generation, beat_every).await? {
                 return Ok(());
             }
         }
@@ -244,11 +254,13 @@ async fn join(
         let call = joining.join(request);
         tokio::pin!(call);
         let mut beats = tokio::time::interval(beat_every);
+        let mut silent = Silence::new(l);
         let answer = loop {
             tokio::select! {
                 answer = &mut call => break answer,
                 _ = beats.tick() => {
-                    if let Ok(reply) = beat(client, l.node_rank, generation, &mut Vec::new()).await {
+                    let reply = beat(client, l.node_rank, generation, &mut Vec::new()).await;
+                    if let Some(reply) = silent.check(reply)? {
                         if reply.stop {
                             return Err(Error::JobStopped(reply.reason));
                         }
@@ -261,24 +273,71 @@ async fn join(
                 let reply = reply.into_inner();
                 return Ok((!reply.finished).then_some(reply));
             }
-            Err(s) if s.code() == tonic::Code::Aborted && s.message().starts_with(REJOIN) => {}
+            Err(s) if is_rejoin(&s) => {}
             Err(s) => return Err(status("rendezvous")(s)),
         }
     }
 }
 
+/// Heartbeats that fail for longer than `launch.heartbeat_timeout_s`: the coordinator is lost.
+pub(super) struct Silence {
+    since: Option<tokio::time::Instant>,
+    limit: Duration,
+}
+
+impl Silence {
+    pub(super) fn new(l: &LaunchSection) -> Self {
+        Self {
+            since: None,
+            limit: Duration::from_secs_f64(l.heartbeat_timeout_s),
+        }
+    }
+
+    /// The reply, `None` for a failed beat still within the limit, or the error past it.
+    pub(super) fn check(
+        &mut self,
+        beat: Result<rpc::HeartbeatReply>,
+    ) -> Result<Option<rpc::HeartbeatReply>> {
+        match beat {
+            Ok(reply) => {
+                self.since = None;
+                Ok(Some(reply))
+            }
+            Err(e) => {
+                let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > self.limit {
+                    return Err(Error::JobStopped(format!("lost the coordinator: {e}")));
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// A reply that tells an agent to join again (the generation moved on while it waited).
+pub(super) fn is_rejoin(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Aborted && s.message().starts_with(REJOIN)
+}
+
 /// After this node's workers finished: beat until every node is done (Ok(Done)), or a
 /// restart makes this node run again (Ok(Restart)). Node 0 keeps the coordinator up until
-/// then; for the others a coordinator gone after they finished means the job ended.
+/// then; for the others a coordinator gone for good after they finished means the job
+/// ended (node 0 stops serving once every node is done).
 async fn wait_finished(
     client: &mut Client,
-    node: usize,
+    plan: &LaunchPlan,
     generation: u64,
     beat_every: Duration,
 ) -> Result<Ended> {
+    let node = plan.launch.node_rank;
+    let mut silent = Silence::new(&plan.launch);
     loop {
-        let reply = match beat(client, node, generation, &mut Vec::new()).await {
-            Ok(reply) => reply,
+        let reply = match silent.check(beat(client, node, generation, &mut Vec::new()).await) {
+            Ok(Some(reply)) => reply,
+            Ok(None) => {
+                tokio::time::sleep(beat_every).await;
+                continue;
+            }
             Err(_) if node != 0 => return Ok(Ended::Done),
             Err(e) => return Err(e),
         };

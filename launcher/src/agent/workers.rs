@@ -9,8 +9,10 @@ use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::link::{self, LinkMsg};
-use super::{beat, launch_err, spawn, status, stopped, Client, Ended, LaunchPlan, RPC_TIMEOUT};
-use crate::coordinator::service::REJOIN;
+use super::{
+    beat, is_rejoin, launch_err, spawn, status, stopped, Client, Ended, LaunchPlan, Silence,
+    RPC_TIMEOUT,
+};
 use crate::coordinator::state::WorkerExit;
 use crate::error::{Error, Result};
 use crate::rpc;
@@ -89,7 +91,7 @@ pub(super) async fn run_generation(
         let mut child = match spawn::spawn(&command, &env) {
             Ok(c) => c,
             Err(e) => {
-                kill_and_reap(&mut g).await;
+                kill_and_reap(&mut g, client).await;
                 accept.abort();
                 return Err(Error::Launch(format!(
                     "starting {}: {e}",
@@ -115,7 +117,7 @@ pub(super) async fn run_generation(
     }
 
     let outcome = supervise(&mut g, client).await;
-    kill_and_reap(&mut g).await;
+    kill_and_reap(&mut g, client).await;
     accept.abort();
     drain_links(&mut g.links, &mut g.reports, &mut BTreeMap::new());
     let _ = beat(client, node, join.generation, &mut g.reports).await;
@@ -123,16 +125,22 @@ pub(super) async fn run_generation(
 }
 
 /// SIGKILL every worker's process group (a stopped process dies of it too) and wait, at
-/// most 5 s, until each is reaped: no worker of this generation outlives it.
-async fn kill_and_reap(g: &mut Generation<'_>) {
-    for w in &g.workers {
+/// most 30 s, beating meanwhile, until each is reaped: no worker of this generation
+/// outlives it.
+async fn kill_and_reap(g: &mut Generation<'_>, client: &mut Client) {
+    for w in g.workers.iter().filter(|w| w.pid != 0) {
         spawn::kill_now(w.pid);
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while g.workers.iter().any(|w| w.running) {
-        match tokio::time::timeout_at(deadline, g.exits.recv()).await {
+    let l = &g.plan.launch;
+    let every = Duration::from_secs_f64(l.heartbeat_interval_s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while g.workers.iter().any(|w| w.running) && tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(every, g.exits.recv()).await {
             Ok(Some((local, _))) => g.workers[local].running = false,
-            _ => break,
+            Ok(None) => break,
+            Err(_) => {
+                let _ = beat(client, l.node_rank, g.join.generation, &mut g.reports).await;
+            }
         }
     }
 }
@@ -206,8 +214,7 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client) -> Result<Ended>
     let handler = |e: std::io::Error| launch_err("signal handler")(e.to_string());
     let mut terminate = signal(SignalKind::terminate()).map_err(handler)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(handler)?;
-    let mut silent_since: Option<tokio::time::Instant> = None;
-    let heartbeat_timeout = Duration::from_secs_f64(l.heartbeat_timeout_s);
+    let mut silent = Silence::new(l);
     loop {
         tokio::select! {
             Some(msg) = g.links.recv() => match msg {
@@ -240,14 +247,15 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client) -> Result<Ended>
                     }
                 }
                 // The job moved on while the peers were exchanged: the next heartbeat says so.
-                Err(s) if s.code() == tonic::Code::Aborted && s.message().starts_with(REJOIN) => {}
+                Err(s) if is_rejoin(&s) => {}
                 Err(s) => return Err(status("peer exchange")(s)),
             },
             Some((local, status)) = g.exits.recv() => {
                 g.workers[local].running = false;
                 let (code, signal) = code_and_signal(&status);
                 if code == 0 {
-                    if g.workers.iter().all(|w| !w.running) {
+                    // A node one of whose workers failed waits for the coordinator's word.
+                    if g.workers.iter().all(|w| !w.running) && g.own_failure.is_none() {
                         let open = hellos.keys().copied().filter(|r| !closed.contains(r)).collect();
                         read_to_close(&mut g.links, &mut g.reports, open, Duration::from_secs(5)).await;
                         return Ok(Ended::Done);
@@ -287,19 +295,9 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client) -> Result<Ended>
                 }
             },
             _ = heartbeat.tick() => {
-                match beat(client, node, generation, &mut g.reports).await {
-                    Ok(reply) => {
-                        silent_since = None;
-                        if let Some(outcome) = obey(&reply, g.own_failure) {
-                            return outcome;
-                        }
-                    }
-                    Err(e) => {
-                        let since = *silent_since.get_or_insert_with(tokio::time::Instant::now);
-                        if since.elapsed() > heartbeat_timeout {
-                            return Err(Error::JobStopped(format!("lost the coordinator: {e}")));
-                        }
-                    }
+                let reply = beat(client, node, generation, &mut g.reports).await;
+                if let Some(outcome) = silent.check(reply)?.and_then(|r| obey(&r, g.own_failure)) {
+                    return outcome;
                 }
             },
             _ = interrupt.recv() => return Err(Error::JobStopped("interrupted (SIGINT)".into())),

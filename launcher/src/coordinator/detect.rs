@@ -155,13 +155,11 @@ impl Detector {
         }
     }
 
-    /// A new generation of `world` ranks, watching `nodes`: positions and step times start over,
-    /// nodes keep their last heartbeat (new ones count as heard from at `now`).
+    /// A new generation of `world` ranks, watching `nodes`: positions and step times start
+    /// over, and every node counts as heard from at `now`.
     pub fn reset(&mut self, world: usize, nodes: &[usize], now: Instant) {
-        self.nodes.retain(|n, _| nodes.contains(n));
-        for &n in nodes {
-            self.nodes.entry(n).or_insert(now);
-        }
+        // Every node gets a full timeout to kill, reap and join again.
+        self.nodes = nodes.iter().map(|&n| (n, now)).collect();
         self.ranks.clear();
         self.recent.clear();
         self.busy.clear();
@@ -295,7 +293,9 @@ impl Detector {
     /// The progress limit now: max(hang_factor × median recent step, hang_floor).
     pub fn hang_limit(&self) -> Duration {
         let typical = median(self.recent.iter().copied()).unwrap_or(0.0);
-        Duration::from_secs_f64(typical * self.policy.hang_factor).max(self.policy.hang_floor)
+        Duration::try_from_secs_f64(typical * self.policy.hang_factor)
+            .unwrap_or(Duration::MAX)
+            .max(self.policy.hang_floor)
     }
 
     /// Faults visible at `now`: silent agents (each once per call), and a hang (once, until
@@ -321,7 +321,9 @@ impl Detector {
             }
         }
         let stalled = now.saturating_duration_since(self.last_step_at);
-        if self.armed && !self.hang_reported && stalled > self.hang_limit() {
+        // Eval, export and the end of a run are not steps: only training can hang here.
+        let training = self.ranks.values().all(|p| p.phase == "train");
+        if self.armed && training && !self.hang_reported && stalled > self.hang_limit() {
             self.hang_reported = true;
             out.push(self.hang(now, stalled));
         }

@@ -151,9 +151,16 @@ impl Coordinator {
                 inner.crashes.clear();
                 self.handle(&mut inner, fault, now);
             }
+            let generation = inner.state.generation;
             for fault in inner.detector.check(now) {
                 if inner.state.stopped.is_some() {
                     break;
+                }
+                // After a restart only another lost node still matters: a hang seen in the
+                // old generation is gone with its workers.
+                let moved_on = inner.state.generation != generation;
+                if moved_on && fault.kind != detect::Kind::LostHeartbeat {
+                    continue;
                 }
                 self.handle(&mut inner, fault, now);
             }
@@ -376,8 +383,14 @@ fn ingest(inner: &mut Inner, node: usize, generation: u64, line: &str, now: Inst
             let train = msg.get("phase").and_then(Value::as_str) == Some("train");
             if let (true, true, Some(r)) = (current, train, rank) {
                 let step = number(&msg, "step").unwrap_or(0);
-                let seconds = msg.get("step_time").and_then(Value::as_f64).unwrap_or(0.0);
-                let busy = msg.get("busy").and_then(Value::as_f64).unwrap_or(seconds);
+                // Worker input: only finite, non-negative seconds count.
+                let secs = |k: &str| {
+                    msg.get(k)
+                        .and_then(Value::as_f64)
+                        .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e9)
+                };
+                let seconds = secs("step_time").unwrap_or(0.0);
+                let busy = secs("busy").unwrap_or(seconds);
                 let seq = number(&msg, "collectives").unwrap_or(0);
                 faults.extend(inner.detector.step(r, node, step, seconds, busy, seq, now));
                 if let Some(since) = inner.recovering.take() {
