@@ -123,10 +123,11 @@ fn start_with(dir: &Path, delays: [&str; 2], spare: bool) -> Job {
             };
         }
         if Instant::now() > deadline || ev.iter().any(|e| e["event"] == "done") {
-            for a in &mut agents {
-                let _ = a.kill();
-                let _ = a.wait();
-            }
+            kill_rest(&mut Job {
+                agents,
+                run,
+                workers: BTreeMap::new(),
+            });
             panic!("the job never got going (or ended too soon): {ev:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -194,6 +195,17 @@ fn assert_losses(got: &BTreeMap<u64, f64>, tolerance: f64, what: &str) {
     }
 }
 
+/// The fault names `rank` on `node` and its detail says `text`.
+fn assert_names(fault: &Value, rank: u64, node: u64, text: &str) {
+    assert_eq!(
+        (&fault["rank"], &fault["node"]),
+        (&rank.into(), &node.into()),
+        "{fault}"
+    );
+    let detail = fault["detail"].as_str().expect("detail");
+    assert!(detail.contains(text), "{fault}");
+}
+
 /// Every worker of the first generation is gone (killed before the restart).
 fn assert_gone(job: &Job) {
     for (rank, pid) in &job.workers {
@@ -214,18 +226,7 @@ fn a_killed_worker_is_restarted_in_place_with_the_losses_of_an_undisturbed_run()
     finish(&mut job, &[0, 1]);
     let ev = run_events(&job.run);
     let (fault, decision, _, recovery) = report(&ev, "crash", "SIGKILL rank 2");
-    assert_eq!(
-        (&fault["rank"], &fault["node"]),
-        (&2.into(), &1.into()),
-        "{fault}"
-    );
-    assert!(
-        fault["detail"]
-            .as_str()
-            .expect("detail")
-            .contains("SIGKILL"),
-        "{fault}"
-    );
+    assert_names(fault, 2, 1, "SIGKILL");
     assert_eq!(decision["action"], "restart_in_place", "{decision}");
     let restart = event(&ev, "restart");
     assert_eq!(
@@ -248,18 +249,7 @@ fn a_stopped_worker_is_a_hang_naming_it_and_the_job_recovers() {
     finish(&mut job, &[0, 1]);
     let ev = run_events(&job.run);
     let (fault, decision, latency, recovery) = report(&ev, "hang", "SIGSTOP rank 1");
-    assert_eq!(
-        (&fault["rank"], &fault["node"]),
-        (&1.into(), &0.into()),
-        "{fault}"
-    );
-    assert!(
-        fault["detail"]
-            .as_str()
-            .expect("detail")
-            .contains("rank 1 (node 0)"),
-        "{fault}"
-    );
+    assert_names(fault, 1, 0, "rank 1 (node 0)");
     assert_eq!(decision["action"], "restart_in_place", "{decision}");
     assert!(
         latency <= HANG_LIMIT_S + 1.0,
