@@ -261,16 +261,23 @@ fn a_stopped_peer_fails_the_others_within_the_deadline() {
     }
 }
 
+/// A LoRA job of `steps` in `dir`, its losses on 2 agents × `nproc` workers, and its run
+/// directory emptied for the run under test.
+fn undisturbed_run(dir: &Path, steps: u64, nproc: usize) -> (PathBuf, PathBuf, Vec<f64>) {
+    let job = write_job(dir, true, steps);
+    let losses = train(&job, 2, nproc, &[]);
+    let run = dir.join("run");
+    let _ = std::fs::remove_dir_all(&run);
+    (job, run, losses)
+}
+
 /// The control plane takes calls only with the job's shared secret: a call with a wrong
 /// token (or none) during a two-agent job is refused and logged, and the job goes on to
 /// the losses of an undisturbed run; a multi-node job without a secret does not start.
 #[test]
 fn a_control_plane_call_with_a_wrong_token_is_rejected_and_the_job_goes_on() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let job = write_job(tmp.path(), true, 6);
-    let undisturbed = train(&job, 2, 2, &[]);
-    let run = job.parent().expect("dir").join("run");
-    let _ = std::fs::remove_dir_all(&run);
+    let (job, run, undisturbed) = undisturbed_run(tmp.path(), 6, 2);
     let rdzv = format!("127.0.0.1:{}", free_port());
     let children = start_agents(&job, 2, 2, &rdzv, &[]);
     // Once the coordinator is up (it writes the start event), knock with a wrong token.
@@ -337,10 +344,7 @@ fn a_control_plane_call_with_a_wrong_token_is_rejected_and_the_job_goes_on() {
 #[test]
 fn the_control_plane_runs_over_tls_when_given_certificates() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let job = write_job(tmp.path(), true, 4);
-    let plain = train(&job, 2, 1, &[]);
-    let run = job.parent().expect("dir").join("run");
-    let _ = std::fs::remove_dir_all(&run);
+    let (job, run, plain) = undisturbed_run(tmp.path(), 4, 1);
     let tls = fixtures().join("tls");
     let set = |key: &str, file: &str| format!("launch.{key}=\"{}\"", tls.join(file).display());
     let sets = [

@@ -248,15 +248,30 @@ fn damaged(e: checkpoint::sharded::Damaged) -> Error {
     }
 }
 
+/// A checkpoint's state for one rank, read and checked against its model: applying it
+/// cannot fail, so a damaged or mismatched checkpoint leaves the model as it was.
+pub struct Restored<B: TrainBackend> {
+    values: BTreeMap<String, Vec<f32>>,
+    records: <Optim<B> as Optimizer<CausalLm<B>, B>>::Record,
+}
+
+impl<B: TrainBackend> Restored<B> {
+    /// The model and optimizer with the checkpoint's values in place.
+    pub fn apply(self, model: CausalLm<B>, optim: Optim<B>) -> (CausalLm<B>, Optim<B>) {
+        let model = parallel::dp::replace_by_path(model, self.values);
+        (model, optim.load_record(self.records))
+    }
+}
+
 /// `model`'s parameters read from `ckpt` (each rank its own boxes, whatever layout wrote
 /// them), and the AdamW state for those whose state this rank keeps (`owned`: all when
 /// `None`).
 pub fn restore<B: TrainBackend>(
-    model: CausalLm<B>,
-    optim: Optim<B>,
+    model: &CausalLm<B>,
+    optim: &Optim<B>,
     ckpt: &Checkpoint,
     owned: Option<&BTreeSet<String>>,
-) -> Result<(CausalLm<B>, Optim<B>)> {
+) -> Result<Restored<B>> {
     let device = model.device();
     let mut values = BTreeMap::new();
     // (burn's record map type, emptied.)
@@ -289,12 +304,12 @@ pub fn restore<B: TrainBackend>(
             data
         })
     };
-    let trainable: BTreeSet<ParamId> = parallel::dp::params_by_path(&model)
+    let trainable: BTreeSet<ParamId> = parallel::dp::params_by_path(model)
         .into_iter()
         .filter(|p| p.trainable)
         .map(|p| p.id)
         .collect();
-    for h in held(&model) {
+    for h in held(model) {
         values.insert(h.path.clone(), read(&h.name, &h)?);
         let trainable = trainable.contains(&h.id);
         let keeps = owned.is_none_or(|o| o.contains(&h.path));
@@ -312,6 +327,5 @@ pub fn restore<B: TrainBackend>(
         };
         records.insert(h.id, record);
     }
-    let model = parallel::dp::replace_by_path(model, values);
-    Ok((model, optim.load_record(records)))
+    Ok(Restored { values, records })
 }

@@ -275,10 +275,13 @@ impl<B: TrainBackend> Trainer<B> {
             })
         };
         let (step, epoch, offset) = (field("step")?, field("epoch")?, field("offset")?);
+        // Everything is read and checked before the model is touched: a bad checkpoint
+        // leaves the trainer as it was.
+        let owned = self.dp.as_ref().and_then(|dp| dp.owned(self.model()));
+        let restored = crate::state::restore(self.model(), &self.optim, ckpt, owned.as_ref())?;
         let model = self.model.take().expect("model is present between steps");
-        let owned = self.dp.as_ref().and_then(|dp| dp.owned(&model));
         let optim = std::mem::replace(&mut self.optim, self.opts.adamw.build());
-        let (model, optim) = crate::state::restore(model, optim, ckpt, owned.as_ref())?;
+        let (model, optim) = restored.apply(model, optim);
         self.model = Some(model);
         self.optim = optim;
         self.step = step;

@@ -13,7 +13,7 @@ use super::{
     beat, is_rejoin, launch_err, spawn, status, stopped, Client, Ended, LaunchPlan, Silence,
     RPC_TIMEOUT,
 };
-use crate::coordinator::state::WorkerExit;
+use crate::coordinator::service::exit_of;
 use crate::error::{Error, Result};
 use crate::rpc;
 
@@ -274,20 +274,11 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client) -> Result<Ended>
                     pid: w.pid,
                     code,
                     signal,
-                    message: message.clone(),
+                    message,
                     generation,
                 };
                 g.own_failure = Some(if code == 2 { 2 } else { 1 });
-                let text = WorkerExit {
-                    node,
-                    rank: w.rank,
-                    pid: w.pid,
-                    code: (signal == 0).then_some(code),
-                    signal: (signal != 0).then_some(signal),
-                    message,
-                }
-                .describe();
-                tracing::warn!("{text}");
+                tracing::warn!("{}", exit_of(&exit).describe());
                 if let Ok(Ok(reply)) = tokio::time::timeout(RPC_TIMEOUT, client.worker_exit(exit)).await {
                     if let Some(outcome) = obey(&reply.into_inner(), g.own_failure) {
                         return outcome;

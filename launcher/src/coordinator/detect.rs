@@ -159,15 +159,7 @@ impl Detector {
     /// over, and every node counts as heard from at `now`.
     pub fn reset(&mut self, world: usize, nodes: &[usize], now: Instant) {
         // Every node gets a full timeout to kill, reap and join again.
-        self.nodes = nodes.iter().map(|&n| (n, now)).collect();
-        self.ranks.clear();
-        self.recent.clear();
-        self.busy.clear();
-        self.last_step_at = now;
-        self.max_seq = 0;
-        self.world = world;
-        self.hang_reported = false;
-        self.armed = false;
+        *self = Self::new(self.policy.clone(), world, nodes, now);
     }
 
     /// Every watched node has been heard from at or after `t`.

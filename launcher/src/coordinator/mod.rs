@@ -196,8 +196,7 @@ impl Coordinator {
         log(&mut inner.events, "fault", fault.rank, fault.node, fields);
         if let Some(n) = fault.node.filter(|n| inner.state.spares.contains(n)) {
             // A spare went silent: it just stops being one.
-            inner.state.exclude(n, fault.detail.clone());
-            inner.detector.forget_node(n);
+            drop_node(inner, n, &fault);
             let why = format!("spare node {n} dropped: {}", fault.detail);
             log(
                 &mut inner.events,
@@ -240,14 +239,12 @@ impl Coordinator {
             }
             Action::RestartInPlace => self.restart(inner, &fault, now),
             Action::Replace { lost, spare } => {
-                inner.state.exclude(lost, fault.detail.clone());
-                inner.detector.forget_node(lost);
+                drop_node(inner, lost, &fault);
                 inner.state.promote(spare);
                 self.restart(inner, &fault, now);
             }
             Action::Shrink { lost, .. } => {
-                inner.state.exclude(lost, fault.detail.clone());
-                inner.detector.forget_node(lost);
+                drop_node(inner, lost, &fault);
                 self.restart(inner, &fault, now);
             }
         }
@@ -330,6 +327,12 @@ impl Coordinator {
             json!({"peer": peer, "reason": why}),
         );
     }
+}
+
+/// Leave `node` out for good because of `fault`, and stop watching it.
+fn drop_node(inner: &mut Inner, node: usize, fault: &Fault) {
+    inner.state.exclude(node, fault.detail.clone());
+    inner.detector.forget_node(node);
 }
 
 /// The crash to act on: among the failures reported together, the one a signal ended (its

@@ -30,6 +30,18 @@ fn node_of(n: u32) -> usize {
     n as usize
 }
 
+/// A worker's end as an agent reports it.
+pub fn exit_of(r: &rpc::WorkerExitRequest) -> WorkerExit {
+    WorkerExit {
+        node: node_of(r.node_rank),
+        rank: r.rank as usize,
+        pid: r.pid,
+        code: (r.signal == 0).then_some(r.code),
+        signal: (r.signal != 0).then_some(r.signal),
+        message: r.message.clone(),
+    }
+}
+
 /// What a heartbeat (or worker exit) from `node`, whose workers run `generation`, is told.
 fn reply_for(state: &JobState, node: usize, generation: u64) -> rpc::HeartbeatReply {
     let stop = |reason: String| rpc::HeartbeatReply {
@@ -40,8 +52,8 @@ fn reply_for(state: &JobState, node: usize, generation: u64) -> rpc::HeartbeatRe
     if let Some(why) = &state.stopped {
         return stop(why.clone());
     }
-    if let Some(why) = state.excluded.get(&node) {
-        return stop(format!("node {node} was excluded from the job: {why}"));
+    if let Some(why) = state.exclusion(node) {
+        return stop(why);
     }
     if state.finished() {
         return rpc::HeartbeatReply {
@@ -102,8 +114,7 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
         };
         let reply = self
             .wait_for(timeout, "rendezvous", |s| {
-                if let Some(why) = s.excluded.get(&node) {
-                    let why = format!("node {node} was excluded from the job: {why}");
+                if let Some(why) = s.exclusion(node) {
                     return Some(Err(Status::failed_precondition(why)));
                 }
                 if r.spare && s.finished() {
@@ -192,14 +203,7 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
         request: Request<rpc::WorkerExitRequest>,
     ) -> Result<Response<rpc::HeartbeatReply>, Status> {
         let r = request.into_inner();
-        let exit = WorkerExit {
-            node: node_of(r.node_rank),
-            rank: r.rank as usize,
-            pid: r.pid,
-            code: (r.signal == 0).then_some(r.code),
-            signal: (r.signal != 0).then_some(r.signal),
-            message: r.message,
-        };
+        let exit = exit_of(&r);
         {
             let mut inner = self.lock();
             let fields = json!({"pid": exit.pid, "code": exit.code, "signal": exit.signal,

@@ -131,8 +131,8 @@ impl JobState {
                 self.nnodes
             ));
         }
-        if let Some(why) = self.excluded.get(&node) {
-            return Err(format!("node {node} was excluded from the job: {why}"));
+        if let Some(why) = self.exclusion(node) {
+            return Err(why);
         }
         if nproc == 0 {
             return Err(format!("node {node} has no workers"));
@@ -237,6 +237,12 @@ impl JobState {
     /// Every member's workers finished this generation.
     pub fn finished(&self) -> bool {
         self.started && !self.members.is_empty() && self.members.is_subset(&self.done)
+    }
+
+    /// Why `node` may not take part any more, if it was excluded.
+    pub fn exclusion(&self, node: usize) -> Option<String> {
+        let why = self.excluded.get(&node)?;
+        Some(format!("node {node} was excluded from the job: {why}"))
     }
 
     /// Leave `node` out of every later generation.
