@@ -127,7 +127,18 @@ fn a_run_killed_after_a_checkpoint_resumes_bit_for_bit() {
         ],
     );
     let uninterrupted = losses(&same.path().join("run"));
-    assert_eq!(losses(&run_dir), uninterrupted, "resumed from step {from}");
+    // Steps the killed run took after its last relayed report are in the checkpoint but not
+    // in the log (the launcher died before it heard of them): a gap of at most those steps.
+    let logged = losses(&run_dir);
+    let expected: Vec<(u64, f64)> = uninterrupted
+        .iter()
+        .copied()
+        .filter(|(step, _)| *step <= before || *step > from)
+        .collect();
+    assert_eq!(
+        logged, expected,
+        "resumed from step {from}, {before} logged before"
+    );
     // …and within f32 rounding of one process.
     for ((_, a), (_, b)) in uninterrupted.iter().zip(&reference) {
         assert!(rel_diff(*a, *b) < 1e-4, "{a} vs {b}");

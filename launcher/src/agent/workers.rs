@@ -197,6 +197,9 @@ fn obey(reply: &rpc::HeartbeatReply, own_failure: Option<u8>) -> Option<Result<E
     reply.restart.then_some(Ok(Ended::Restart))
 }
 
+/// How long a worker's report waits before the agent relays it.
+const RELAY_WITHIN: Duration = Duration::from_millis(100);
+
 async fn supervise(g: &mut Generation<'_>, client: &mut Client) -> Result<Ended> {
     let l = &g.plan.launch;
     let node = l.node_rank;
@@ -210,6 +213,9 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client) -> Result<Ended>
         unbounded_channel::<std::result::Result<Vec<String>, tonic::Status>>();
     let mut peers_sent = false;
     let mut heartbeat = tokio::time::interval(Duration::from_secs_f64(l.heartbeat_interval_s));
+    // A report brings the next heartbeat forward, so the run's log trails the workers by at
+    // most RELAY_WITHIN rather than a heartbeat interval.
+    let mut relay_pending = false;
     use tokio::signal::unix::{signal, SignalKind};
     let handler = |e: std::io::Error| launch_err("signal handler")(e.to_string());
     let mut terminate = signal(SignalKind::terminate()).map_err(handler)?;
@@ -234,7 +240,13 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client) -> Result<Ended>
                         });
                     }
                 }
-                LinkMsg::Report(line) => g.reports.push(line),
+                LinkMsg::Report(line) => {
+                    g.reports.push(line);
+                    if !relay_pending {
+                        relay_pending = true;
+                        heartbeat.reset_after(RELAY_WITHIN);
+                    }
+                }
                 LinkMsg::Error { rank, message } => { errors.insert(rank, message); }
                 LinkMsg::Closed { rank } => { closed.insert(rank); }
             },
@@ -286,6 +298,7 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client) -> Result<Ended>
                 }
             },
             _ = heartbeat.tick() => {
+                relay_pending = false;
                 let reply = beat(client, node, generation, &mut g.reports).await;
                 if let Some(outcome) = silent.check(reply)?.and_then(|r| obey(&r, g.own_failure)) {
                     return outcome;
