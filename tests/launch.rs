@@ -406,3 +406,53 @@ fn the_control_plane_runs_over_tls_when_given_certificates() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("launch.tls_key"), "{}", stderr(&out));
 }
+
+/// Ctrl-C reaches an agent wherever it waits: node 0 of a two-node job whose second node
+/// never comes stops on SIGINT at once (not after the rendezvous timeout), and a node 1
+/// still looking for a coordinator that is not there stops on SIGTERM.
+#[test]
+fn an_agent_waiting_for_the_others_stops_on_sigint_and_sigterm() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = write_job(tmp.path(), true, 4);
+    let run = tmp.path().join("run");
+    let rdzv = format!("127.0.0.1:{}", free_port());
+    let node = |rank: &str| {
+        let mut c = launch_cmd();
+        c.arg("train")
+            .arg(&job)
+            .args([
+                "--nproc-per-node",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                rank,
+            ])
+            .args(["--rdzv", &rdzv, "--set", "launch.rdzv_timeout_s=300"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c.spawn().expect("launch starts")
+    };
+    let node0 = node("0");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !run_events(&run).iter().any(|e| e["event"] == "start") {
+        assert!(Instant::now() < deadline, "the coordinator never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let it settle into the rendezvous, beating.
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(node0.id(), "-INT");
+    let (status, err, took) = wait_exit(node0, Duration::from_secs(10));
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("interrupted (SIGINT)"), "{err}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // Nobody listens at the rendezvous now: node 1 retries its connection for 300 s.
+    let node1 = node("1");
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(node1.id(), "-TERM");
+    let (status, err, took) = wait_exit(node1, Duration::from_secs(10));
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("terminated (SIGTERM)"), "{err}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}

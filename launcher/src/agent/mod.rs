@@ -62,6 +62,7 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
     let rdzv_timeout = Duration::from_secs_f64(l.rdzv_timeout_s);
     let token = Token::resolve(l)?;
     let tls = Tls::load(l)?;
+    let mut stop = Stop::new()?;
     // Node 0 hosts the coordinator.
     let (rdzv, server) = if node == 0 {
         let bind = l.rdzv.clone().unwrap_or_else(|| "127.0.0.1:0".into());
@@ -96,7 +97,7 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
     } else {
         (l.rdzv.clone().unwrap_or_default(), None)
     };
-    let result = node_agent(&plan, &rdzv, rdzv_timeout, &token, &tls).await;
+    let result = node_agent(&plan, &rdzv, rdzv_timeout, &token, &tls, &mut stop).await;
     if let Some((stop, mut task)) = server {
         // Graceful shutdown waits for open connections; a stopped (or wedged) agent's
         // never closes, so give the others a moment and then stop serving.
@@ -109,6 +110,40 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
         }
     }
     result
+}
+
+/// SIGINT and SIGTERM, listened for from the agent's start to its end: once tokio handles a
+/// signal its default action is gone for the process, so every wait must listen.
+pub(super) struct Stop {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handler = |e: std::io::Error| launch_err("signal handler")(e.to_string());
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).map_err(handler)?,
+            terminate: signal(SignalKind::terminate()).map_err(handler)?,
+        })
+    }
+
+    /// The error the agent stops with once either signal arrives.
+    pub(super) async fn recv(&mut self) -> Error {
+        tokio::select! {
+            _ = self.interrupt.recv() => Error::JobStopped("interrupted (SIGINT)".into()),
+            _ = self.terminate.recv() => Error::JobStopped("terminated (SIGTERM)".into()),
+        }
+    }
+
+    /// Sleep for `d`, or the stop error if a signal comes first.
+    async fn sleep(&mut self, d: Duration) -> Result<()> {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => Ok(()),
+            e = self.recv() => Err(e),
+        }
+    }
 }
 
 /// A coordinator client whose every call carries the job's token.
@@ -191,21 +226,25 @@ async fn node_agent(
     rdzv_timeout: Duration,
     token: &Token,
     tls: &Tls,
+    stop: &mut Stop,
 ) -> Result<()> {
     let l = &plan.launch;
     let node = l.node_rank;
-    let mut client = connect(rdzv, rdzv_timeout, token, tls).await?;
+    let mut client = tokio::select! {
+        client = connect(rdzv, rdzv_timeout, token, tls) => client?,
+        e = stop.recv() => return Err(e),
+    };
     let host = data_host(l, rdzv);
     let beat_every = Duration::from_secs_f64(l.heartbeat_interval_s);
     // The generation this node last ran: heartbeats carry it.
     let mut generation = 0;
     loop {
-        let Some(join) = join(&mut client, plan, &host, generation, beat_every).await? else {
+        let Some(join) = join(&mut client, plan, &host, generation, beat_every, stop).await? else {
             // A spare the job never needed.
             return Ok(());
         };
         generation = join.generation;
-        let ended = workers::run_generation(plan, &mut client, &join, &host, rdzv).await?;
+        let ended = workers::run_generation(plan, &mut client, &join, &host, rdzv, stop).await?;
         if let Ended::Done = ended {
             // The coordinator must hear it: without it the job never finishes.
             let mut silent = Silence::new(l);
@@ -223,9 +262,11 @@ async fn node_agent(
                 if silent.check(sent)?.is_some() {
                     break;
                 }
-                tokio::time::sleep(beat_every).await;
+                stop.sleep(beat_every).await?;
             }
-            if let Ended::Done = wait_finished(&mut client, plan, generation, beat_every).await? {
+            if let Ended::Done =
+                wait_finished(&mut client, plan, generation, beat_every, stop).await?
+            {
                 return Ok(());
             }
         }
@@ -240,6 +281,7 @@ async fn join(
     host: &str,
     generation: u64,
     beat_every: Duration,
+    stop: &mut Stop,
 ) -> Result<Option<rpc::JoinReply>> {
     let l = &plan.launch;
     loop {
@@ -258,6 +300,7 @@ async fn join(
         let answer = loop {
             tokio::select! {
                 answer = &mut call => break answer,
+                e = stop.recv() => return Err(e),
                 _ = beats.tick() => {
                     let reply = beat(client, l.node_rank, generation, &mut Vec::new()).await;
                     if let Some(reply) = silent.check(reply)? {
@@ -328,6 +371,7 @@ async fn wait_finished(
     plan: &LaunchPlan,
     generation: u64,
     beat_every: Duration,
+    stop: &mut Stop,
 ) -> Result<Ended> {
     let node = plan.launch.node_rank;
     let mut silent = Silence::new(&plan.launch);
@@ -335,7 +379,7 @@ async fn wait_finished(
         let reply = match silent.check(beat(client, node, generation, &mut Vec::new()).await) {
             Ok(Some(reply)) => reply,
             Ok(None) => {
-                tokio::time::sleep(beat_every).await;
+                stop.sleep(beat_every).await?;
                 continue;
             }
             Err(_) if node != 0 => return Ok(Ended::Done),
@@ -350,7 +394,7 @@ async fn wait_finished(
         if reply.restart {
             return Ok(Ended::Restart);
         }
-        tokio::time::sleep(beat_every).await;
+        stop.sleep(beat_every).await?;
     }
 }
 

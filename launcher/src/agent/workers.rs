@@ -10,7 +10,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::link::{self, LinkMsg};
 use super::{
-    beat, is_rejoin, launch_err, spawn, status, stopped, Client, Ended, LaunchPlan, Silence,
+    beat, is_rejoin, launch_err, spawn, status, stopped, Client, Ended, LaunchPlan, Silence, Stop,
     RPC_TIMEOUT,
 };
 use crate::coordinator::service::exit_of;
@@ -46,6 +46,7 @@ pub(super) async fn run_generation(
     join: &rpc::JoinReply,
     host: &str,
     rdzv: &str,
+    stop: &mut Stop,
 ) -> Result<Ended> {
     let l = &plan.launch;
     let node = l.node_rank;
@@ -116,7 +117,7 @@ pub(super) async fn run_generation(
         });
     }
 
-    let outcome = supervise(&mut g, client).await;
+    let outcome = supervise(&mut g, client, stop).await;
     kill_and_reap(&mut g, client).await;
     accept.abort();
     drain_links(&mut g.links, &mut g.reports, &mut BTreeMap::new());
@@ -200,7 +201,7 @@ fn obey(reply: &rpc::HeartbeatReply, own_failure: Option<u8>) -> Option<Result<E
 /// How long a worker's report waits before the agent relays it.
 const RELAY_WITHIN: Duration = Duration::from_millis(100);
 
-async fn supervise(g: &mut Generation<'_>, client: &mut Client) -> Result<Ended> {
+async fn supervise(g: &mut Generation<'_>, client: &mut Client, stop: &mut Stop) -> Result<Ended> {
     let l = &g.plan.launch;
     let node = l.node_rank;
     let generation = g.join.generation;
@@ -216,10 +217,6 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client) -> Result<Ended>
     // A report brings the next heartbeat forward, so the run's log trails the workers by at
     // most RELAY_WITHIN rather than a heartbeat interval.
     let mut relay_pending = false;
-    use tokio::signal::unix::{signal, SignalKind};
-    let handler = |e: std::io::Error| launch_err("signal handler")(e.to_string());
-    let mut terminate = signal(SignalKind::terminate()).map_err(handler)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(handler)?;
     let mut silent = Silence::new(l);
     loop {
         tokio::select! {
@@ -304,8 +301,7 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client) -> Result<Ended>
                     return outcome;
                 }
             },
-            _ = interrupt.recv() => return Err(Error::JobStopped("interrupted (SIGINT)".into())),
-            _ = terminate.recv() => return Err(Error::JobStopped("terminated (SIGTERM)".into())),
+            e = stop.recv() => return Err(e),
         }
     }
 }
