@@ -52,6 +52,8 @@ fn reference() -> &'static BTreeMap<u64, f64> {
 
 struct Job {
     agents: Vec<Child>,
+    job: PathBuf,
+    rdzv: String,
     run: PathBuf,
     /// Worker pid of each rank (first generation).
     workers: BTreeMap<u64, u32>,
@@ -78,27 +80,11 @@ fn start_with(dir: &Path, delays: [&str; 2], spare: bool) -> Job {
     ];
     let mut agents = start_agents_env(&job, 2, 2, &rdzv, SETS, &envs);
     if spare {
-        let mut c = launch_cmd();
-        c.arg("train").arg(&job).args([
-            "--nproc-per-node",
-            "2",
-            "--nnodes",
-            "2",
-            "--node-rank",
-            "2",
-            "--rdzv",
-            &rdzv,
-            "--set",
-            "launch.spare=true",
-        ]);
-        for s in SETS {
-            c.args(["--set", s]);
-        }
+        let mut sets = SETS.to_vec();
+        sets.push("launch.spare=true");
+        let mut c = agent_cmd(&job, 2, 2, 2, &rdzv, &sets);
         c.env("TIDEMILL_TEST_DELAY", PACE);
-        let spawned = c
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        agents.push(spawned.spawn().expect("the spare starts"));
+        agents.push(c.spawn().expect("the spare starts"));
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -118,6 +104,8 @@ fn start_with(dir: &Path, delays: [&str; 2], spare: bool) -> Job {
                 .collect();
             return Job {
                 agents,
+                job,
+                rdzv,
                 run,
                 workers,
             };
@@ -125,6 +113,8 @@ fn start_with(dir: &Path, delays: [&str; 2], spare: bool) -> Job {
         if Instant::now() > deadline || ev.iter().any(|e| e["event"] == "done") {
             kill_rest(&mut Job {
                 agents,
+                job,
+                rdzv,
                 run,
                 workers: BTreeMap::new(),
             });
@@ -323,6 +313,43 @@ fn a_stopped_agent_is_a_lost_node_and_the_job_shrinks_to_two_ranks() {
 #[test]
 fn a_killed_agent_and_its_workers_are_a_lost_node_and_the_job_shrinks() {
     lose_node_1("-KILL");
+}
+
+/// An agent killed with its workers and started again at once (as systemd would) joins
+/// the running job as a new process: an `agent_restart` fault, a restart in place, and the
+/// losses of an undisturbed run.
+#[test]
+fn an_agent_restarted_at_once_is_a_fault_and_the_job_restarts_in_place() {
+    let _one = serial();
+    reference();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut job = start(tmp.path(), [PACE, PACE]);
+    signal(job.agents[1].id(), "-KILL");
+    let _ = job.agents[1].wait();
+    let mut again = agent_cmd(&job.job, 2, 2, 1, &job.rdzv, SETS);
+    again.env("TIDEMILL_TEST_DELAY", PACE);
+    job.agents[1] = again.spawn().expect("node 1's agent starts again");
+    finish(&mut job, &[0, 1]);
+    let ev = run_events(&job.run);
+    let (fault, decision, _, recovery) = report(&ev, "agent_restart", "SIGKILL node 1, restart it");
+    assert_eq!(
+        (&fault["node"], &fault["rank"]),
+        (&1.into(), &Value::Null),
+        "{fault}"
+    );
+    assert_eq!(decision["action"], "restart_in_place", "{decision}");
+    assert!(recovery.expect("recovered") <= RECOVERY_TARGET_S);
+    assert_eq!(
+        ev.iter().filter(|e| e["event"] == "restart").count(),
+        1,
+        "one restart"
+    );
+    assert_losses(
+        &step_losses(&job.run),
+        1e-5,
+        "with node 1's agent restarted",
+    );
+    assert_gone(&job);
 }
 
 #[test]

@@ -416,24 +416,12 @@ fn an_agent_waiting_for_the_others_stops_on_sigint_and_sigterm() {
     let job = write_job(tmp.path(), true, 4);
     let run = tmp.path().join("run");
     let rdzv = format!("127.0.0.1:{}", free_port());
-    let node = |rank: &str| {
-        let mut c = launch_cmd();
-        c.arg("train")
-            .arg(&job)
-            .args([
-                "--nproc-per-node",
-                "1",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                rank,
-            ])
-            .args(["--rdzv", &rdzv, "--set", "launch.rdzv_timeout_s=300"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        c.spawn().expect("launch starts")
+    let node = |rank| {
+        agent_cmd(&job, 2, 1, rank, &rdzv, &["launch.rdzv_timeout_s=300"])
+            .spawn()
+            .expect("launch starts")
     };
-    let node0 = node("0");
+    let node0 = node(0);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !run_events(&run).iter().any(|e| e["event"] == "start") {
         assert!(Instant::now() < deadline, "the coordinator never started");
@@ -448,7 +436,7 @@ fn an_agent_waiting_for_the_others_stops_on_sigint_and_sigterm() {
     assert!(took < Duration::from_secs(5), "{took:?}");
 
     // Nobody listens at the rendezvous now: node 1 retries its connection for 300 s.
-    let node1 = node("1");
+    let node1 = node(1);
     std::thread::sleep(Duration::from_millis(1500));
     signal(node1.id(), "-TERM");
     let (status, err, took) = wait_exit(node1, Duration::from_secs(10));

@@ -89,32 +89,44 @@ pub fn start_agents_env(
 ) -> Vec<Child> {
     (0..nnodes)
         .map(|node| {
-            let mut c = launch_cmd();
+            let mut c = agent_cmd(job, nnodes, nproc, node, rdzv, sets);
             for (_, var, value) in envs.iter().filter(|e| e.0 == node) {
                 c.env(var, value);
             }
-            c.arg("train")
-                .arg(job)
-                .args(["--nproc-per-node", &nproc.to_string()]);
-            if nnodes > 1 {
-                c.args([
-                    "--nnodes",
-                    &nnodes.to_string(),
-                    "--node-rank",
-                    &node.to_string(),
-                    "--rdzv",
-                    rdzv,
-                ]);
-            }
-            for s in sets {
-                c.args(["--set", s]);
-            }
-            c.stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("launch starts")
+            c.spawn().expect("launch starts")
         })
         .collect()
+}
+
+/// The `launch train` of node `node` of `nnodes` (`nproc` workers, rendezvous at `rdzv`,
+/// each of `sets` as `--set`), stdout discarded and stderr piped.
+pub fn agent_cmd(
+    job: &Path,
+    nnodes: usize,
+    nproc: usize,
+    node: usize,
+    rdzv: &str,
+    sets: &[&str],
+) -> Command {
+    let mut c = launch_cmd();
+    c.arg("train")
+        .arg(job)
+        .args(["--nproc-per-node", &nproc.to_string()]);
+    if nnodes > 1 || node > 0 {
+        c.args([
+            "--nnodes",
+            &nnodes.to_string(),
+            "--node-rank",
+            &node.to_string(),
+            "--rdzv",
+            rdzv,
+        ]);
+    }
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    c
 }
 
 /// Train `job` with `nproc` workers on each of `nnodes` agents; return rank 0's losses.

@@ -235,16 +235,20 @@ async fn node_agent(
         e = stop.recv() => return Err(e),
     };
     let host = data_host(l, rdzv);
+    let me = Me {
+        host,
+        instance: rand::random(),
+    };
     let beat_every = Duration::from_secs_f64(l.heartbeat_interval_s);
     // The generation this node last ran: heartbeats carry it.
     let mut generation = 0;
     loop {
-        let Some(join) = join(&mut client, plan, &host, generation, beat_every, stop).await? else {
+        let Some(join) = join(&mut client, plan, &me, generation, beat_every, stop).await? else {
             // A spare the job never needed.
             return Ok(());
         };
         generation = join.generation;
-        let ended = workers::run_generation(plan, &mut client, &join, &host, rdzv, stop).await?;
+        let ended = workers::run_generation(plan, &mut client, &join, &me.host, rdzv, stop).await?;
         if let Ended::Done = ended {
             // The coordinator must hear it: without it the job never finishes.
             let mut silent = Silence::new(l);
@@ -275,10 +279,16 @@ async fn node_agent(
 
 /// Join the coordinator's current generation, beating while the others join (a node that
 /// dies meanwhile is noticed); `None` for a spare released at the end of the job.
+/// This agent as it joins: the host its workers listen on, and its process's random id.
+struct Me {
+    host: String,
+    instance: u64,
+}
+
 async fn join(
     client: &mut Client,
     plan: &LaunchPlan,
-    host: &str,
+    me: &Me,
     generation: u64,
     beat_every: Duration,
     stop: &mut Stop,
@@ -289,8 +299,9 @@ async fn join(
             node_rank: l.node_rank as u32,
             nnodes: l.nnodes as u32,
             nproc: l.nproc_per_node as u32,
-            host: host.to_string(),
+            host: me.host.clone(),
             spare: l.spare,
+            instance: me.instance,
         };
         let mut joining = client.clone();
         let call = joining.join(request);

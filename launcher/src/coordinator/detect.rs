@@ -52,6 +52,8 @@ pub enum Kind {
     LostHeartbeat,
     Hang,
     Straggler,
+    /// A member's agent came back as a new process while its generation ran.
+    AgentRestart,
 }
 
 impl Kind {
@@ -61,6 +63,7 @@ impl Kind {
             Kind::LostHeartbeat => "lost_heartbeat",
             Kind::Hang => "hang",
             Kind::Straggler => "straggler",
+            Kind::AgentRestart => "agent_restart",
         }
     }
 }
@@ -165,6 +168,11 @@ impl Detector {
     /// Every watched node has been heard from at or after `t`.
     pub fn all_heard_since(&self, t: Instant) -> bool {
         self.nodes.values().all(|&seen| seen >= t)
+    }
+
+    /// When `node` was last heard from, if it is watched.
+    pub fn last_heard(&self, node: usize) -> Option<Instant> {
+        self.nodes.get(&node).copied()
     }
 
     /// Watch `node`'s heartbeats from `now` on (a spare that registered).

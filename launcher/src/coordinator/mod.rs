@@ -251,6 +251,29 @@ impl Coordinator {
         self.changed.notify_waiters();
     }
 
+    /// A new agent process for `node`, which had joined the running generation: its old
+    /// agent and workers are gone. A fault like a crash (restart in place; exclusion after
+    /// `exclude_after`); the new agent joins the next generation.
+    fn returned(&self, inner: &mut Inner, node: usize, now: Instant) {
+        let generation = inner.state.generation;
+        let fault = Fault {
+            kind: detect::Kind::AgentRestart,
+            rank: None,
+            node: Some(node),
+            detail: format!(
+                "node {node}'s agent joined again as a new process while generation \
+                 {generation} ran (it was restarted, or two agents have --node-rank {node})"
+            ),
+            detected_at: now,
+            healthy_at: inner.detector.last_heard(node).unwrap_or(now),
+            permanent: false,
+        };
+        self.handle(inner, fault, now);
+        if inner.state.generation != generation && inner.state.members.contains(&node) {
+            inner.state.joined.insert(node);
+        }
+    }
+
     /// Start the next generation with the current members.
     fn restart(&self, inner: &mut Inner, fault: &Fault, now: Instant) {
         let world = inner.state.world_size();

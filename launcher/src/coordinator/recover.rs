@@ -82,7 +82,7 @@ pub fn decide(fault: &Fault, cluster: &Cluster, policy: &RecoveryPolicy) -> (Act
             )
         }
         Kind::Straggler | Kind::LostHeartbeat => true,
-        Kind::Crash | Kind::Hang => seen >= policy.exclude_after,
+        Kind::Crash | Kind::Hang | Kind::AgentRestart => seen >= policy.exclude_after,
     };
     if fault.permanent {
         return (

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
-use super::state::{JobState, WorkerExit};
+use super::state::{JobState, Joined, WorkerExit};
 use super::{ingest, log, Coordinator};
 use crate::rpc;
 
@@ -89,13 +89,23 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
         {
             let mut inner = self.lock();
             let inner = &mut *inner;
-            let first = inner
+            let joined = inner
                 .state
-                .join(node, r.nnodes as usize, r.nproc as usize, &r.host, r.spare)
+                .join(
+                    node,
+                    r.nnodes as usize,
+                    r.nproc as usize,
+                    &r.host,
+                    r.spare,
+                    r.instance,
+                )
                 .map_err(Status::failed_precondition)?;
             let now = Instant::now();
+            if joined == Joined::Returned {
+                self.returned(inner, node, now);
+            }
             inner.detector.heartbeat(node, now);
-            if first {
+            if joined == Joined::Started {
                 let watched = inner.state.watched();
                 inner
                     .detector

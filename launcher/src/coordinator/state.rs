@@ -10,6 +10,21 @@ pub struct Node {
     pub nproc: usize,
     pub host: String,
     pub spare: bool,
+    /// The agent process (random per process): a new one for a known node means its agent
+    /// was restarted.
+    pub instance: u64,
+}
+
+/// What a join meant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Joined {
+    /// Registered, or joined the current generation: wait for the others.
+    Waiting,
+    /// This join completed the first rendezvous.
+    Started,
+    /// A new agent process for a member that had already joined the current generation: the
+    /// old agent and its workers are gone, so the generation cannot go on.
+    Returned,
 }
 
 /// How a worker process ended.
@@ -116,7 +131,7 @@ impl JobState {
     }
 
     /// Register a node, or take a member's join for the current generation; errors name
-    /// what disagrees. Returns true when this join completed the first rendezvous.
+    /// what disagrees.
     pub fn join(
         &mut self,
         node: usize,
@@ -124,7 +139,8 @@ impl JobState {
         nproc: usize,
         host: &str,
         spare: bool,
-    ) -> Result<bool, String> {
+        instance: u64,
+    ) -> Result<Joined, String> {
         if nnodes != self.nnodes {
             return Err(format!(
                 "node {node} says nnodes = {nnodes}, the coordinator runs with {}",
@@ -137,7 +153,7 @@ impl JobState {
         if nproc == 0 {
             return Err(format!("node {node} has no workers"));
         }
-        if let Some(known) = self.nodes.get(&node) {
+        if let Some(known) = self.nodes.get_mut(&node) {
             // A member joining again for the next generation.
             if known.nproc != nproc || known.spare != spare {
                 return Err(format!(
@@ -150,10 +166,11 @@ impl JobState {
                     "node rank {node} joined twice (two agents with the same --node-rank?)"
                 ));
             }
-            if self.members.contains(&node) {
-                self.joined.insert(node);
+            let returned = std::mem::replace(&mut known.instance, instance) != instance;
+            if self.members.contains(&node) && !self.joined.insert(node) && returned {
+                return Ok(Joined::Returned);
             }
-            return Ok(false);
+            return Ok(Joined::Waiting);
         }
         if !spare && (self.started || node >= self.nnodes) {
             return Err(format!(
@@ -165,11 +182,12 @@ impl JobState {
             nproc,
             host: host.into(),
             spare,
+            instance,
         };
         self.nodes.insert(node, record);
         if spare {
             self.spares.insert(node);
-            return Ok(false);
+            return Ok(Joined::Waiting);
         }
         let regular: BTreeSet<usize> = self
             .nodes
@@ -181,9 +199,9 @@ impl JobState {
             self.started = true;
             self.joined = regular.clone();
             self.members = regular;
-            return Ok(true);
+            return Ok(Joined::Started);
         }
-        Ok(false)
+        Ok(Joined::Waiting)
     }
 
     /// `node`'s ranks once every member joined the current generation.
@@ -278,19 +296,19 @@ mod tests {
     #[test]
     fn ranks_follow_node_order_and_joins_are_checked() {
         let mut s = JobState::new(3);
-        assert_eq!(s.join(2, 3, 4, "c", false), Ok(false));
-        assert_eq!(s.join(0, 3, 2, "a", false), Ok(false));
+        assert_eq!(s.join(2, 3, 4, "c", false, 7), Ok(Joined::Waiting));
+        assert_eq!(s.join(0, 3, 2, "a", false, 7), Ok(Joined::Waiting));
         assert_eq!(s.assignment(0), None);
         assert!(s
-            .join(0, 3, 2, "a", false)
+            .join(0, 3, 2, "a", false, 7)
             .expect_err("twice")
             .contains("twice"));
         assert!(s
-            .join(1, 2, 2, "b", false)
+            .join(1, 2, 2, "b", false, 7)
             .expect_err("nnodes")
             .contains("nnodes"));
-        assert!(s.join(5, 3, 2, "b", false).is_err());
-        assert_eq!(s.join(1, 3, 3, "b", false), Ok(true));
+        assert!(s.join(5, 3, 2, "b", false, 7).is_err());
+        assert_eq!(s.join(1, 3, 3, "b", false, 7), Ok(Joined::Started));
         let a = s.assignment(2).expect("all joined");
         assert_eq!((a.first_rank, a.world_size, a.nnodes), (5, 9, 3));
         assert_eq!(
@@ -307,22 +325,22 @@ mod tests {
     #[test]
     fn a_generation_starts_when_its_members_joined_again() {
         let mut s = JobState::new(2);
-        s.join(0, 2, 2, "a", false).expect("join");
-        s.join(9, 2, 2, "spare", true).expect("a spare");
-        s.join(1, 2, 2, "b", false).expect("join");
+        s.join(0, 2, 2, "a", false, 7).expect("join");
+        s.join(9, 2, 2, "spare", true, 7).expect("a spare");
+        s.join(1, 2, 2, "b", false, 7).expect("join");
         s.done.insert(0);
         s.exclude(1, "lost".into());
         s.promote(9);
         s.next_generation(vec!["--set".into(), "x=1".into()]);
         assert_eq!((s.generation, s.restarts), (1, 1));
         assert!(s.done.is_empty() && s.assignment(0).is_none());
-        s.join(0, 2, 2, "a", false).expect("rejoin");
+        s.join(0, 2, 2, "a", false, 7).expect("rejoin");
         assert_eq!(s.assignment(0), None, "the spare has not joined yet");
-        s.join(9, 2, 2, "spare", true).expect("the spare joins");
+        s.join(9, 2, 2, "spare", true, 7).expect("the spare joins");
         let a = s.assignment(9).expect("ready");
         assert_eq!((a.generation, a.first_rank, a.world_size), (1, 2, 4));
         // The excluded node cannot come back.
-        let e = s.join(1, 2, 2, "b", false).expect_err("excluded");
+        let e = s.join(1, 2, 2, "b", false, 7).expect_err("excluded");
         assert!(e.contains("excluded") && e.contains("lost"), "{e}");
         assert!(!s.finished());
         s.done.extend([0, 9]);
@@ -330,15 +348,32 @@ mod tests {
     }
 
     #[test]
+    fn a_new_agent_for_a_member_that_joined_the_generation_is_a_return() {
+        let mut s = JobState::new(2);
+        s.join(0, 2, 1, "a", false, 10).expect("join");
+        assert_eq!(s.join(1, 2, 1, "b", false, 20), Ok(Joined::Started));
+        // The same agent asking again (a retried join) is not a return.
+        assert_eq!(s.join(1, 2, 1, "b", false, 20), Ok(Joined::Waiting));
+        assert_eq!(s.join(1, 2, 1, "b", false, 21), Ok(Joined::Returned));
+        s.next_generation(Vec::new());
+        // The new agent joining the next generation is an ordinary join…
+        assert_eq!(s.join(1, 2, 1, "b", false, 21), Ok(Joined::Waiting));
+        // …and a node not yet rejoined may come back as a new process without harm.
+        assert_eq!(s.join(0, 2, 1, "a", false, 11), Ok(Joined::Waiting));
+        assert!(s.assignment(0).is_some());
+        assert_eq!(s.join(0, 2, 1, "a", false, 12), Ok(Joined::Returned));
+    }
+
+    #[test]
     fn a_shrunk_generation_renumbers_the_ranks() {
         let mut s = JobState::new(3);
         for n in 0..3 {
-            s.join(n, 3, 2, "h", false).expect("join");
+            s.join(n, 3, 2, "h", false, 7).expect("join");
         }
         s.exclude(1, "lost".into());
         s.next_generation(Vec::new());
         for n in [0, 2] {
-            s.join(n, 3, 2, "h", false).expect("rejoin");
+            s.join(n, 3, 2, "h", false, 7).expect("rejoin");
         }
         let a = s.assignment(2).expect("ready");
         assert_eq!((a.first_rank, a.world_size, a.nnodes), (2, 4, 2));
