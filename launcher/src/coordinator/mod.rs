@@ -14,6 +14,8 @@ pub mod detect;
 pub mod recover;
 pub mod service;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -66,6 +68,9 @@ struct Inner {
     node_faults: BTreeMap<usize, u32>,
     /// When the fault being recovered from was detected (until the next step).
     recovering: Option<Instant>,
+    /// The fault a restart was decided for, until every fault seen with it is handled: two
+    /// nodes lost at once cost one restart.
+    pending: Option<Fault>,
     finish_logged: bool,
     done_logged: bool,
 }
@@ -109,6 +114,7 @@ impl Coordinator {
                 crashes: Vec::new(),
                 node_faults: BTreeMap::new(),
                 recovering: None,
+                pending: None,
                 finish_logged: false,
                 done_logged: false,
             })),
@@ -149,21 +155,20 @@ impl Coordinator {
             if decided {
                 let fault = culprit(&inner.crashes, now);
                 inner.crashes.clear();
-                self.handle(&mut inner, fault, now);
+                self.handle(&mut inner, fault);
             }
-            let generation = inner.state.generation;
             for fault in inner.detector.check(now) {
                 if inner.state.stopped.is_some() {
                     break;
                 }
-                // After a restart only another lost node still matters: a hang seen in the
-                // old generation is gone with its workers.
-                let moved_on = inner.state.generation != generation;
-                if moved_on && fault.kind != detect::Kind::LostHeartbeat {
+                // Once a restart is decided only another lost node still matters: a hang
+                // seen in this generation goes with its workers.
+                if inner.pending.is_some() && fault.kind != detect::Kind::LostHeartbeat {
                     continue;
                 }
-                self.handle(&mut inner, fault, now);
+                self.handle(&mut inner, fault);
             }
+            self.settle(&mut inner, now);
         }
         if inner.state.stopped.is_some() {
             inner.display.abandon();
@@ -187,7 +192,7 @@ impl Coordinator {
     }
 
     /// Log `fault`, decide and act: restart, replace, shrink, give up or go on.
-    fn handle(&self, inner: &mut Inner, fault: Fault, now: Instant) {
+    fn handle(&self, inner: &mut Inner, fault: Fault) {
         let fields = json!({
             "kind": fault.kind.as_str(), "detail": fault.detail,
             "detected_at": unix(fault.detected_at),
@@ -237,18 +242,28 @@ impl Coordinator {
             Action::GiveUp => {
                 inner.state.stopped = Some(format!("{} (giving up: {reason})", fault.detail));
             }
-            Action::RestartInPlace => self.restart(inner, &fault, now),
+            Action::RestartInPlace => {}
             Action::Replace { lost, spare } => {
                 drop_node(inner, lost, &fault);
                 inner.state.promote(spare);
-                self.restart(inner, &fault, now);
             }
-            Action::Shrink { lost, .. } => {
-                drop_node(inner, lost, &fault);
-                self.restart(inner, &fault, now);
-            }
+            Action::Shrink { lost, .. } => drop_node(inner, lost, &fault),
+        }
+        if action != Action::GiveUp {
+            // Started by `settle`, once the faults seen with this one are handled.
+            inner.pending.get_or_insert(fault);
         }
         self.changed.notify_waiters();
+    }
+
+    /// Start the restart decided since the last call, once (unless the job gave up since).
+    fn settle(&self, inner: &mut Inner, now: Instant) {
+        if let Some(fault) = inner.pending.take() {
+            if inner.state.stopped.is_none() {
+                self.restart(inner, &fault, now);
+                self.changed.notify_waiters();
+            }
+        }
     }
 
     /// A new agent process for `node`, which had joined the running generation: its old
@@ -268,7 +283,8 @@ impl Coordinator {
             healthy_at: inner.detector.last_heard(node).unwrap_or(now),
             permanent: false,
         };
-        self.handle(inner, fault, now);
+        self.handle(inner, fault);
+        self.settle(inner, now);
         if inner.state.generation != generation && inner.state.members.contains(&node) {
             inner.state.joined.insert(node);
         }

@@ -202,8 +202,9 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
                 faults.extend(ingest(inner, node, r.generation, line, now));
             }
             for fault in faults {
-                self.handle(inner, fault, now);
+                self.handle(inner, fault);
             }
+            self.settle(inner, now);
         }
         Ok(Response::new(self.reply(node, r.generation)))
     }

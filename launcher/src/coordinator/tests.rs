@@ -1,0 +1,138 @@
+//! The coordinator driven through its gRPC methods, without a network: faults seen
+//! together are one restart; a restarted agent rejoining the running generation is one.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tonic::Request;
+
+use super::detect::DetectPolicy;
+use super::recover::RecoveryPolicy;
+use super::{Coordinator, Settings};
+use crate::events::EventLog;
+use crate::progress::StepDisplay;
+use crate::rpc;
+use crate::rpc::coordinator_server::Coordinator as _;
+
+const TIMEOUT: Duration = Duration::from_millis(300);
+
+fn coordinator(nnodes: usize, dir: &std::path::Path) -> Coordinator {
+    let settings = Settings {
+        nnodes,
+        detect: DetectPolicy {
+            heartbeat_timeout: TIMEOUT,
+            ..Default::default()
+        },
+        recover: RecoveryPolicy::default(),
+        rdzv_timeout: Duration::from_secs(10),
+        start: json!({}),
+        display: StepDisplay::new(None),
+        replan: None,
+    };
+    let events = EventLog::open(&dir.join("events.jsonl")).expect("event log");
+    Coordinator::new(settings, events).expect("coordinator")
+}
+
+fn join_request(node: u32, nnodes: u32, instance: u64) -> Request<rpc::JoinRequest> {
+    Request::new(rpc::JoinRequest {
+        node_rank: node,
+        nnodes,
+        nproc: 2,
+        host: "127.0.0.1".into(),
+        spare: false,
+        instance,
+    })
+}
+
+/// Join every node of `c` at once; the generation each was given.
+async fn join_all(c: &Coordinator, nnodes: u32) -> Vec<u64> {
+    let joins = (0..nnodes).map(|n| {
+        let c = c.clone();
+        tokio::spawn(async move { c.join(join_request(n, nnodes, 100 + n as u64)).await })
+    });
+    let mut replies = Vec::new();
+    for j in joins.collect::<Vec<_>>() {
+        replies.push(j.await.expect("join task"));
+    }
+    replies
+        .into_iter()
+        .map(|r| r.expect("joined").into_inner().generation)
+        .collect()
+}
+
+async fn beat(c: &Coordinator, node: u32, generation: u64) -> rpc::HeartbeatReply {
+    let request = rpc::HeartbeatRequest {
+        node_rank: node,
+        reports: Vec::new(),
+        generation,
+    };
+    c.heartbeat(Request::new(request))
+        .await
+        .expect("heartbeat")
+        .into_inner()
+}
+
+fn events(dir: &std::path::Path, kind: &str) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("events.jsonl"))
+        .expect("events")
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+        .filter(|e| e["event"] == kind)
+        .collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn two_nodes_lost_together_cost_one_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = coordinator(3, dir.path());
+    assert_eq!(join_all(&c, 3).await, [0, 0, 0]);
+    // Nodes 1 and 2 fall silent together; node 0 beats on.
+    let until = tokio::time::Instant::now() + 2 * TIMEOUT;
+    let mut restart = false;
+    while tokio::time::Instant::now() < until && !restart {
+        restart = beat(&c, 0, 0).await.restart;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(restart, "node 0 was told to restart");
+    let faults = events(dir.path(), "fault");
+    let nodes: Vec<&Value> = faults.iter().map(|f| &f["node"]).collect();
+    assert_eq!(nodes, [&json!(1), &json!(2)], "{faults:?}");
+    let restarts = events(dir.path(), "restart");
+    assert_eq!(restarts.len(), 1, "{restarts:?}");
+    assert_eq!(
+        (&restarts[0]["world"], &restarts[0]["nodes"]),
+        (&json!(2), &json!([0]))
+    );
+    assert_eq!(c.lock().state.restarts, 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_agent_joining_again_as_a_new_process_restarts_the_generation_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = coordinator(2, dir.path());
+    join_all(&c, 2).await;
+    // Node 1's agent is back as another process: the generation restarts and it is in.
+    let node1 = {
+        let c = c.clone();
+        tokio::spawn(async move { c.join(join_request(1, 2, 999)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(beat(&c, 0, 0).await.restart, "node 0 is told to restart");
+    let again = c
+        .join(join_request(0, 2, 100))
+        .await
+        .expect("node 0 rejoins");
+    let back = node1
+        .await
+        .expect("task")
+        .expect("node 1 joins")
+        .into_inner();
+    assert_eq!((again.into_inner().generation, back.generation), (1, 1));
+    let faults = events(dir.path(), "fault");
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    assert_eq!(
+        (&faults[0]["kind"], &faults[0]["node"]),
+        (&json!("agent_restart"), &json!(1))
+    );
+    assert_eq!(events(dir.path(), "restart").len(), 1);
+}
