@@ -112,6 +112,10 @@ struct Position {
     /// Collectives it has entered, and the kind of the last.
     seq: u64,
     collective: String,
+    /// Collectives it had entered when its last step ended, and how many its last step took
+    /// (ranks of different pipeline stages or expert groups take different numbers).
+    step_seq: u64,
+    per_step: u64,
     phase: String,
     /// When its last position report arrived.
     reported_at: Option<Instant>,
@@ -119,6 +123,19 @@ struct Position {
     /// When the first step of the current slow streak was judged.
     slow_since: Option<Instant>,
     straggling: bool,
+}
+
+impl Position {
+    /// Steps done plus the share of the next one entered, in this rank's collectives.
+    fn progress(&self) -> f64 {
+        let into = self.seq.saturating_sub(self.step_seq) as f64;
+        self.step as f64
+            + if self.per_step > 0 {
+                into / self.per_step as f64
+            } else {
+                0.0
+            }
+    }
 }
 
 /// What the detectors know of one generation of the job.
@@ -230,7 +247,11 @@ impl Detector {
     ) -> Option<Fault> {
         let p = self.ranks.entry(rank).or_default();
         p.node = node;
-        p.step = p.step.max(step);
+        if step > p.step {
+            p.per_step = seq.saturating_sub(p.step_seq);
+            p.step_seq = seq;
+            p.step = step;
+        }
         p.seq = p.seq.max(seq);
         p.phase = "train".into();
         p.reported_at = Some(now);
@@ -330,17 +351,31 @@ impl Detector {
         out
     }
 
-    /// The hang fault: the rank whose collective count lags the most (the lowest), else one
-    /// that stopped reporting its position; on a tie the stalest, then the lowest rank.
+    /// The hang fault: a rank that stopped reporting its position (a stopped or wedged
+    /// process), else the one least far through its steps; on a tie the stalest, then the
+    /// lowest rank. How far is counted in the rank's own collectives per step, so ranks that
+    /// take different numbers per step (pipeline stages) compare fairly.
     fn hang(&self, now: Instant, stalled: Duration) -> Fault {
         let silent_for = |p: &Position| {
             p.reported_at
                 .map_or(stalled, |t| now.saturating_duration_since(t))
         };
+        let silent = |p: &Position| silent_for(p) > self.policy.position_silence;
+        let most = self
+            .ranks
+            .values()
+            .map(Position::progress)
+            .fold(f64::NEG_INFINITY, f64::max);
         let culprit = self
             .ranks
             .iter()
-            .min_by_key(|(rank, p)| (p.seq, std::cmp::Reverse(silent_for(p)), **rank))
+            .min_by(|(ra, a), (rb, b)| {
+                (!silent(a))
+                    .cmp(&!silent(b))
+                    .then(a.progress().total_cmp(&b.progress()))
+                    .then(silent_for(b).cmp(&silent_for(a)))
+                    .then(ra.cmp(rb))
+            })
             .map(|(&r, p)| (r, p.clone()));
         let ahead = self.ranks.values().map(|p| p.seq).max().unwrap_or(0);
         let waiting_in = self
@@ -361,11 +396,11 @@ impl Detector {
             }
         };
         let (rank, node, detail) = match culprit {
-            Some((r, p)) if p.seq < ahead || silent_for(&p) > self.policy.position_silence => {
-                let why = if p.seq < ahead {
-                    String::new()
-                } else {
+            Some((r, p)) if silent(&p) || p.progress() < most => {
+                let why = if silent(&p) {
                     format!(", silent for {:.1} s,", silent_for(&p).as_secs_f64())
+                } else {
+                    String::new()
                 };
                 (
                     Some(r),
@@ -494,6 +529,40 @@ mod tests {
         d.reset(2, &[0], secs(t0, 71.0));
         d.heartbeat(0, secs(t0, 200.0));
         assert!(d.check(secs(t0, 200.0)).is_empty());
+    }
+
+    #[test]
+    fn a_hang_among_pipeline_stages_names_the_rank_behind_in_its_own_collectives() {
+        let t0 = Instant::now();
+        let mut d = Detector::new(DetectPolicy::default(), 4, &[0, 1], t0);
+        // Ranks 0 and 1 (one stage) enter 4 collectives a step, ranks 2 and 3 (the other) 10.
+        let per_step = |rank: usize| if rank < 2 { 4 } else { 10 };
+        for step in 1..=3u64 {
+            for rank in 0..4 {
+                let now = secs(t0, step as f64 * 0.5);
+                d.step(rank, rank / 2, step, 0.5, 0.4, step * per_step(rank), now);
+            }
+        }
+        // In step 4 rank 2 is stuck 2 collectives in (#32); the others are half way
+        // through theirs (#14, #14, #35): rank 2 is behind though #14 < #32. Every rank
+        // still reports (its reporter thread runs): none is silent.
+        for t in [2.0, 6.0, 10.0, 12.5] {
+            for (rank, seq) in [(0, 14), (1, 14), (2, 32), (3, 35)] {
+                d.position(rank, rank / 2, seq, "send", "train", secs(t0, t));
+            }
+            for node in [0, 1] {
+                d.heartbeat(node, secs(t0, t));
+            }
+        }
+        let f = d.check(secs(t0, 12.5));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(
+            (f[0].kind, f[0].rank, f[0].node),
+            (Kind::Hang, Some(2), Some(1)),
+            "{}",
+            f[0].detail
+        );
+        assert!(f[0].detail.contains("#32"), "{}", f[0].detail);
     }
 
     #[test]
