@@ -427,8 +427,9 @@ fn an_agent_waiting_for_the_others_stops_on_sigint_and_sigterm() {
         assert!(Instant::now() < deadline, "the coordinator never started");
         std::thread::sleep(Duration::from_millis(20));
     }
+    wait_for_handlers(node0.id());
     // Let it settle into the rendezvous, beating.
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(500));
     signal(node0.id(), "-INT");
     let (status, err, took) = wait_exit(node0, Duration::from_secs(10));
     assert!(!status.success(), "{err}");
@@ -437,7 +438,7 @@ fn an_agent_waiting_for_the_others_stops_on_sigint_and_sigterm() {
 
     // Nobody listens at the rendezvous now: node 1 retries its connection for 300 s.
     let node1 = node(1);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for_handlers(node1.id());
     signal(node1.id(), "-TERM");
     let (status, err, took) = wait_exit(node1, Duration::from_secs(10));
     assert!(!status.success(), "{err}");

@@ -206,3 +206,28 @@ pub fn wait_exit(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Whether process `pid` has installed a handler for signal number `sig` (its SigCgt mask
+/// in /proc): a signal sent before that would take the default action.
+pub fn catches(pid: u32, sig: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:").map(|h| h.trim().to_string()))
+        })
+        .and_then(|h| u64::from_str_radix(&h, 16).ok())
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
+}
+
+/// Wait (at most a minute) until `pid` handles SIGINT and SIGTERM.
+pub fn wait_for_handlers(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(catches(pid, 2) && catches(pid, 15)) {
+        assert!(
+            Instant::now() < deadline,
+            "{pid} never handled SIGINT/SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -14,8 +14,9 @@ pub enum LinkMsg {
         data_addr: String,
         writer: OwnedWriteHalf,
     },
-    /// A report to forward to the coordinator as is.
-    Report(String),
+    /// A report to forward to the coordinator as is; `prompt` unless it is a periodic
+    /// position (steps and events are relayed at once, positions with the next heartbeat).
+    Report { line: String, prompt: bool },
     /// A worker's last words before exiting non-zero.
     Error { rank: usize, message: String },
     /// A worker closed its link: everything it sent has been read.
@@ -51,10 +52,14 @@ async fn read_worker(stream: TcpStream, tx: UnboundedSender<LinkMsg>) {
                 None => continue,
             },
             Ok(ToAgent::Error { rank, message }) => {
-                let _ = tx.send(LinkMsg::Report(line));
+                let _ = tx.send(LinkMsg::Report { line, prompt: true });
                 LinkMsg::Error { rank, message }
             }
-            Ok(_) => LinkMsg::Report(line),
+            Ok(ToAgent::Position(_)) => LinkMsg::Report {
+                line,
+                prompt: false,
+            },
+            Ok(_) => LinkMsg::Report { line, prompt: true },
             Err(e) => {
                 tracing::warn!("a worker sent an unreadable line ({e}): {line}");
                 continue;

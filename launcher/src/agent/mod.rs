@@ -112,8 +112,9 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
     result
 }
 
-/// SIGINT and SIGTERM, listened for from the agent's start to its end: once tokio handles a
-/// signal its default action is gone for the process, so every wait must listen.
+/// SIGINT and SIGTERM, listened for from the agent's start to its end: once tokio installs
+/// its handler the default action is gone for the process, so every wait for the
+/// coordinator or the other nodes listens (killing and reaping workers, bounded, does not).
 pub(super) struct Stop {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
@@ -236,6 +237,7 @@ async fn node_agent(
     };
     let host = data_host(l, rdzv);
     let me = Me {
+        node,
         host,
         instance: rand::random(),
     };
@@ -244,11 +246,11 @@ async fn node_agent(
     let mut generation = 0;
     loop {
         let Some(join) = join(&mut client, plan, &me, generation, beat_every, stop).await? else {
-            // A spare the job never needed.
+            // A spare the job never needed, or an agent restarted after the job finished.
             return Ok(());
         };
         generation = join.generation;
-        let ended = workers::run_generation(plan, &mut client, &join, &me.host, rdzv, stop).await?;
+        let ended = workers::run_generation(plan, &mut client, &join, &me, rdzv, stop).await?;
         if let Ended::Done = ended {
             // The coordinator must hear it: without it the job never finishes.
             let mut silent = Silence::new(l);
@@ -269,7 +271,7 @@ async fn node_agent(
                 stop.sleep(beat_every).await?;
             }
             if let Ended::Done =
-                wait_finished(&mut client, plan, generation, beat_every, stop).await?
+                wait_finished(&mut client, plan, &me, generation, beat_every, stop).await?
             {
                 return Ok(());
             }
@@ -279,10 +281,12 @@ async fn node_agent(
 
 /// Join the coordinator's current generation, beating while the others join (a node that
 /// dies meanwhile is noticed); `None` for a spare released at the end of the job.
-/// This agent as it joins: the host its workers listen on, and its process's random id.
-struct Me {
-    host: String,
-    instance: u64,
+/// This agent: its node rank, the host its workers listen on, and its process's random id
+/// (on every join and heartbeat, so the coordinator can tell a restarted agent).
+pub(super) struct Me {
+    pub(super) node: usize,
+    pub(super) host: String,
+    pub(super) instance: u64,
 }
 
 async fn join(
@@ -306,14 +310,17 @@ async fn join(
         let mut joining = client.clone();
         let call = joining.join(request);
         tokio::pin!(call);
-        let mut beats = tokio::time::interval(beat_every);
+        // The first beat one interval on: the coordinator must hear a restarted agent's
+        // join before its beats (a beat first would vouch for the node's old workers).
+        let mut beats =
+            tokio::time::interval_at(tokio::time::Instant::now() + beat_every, beat_every);
         let mut silent = Silence::new(l);
         let answer = loop {
             tokio::select! {
                 answer = &mut call => break answer,
                 e = stop.recv() => return Err(e),
                 _ = beats.tick() => {
-                    let reply = beat(client, l.node_rank, generation, &mut Vec::new()).await;
+                    let reply = beat(client, me, generation, &mut Vec::new()).await;
                     if let Some(reply) = silent.check(reply)? {
                         if reply.stop {
                             return Err(Error::JobStopped(reply.reason));
@@ -380,14 +387,15 @@ pub(super) fn is_rejoin(s: &tonic::Status) -> bool {
 async fn wait_finished(
     client: &mut Client,
     plan: &LaunchPlan,
+    me: &Me,
     generation: u64,
     beat_every: Duration,
     stop: &mut Stop,
 ) -> Result<Ended> {
-    let node = plan.launch.node_rank;
+    let node = me.node;
     let mut silent = Silence::new(&plan.launch);
     loop {
-        let reply = match silent.check(beat(client, node, generation, &mut Vec::new()).await) {
+        let reply = match silent.check(beat(client, me, generation, &mut Vec::new()).await) {
             Ok(Some(reply)) => reply,
             Ok(None) => {
                 stop.sleep(beat_every).await?;
@@ -411,14 +419,15 @@ async fn wait_finished(
 
 async fn beat(
     client: &mut Client,
-    node: usize,
+    me: &Me,
     generation: u64,
     reports: &mut Vec<String>,
 ) -> Result<rpc::HeartbeatReply> {
     let request = rpc::HeartbeatRequest {
-        node_rank: node as u32,
+        node_rank: me.node as u32,
         reports: std::mem::take(reports),
         generation,
+        instance: me.instance,
     };
     match tokio::time::timeout(RPC_TIMEOUT, client.heartbeat(request)).await {
         Ok(Ok(reply)) => Ok(reply.into_inner()),
@@ -449,6 +458,7 @@ pub fn probe(rdzv: &str, token: &str, tls: &Tls) -> Result<()> {
                 node_rank: u32::MAX,
                 reports: Vec::new(),
                 generation: 0,
+                instance: 0,
             })
             .await
             .map_err(status("probe"))?;

@@ -10,8 +10,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::link::{self, LinkMsg};
 use super::{
-    beat, is_rejoin, launch_err, spawn, status, stopped, Client, Ended, LaunchPlan, Silence, Stop,
-    RPC_TIMEOUT,
+    beat, is_rejoin, launch_err, spawn, status, stopped, Client, Ended, LaunchPlan, Me, Silence,
+    Stop, RPC_TIMEOUT,
 };
 use crate::coordinator::service::exit_of;
 use crate::error::{Error, Result};
@@ -28,6 +28,7 @@ type Exits = UnboundedReceiver<(usize, std::io::Result<std::process::ExitStatus>
 /// What the workers' side of the agent has to work with during a generation.
 struct Generation<'a> {
     plan: &'a LaunchPlan,
+    me: &'a Me,
     join: &'a rpc::JoinReply,
     workers: Vec<Worker>,
     reports: Vec<String>,
@@ -44,12 +45,11 @@ pub(super) async fn run_generation(
     plan: &LaunchPlan,
     client: &mut Client,
     join: &rpc::JoinReply,
-    host: &str,
+    me: &Me,
     rdzv: &str,
     stop: &mut Stop,
 ) -> Result<Ended> {
     let l = &plan.launch;
-    let node = l.node_rank;
     let link_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| launch_err("the worker link")(e.to_string()))?;
@@ -63,6 +63,7 @@ pub(super) async fn run_generation(
     let (exit_tx, exits) = unbounded_channel();
     let mut g = Generation {
         plan,
+        me,
         join,
         workers: Vec::new(),
         reports: Vec::new(),
@@ -82,7 +83,7 @@ pub(super) async fn run_generation(
             nnodes: join.nnodes as usize,
             generation: join.generation,
             agent_addr: agent_addr.to_string(),
-            data_host: host.to_string(),
+            data_host: me.host.clone(),
             master_addr: master_host.to_string(),
             master_port: master_port.parse().unwrap_or(0),
             run_dir: Some(plan.run_dir.clone()),
@@ -121,7 +122,7 @@ pub(super) async fn run_generation(
     kill_and_reap(&mut g, client).await;
     accept.abort();
     drain_links(&mut g.links, &mut g.reports, &mut BTreeMap::new());
-    let _ = beat(client, node, join.generation, &mut g.reports).await;
+    let _ = beat(client, me, join.generation, &mut g.reports).await;
     outcome
 }
 
@@ -140,7 +141,7 @@ async fn kill_and_reap(g: &mut Generation<'_>, client: &mut Client) {
             Ok(Some((local, _))) => g.workers[local].running = false,
             Ok(None) => break,
             Err(_) => {
-                let _ = beat(client, l.node_rank, g.join.generation, &mut g.reports).await;
+                let _ = beat(client, g.me, g.join.generation, &mut g.reports).await;
             }
         }
     }
@@ -153,7 +154,7 @@ fn drain_links(
 ) {
     while let Ok(msg) = links.try_recv() {
         match msg {
-            LinkMsg::Report(line) => reports.push(line),
+            LinkMsg::Report { line, .. } => reports.push(line),
             LinkMsg::Error { rank, message } => {
                 errors.insert(rank, message);
             }
@@ -173,7 +174,7 @@ async fn read_to_close(
     let deadline = tokio::time::Instant::now() + limit;
     while !open.is_empty() {
         match tokio::time::timeout_at(deadline, links.recv()).await {
-            Ok(Some(LinkMsg::Report(line))) => reports.push(line),
+            Ok(Some(LinkMsg::Report { line, .. })) => reports.push(line),
             Ok(Some(LinkMsg::Closed { rank })) => {
                 open.remove(&rank);
             }
@@ -213,10 +214,11 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client, stop: &mut Stop)
     let (peers_tx, mut peers_rx) =
         unbounded_channel::<std::result::Result<Vec<String>, tonic::Status>>();
     let mut peers_sent = false;
-    let mut heartbeat = tokio::time::interval(Duration::from_secs_f64(l.heartbeat_interval_s));
-    // A report brings the next heartbeat forward, so the run's log trails the workers by at
-    // most RELAY_WITHIN rather than a heartbeat interval.
-    let mut relay_pending = false;
+    let period = Duration::from_secs_f64(l.heartbeat_interval_s);
+    let mut heartbeat = tokio::time::interval(period);
+    // A prompt report brings the next heartbeat forward (never back), so the run's log
+    // trails the workers by at most RELAY_WITHIN rather than a heartbeat interval.
+    let mut next_beat = tokio::time::Instant::now();
     let mut silent = Silence::new(l);
     loop {
         tokio::select! {
@@ -237,11 +239,12 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client, stop: &mut Stop)
                         });
                     }
                 }
-                LinkMsg::Report(line) => {
+                LinkMsg::Report { line, prompt } => {
                     g.reports.push(line);
-                    if !relay_pending {
-                        relay_pending = true;
-                        heartbeat.reset_after(RELAY_WITHIN);
+                    let soon = tokio::time::Instant::now() + RELAY_WITHIN;
+                    if prompt && soon < next_beat {
+                        next_beat = soon;
+                        heartbeat.reset_at(soon);
                     }
                 }
                 LinkMsg::Error { rank, message } => { errors.insert(rank, message); }
@@ -276,7 +279,7 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client, stop: &mut Stop)
                 drain_links(&mut g.links, &mut g.reports, &mut errors);
                 let w = &g.workers[local];
                 let message = errors.get(&w.rank).cloned().unwrap_or_default();
-                let _ = beat(client, node, generation, &mut g.reports).await;
+                let _ = beat(client, g.me, generation, &mut g.reports).await;
                 let exit = rpc::WorkerExitRequest {
                     node_rank: node as u32,
                     rank: w.rank as u32,
@@ -295,8 +298,8 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client, stop: &mut Stop)
                 }
             },
             _ = heartbeat.tick() => {
-                relay_pending = false;
-                let reply = beat(client, node, generation, &mut g.reports).await;
+                next_beat = tokio::time::Instant::now() + period;
+                let reply = beat(client, g.me, generation, &mut g.reports).await;
                 if let Some(outcome) = silent.check(reply)?.and_then(|r| obey(&r, g.own_failure)) {
                     return outcome;
                 }

@@ -191,7 +191,8 @@ impl Coordinator {
         }
     }
 
-    /// Log `fault`, decide and act: restart, replace, shrink, give up or go on.
+    /// Log `fault`, decide and act: drop or replace a node, give up, go on, or mark a restart
+    /// pending (started by [`Self::settle`]).
     fn handle(&self, inner: &mut Inner, fault: Fault) {
         let fields = json!({
             "kind": fault.kind.as_str(), "detail": fault.detail,
@@ -266,10 +267,15 @@ impl Coordinator {
         }
     }
 
-    /// A new agent process for `node`, which had joined the running generation: its old
+    /// A new agent process for `node`, which had joined the current generation: its old
     /// agent and workers are gone. A fault like a crash (restart in place; exclusion after
-    /// `exclude_after`); the new agent joins the next generation.
+    /// `exclude_after`); unless that ends the job or excludes the node, the new agent joins
+    /// the next generation. Nothing to do once the job stopped or finished.
     fn returned(&self, inner: &mut Inner, node: usize, now: Instant) {
+        let s = &inner.state;
+        if s.stopped.is_some() || s.finished() {
+            return;
+        }
         let generation = inner.state.generation;
         let fault = Fault {
             kind: detect::Kind::AgentRestart,
@@ -332,11 +338,11 @@ impl Coordinator {
             let notified = self.changed.notified();
             {
                 let inner = self.lock();
-                if let Some(answer) = ready(&inner.state) {
-                    return answer;
-                }
                 if let Some(why) = &inner.state.stopped {
                     return Err(Status::aborted(format!("the job stopped: {why}")));
+                }
+                if let Some(answer) = ready(&inner.state) {
+                    return answer;
                 }
                 if tokio::time::Instant::now() >= deadline {
                     let s = &inner.state;

@@ -1,8 +1,8 @@
 //! What to do about a fault, as a pure function of the fault, the cluster and the policy;
 //! the reason goes into the `decision` event.
 //!
-//! Restart in place after a transient crash or hang; exclude a node after a lost heartbeat
-//! or `exclude_after` faults; take a registered spare for it if there is one, otherwise
+//! Restart in place after a transient crash, hang or agent restart; exclude a node after a
+//! lost heartbeat or `exclude_after` faults; take a registered spare for it if there is one, otherwise
 //! shrink (re-plan for the nodes left and reshard from the last committed checkpoint); give
 //! up below `min_nodes` or past `max_restarts`. Stragglers are reported, and excluded only
 //! when configured. Workers are always killed before any restart.
@@ -19,7 +19,7 @@ pub const COORDINATOR_NODE: usize = 0;
 pub struct RecoveryPolicy {
     pub max_restarts: u32,
     pub min_nodes: usize,
-    /// Faults on one node (crashes, hangs) after which it is excluded.
+    /// Faults on one node (crashes, hangs, agent restarts) after which it is excluded.
     pub exclude_after: u32,
     pub exclude_stragglers: bool,
 }

@@ -127,7 +127,8 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
                 if let Some(why) = s.exclusion(node) {
                     return Some(Err(Status::failed_precondition(why)));
                 }
-                if r.spare && s.finished() {
+                // A spare the job never needed, or an agent restarted after the end.
+                if s.finished() {
                     return Some(Ok(rpc::JoinReply {
                         finished: true,
                         ..Default::default()
@@ -196,6 +197,16 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
         {
             let mut inner = self.lock();
             let inner = &mut *inner;
+            // A beat from another agent process than the one that joined (a restarted agent
+            // before its join gets through) vouches for nothing on that node.
+            let current = inner
+                .state
+                .nodes
+                .get(&node)
+                .is_none_or(|n| r.instance == 0 || n.instance == r.instance);
+            if !current {
+                return Ok(Response::new(reply_for(&inner.state, node, r.generation)));
+            }
             inner.detector.heartbeat(node, now);
             let mut faults = Vec::new();
             for line in &r.reports {

@@ -22,8 +22,9 @@ pub enum Joined {
     Waiting,
     /// This join completed the first rendezvous.
     Started,
-    /// A new agent process for a member that had already joined the current generation: the
-    /// old agent and its workers are gone, so the generation cannot go on.
+    /// A new agent process for a member that had already joined the current generation (its
+    /// workers may run or be about to): the old agent and its workers are gone, so the
+    /// generation cannot go on.
     Returned,
 }
 
@@ -154,7 +155,7 @@ impl JobState {
             return Err(format!("node {node} has no workers"));
         }
         if let Some(known) = self.nodes.get_mut(&node) {
-            // A member joining again for the next generation.
+            // A node joining again: for the next generation, or as a new agent process.
             if known.nproc != nproc || known.spare != spare {
                 return Err(format!(
                     "node rank {node} joined twice with different settings (two agents with \

@@ -1,5 +1,6 @@
 //! The coordinator driven through its gRPC methods, without a network: faults seen
-//! together are one restart; a restarted agent rejoining the running generation is one.
+//! together are one restart; a restarted agent rejoining the running generation is one;
+//! its beats before it joined vouch for nothing; after the end it is told the job finished.
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use crate::progress::StepDisplay;
 use crate::rpc;
 use crate::rpc::coordinator_server::Coordinator as _;
 
-const TIMEOUT: Duration = Duration::from_millis(300);
+const TIMEOUT: Duration = Duration::from_secs(1);
 
 fn coordinator(nnodes: usize, dir: &std::path::Path) -> Coordinator {
     let settings = Settings {
@@ -60,11 +61,22 @@ async fn join_all(c: &Coordinator, nnodes: u32) -> Vec<u64> {
         .collect()
 }
 
+/// A heartbeat from the agent process of `node` that joined in [`join_all`].
 async fn beat(c: &Coordinator, node: u32, generation: u64) -> rpc::HeartbeatReply {
+    beat_as(c, node, generation, 100 + node as u64).await
+}
+
+async fn beat_as(
+    c: &Coordinator,
+    node: u32,
+    generation: u64,
+    instance: u64,
+) -> rpc::HeartbeatReply {
     let request = rpc::HeartbeatRequest {
         node_rank: node,
         reports: Vec::new(),
         generation,
+        instance,
     };
     c.heartbeat(Request::new(request))
         .await
@@ -87,7 +99,7 @@ async fn two_nodes_lost_together_cost_one_restart() {
     let c = coordinator(3, dir.path());
     assert_eq!(join_all(&c, 3).await, [0, 0, 0]);
     // Nodes 1 and 2 fall silent together; node 0 beats on.
-    let until = tokio::time::Instant::now() + 2 * TIMEOUT;
+    let until = tokio::time::Instant::now() + 3 * TIMEOUT;
     let mut restart = false;
     while tokio::time::Instant::now() < until && !restart {
         restart = beat(&c, 0, 0).await.restart;
@@ -135,4 +147,50 @@ async fn an_agent_joining_again_as_a_new_process_restarts_the_generation_once() 
         (&json!("agent_restart"), &json!(1))
     );
     assert_eq!(events(dir.path(), "restart").len(), 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn beats_from_an_agent_process_that_has_not_joined_vouch_for_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = coordinator(2, dir.path());
+    join_all(&c, 2).await;
+    // Node 1's agent died; a new process beats before its join gets through.
+    let until = tokio::time::Instant::now() + 3 * TIMEOUT;
+    let lost = |dir: &std::path::Path| {
+        events(dir, "fault")
+            .iter()
+            .any(|f| f["kind"] == "lost_heartbeat" && f["node"] == 1)
+    };
+    while tokio::time::Instant::now() < until && !lost(dir.path()) {
+        beat(&c, 0, 0).await;
+        beat_as(&c, 1, 0, 999).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        lost(dir.path()),
+        "node 1 is lost: {:?}",
+        events(dir.path(), "fault")
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_agent_restarted_after_the_job_finished_is_told_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = coordinator(2, dir.path());
+    join_all(&c, 2).await;
+    for node in 0..2 {
+        let done = rpc::NodeDoneRequest {
+            node_rank: node,
+            generation: 0,
+        };
+        c.node_done(Request::new(done)).await.expect("done");
+    }
+    let reply = c
+        .join(join_request(1, 2, 999))
+        .await
+        .expect("join")
+        .into_inner();
+    assert!(reply.finished, "{reply:?}");
+    assert!(events(dir.path(), "fault").is_empty());
+    assert!(events(dir.path(), "restart").is_empty());
 }
