@@ -279,8 +279,6 @@ async fn node_agent(
     }
 }
 
-/// Join the coordinator's current generation, beating while the others join (a node that
-/// dies meanwhile is noticed); `None` for a spare released at the end of the job.
 /// This agent: its node rank, the host its workers listen on, and its process's random id
 /// (on every join and heartbeat, so the coordinator can tell a restarted agent).
 pub(super) struct Me {
@@ -289,6 +287,9 @@ pub(super) struct Me {
     pub(super) instance: u64,
 }
 
+/// Join the coordinator's current generation, beating while the others join (a node that
+/// dies meanwhile is noticed); `None` for a spare released at the end of the job (or an
+/// agent that came back after it).
 async fn join(
     client: &mut Client,
     plan: &LaunchPlan,
