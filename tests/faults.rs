@@ -63,14 +63,10 @@ struct Job {
 /// numbers): the steps take about 15 ms here, too fast to act between them.
 const PACE: &str = "*:0.1";
 
-/// Start the job (each node's agent with `TIDEMILL_TEST_DELAY` = `delays[node]`) and
-/// return once every rank has taken 4 steps (2 checkpoints committed).
-fn start(dir: &Path, delays: [&str; 2]) -> Job {
-    start_with(dir, delays, false)
-}
-
-/// [`start`], with a spare agent (node rank 2) registered when `spare`.
-fn start_with(dir: &Path, delays: [&str; 2], spare: bool) -> Job {
+/// Start the job (each node's agent with `TIDEMILL_TEST_DELAY` = `delays[node]`, and a
+/// spare agent, node rank 2, when `spare`) and return once every rank has taken 4 steps
+/// (2 checkpoints committed).
+fn start(dir: &Path, delays: [&str; 2], spare: bool) -> Job {
     let job = write_job(dir, true, STEPS);
     let run = dir.join("run");
     let rdzv = format!("127.0.0.1:{}", free_port());
@@ -122,6 +118,26 @@ fn start_with(dir: &Path, delays: [&str; 2], spare: bool) -> Job {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// One fault test's run, one test at a time: start the job, `inject` the fault once every
+/// rank took 4 steps, wait for the agents in `survivors` to finish and kill whatever is
+/// left. The job, its events, and its directory (kept until the test ends).
+fn faulted(
+    delays: [&str; 2],
+    spare: bool,
+    survivors: &[usize],
+    inject: impl FnOnce(&mut Job),
+) -> (Job, Vec<Value>, tempfile::TempDir) {
+    let _one = serial();
+    reference();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut job = start(tmp.path(), delays, spare);
+    inject(&mut job);
+    finish(&mut job, survivors);
+    kill_rest(&mut job);
+    let ev = run_events(&job.run);
+    (job, ev, tmp)
 }
 
 /// Wait for the agents in `survivors` to end successfully (within 3 minutes).
@@ -208,13 +224,9 @@ fn assert_gone(job: &Job) {
 
 #[test]
 fn a_killed_worker_is_restarted_in_place_with_the_losses_of_an_undisturbed_run() {
-    let _one = serial();
-    reference();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut job = start(tmp.path(), [PACE, PACE]);
-    signal(job.workers[&2], "-KILL");
-    finish(&mut job, &[0, 1]);
-    let ev = run_events(&job.run);
+    let (job, ev, _dir) = faulted([PACE, PACE], false, &[0, 1], |job| {
+        signal(job.workers[&2], "-KILL")
+    });
     let (fault, decision, _, recovery) = report(&ev, "crash", "SIGKILL rank 2");
     assert_names(fault, 2, 1, "SIGKILL");
     assert_eq!(decision["action"], "restart_in_place", "{decision}");
@@ -231,13 +243,9 @@ fn a_killed_worker_is_restarted_in_place_with_the_losses_of_an_undisturbed_run()
 
 #[test]
 fn a_stopped_worker_is_a_hang_naming_it_and_the_job_recovers() {
-    let _one = serial();
-    reference();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut job = start(tmp.path(), [PACE, PACE]);
-    signal(job.workers[&1], "-STOP");
-    finish(&mut job, &[0, 1]);
-    let ev = run_events(&job.run);
+    let (job, ev, _dir) = faulted([PACE, PACE], false, &[0, 1], |job| {
+        signal(job.workers[&1], "-STOP")
+    });
     let (fault, decision, latency, recovery) = report(&ev, "hang", "SIGSTOP rank 1");
     assert_names(fault, 1, 0, "rank 1 (node 0)");
     assert_eq!(decision["action"], "restart_in_place", "{decision}");
@@ -253,23 +261,17 @@ fn a_stopped_worker_is_a_hang_naming_it_and_the_job_recovers() {
 /// A lost node (its agent stopped, or killed with its workers) is excluded and the job
 /// re-plans for the 2 ranks left, resharding from the last checkpoint.
 fn lose_node_1(how: &str) {
-    let _one = serial();
-    reference();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut job = start(tmp.path(), [PACE, PACE]);
-    let agent = job.agents[1].id();
-    signal(agent, how);
-    if how == "-KILL" {
-        // Its workers die with it (PR_SET_PDEATHSIG); say so explicitly all the same.
-        for rank in [2, 3] {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &job.workers[&rank].to_string()])
-                .status();
+    let (job, ev, _dir) = faulted([PACE, PACE], false, &[0], |job| {
+        signal(job.agents[1].id(), how);
+        if how == "-KILL" {
+            // Its workers die with it (PR_SET_PDEATHSIG); say so explicitly all the same.
+            for rank in [2, 3] {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &job.workers[&rank].to_string()])
+                    .status();
+            }
         }
-    }
-    finish(&mut job, &[0]);
-    kill_rest(&mut job);
-    let ev = run_events(&job.run);
+    });
     let what = format!("kill {how} node 1's agent");
     let (fault, decision, latency, recovery) = report(&ev, "lost_heartbeat", &what);
     assert_eq!(fault["node"], 1, "{fault}");
@@ -320,17 +322,13 @@ fn a_killed_agent_and_its_workers_are_a_lost_node_and_the_job_shrinks() {
 /// losses of an undisturbed run.
 #[test]
 fn an_agent_restarted_at_once_is_a_fault_and_the_job_restarts_in_place() {
-    let _one = serial();
-    reference();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut job = start(tmp.path(), [PACE, PACE]);
-    signal(job.agents[1].id(), "-KILL");
-    let _ = job.agents[1].wait();
-    let mut again = agent_cmd(&job.job, 2, 2, 1, &job.rdzv, SETS);
-    again.env("TIDEMILL_TEST_DELAY", PACE);
-    job.agents[1] = again.spawn().expect("node 1's agent starts again");
-    finish(&mut job, &[0, 1]);
-    let ev = run_events(&job.run);
+    let (job, ev, _dir) = faulted([PACE, PACE], false, &[0, 1], |job| {
+        signal(job.agents[1].id(), "-KILL");
+        let _ = job.agents[1].wait();
+        let mut again = agent_cmd(&job.job, 2, 2, 1, &job.rdzv, SETS);
+        again.env("TIDEMILL_TEST_DELAY", PACE);
+        job.agents[1] = again.spawn().expect("node 1's agent starts again");
+    });
     let (fault, decision, _, recovery) = report(&ev, "agent_restart", "SIGKILL node 1, restart it");
     assert_eq!(
         (&fault["node"], &fault["rank"]),
@@ -354,22 +352,17 @@ fn an_agent_restarted_at_once_is_a_fault_and_the_job_restarts_in_place() {
 
 #[test]
 fn a_lost_node_is_replaced_by_a_registered_spare_keeping_the_layout() {
-    let _one = serial();
-    reference();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut job = start_with(tmp.path(), [PACE, PACE], true);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !run_events(&job.run)
-        .iter()
-        .any(|e| e["event"] == "join" && e["spare"] == true)
-    {
-        assert!(Instant::now() < deadline, "the spare never registered");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    signal(job.agents[1].id(), "-STOP");
-    finish(&mut job, &[0, 2]);
-    kill_rest(&mut job);
-    let ev = run_events(&job.run);
+    let (job, ev, _dir) = faulted([PACE, PACE], true, &[0, 2], |job| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !run_events(&job.run)
+            .iter()
+            .any(|e| e["event"] == "join" && e["spare"] == true)
+        {
+            assert!(Instant::now() < deadline, "the spare never registered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        signal(job.agents[1].id(), "-STOP");
+    });
     let (fault, decision, latency, recovery) =
         report(&ev, "lost_heartbeat", "SIGSTOP node 1, spare 2");
     assert_eq!(fault["node"], 1, "{fault}");
@@ -398,12 +391,7 @@ fn a_lost_node_is_replaced_by_a_registered_spare_keeping_the_layout() {
 
 #[test]
 fn a_rank_slowed_by_a_delay_is_reported_as_a_straggler() {
-    let _one = serial();
-    reference();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut job = start(tmp.path(), [PACE, "3:0.4,*:0.1"]);
-    finish(&mut job, &[0, 1]);
-    let ev = run_events(&job.run);
+    let (job, ev, _dir) = faulted([PACE, "3:0.4,*:0.1"], false, &[0, 1], |_| {});
     let (fault, decision, latency, _) = report(
         &ev,
         "straggler",

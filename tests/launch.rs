@@ -293,14 +293,7 @@ fn a_control_plane_call_with_a_wrong_token_is_rejected_and_the_job_goes_on() {
     assert!(wrong.contains("wrong token"), "{wrong}");
     tidemill::launcher::agent::probe(&rdzv, TOKEN, &Default::default())
         .expect("the job's token is accepted");
-    for child in children {
-        let out = child.wait_with_output().expect("launch ends");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    wait_ok(children, "an agent");
     let rejected: Vec<_> = run_events(&run)
         .into_iter()
         .filter(|e| e["event"] == "auth_rejected")
@@ -377,14 +370,7 @@ fn the_control_plane_runs_over_tls_when_given_certificates() {
     };
     let client = tidemill::launcher::tls::Tls::load(&launch).expect("the CA loads");
     probe(&rdzv, TOKEN, &client).expect("a TLS call with the token is accepted");
-    for child in children {
-        let out = child.wait_with_output().expect("launch ends");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    wait_ok(children, "an agent");
     assert_same(&plain, &losses(&run), "a job over TLS");
 
     let not_pem = format!("launch.tls_ca=\"{}\"", job.display());

@@ -134,15 +134,10 @@ pub fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64>
     let run = job.parent().expect("dir").join("run");
     let _ = std::fs::remove_dir_all(&run);
     let rdzv = format!("127.0.0.1:{}", free_port());
-    let children = start_agents(job, nnodes, nproc, &rdzv, sets);
-    for child in children {
-        let out = child.wait_with_output().expect("launch ends");
-        assert!(
-            out.status.success(),
-            "{nnodes}×{nproc}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    wait_ok(
+        start_agents(job, nnodes, nproc, &rdzv, sets),
+        &format!("{nnodes}×{nproc}"),
+    );
     let ev = run_events(&run);
     let world = nnodes * nproc;
     for rank in 0..world {
@@ -156,6 +151,18 @@ pub fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64>
         );
     }
     losses(&run)
+}
+
+/// Wait for every agent of a job; each must succeed (`what` and its stderr otherwise).
+pub fn wait_ok(children: Vec<Child>, what: &str) {
+    for child in children {
+        let out = child.wait_with_output().expect("launch ends");
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 pub fn assert_same(reference: &[f64], got: &[f64], what: &str) {
