@@ -6,13 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use burn::backend::{Autodiff, Flex};
-use tidemill::trainer::data::{self, DataOptions, TextTokenizer};
-use tidemill::trainer::{
-    load_hf_model, lora, AdamWOptions, LoraSpec, Schedule, ScheduleKind, TrainOptions, Trainer,
-};
-
-type B = Autodiff<Flex>;
+use tidemill::prelude::*;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1).map(PathBuf::from);
@@ -28,10 +22,9 @@ fn main() -> anyhow::Result<()> {
     let device = Default::default();
 
     // Frozen base + fresh adapters on every attention and MLP projection.
-    let base = load_hf_model::<B>(&model_dir, false, &device).context("loading the model")?;
+    let base =
+        load_hf_model::<CpuTrain>(&model_dir, false, &device).context("loading the model")?;
     let spec = LoraSpec {
-        r: 8,
-        alpha: 16.0,
         dropout: 0.05,
         targets: [
             "q_proj",
@@ -44,41 +37,30 @@ fn main() -> anyhow::Result<()> {
         ]
         .map(String::from)
         .to_vec(),
-        use_rslora: false,
+        ..Default::default()
     };
-    let model = lora::add_lora(base, &spec, 0)?;
+    let (model, spec) = lora::apply(base, &spec, 0)?;
 
     // Chat data rendered with the model's template; loss on assistant tokens only.
     let tokenizer = TextTokenizer::load(&model_dir)?;
     let opts = DataOptions {
         max_seq_len: 256,
-        packing: true,
-        train_on_prompt: false,
-        allow_empty_samples: false,
+        ..Default::default()
     };
-    let (rows, audit) = data::load_dataset(&train, Some(&tokenizer), &opts)?;
+    let (rows, audit) = load_dataset(&train, Some(&tokenizer), &opts)?;
     println!("{audit}");
 
-    let steps = 30;
-    let mut trainer = Trainer::new(
-        model,
-        rows,
-        TrainOptions {
-            global_batch: 8,
-            micro_batch: 4,
-            schedule: Schedule {
-                kind: ScheduleKind::Cosine,
-                lr: 2e-3,
-                warmup_steps: 3,
-                total_steps: steps,
-            },
-            adamw: AdamWOptions::default(),
-            max_grad_norm: Some(1.0),
-            seed: 0,
-            shuffle: true,
-        },
-    )?;
-    for _ in 0..steps {
+    let options = TrainOptions {
+        max_steps: 30,
+        micro_batch: 4,
+        lr: 2e-3,
+        schedule: LrSchedule::Cosine,
+        warmup_steps: 3,
+        seed: 0,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::builder(model, rows, &options).build()?;
+    while trainer.steps_done() < options.max_steps {
         let s = trainer.step()?;
         println!(
             "step {:>3}  loss {:.4}  lr {:.2e}  grad-norm {:.3}",

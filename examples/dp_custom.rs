@@ -1,26 +1,20 @@
 //! Your own training binary, data parallel: run it once per rank with `launch run`, which
-//! sets RANK/WORLD_SIZE/... like torchrun; `parallel::init()` turns them into a context
-//! with the data-plane group, and `Trainer::with_data_parallel` shards every global batch
-//! across the ranks and all-reduces gradients.
+//! sets RANK/WORLD_SIZE/... like torchrun; `init()` turns them into the rank's context
+//! with the data-plane group, and the trainer built over its mesh shards every global
+//! batch across the ranks and all-reduces gradients. It reports its steps to the launcher
+//! itself.
 //!
 //! cargo build --release --example dp_custom
 //! cargo run --release --bin launch -- run --nproc-per-node 2 -- \
 //!     target/release/examples/dp_custom assets/quickstart/model assets/quickstart/data/train.jsonl 10
 //!
-//! Rank 0 prints one line per step: `step N loss L`; every rank reports its progress to
+//! Rank 0 prints one line per step: `step N loss L`; every rank's progress goes to
 //! `runs/dp_custom/events.jsonl`.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use burn::backend::{Autodiff, Flex};
-use tidemill::parallel::dp::DataParallel;
-use tidemill::trainer::data::{self, DataOptions, TextTokenizer};
-use tidemill::trainer::{
-    load_hf_model, lora, AdamWOptions, LoraSpec, Schedule, ScheduleKind, TrainOptions, Trainer,
-};
-
-type B = Autodiff<Flex>;
+use tidemill::prelude::*;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -37,52 +31,33 @@ fn main() -> anyhow::Result<()> {
         .map_or(Ok(10), |s| s.parse())
         .context("steps must be a number")?;
 
-    let mut ctx = tidemill::parallel::init().context("reading the launcher's environment")?;
-    let device = Default::default();
+    let ctx = init().context("reading the launcher's environment")?;
+    // Every rank data parallel (the default options: dp = the world).
+    let parallel = ParallelOptions::default();
+    let mesh = parallel.mesh(&ctx)?;
     // Same seed on every rank: identical base weights and adapters everywhere.
-    let base = load_hf_model::<B>(&model_dir, false, &device).context("loading the model")?;
-    let spec = LoraSpec {
-        r: 8,
-        alpha: 16.0,
-        dropout: 0.0,
-        targets: ["q_proj", "v_proj"].map(String::from).to_vec(),
-        use_rslora: false,
-    };
-    let model = lora::add_lora(base, &spec, 0)?;
+    let base = load_hf_model::<CpuTrain>(&model_dir, false, &Default::default())
+        .context("loading the model")?;
+    let (model, _) = lora::apply(base, &LoraSpec::default(), 0)?;
     let tokenizer = TextTokenizer::load(&model_dir)?;
-    let opts = DataOptions {
+    let data = DataOptions {
         max_seq_len: 256,
-        packing: true,
-        train_on_prompt: false,
-        allow_empty_samples: false,
+        ..Default::default()
     };
-    let (rows, _) = data::load_dataset(&train, Some(&tokenizer), &opts)?;
+    let (rows, _) = load_dataset(&train, Some(&tokenizer), &data)?;
     let options = TrainOptions {
-        global_batch: 8,
-        micro_batch: 1,
-        schedule: Schedule {
-            kind: ScheduleKind::Cosine,
-            lr: 2e-3,
-            warmup_steps: 2,
-            total_steps: steps,
-        },
-        adamw: AdamWOptions::default(),
-        max_grad_norm: Some(1.0),
+        max_steps: steps,
+        lr: 2e-3,
+        schedule: LrSchedule::Cosine,
+        warmup_steps: 2,
         seed: 0,
-        shuffle: true,
+        ..Default::default()
     };
-    let mut trainer = Trainer::new(model, rows, options)?
-        .with_data_parallel(DataParallel::new(ctx.comm.clone(), false))?;
-    ctx.reporter.phase("train");
-    for _ in 0..steps {
+    let mut trainer = Trainer::builder(model, rows, &options)
+        .parallel(&mesh, &parallel)
+        .build()?;
+    while trainer.steps_done() < steps {
         let s = trainer.step()?;
-        ctx.reporter.step(
-            s.step,
-            s.loss,
-            s.seconds,
-            trainer.collective_seq(),
-            serde_json::json!({"lr": s.lr}),
-        );
         if ctx.rank == 0 {
             println!("step {} loss {:.6}", s.step, s.loss);
         }

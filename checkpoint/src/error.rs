@@ -131,6 +131,24 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the error is about files the user gave (a model, an adapter, an index):
+    /// malformed, truncated, of a dtype we do not read, or missing.
+    pub fn is_input(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            Error::Json { .. }
+            | Error::Safetensors { .. }
+            | Error::UnsupportedDtype { .. }
+            | Error::NoWeights { .. }
+            | Error::IndexMismatch { .. }
+            | Error::InvalidIndex { .. }
+            | Error::UnsupportedAdapter { .. }
+            | Error::InvalidAdapter { .. }
+            | Error::Convert { .. } => true,
+            Error::DataLength { .. } | Error::Damaged(_) => false,
+        }
+    }
+
     /// Shorthand for [`Error::Io`].
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -79,6 +79,23 @@ pub fn load_hf_weights(dir: &Path) -> Result<LoadedWeights, Error> {
     Ok(out)
 }
 
+/// Check a model directory's weight files as [`load_hf_weights`] would read them, without
+/// reading their data: every file present, every header sound and inside its file, every
+/// index entry in its shard (a sharded checkpoint: its manifest and files).
+pub fn check_hf_weights(dir: &Path) -> Result<(), Error> {
+    if dir.join(crate::sharded::MANIFEST).is_file() {
+        crate::sharded::Checkpoint::open(dir, false)?;
+        return Ok(());
+    }
+    let weights = WeightFiles::find(dir)?;
+    for shard in &weights.shards {
+        let path = dir.join(shard);
+        let names = crate::safetensors_io::check_safetensors(&path)?;
+        weights.check_shard(shard, &path, names.iter().map(String::as_str))?;
+    }
+    Ok(())
+}
+
 fn present(path: &Path) -> Result<bool, Error> {
     path.try_exists().map_err(|e| Error::io(path, e))
 }

@@ -53,6 +53,15 @@ pub enum DType {
 }
 
 impl DType {
+    /// As job files and the command line write it (`f32`, `bf16`, `f16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+
     /// Bytes per element.
     pub fn size_in_bytes(self) -> usize {
         match self {

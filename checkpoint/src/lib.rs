@@ -39,8 +39,10 @@ pub mod sharded;
 
 pub use atomic::atomic_write;
 pub use error::Error;
-pub use hf::{load_hf_weights, save_hf_weights, LoadedWeights};
+pub use hf::{check_hf_weights, load_hf_weights, save_hf_weights, LoadedWeights};
 pub use host::{DType, HostTensor, TensorMap};
 pub use peft::{load_peft_adapter, save_peft_adapter};
 pub use peft_config::AdapterConfig;
-pub use safetensors_io::{read_safetensors, read_safetensors_with_dtypes, write_safetensors};
+pub use safetensors_io::{
+    check_safetensors, read_safetensors, read_safetensors_with_dtypes, write_safetensors,
+};

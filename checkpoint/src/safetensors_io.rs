@@ -47,6 +47,33 @@ pub fn read_safetensors_with_dtypes(
     Ok((tensors, dtypes))
 }
 
+/// Check one `.safetensors` file without reading its data: the header parses, every
+/// tensor's bytes lie inside the file (a truncated file is refused, naming it) and its
+/// dtype is one [`read_safetensors`] reads. Returns the tensor names.
+pub fn check_safetensors(path: &Path) -> Result<Vec<String>, Error> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: as in `read_safetensors_with_dtypes`; only the header is looked at.
+    #[allow(unsafe_code)]
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let buffer: &[u8] = &mmap;
+    check_offsets_fit(buffer).map_err(|message| malformed(path, message))?;
+    let st = SafeTensors::deserialize(buffer).map_err(|e| malformed(path, e.to_string()))?;
+    let mut names = Vec::new();
+    for (key, view) in st.iter() {
+        match view.dtype() {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => names.push(key.to_string()),
+            other => {
+                return Err(Error::UnsupportedDtype {
+                    file: path.to_path_buf(),
+                    key: key.to_string(),
+                    dtype: other.to_string(),
+                })
+            }
+        }
+    }
+    Ok(names)
+}
+
 fn malformed(path: &Path, message: String) -> Error {
     Error::Safetensors {
         file: path.to_path_buf(),

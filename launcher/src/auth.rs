@@ -11,7 +11,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::config::LaunchSection;
+use crate::config::LaunchOptions;
 use crate::error::{Error, Result};
 
 pub const TOKEN_ENV: &str = "TIDEMILL_TOKEN";
@@ -30,7 +30,7 @@ impl std::fmt::Debug for Token {
 impl Token {
     /// `TIDEMILL_TOKEN`, else `launch.token_file`'s first line, else (one node only) a
     /// fresh random one.
-    pub fn resolve(launch: &LaunchSection) -> Result<Self> {
+    pub fn resolve(launch: &LaunchOptions) -> Result<Self> {
         if let Ok(text) = std::env::var(TOKEN_ENV) {
             return Self::parse(&text, TOKEN_ENV);
         }
@@ -138,12 +138,12 @@ mod tests {
         assert!(Token::parse("short", "x").is_err());
         assert!(Token::parse("has a space in it, long", "x").is_err());
         assert!(!format!("{t:?}").contains("secret"));
-        let one = LaunchSection::default();
+        let one = LaunchOptions::default();
         if std::env::var(TOKEN_ENV).is_err() {
             assert!(Token::resolve(&one).is_ok(), "one node makes its own");
-            let two = LaunchSection {
+            let two = LaunchOptions {
                 nnodes: 2,
-                ..LaunchSection::default()
+                ..LaunchOptions::default()
             };
             let err = Token::resolve(&two)
                 .expect_err("two nodes need one")

@@ -54,6 +54,12 @@ pub enum Command {
         config: PathBuf,
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
+        /// The layout the coordinator decided (JSON).
+        #[arg(long)]
+        plan: String,
+        /// Go on from the last committed checkpoint (a restarted generation).
+        #[arg(long)]
+        resume: bool,
     },
     /// Mean token loss on data.eval; the last stdout line is {"loss","tokens","samples"}.
     Eval {
@@ -72,39 +78,14 @@ pub enum Command {
         format: Format,
         #[arg(long)]
         out: PathBuf,
-        /// Dtype of HF weights: f32, bf16 or f16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
+        /// Dtype of HF weights.
+        #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+        dtype: checkpoint::DType,
     },
     /// Convert weights: hf:DIR → sharded:DIR laid out for --tp/--pp/--ep, sharded:DIR →
     /// hf:DIR, or sharded → sharded at another layout. Dtypes kept; streams tensor by tensor.
     /// The last stdout line is {"tensors","bytes","files","seconds"}.
-    Convert {
-        /// hf:DIR (a Hugging Face model directory) or sharded:DIR (a checkpoint).
-        #[arg(long)]
-        from: String,
-        /// hf:DIR or sharded:DIR; must not exist yet (or be empty).
-        #[arg(long)]
-        to: String,
-        /// Tensor-parallel ranks of a sharded output.
-        #[arg(long, default_value_t = 1)]
-        tp: usize,
-        /// Pipeline stages of a sharded output.
-        #[arg(long, default_value_t = 1)]
-        pp: usize,
-        /// Expert-parallel ranks of a sharded output.
-        #[arg(long, default_value_t = 1)]
-        ep: usize,
-        /// Chunks of layers per pipeline rank (the interleaved schedule).
-        #[arg(long)]
-        virtual_stages: Option<usize>,
-        /// Layers of each (virtual) stage, comma-separated; balanced by cost by default.
-        #[arg(long, value_delimiter = ',')]
-        stage_layers: Option<Vec<usize>>,
-        /// Largest HF shard file: bytes, or 5GB, 500MB, 2GiB …
-        #[arg(long, default_value = "5GB")]
-        max_shard_size: String,
-    },
+    Convert(Box<crate::convert::ConvertArgs>),
     /// Pick dp/tp/pp/ep, micro-batch, recomputation, ZeRO-1 and virtual stages for a job
     /// (a job file, or model dimensions) on a cluster, from a cost model: candidates best
     /// first with predicted step time, TFLOP/s, MFU and memory, and why the rest were
@@ -150,6 +131,11 @@ impl LaunchArgs {
     }
 }
 
+/// `f32`, `bf16` or `f16`, as a job file writes them.
+fn parse_dtype(s: &str) -> std::result::Result<checkpoint::DType, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|e| e.to_string())
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train {
@@ -167,7 +153,20 @@ fn dispatch(cli: Cli) -> Result<()> {
             collective_timeout,
             program,
         } => crate::launch::run_program(&launch.overrides(), run_dir, collective_timeout, &program),
-        Command::Worker { config, set } => crate::train::worker(&JobConfig::load(&config, &set)?),
+        Command::Worker {
+            config,
+            set,
+            plan,
+            resume,
+        } => {
+            let mut cfg = JobConfig::load(&config, &set)?;
+            cfg.checkpoint.resume |= resume;
+            let plan = serde_json::from_str(&plan).map_err(|e| crate::error::Error::Config {
+                file: "--plan".into(),
+                message: e.to_string(),
+            })?;
+            crate::train::worker(&cfg, &plan)
+        }
         Command::Eval {
             config,
             adapter,
@@ -182,45 +181,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             format,
             out,
             dtype,
-        } => {
-            if !["f32", "bf16", "f16"].contains(&dtype.as_str()) {
-                return Err(crate::error::Error::Config {
-                    file: "--dtype".into(),
-                    message: format!("`{dtype}`: expected f32, bf16 or f16"),
-                });
-            }
-            crate::export::run(&source, format, &out, &dtype)
-        }
-        Command::Convert {
-            from,
-            to,
-            tp,
-            pp,
-            ep,
-            virtual_stages,
-            stage_layers,
-            max_shard_size,
-        } => {
-            let parallel = crate::layout::ParallelSection {
-                tp,
-                pp,
-                ep,
-                schedule: if virtual_stages.is_some() {
-                    "interleaved".into()
-                } else {
-                    crate::layout::ParallelSection::default().schedule
-                },
-                virtual_stages,
-                stage_layers,
-                ..Default::default()
-            };
-            let request = crate::convert::Request {
-                from: crate::convert::Endpoint::parse("--from", &from)?,
-                to: crate::convert::Endpoint::parse("--to", &to)?,
-                parallel,
-                max_shard_bytes: crate::convert::parse_size(&max_shard_size)?,
-            };
-            println!("{}", crate::convert::run(&request)?);
+        } => crate::export::run(&source, format, &out, dtype),
+        Command::Convert(args) => {
+            println!("{}", crate::convert::run(&args.request()?)?);
             Ok(())
         }
         Command::Plan(args) => {

@@ -12,8 +12,9 @@ use parallel::Layout;
 use serde_json::{json, Value};
 use trainer::ModelConfig;
 
+use trainer::{ParallelOptions, PipelineSchedule};
+
 use crate::error::{Error, Result};
-use crate::layout::ParallelSection;
 
 /// One side of a conversion.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,13 +43,66 @@ impl Endpoint {
     }
 }
 
+/// `launch convert`'s command line.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConvertArgs {
+    /// hf:DIR (a Hugging Face model directory) or sharded:DIR (a checkpoint).
+    #[arg(long)]
+    pub from: String,
+    /// hf:DIR or sharded:DIR; must not exist yet (or be empty).
+    #[arg(long)]
+    pub to: String,
+    /// Tensor-parallel ranks of a sharded output.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Pipeline stages of a sharded output.
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Expert-parallel ranks of a sharded output.
+    #[arg(long, default_value_t = 1)]
+    pub ep: usize,
+    /// Chunks of layers per pipeline rank (the interleaved schedule).
+    #[arg(long)]
+    pub virtual_stages: Option<usize>,
+    /// Layers of each (virtual) stage, comma-separated; balanced by cost by default.
+    #[arg(long, value_delimiter = ',')]
+    pub stage_layers: Option<Vec<usize>>,
+    /// Largest HF shard file: bytes, or 5GB, 500MB, 2GiB …
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+}
+
+impl ConvertArgs {
+    /// The conversion asked for.
+    pub fn request(&self) -> Result<Request> {
+        let schedule = match self.virtual_stages {
+            Some(_) => PipelineSchedule::Interleaved,
+            None => ParallelOptions::default().schedule,
+        };
+        Ok(Request {
+            from: Endpoint::parse("--from", &self.from)?,
+            to: Endpoint::parse("--to", &self.to)?,
+            parallel: ParallelOptions {
+                tp: self.tp,
+                pp: self.pp,
+                ep: self.ep,
+                schedule,
+                virtual_stages: self.virtual_stages,
+                stage_layers: self.stage_layers.clone(),
+                ..Default::default()
+            },
+            max_shard_bytes: parse_size(&self.max_shard_size)?,
+        })
+    }
+}
+
 /// What to convert, and into which layout (for a sharded output).
 #[derive(Clone, Debug)]
 pub struct Request {
     pub from: Endpoint,
     pub to: Endpoint,
     /// tp, pp, ep, virtual stages and stage sizes of a sharded output.
-    pub parallel: ParallelSection,
+    pub parallel: ParallelOptions,
     pub max_shard_bytes: u64,
 }
 
@@ -143,19 +197,14 @@ fn model_config(from: &Endpoint, extras: &[(String, PathBuf)]) -> Result<ModelCo
 
 /// The layout (one data-parallel replica) and layers per (virtual) stage, checked against
 /// the model as `launch train` checks them.
-fn layout_for(p: &ParallelSection, config: &ModelConfig) -> Result<(Layout, Vec<usize>)> {
+fn layout_for(p: &ParallelOptions, config: &ModelConfig) -> Result<(Layout, Vec<usize>)> {
     let bad = |message: String| Error::Config {
         file: "launch convert".into(),
         message,
     };
     p.validate().map_err(bad)?;
-    let layout = Layout {
-        dp: 1,
-        tp: p.tp,
-        pp: p.pp,
-        ep: p.ep,
-    };
-    trainer::model::shard::check_layout(config, &layout)
+    let layout = Layout::new(1, p.tp, p.pp, p.ep)
+        .and_then(|l| l.check_model(&config.shape()).map(|()| l))
         .map_err(|e| bad(format!("--tp/--pp/--ep: {e}")))?;
     let sizes = if p.pp > 1 {
         p.stage_sizes(config).map_err(bad)?

@@ -49,11 +49,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// 2 for bad configuration, usage or input files (the model's, the data's, an
+    /// adapter's), 1 for failures while running.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config { .. } | Error::ConfigIo { .. } | Error::BadPath { .. } => 2,
             Error::WorkerFailed { code, .. } => *code,
-            _ => 1,
+            Error::Trainer(e) if e.is_input() => 2,
+            Error::Checkpoint(e) if e.is_input() => 2,
+            Error::Parallel(parallel::Error::Layout(_)) => 2,
+            Error::Io { .. }
+            | Error::Launch(_)
+            | Error::JobStopped(_)
+            | Error::Trainer(_)
+            | Error::Checkpoint(_)
+            | Error::Parallel(_) => 1,
         }
     }
 }

@@ -3,10 +3,10 @@
 use std::path::Path;
 
 use serde_json::json;
-use trainer::Collective;
+use trainer::ParallelBackend;
 
-use crate::config::JobConfig;
-use crate::error::Result;
+use crate::config::{Device, JobConfig};
+use crate::error::{Error, Result};
 use crate::setup;
 
 /// The numbers `launch eval` prints as its last line.
@@ -19,14 +19,19 @@ pub struct EvalReport {
 
 /// Evaluate on the backend `job.device` names.
 pub fn run(cfg: &JobConfig, adapter: Option<&Path>) -> Result<EvalReport> {
-    match cfg.job.device.as_str() {
+    match cfg.job.device {
+        Device::Cpu => run_on::<trainer::backend::Cpu>(cfg, adapter, &Default::default()),
         #[cfg(feature = "cuda")]
-        "cuda" => run_on::<burn::backend::Cuda>(cfg, adapter, &Default::default()),
-        _ => run_on::<setup::Cpu>(cfg, adapter, &Default::default()),
+        Device::Cuda => run_on::<burn::backend::Cuda>(cfg, adapter, &Default::default()),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => Err(Error::Config {
+            file: "config".into(),
+            message: Device::Cuda.check().err().unwrap_or_default(),
+        }),
     }
 }
 
-pub fn run_on<B: Collective>(
+pub fn run_on<B: ParallelBackend>(
     cfg: &JobConfig,
     adapter: Option<&Path>,
     device: &B::Device,

@@ -1,16 +1,267 @@
-//! `events.jsonl`: one JSON object per line, appended and flushed as things happen.
+//! `events.jsonl`: one [`Record`] per line, appended and flushed as things happen. Every
+//! line is one [`Event`] (tagged by its `event` field) with the time, the generation and
+//! the rank and node it concerns. The coordinator writes them (a job run in one process
+//! writes its own), workers send theirs typed, and tests and tools read them back with
+//! [`read`].
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Map, Value};
+use parallel::runtime::{Phase, StepReport};
+use serde::{Deserialize, Serialize};
+use trainer::data::DataAudit;
+use trainer::{PipelineSchedule, Strategy};
 
 use crate::error::{Error, Result};
+use crate::plan::CandidateReport;
 
-/// The job's event log. Every event carries `event`, `time` (Unix seconds), `generation`,
-/// `rank` and `node` (null for job-wide events).
+/// One line of `events.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Unix seconds.
+    pub time: f64,
+    /// The coordinator's generation (bumped by every restart).
+    pub generation: u64,
+    /// The rank and node it concerns; `None` for job-wide events.
+    pub rank: Option<usize>,
+    pub node: Option<usize>,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// Everything that happens to a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The job started: what it runs and how it is laid out.
+    Start(Start),
+    /// A node's agent joined.
+    Join {
+        host: String,
+        nproc: u32,
+        spare: bool,
+    },
+    /// An agent started a worker.
+    Spawn { pid: u32, local_rank: usize },
+    /// A worker entered a phase.
+    Phase { phase: Phase, step: u64 },
+    /// What the data pipeline made of a split (rank 0).
+    Audit { split: Split, audit: DataAudit },
+    /// A finished optimizer step of a rank.
+    Step(StepEvent),
+    /// The whole evaluation set's mean token loss after `step` steps.
+    Eval { step: u64, loss: f64, tokens: usize },
+    /// A committed checkpoint; `stall_s`: how long it blocked training.
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+        #[serde(rename = "async")]
+        async_save: bool,
+        stall_s: f64,
+        snapshot_s: f64,
+    },
+    /// A checkpoint that did not verify and was passed over.
+    CheckpointSkipped {
+        dir: PathBuf,
+        file: PathBuf,
+        reason: String,
+    },
+    /// Training went on from a checkpoint.
+    Resumed { step: u64, from_checkpoint: PathBuf },
+    /// The automatic plan's predicted step time next to the measured one.
+    PlanCheck {
+        predicted_step_time_s: f64,
+        measured_step_time_s: f64,
+        measured_over_predicted: f64,
+        steps: usize,
+    },
+    /// A result written by rank 0.
+    Export { format: ExportFormat, path: PathBuf },
+    /// The job finished: steps and last loss for `launch train`, time for every job.
+    Done {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        steps: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        loss: Option<f64>,
+        seconds: f64,
+    },
+    /// A worker's last words before exiting non-zero.
+    Error { message: String },
+    /// A worker process ended.
+    Exit {
+        pid: u32,
+        code: Option<i32>,
+        signal: Option<i32>,
+        message: String,
+    },
+    /// A detected fault.
+    Fault {
+        kind: FaultKind,
+        detail: String,
+        /// Unix seconds.
+        detected_at: f64,
+        detection_latency_s: f64,
+    },
+    /// What the coordinator decided about a fault, and why.
+    Decision {
+        action: Action,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fault: Option<FaultKind>,
+    },
+    /// A new generation started with these nodes and this layout.
+    Restart {
+        world: usize,
+        nodes: Vec<usize>,
+        plan: Option<PlanEvent>,
+    },
+    /// The first step after a fault.
+    Recovered { step: u64, seconds_since_fault: f64 },
+    /// A control-plane call without the job's token.
+    AuthRejected { peer: String, reason: String },
+}
+
+/// A rank's step, as the coordinator logs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepEvent {
+    pub phase: Phase,
+    /// Collectives issued on the data-parallel group so far.
+    pub seq: u64,
+    /// Seconds since the previous step not spent waiting in collectives.
+    pub busy: f64,
+    /// Collectives this rank has entered.
+    pub collectives: u64,
+    #[serde(flatten)]
+    pub stats: StepReport,
+}
+
+/// The kinds of fault the coordinator detects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// A worker exited non-zero or by a signal.
+    Crash,
+    /// An agent stopped beating.
+    LostHeartbeat,
+    /// No progress for longer than the hang limit.
+    Hang,
+    /// A rank much busier than the others for several steps.
+    Straggler,
+    /// A member's agent came back as a new process while its generation ran.
+    AgentRestart,
+}
+
+impl FaultKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Crash => "crash",
+            FaultKind::LostHeartbeat => "lost_heartbeat",
+            FaultKind::Hang => "hang",
+            FaultKind::Straggler => "straggler",
+            FaultKind::AgentRestart => "agent_restart",
+        }
+    }
+}
+
+/// What the coordinator does about a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Report only; training goes on.
+    Continue,
+    /// Kill every worker and start the same layout again from the last checkpoint.
+    RestartInPlace,
+    /// Put a spare where a lost node was, restart with the same layout.
+    ReplaceNode,
+    /// Drop a node, re-plan for the nodes left, reshard and restart.
+    Shrink,
+    /// Stop the job with an error.
+    GiveUp,
+    /// A spare went silent: it stops being one.
+    DropSpare,
+}
+
+/// A data split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+/// What `export/` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    /// A PEFT adapter.
+    Peft,
+    /// A Hugging Face model directory.
+    Hf,
+}
+
+/// The `start` event of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Start {
+    /// `launch train`: the job's name, model and mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// `launch run`: the user's program and its arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    pub world_size: usize,
+    pub nnodes: usize,
+    pub nproc_per_node: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanEvent>,
+}
+
+/// Full-parameter fine-tuning or LoRA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Full,
+    Lora,
+}
+
+/// The layout a generation runs with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanEvent {
+    pub dp: usize,
+    pub tp: usize,
+    pub pp: usize,
+    pub ep: usize,
+    pub zero1: bool,
+    pub sequence_parallel: bool,
+    pub schedule: PipelineSchedule,
+    pub virtual_stages: usize,
+    pub micro_batch: usize,
+    pub strategy: Strategy,
+    /// Under `strategy = "auto"`: the search's pick and its predictions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<AutoPick>,
+}
+
+/// The candidate the strategy search picked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AutoPick {
+    #[serde(flatten)]
+    pub candidate: CandidateReport,
+    pub hardware: String,
+    /// Candidates that fit, and layouts or variants rejected.
+    pub considered: usize,
+    pub rejected: usize,
+    pub search_s: f64,
+}
+
+/// The job's event log.
 pub struct EventLog {
     file: File,
     path: PathBuf,
@@ -39,33 +290,24 @@ impl EventLog {
         self.generation = generation;
     }
 
-    /// Append an event of rank 0 on node 0 (a job run in one process).
-    pub fn emit(&mut self, kind: &str, fields: Value) -> Result<()> {
-        self.emit_as(kind, Some(0), Some(0), fields)
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
-    /// Append `{"event": kind, "time", "generation", "rank", "node", ...fields}`.
-    pub fn emit_as(
-        &mut self,
-        kind: &str,
-        rank: Option<usize>,
-        node: Option<usize>,
-        fields: Value,
-    ) -> Result<()> {
+    /// Append `event` about `rank` on `node` (`None`: job-wide).
+    pub fn emit(&mut self, event: Event, rank: Option<usize>, node: Option<usize>) -> Result<()> {
         let time = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
-        let mut obj = Map::new();
-        obj.insert("event".into(), json!(kind));
-        obj.insert("time".into(), json!(time));
-        obj.insert("generation".into(), json!(self.generation));
-        obj.insert("rank".into(), json!(rank));
-        obj.insert("node".into(), json!(node));
-        if let Value::Object(extra) = fields {
-            obj.extend(extra);
-        }
-        let line = Value::Object(obj).to_string();
+        let record = Record {
+            time,
+            generation: self.generation,
+            rank,
+            node,
+            event,
+        };
+        let line = serde_json::to_string(&record).map_err(|e| Error::Launch(e.to_string()))?;
         writeln!(self.file, "{line}")
             .and_then(|_| self.file.flush())
             .map_err(|source| Error::Io {
@@ -73,4 +315,23 @@ impl EventLog {
                 source,
             })
     }
+}
+
+/// Every record of an event log, in order; a line that is not a record (a run cut off
+/// mid-line) is an error naming the file and line.
+pub fn read(path: &Path) -> Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| Error::Config {
+                file: path.to_path_buf(),
+                message: format!("line {}: {e}", i + 1),
+            })
+        })
+        .collect()
 }

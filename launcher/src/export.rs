@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use crate::config::JobConfig;
 use crate::error::{Error, Result};
 use crate::setup;
-use crate::train::export_dtype;
 
 /// What `launch export` can write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -71,7 +70,7 @@ fn resolve(src: &Path) -> Result<Source> {
     ))
 }
 
-pub fn run(src: &Path, format: Format, out: &Path, dtype: &str) -> Result<()> {
+pub fn run(src: &Path, format: Format, out: &Path, dtype: checkpoint::DType) -> Result<()> {
     setup::require_dir("RUN_DIR_OR_CHECKPOINT", src)?;
     let device = Default::default();
     match (resolve(src)?, format) {
@@ -87,9 +86,9 @@ pub fn run(src: &Path, format: Format, out: &Path, dtype: &str) -> Result<()> {
                 )
             })?;
             setup::require_dir("base model (model.path / base_model_name_or_path)", &base)?;
-            let model = trainer::load_hf_model::<setup::Cpu>(&base, false, &device)?;
+            let model = trainer::load_hf_model::<trainer::backend::Cpu>(&base, false, &device)?;
             let (model, _) = trainer::lora::load_adapter(model, &adapter, false)?;
-            trainer::export::save_hf_model(&model, &base, out, export_dtype(dtype))?;
+            trainer::export::save_hf_model(&model, &base, out, dtype)?;
         }
         (Source::Model(_), Format::Peft) => {
             return Err(bad(
@@ -98,8 +97,8 @@ pub fn run(src: &Path, format: Format, out: &Path, dtype: &str) -> Result<()> {
             ));
         }
         (Source::Model(dir), Format::Hf) => {
-            let model = trainer::load_hf_model::<setup::Cpu>(&dir, false, &device)?;
-            trainer::export::save_hf_model(&model, &dir, out, export_dtype(dtype))?;
+            let model = trainer::load_hf_model::<trainer::backend::Cpu>(&dir, false, &device)?;
+            trainer::export::save_hf_model(&model, &dir, out, dtype)?;
         }
     }
     println!("written to {}", out.display());

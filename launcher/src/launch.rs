@@ -1,59 +1,47 @@
-//! `launch train` and `launch run`: check the job, prepare the run directory (node 0) and
-//! run this node's agent.
+//! `launch train` and `launch run`: check the job, decide its layout (node 0), prepare the
+//! run directory and run this node's agent.
 
 use std::path::{Path, PathBuf};
-
-use serde_json::json;
+use std::sync::Arc;
 
 use crate::agent::{self, LaunchPlan, WorkerCommand};
-use crate::config::{JobConfig, LaunchSection};
+use crate::config::{JobConfig, LaunchOptions};
+use crate::coordinator::{Generation, Replan};
 use crate::error::{Error, Result};
-use crate::train;
+use crate::events::{Mode, Start};
+use crate::plan::Decided;
 
 fn current_exe() -> Result<PathBuf> {
     std::env::current_exe().map_err(|e| Error::Launch(format!("locating the launch binary: {e}")))
 }
 
-/// `launch train CONFIG [--set ...] [--nproc-per-node N ...]`.
+/// `launch train CONFIG [--set ...] [--nproc-per-node N ...]`: every input file is checked
+/// and the layout decided (the strategy search runs here, once, on node 0) before any
+/// worker starts; workers get the decided layout from the coordinator.
 pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
     let cfg = JobConfig::load(config, overrides)?;
-    let as_written = cfg.clone();
-    train::preflight(&cfg)?;
+    crate::preflight::check(&cfg)?;
     // A multi-node job without its control-plane secret is refused before anything starts.
     crate::auth::Token::resolve(&cfg.launch)?;
     crate::tls::Tls::load(&cfg.launch)?;
-    let world = cfg.launch.nproc_per_node * cfg.launch.nnodes;
-    // Under strategy = "auto" the search picks the layout (each worker repeats it).
-    let (cfg, chosen) = crate::plan::resolve(&cfg, config, world, cfg.launch.nproc_per_node)?;
-    if let Some(c) = &chosen {
-        println!(
-            "plan: {} (predicted {:.3} s/step, {}/device on {}; {} candidates, {} rejected; `launch plan` explains)",
-            c.priced.candidate,
-            c.priced.estimate.step_time_s,
-            parallel::plan::human_bytes(c.priced.estimate.memory.total()),
-            c.hardware,
-            c.considered,
-            c.rejected
-        );
-    }
-    let t = &cfg.training;
-    // Refuse a layout that cannot work before any process starts.
-    let model = trainer::ModelConfig::from_dir(&cfg.model.path)?;
-    cfg.parallel
-        .layout(world, Some(cfg.launch.nproc_per_node))
-        .and_then(|layout| crate::layout::check_job(&cfg.parallel, &layout, &model, t))
-        .map_err(|message| Error::Config {
-            file: config.to_path_buf(),
-            message,
-        })?;
-    if cfg.launch.node_rank == 0 {
-        train::prepare_run_dir(&cfg)?;
-    }
+    let l = &cfg.launch;
+    let world = l.nproc_per_node * l.nnodes;
+    let lead = l.node_rank == 0;
+    let decided = if lead {
+        let decided = crate::plan::decide(&cfg, config, world, l.nproc_per_node)?;
+        announce(&decided);
+        let mut resolved = cfg.clone();
+        decided.apply(&mut resolved);
+        crate::train::prepare_run_dir(&resolved)?;
+        Some(decided)
+    } else {
+        None
+    };
     let mut args = vec!["worker".to_string(), config.display().to_string()];
     for o in overrides {
-        args.push("--set".into());
-        args.push(o.clone());
+        args.extend(["--set".to_string(), o.clone()]);
     }
+    let start = start(&cfg, world, decided.as_ref());
     agent::run(LaunchPlan {
         launch: cfg.launch.clone(),
         run_dir: cfg.run_dir(),
@@ -61,52 +49,67 @@ pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
             program: current_exe()?,
             args,
         },
-        start: train::start_fields(&cfg, world, chosen.as_ref()),
-        max_steps: Some(t.max_steps),
-        replan: Some(replan(as_written, config.to_path_buf(), world)),
+        start,
+        max_steps: Some(cfg.training.max_steps),
+        first: decided.map(|d| Generation {
+            plan: d,
+            resume: false,
+        }),
+        replan: Some(replan(cfg, config.to_path_buf(), world)),
     })
+}
+
+/// The plan as `launch train` prints it under `strategy = "auto"`.
+fn announce(decided: &Decided) {
+    if let Some(a) = &decided.auto {
+        let c = &a.candidate;
+        println!(
+            "plan: dp={} tp={} pp={} ep={} mb={} zero1={} v={} (predicted {:.3} s/step, {:.2} GiB/device on {}; {} candidates, {} rejected; `launch plan` explains)",
+            c.dp, c.tp, c.pp, c.ep, c.micro_batch, c.zero1, c.virtual_stages,
+            c.step_time_s, c.mem_gb_per_gpu, a.hardware, a.considered, a.rejected
+        );
+    }
+}
+
+/// The `start` event of a training job of `world` ranks.
+pub fn start(cfg: &JobConfig, world: usize, decided: Option<&Decided>) -> Start {
+    Start {
+        job: Some(cfg.job.name.clone()),
+        model: Some(cfg.model.path.clone()),
+        mode: Some(if cfg.lora.is_some() {
+            Mode::Lora
+        } else {
+            Mode::Full
+        }),
+        program: None,
+        args: Vec::new(),
+        world_size: world,
+        nnodes: cfg.launch.nnodes,
+        nproc_per_node: cfg.launch.nproc_per_node,
+        plan: decided.map(|d| d.event(world)),
+    }
 }
 
 /// How a restarted generation of a training job runs: it resumes from the last committed
 /// checkpoint; with a world other than `world` (nodes were lost or a spare differs) the
-/// strategy search re-plans the layout (keeping the job file's pins if it can), and the
-/// workers get it as `--set` overrides. The plan goes into the `restart` event.
-fn replan(cfg: JobConfig, file: PathBuf, world: usize) -> crate::coordinator::Replan {
-    std::sync::Arc::new(move |now: usize, local: usize| {
-        let mut args = vec!["--set".to_string(), "checkpoint.resume=true".to_string()];
-        if now == world {
-            return Ok((args, json!({"layout": "unchanged", "world": now})));
+/// strategy search re-plans the layout (keeping the job file's pins if it can, else
+/// unpinned).
+fn replan(cfg: JobConfig, file: PathBuf, world: usize) -> Replan {
+    Arc::new(move |now: usize, local: usize, current: Option<&Decided>| {
+        if let Some(plan) = current.filter(|_| now == world) {
+            return Ok(plan.clone());
         }
         let mut auto = cfg.clone();
-        auto.parallel.strategy = "auto".into();
-        let resolved = crate::plan::resolve(&auto, &file, now, local).or_else(|_| {
-            let p = &mut auto.parallel;
-            (p.dp, p.tp, p.pp, p.ep) = (None, 1, 1, 1);
-            (p.micro_batch, p.virtual_stages, p.zero1, p.stage_layers) = (None, None, false, None);
-            crate::plan::resolve(&auto, &file, now, local)
-        });
-        let (resolved, chosen) = resolved.map_err(|e| e.to_string())?;
-        let p = &resolved.parallel;
-        let mut sets = vec![
-            "parallel.strategy=\"manual\"".to_string(),
-            format!("parallel.dp={}", p.dp.unwrap_or(1)),
-            format!("parallel.tp={}", p.tp),
-            format!("parallel.pp={}", p.pp),
-            format!("parallel.ep={}", p.ep),
-            format!("parallel.zero1={}", p.zero1),
-            format!("parallel.schedule=\"{}\"", p.schedule),
-            format!("training.micro_batch={}", resolved.training.micro_batch),
-        ];
-        sets.extend(p.micro_batch.map(|m| format!("parallel.micro_batch={m}")));
-        sets.extend(
-            p.virtual_stages
-                .map(|v| format!("parallel.virtual_stages={v}")),
-        );
-        for set in sets {
-            args.extend(["--set".to_string(), set]);
-        }
-        let plan = chosen.map_or(serde_json::Value::Null, |c| c.event());
-        Ok((args, plan))
+        auto.parallel.strategy = trainer::Strategy::Auto;
+        crate::plan::decide(&auto, &file, now, local)
+            .or_else(|_| {
+                let p = &mut auto.parallel;
+                (p.dp, p.tp, p.pp, p.ep) = (None, 1, 1, 1);
+                (p.micro_batch, p.virtual_stages, p.zero1, p.stage_layers) =
+                    (None, None, false, None);
+                crate::plan::decide(&auto, &file, now, local)
+            })
+            .map_err(|e| e.to_string())
     })
 }
 
@@ -121,7 +124,7 @@ pub fn run_program(
     if let Some(t) = collective_timeout {
         all.push(format!("launch.collective_timeout_s={t}"));
     }
-    let launch = LaunchSection::from_overrides(&all)?;
+    let launch = LaunchOptions::from_overrides(&all)?;
     let (exe, args) = program.split_first().ok_or_else(|| Error::Config {
         file: "command line".into(),
         message: "launch run: no program given after `--`".into(),
@@ -137,9 +140,19 @@ pub fn run_program(
         })?;
     }
     let world = launch.nproc_per_node * launch.nnodes;
+    let start = Start {
+        job: None,
+        model: None,
+        mode: None,
+        program: Some(exe.clone()),
+        args: args.to_vec(),
+        world_size: world,
+        nnodes: launch.nnodes,
+        nproc_per_node: launch.nproc_per_node,
+        plan: None,
+    };
     agent::run(LaunchPlan {
-        start: json!({"program": exe, "args": args, "world_size": world, "nnodes": launch.nnodes,
-                      "nproc_per_node": launch.nproc_per_node}),
+        start,
         launch,
         run_dir,
         worker: WorkerCommand {
@@ -147,6 +160,7 @@ pub fn run_program(
             args: args.to_vec(),
         },
         max_steps: None,
+        first: None,
         replan: None,
     })
 }

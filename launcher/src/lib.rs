@@ -1,25 +1,38 @@
-//! The `launch` CLI of tidemill: TOML job files, the node agent and the job's coordinator,
-//! the run directory and its event log; `train`, `run`, `eval`, `export`, `convert` and `plan`.
+//! The `launch` CLI of tidemill: TOML job files (the library's option types, one section
+//! each), the node agent and the job's coordinator, the run directory and its event log;
+//! `train`, `run`, `eval`, `export`, `convert` and `plan`.
+//!
+//! Public: the job file ([`JobConfig`] and its sections), training a job in this process
+//! ([`run`]), the event log's types ([`events`]), the strategy search's view of a job
+//! ([`plan`]), and what a health check needs ([`probe`], [`TOKEN_ENV`], [`Tls`]). The
+//! rest is the CLI's own.
 
-pub mod agent;
-pub mod auth;
+mod agent;
+mod auth;
 pub mod cli;
-pub mod config;
-pub mod convert;
-pub mod coordinator;
+mod config;
+mod convert;
+mod coordinator;
 mod error;
-pub mod eval;
+mod eval;
 pub mod events;
-pub mod export;
-pub mod launch;
-pub mod layout;
+mod export;
+mod hooks;
+mod launch;
 pub mod plan;
-pub mod progress;
+mod preflight;
+mod progress;
 mod rpc;
-pub mod saving;
-pub mod setup;
-pub mod tls;
-pub mod train;
+mod saving;
+mod setup;
+mod tls;
+mod train;
 
-pub use config::JobConfig;
+pub use agent::probe;
+pub use auth::TOKEN_ENV;
+pub use config::{
+    CheckpointOptions, Device, ExportSection, JobConfig, JobSection, LaunchOptions, ModelSection,
+};
 pub use error::{chain, Error, Result};
+pub use tls::Tls;
+pub use train::run;

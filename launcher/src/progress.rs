@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{Map, Value};
+use parallel::runtime::StepReport;
 
 /// Shows rank 0's steps.
 pub struct StepDisplay {
@@ -28,12 +28,9 @@ impl StepDisplay {
         }
     }
 
-    /// A step report: `step`, `loss`, and optionally `tokens`, `step_time`, `lr`.
-    pub fn step(&mut self, report: &Map<String, Value>) {
-        let num = |k: &str| report.get(k).and_then(Value::as_f64);
-        let step = report.get("step").and_then(Value::as_u64).unwrap_or(0);
-        let loss = num("loss").unwrap_or(f64::NAN);
-        let tokens_per_s = num("tokens").unwrap_or(0.0) / num("step_time").unwrap_or(1.0).max(1e-9);
+    /// Rank 0's step.
+    pub fn step(&mut self, report: &StepReport) {
+        let (step, loss, tokens_per_s) = (report.step, report.loss, report.tokens_per_s);
         match &self.bar {
             Some(bar) => {
                 bar.set_position(step);
@@ -42,11 +39,10 @@ impl StepDisplay {
             None if self.total > 0
                 && (step == 1 || step.is_multiple_of(10) || step == self.total) =>
             {
-                let lr = num("lr").unwrap_or(0.0);
                 tracing::info!(
                     step,
                     loss = format!("{loss:.4}"),
-                    lr,
+                    lr = report.lr,
                     tokens_per_s = format!("{tokens_per_s:.0}"),
                     "step"
                 );

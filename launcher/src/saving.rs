@@ -6,70 +6,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use checkpoint::sharded::{self, Checkpoint};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use crate::config::CheckpointOptions;
 use crate::error::Result;
-use crate::train::EventSink;
-use trainer::state::{write_snapshot, Writes};
+use crate::events::Event;
+use trainer::state::write_snapshot;
 use trainer::{TrainBackend, Trainer};
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CheckpointSection {
-    /// Save every N optimizer steps (0: only at the end).
-    #[serde(default)]
-    pub every: u64,
-    /// Keep the newest N committed checkpoints (the newest is never deleted).
-    #[serde(default = "two")]
-    pub keep_last: usize,
-    /// Copy the state to host memory and write it from a background thread while
-    /// training goes on (`false`: training waits for the write).
-    #[serde(default = "yes", rename = "async")]
-    pub async_save: bool,
-    /// Go on from the newest valid checkpoint in the run directory, if there is one.
-    #[serde(default = "yes")]
-    pub resume: bool,
-    /// Seconds the committing rank waits for every rank's part of a checkpoint.
-    #[serde(default = "commit_timeout")]
-    pub commit_timeout_s: f64,
-}
-
-fn two() -> usize {
-    2
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn commit_timeout() -> f64 {
-    600.0
-}
-
-impl Default for CheckpointSection {
-    fn default() -> Self {
-        Self {
-            every: 0,
-            keep_last: two(),
-            async_save: true,
-            resume: true,
-            commit_timeout_s: commit_timeout(),
-        }
-    }
-}
-
-impl CheckpointSection {
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.keep_last == 0 {
-            return Err("checkpoint.keep_last: must be at least 1".into());
-        }
-        if !(self.commit_timeout_s.is_finite() && self.commit_timeout_s > 0.0) {
-            return Err("checkpoint.commit_timeout_s: must be a positive number of seconds".into());
-        }
-        Ok(())
-    }
-}
 
 /// Where a job's checkpoints go.
 pub fn root(run_dir: &Path) -> PathBuf {
@@ -78,7 +21,7 @@ pub fn root(run_dir: &Path) -> PathBuf {
 
 /// On the lead rank: the step of the newest checkpoint that verifies (dropping unfinished
 /// saves), each newer damaged one reported as an event naming the file.
-pub fn find_resume(root: &Path, events: &mut dyn EventSink) -> Result<Option<u64>> {
+pub fn find_resume(root: &Path) -> Result<Option<u64>> {
     if !root.exists() {
         return Ok(None);
     }
@@ -86,10 +29,11 @@ pub fn find_resume(root: &Path, events: &mut dyn EventSink) -> Result<Option<u64
     let (found, skipped) = sharded::latest(root);
     for s in skipped {
         eprintln!("skipping checkpoint {}: {}", s.dir.display(), s.error);
-        events.event(
-            "checkpoint_skipped",
-            json!({"dir": s.dir, "file": s.error.file, "reason": s.error.reason}),
-        )?;
+        parallel::runtime::report().event(&Event::CheckpointSkipped {
+            dir: s.dir,
+            file: s.error.file,
+            reason: s.error.reason,
+        });
     }
     Ok(found.map(|c| c.step()))
 }
@@ -114,8 +58,7 @@ pub struct Saver {
     root: PathBuf,
     rank: usize,
     world: usize,
-    writes: Writes,
-    section: CheckpointSection,
+    section: CheckpointOptions,
     /// The model's config and tokenizer files, copied into each checkpoint (by rank 0).
     extras: Vec<(String, PathBuf)>,
     pending: Option<Pending>,
@@ -136,15 +79,13 @@ impl Saver {
         root: PathBuf,
         rank: usize,
         world: usize,
-        writes: Writes,
-        section: CheckpointSection,
+        section: CheckpointOptions,
         extras: Vec<(String, PathBuf)>,
     ) -> Self {
         Self {
             root,
             rank,
             world,
-            writes,
             section,
             extras,
             pending: None,
@@ -158,16 +99,11 @@ impl Saver {
 
     /// Save the trainer's state now (`extra` goes into the manifest's state next to the
     /// trainer's position): copied to the host here, written here or in the background.
-    pub fn save<B: TrainBackend>(
-        &mut self,
-        trainer: &Trainer<B>,
-        extra: &Value,
-        events: &mut dyn EventSink,
-    ) -> Result<()> {
-        self.wait(events)?;
+    pub fn save<B: TrainBackend>(&mut self, trainer: &Trainer<B>, extra: &Value) -> Result<()> {
+        self.wait()?;
         let started = Instant::now();
         let step = trainer.steps_done();
-        let snapshot = trainer.snapshot(self.writes);
+        let snapshot = trainer.snapshot();
         let snapshot_s = started.elapsed().as_secs_f64();
         let mut state = trainer.position();
         if let (Some(s), Some(e)) = (state.as_object_mut(), extra.as_object()) {
@@ -205,13 +141,13 @@ impl Saver {
         } else {
             let dir = write()?;
             let stall = started.elapsed().as_secs_f64();
-            self.report(step, stall, snapshot_s, dir, events)?;
+            self.report(step, stall, snapshot_s, dir);
         }
         Ok(())
     }
 
     /// Wait for the save in the background, if any, and report it.
-    pub fn wait(&mut self, events: &mut dyn EventSink) -> Result<()> {
+    pub fn wait(&mut self) -> Result<()> {
         let Some(Pending {
             step,
             stall_s,
@@ -226,24 +162,20 @@ impl Saver {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         let waited = started.elapsed().as_secs_f64();
-        self.report(step, stall_s + waited, snapshot_s, dir, events)
+        self.report(step, stall_s + waited, snapshot_s, dir);
+        Ok(())
     }
 
-    fn report(
-        &self,
-        step: u64,
-        blocked_s: f64,
-        snapshot_s: f64,
-        dir: Option<PathBuf>,
-        events: &mut dyn EventSink,
-    ) -> Result<()> {
-        if let Some(dir) = dir {
-            events.event(
-                "checkpoint",
-                json!({"step": step, "path": dir, "async": self.section.async_save,
-                       "stall_s": blocked_s, "snapshot_s": snapshot_s}),
-            )?;
+    /// A committed checkpoint (only the committing rank has its directory).
+    fn report(&self, step: u64, blocked_s: f64, snapshot_s: f64, dir: Option<PathBuf>) {
+        if let Some(path) = dir {
+            parallel::runtime::report().event(&Event::Checkpoint {
+                step,
+                path,
+                async_save: self.section.async_save,
+                stall_s: blocked_s,
+                snapshot_s,
+            });
         }
-        Ok(())
     }
 }

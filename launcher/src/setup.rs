@@ -4,23 +4,11 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use trainer::data::{self, DataAudit, DataOptions, Row, TextTokenizer};
+use trainer::data::{self, DataOptions, Row, TextTokenizer};
 use trainer::{CausalLm, LoraSpec};
 
-use crate::config::{DataSection, LoraSection};
+use crate::config::JobConfig;
 use crate::error::{require_exists, Result};
-
-/// CPU backend (burn's pure-Rust Flex).
-pub type Cpu = burn::backend::Flex;
-
-pub fn data_options(d: &DataSection) -> DataOptions {
-    DataOptions {
-        max_seq_len: d.max_seq_len,
-        packing: d.packing,
-        train_on_prompt: d.train_on_prompt,
-        allow_empty_samples: d.allow_empty_samples,
-    }
-}
 
 /// Load the tokenizer of `model_dir` if any of `files` needs one (pre-tokenized data does not).
 pub fn tokenizer_for(model_dir: &Path, files: &[&Path]) -> Result<Option<TextTokenizer>> {
@@ -39,16 +27,14 @@ pub fn dataset(
     key: &str,
     path: &Path,
     tokenizer: Option<&TextTokenizer>,
-    d: &DataSection,
-) -> Result<(Vec<Row>, DataAudit)> {
+    opts: &DataOptions,
+) -> Result<(Vec<Row>, data::DataAudit)> {
     require_exists(key, path)?;
-    let (rows, audit) =
-        data::load_dataset(path, tokenizer, &data_options(d)).map_err(trainer::Error::from)?;
-    Ok((rows, audit))
+    Ok(data::load_dataset(path, tokenizer, opts).map_err(trainer::Error::from)?)
 }
 
-/// Every token id of a dataset must be inside the model's vocabulary.
-pub fn check_vocab(key: &str, audit: &DataAudit, vocab: usize) -> Result<()> {
+/// Every token id of a dataset (`key`) must be inside the model's vocabulary.
+pub fn check_vocab(key: &str, audit: &data::DataAudit, vocab: usize) -> Result<()> {
     if (audit.max_token_id as usize) < vocab {
         return Ok(());
     }
@@ -63,40 +49,19 @@ pub fn check_vocab(key: &str, audit: &DataAudit, vocab: usize) -> Result<()> {
     .into())
 }
 
-/// The LoRA spec of a `[lora]` section.
-pub fn lora_spec(l: &LoraSection) -> LoraSpec {
-    LoraSpec {
-        r: l.r,
-        alpha: l.alpha,
-        dropout: l.dropout,
-        targets: l.targets.clone(),
-        use_rslora: l.use_rslora,
-    }
-}
-
-/// The base model, with fresh or loaded adapters when `lora` is given; every base weight is
-/// trainable only for full fine-tuning.
+/// The job's base model, with fresh or loaded adapters under `[lora]`; every base weight
+/// is trainable only for full fine-tuning.
 pub fn model<B: Backend>(
-    model_dir: &Path,
-    lora: Option<&LoraSection>,
-    seed: u64,
+    cfg: &JobConfig,
     device: &B::Device,
-) -> Result<(CausalLm<B>, Option<LoraSpec>)> {
-    require_exists("model.path", model_dir)?;
-    let base = trainer::load_hf_model::<B>(model_dir, lora.is_none(), device)?;
-    let Some(l) = lora else {
-        return Ok((base, None));
-    };
-    match &l.init_adapter {
-        Some(dir) => {
-            require_exists("lora.init_adapter", dir)?;
-            let (m, spec) = trainer::lora::load_adapter(base, dir, true)?;
-            Ok((m, Some(spec)))
-        }
-        None => {
-            let spec = lora_spec(l);
-            let m = trainer::lora::add_lora(base, &spec, seed)?;
-            Ok((m, Some(spec)))
+) -> trainer::Result<(CausalLm<B>, Option<LoraSpec>)> {
+    let lora = cfg.lora.as_ref();
+    let base = trainer::load_hf_model::<B>(&cfg.model.path, lora.is_none(), device)?;
+    match lora {
+        None => Ok((base, None)),
+        Some(spec) => {
+            let (model, spec) = trainer::lora::apply(base, spec, cfg.training.seed)?;
+            Ok((model, Some(spec)))
         }
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::config::LaunchSection;
+use crate::config::LaunchOptions;
 use crate::error::{Error, Result};
 
 /// The control plane's TLS settings of this node; `None` fields: plain TCP.
@@ -33,7 +33,7 @@ fn pem(key: &str, path: &Path) -> Result<Vec<u8>> {
 
 impl Tls {
     /// Read the certificates `launch` names; errors name the key and the file.
-    pub fn load(launch: &LaunchSection) -> Result<Self> {
+    pub fn load(launch: &LaunchOptions) -> Result<Self> {
         let Some(ca) = &launch.tls_ca else {
             if launch.tls_cert.is_some() || launch.tls_key.is_some() {
                 return Err(Error::Config {

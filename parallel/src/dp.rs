@@ -72,7 +72,6 @@ impl<B: Backend> ModuleVisitor<B> for PathVisitor {
 /// Data-parallel training over one group of ranks.
 pub struct DataParallel {
     comm: Arc<dyn Communicator>,
-    bucket_elems: usize,
     zero1: bool,
     narrow: Option<Narrow>,
 }
@@ -88,7 +87,6 @@ impl DataParallel {
     pub fn new(comm: Arc<dyn Communicator>, zero1: bool) -> Self {
         Self {
             comm,
-            bucket_elems: DEFAULT_BUCKET_ELEMS,
             zero1,
             narrow: None,
         }
@@ -126,11 +124,6 @@ impl DataParallel {
         }
     }
 
-    pub fn with_bucket_elems(mut self, elems: usize) -> Self {
-        self.bucket_elems = elems.max(1);
-        self
-    }
-
     pub fn comm(&self) -> &Arc<dyn Communicator> {
         &self.comm
     }
@@ -157,7 +150,7 @@ impl DataParallel {
         grads: &mut GradientsParams,
     ) -> Result<()> {
         for (comm, params) in self.groups(module) {
-            all_reduce_params::<B, M>(comm, module, &params, grads, self.bucket_elems)?;
+            all_reduce_params::<B, M>(comm, module, &params, grads, DEFAULT_BUCKET_ELEMS)?;
         }
         Ok(())
     }
@@ -207,25 +200,42 @@ impl DataParallel {
     }
 
     /// Under ZeRO-1, after the optimizer step: every trainable parameter takes its owner's
-    /// value.
+    /// value. The module comes back in every case: unchanged, with the error, when a
+    /// broadcast fails.
     pub fn sync_owned_params<B: AutodiffBackend, M: AutodiffModule<B>>(
         &self,
         module: M,
-    ) -> Result<M> {
+    ) -> (M, Result<()>) {
         if !self.zero1 || self.comm.size() == 1 {
-            return Ok(module);
+            return (module, Ok(()));
         }
-        // Broadcast in path order within each group (the same on every rank), then put the
-        // values back.
+        match self.owners_values(&module) {
+            Ok(values) => {
+                let mut mapper = Replace {
+                    path: Vec::new(),
+                    values,
+                };
+                (module.map(&mut mapper), Ok(()))
+            }
+            Err(e) => (module, Err(e)),
+        }
+    }
+
+    /// Every trainable parameter's value on its owner, broadcast in path order within each
+    /// group (the same on every rank).
+    fn owners_values<B: Backend, M: burn::module::Module<B>>(
+        &self,
+        module: &M,
+    ) -> Result<BTreeMap<String, Vec<f32>>> {
         let mut values = BTreeMap::new();
-        for (comm, params) in self.groups(&module) {
+        for (comm, params) in self.groups(module) {
             let owners = partition(&params, comm.size());
             let mine = owners
                 .iter()
                 .filter(|(_, &o)| o == comm.rank())
                 .map(|(path, _)| path.clone())
                 .collect();
-            let host = HostParams::collect(&module, mine);
+            let host = HostParams::collect(module, mine);
             for p in &params {
                 let owner = owners.get(&p.path).copied().unwrap_or(0);
                 let mut data = if owner == comm.rank() {
@@ -237,11 +247,7 @@ impl DataParallel {
                 values.insert(p.path.clone(), data);
             }
         }
-        let mut mapper = Replace {
-            path: Vec::new(),
-            values,
-        };
-        Ok(module.map(&mut mapper))
+        Ok(values)
     }
 }
 

@@ -42,6 +42,9 @@ pub enum Error {
     /// A `TIDEMILL_*` / torchrun environment variable is missing or malformed.
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
+    /// A dp×tp×pp×ep layout that cannot run (see [`crate::Layout`]).
+    #[error("parallel: {0}")]
+    Layout(#[from] crate::LayoutError),
     /// A call with arguments that cannot work (wrong lengths, rank out of range).
     #[error("{0}")]
     InvalidArgument(String),

@@ -6,7 +6,8 @@
 mod comm;
 pub mod dp;
 mod error;
-pub mod mesh;
+mod layout;
+mod mesh;
 pub mod nccl;
 pub mod plan;
 pub mod runtime;
@@ -16,16 +17,8 @@ pub use comm::{
     finish_avg, reduce_into, Collectives, Communicator, DType, Element, ReduceOp, SoloComm,
 };
 pub use error::{Error, Result};
-pub use mesh::{Axis, Coords, Layout, Mesh};
+pub use layout::{Axis, Coords, Layout, LayoutError};
+pub use mesh::Mesh;
 pub use nccl::NcclComm;
-pub use runtime::{init, Context, Reporter};
+pub use runtime::{init, RankContext, Reporter};
 pub use tcp::{TcpComm, TcpOptions};
-
-/// The compute backends this build can drive.
-pub fn compiled_backends() -> &'static [&'static str] {
-    if cfg!(feature = "cuda") {
-        &["cpu", "cuda"]
-    } else {
-        &["cpu"]
-    }
-}

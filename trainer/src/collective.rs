@@ -264,7 +264,7 @@ impl Exchange {
 }
 
 /// Backends the model's tensor-parallel collectives run on.
-pub trait Collective: Backend {
+pub trait ParallelBackend: Backend {
     /// Identity forward; the gradient is summed over `group` backward (Megatron's `f`).
     fn copy_to(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self>;
     /// Sum over `group` forward; identity backward (Megatron's `g`).
@@ -281,18 +281,18 @@ pub trait Collective: Backend {
 }
 
 /// A training backend whose inner (evaluation) backend runs the same collectives.
-pub trait TrainBackend: AutodiffBackend<InnerBackend: Collective> + Collective {}
+pub trait TrainBackend: AutodiffBackend<InnerBackend: ParallelBackend> + ParallelBackend {}
 
-impl<B> TrainBackend for B where B: AutodiffBackend<InnerBackend: Collective> + Collective {}
+impl<B> TrainBackend for B where B: AutodiffBackend<InnerBackend: ParallelBackend> + ParallelBackend {}
 
 /// Megatron's `f` on a tensor: the input of a column-parallel region.
-pub fn copy_to<B: Collective, const D: usize>(x: Tensor<B, D>, group: &Group) -> Tensor<B, D> {
+pub fn copy_to<B: ParallelBackend, const D: usize>(x: Tensor<B, D>, group: &Group) -> Tensor<B, D> {
     let out = B::copy_to(x.into_primitive().tensor(), group);
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// [`Collective::all_to_all`] on a tensor: expert parallelism's dispatch and combine.
-pub fn all_to_all<B: Collective>(
+/// [`ParallelBackend::all_to_all`] on a tensor: expert parallelism's dispatch and combine.
+pub fn all_to_all<B: ParallelBackend>(
     x: Tensor<B, 2>,
     exchange: &Exchange,
     group: &Group,
@@ -302,14 +302,17 @@ pub fn all_to_all<B: Collective>(
 }
 
 /// Megatron's `g` on a tensor: the output of a row-parallel region.
-pub fn reduce_from<B: Collective, const D: usize>(x: Tensor<B, D>, group: &Group) -> Tensor<B, D> {
+pub fn reduce_from<B: ParallelBackend, const D: usize>(
+    x: Tensor<B, D>,
+    group: &Group,
+) -> Tensor<B, D> {
     let out = B::reduce_from(x.into_primitive().tensor(), group);
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 macro_rules! plain_collective {
     ($backend:ty) => {
-        impl Collective for $backend {
+        impl ParallelBackend for $backend {
             fn copy_to(x: FloatTensor<Self>, _group: &Group) -> FloatTensor<Self> {
                 x
             }
@@ -348,7 +351,7 @@ plain_collective!(burn::backend::Cuda);
 #[derive(Debug)]
 struct CopyTo;
 
-impl<B: Collective> Backward<B, 1> for CopyTo {
+impl<B: ParallelBackend> Backward<B, 1> for CopyTo {
     type State = Group;
 
     fn backward(self, ops: Ops<Group, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -360,7 +363,7 @@ impl<B: Collective> Backward<B, 1> for CopyTo {
 #[derive(Debug)]
 struct ReduceFrom;
 
-impl<B: Collective> Backward<B, 1> for ReduceFrom {
+impl<B: ParallelBackend> Backward<B, 1> for ReduceFrom {
     type State = ();
 
     fn backward(self, ops: Ops<(), 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -371,7 +374,7 @@ impl<B: Collective> Backward<B, 1> for ReduceFrom {
 #[derive(Debug)]
 struct AllToAll;
 
-impl<B: Collective> Backward<B, 1> for AllToAll {
+impl<B: ParallelBackend> Backward<B, 1> for AllToAll {
     type State = (Group, Exchange);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -390,7 +393,7 @@ struct Rows {
     gather: bool,
 }
 
-impl<B: Collective> Backward<B, 1> for Rows {
+impl<B: ParallelBackend> Backward<B, 1> for Rows {
     type State = (Group, Vec<usize>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -403,7 +406,7 @@ impl<B: Collective> Backward<B, 1> for Rows {
 }
 
 /// `compute` (a collective) applied to `x`, recorded for autodiff as `op` with `state`.
-fn recorded<B: Collective, C: CheckpointStrategy, O: Backward<B, 1>>(
+fn recorded<B: ParallelBackend, C: CheckpointStrategy, O: Backward<B, 1>>(
     op: O,
     state: O::State,
     x: FloatTensor<Autodiff<B, C>>,
@@ -417,7 +420,7 @@ fn recorded<B: Collective, C: CheckpointStrategy, O: Backward<B, 1>>(
     }
 }
 
-impl<B: Collective, C: CheckpointStrategy> Collective for Autodiff<B, C> {
+impl<B: ParallelBackend, C: CheckpointStrategy> ParallelBackend for Autodiff<B, C> {
     fn copy_to(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self> {
         recorded::<B, C, _>(CopyTo, group.clone(), x, |x| x)
     }
@@ -463,7 +466,7 @@ pub struct TpRegion {
 
 impl TpRegion {
     /// The input of a column-parallel region (all tokens, the same on every rank).
-    pub fn enter<B: Collective>(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    pub fn enter<B: ParallelBackend>(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.rows {
             None => copy_to(x, &self.group),
             Some(rows) => {
@@ -475,7 +478,7 @@ impl TpRegion {
 
     /// The output of a row-parallel region: the sum over the group (this rank's rows of it
     /// under sequence parallelism).
-    pub fn leave<B: Collective>(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    pub fn leave<B: ParallelBackend>(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.rows {
             None => reduce_from(x, &self.group),
             Some(rows) => {

@@ -53,6 +53,10 @@ pub enum Error {
     /// A training option that is out of range.
     #[error("training option `{key}`: {message}")]
     Training { key: String, message: String },
+    /// Options that do not fit together or do not fit the model (the message names the
+    /// key, e.g. `parallel: tp=3 must divide the attention heads (32)`).
+    #[error("{0}")]
+    Options(String),
     /// Reading or writing safetensors / PEFT files.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::Error),
@@ -64,9 +68,40 @@ pub enum Error {
     Data(#[from] DataError),
     /// The loss or the gradient norm became NaN or infinite (the step was not applied).
     #[error(
-        "step {step}: loss or gradient norm is {loss}; lower the learning rate or check the data"
+        "step {step}: the loss is {loss} and the gradient norm {grad_norm}; lower the \
+         learning rate or check the data"
     )]
-    NonFiniteLoss { step: u64, loss: f64 },
+    NonFinite {
+        step: u64,
+        loss: f64,
+        grad_norm: f64,
+    },
+    /// A collective failed after the optimizer step: the ranks' replicas may differ, so
+    /// the trainer refuses to go on (resume from the last checkpoint).
+    #[error("the trainer cannot go on: {0}")]
+    Broken(String),
+}
+
+impl Error {
+    /// Whether the error is about the user's input (a data file, the model's files, an
+    /// adapter, an option) rather than the run: restarting cannot mend it.
+    pub fn is_input(&self) -> bool {
+        match self {
+            Error::Json { .. }
+            | Error::ModelConfig { .. }
+            | Error::ShapeMismatch { .. }
+            | Error::MissingTensor { .. }
+            | Error::UnexpectedTensor { .. }
+            | Error::Lora(_)
+            | Error::Training { .. }
+            | Error::Options(_)
+            | Error::Data(_) => true,
+            Error::Checkpoint(e) => e.is_input(),
+            Error::Parallel(e) => matches!(e, parallel::Error::Layout(_)),
+            Error::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            Error::NonFinite { .. } | Error::Broken(_) => false,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

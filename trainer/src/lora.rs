@@ -1,13 +1,14 @@
 //! LoRA: add low-rank adapters to chosen projections, freeze the base, and read/write
 //! PEFT adapters (`adapter_config.json` + `adapter_model.safetensors`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use checkpoint::{AdapterConfig, HostTensor, TensorMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::hf::{leaf_name, linears_mut};
@@ -30,14 +31,38 @@ pub const TARGETS: &[&str] = &[
     "lm_head",
 ];
 
-/// LoRA hyper-parameters, as PEFT's `LoraConfig`.
-#[derive(Clone, Debug, PartialEq)]
+/// LoRA hyper-parameters, as PEFT's `LoraConfig` (the job file's `[lora]` section; its
+/// absence means full-parameter fine-tuning). Defaults are declared in [`Default`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LoraSpec {
+    /// Rank of the update.
     pub r: usize,
+    /// Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).
     pub alpha: f64,
+    /// Dropout on the LoRA input during training.
     pub dropout: f64,
+    /// PEFT module names to adapt (see [`TARGETS`]).
     pub targets: Vec<String>,
+    /// Rank-stabilised scaling alpha / sqrt(r).
     pub use_rslora: bool,
+    /// Start from this PEFT adapter directory instead of fresh adapters (its
+    /// adapter_config.json then defines r, alpha, targets and rsLoRA).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<PathBuf>,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+            use_rslora: false,
+            init_adapter: None,
+        }
+    }
 }
 
 impl LoraSpec {
@@ -94,7 +119,22 @@ impl LoraSpec {
             dropout: c.lora_dropout,
             targets: c.target_modules.clone(),
             use_rslora: c.use_rslora,
+            init_adapter: None,
         }
+    }
+}
+
+/// Adapters on `model` as `spec` says: loaded from `spec.init_adapter` (trainable), or
+/// fresh ([`add_lora`], drawn from `seed`); returns the spec in force (the loaded adapter's
+/// own when there is one).
+pub fn apply<B: Backend>(
+    model: CausalLm<B>,
+    spec: &LoraSpec,
+    seed: u64,
+) -> Result<(CausalLm<B>, LoraSpec)> {
+    match &spec.init_adapter {
+        Some(dir) => load_adapter(model, dir, true),
+        None => Ok((add_lora(model, spec, seed)?, spec.clone())),
     }
 }
 

@@ -3,7 +3,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-use crate::collective::{reduce_from, Collective, Group};
+use crate::collective::{reduce_from, Group, ParallelBackend};
 
 /// Label value of a position that is not supervised (PyTorch's `ignore_index`).
 pub use crate::data::IGNORE_INDEX as IGNORE;
@@ -35,7 +35,7 @@ pub fn cross_entropy<B: Backend>(
 /// `vocab_parallel_cross_entropy`): this rank holds `logits: [n, v]` for the ids
 /// `vocab_start..vocab_start + v`. Only `[n, 1]` columns cross the group: the row maxima,
 /// the sums of exponentials and the target logits; the result is the same on every rank.
-pub fn vocab_parallel_cross_entropy<B: Collective>(
+pub fn vocab_parallel_cross_entropy<B: ParallelBackend>(
     logits: Tensor<B, 2>,
     targets: &[i64],
     denominator: f64,

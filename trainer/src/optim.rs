@@ -1,115 +1,58 @@
-//! AdamW with PyTorch's defaults, learning-rate schedules as in transformers, and
-//! global-norm gradient clipping (`torch.nn.utils.clip_grad_norm_`).
+//! AdamW, learning-rate schedules as in transformers, and global-norm gradient clipping
+//! (`torch.nn.utils.clip_grad_norm_`).
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 
-use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
 
-/// Shape of the learning-rate curve after warm-up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ScheduleKind {
+/// transformers' `get_{constant,linear,cosine}_schedule_with_warmup`: linear warm-up from 0
+/// over the warm-up steps, then constant, linear decay to 0, or half a cosine to 0 at the
+/// last step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
     Constant,
     Linear,
     Cosine,
 }
 
-/// transformers' `get_{constant,linear,cosine}_schedule_with_warmup`: linear warm-up from 0
-/// over `warmup_steps`, then constant, linear decay to 0, or half a cosine to 0 at `total_steps`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Schedule {
-    pub kind: ScheduleKind,
-    pub lr: f64,
-    pub warmup_steps: u64,
-    pub total_steps: u64,
-}
-
-impl Schedule {
-    /// Learning rate of optimizer step `step` (0-based), like the scheduler's value before its
-    /// `step-th` call.
-    pub fn lr_at(&self, step: u64) -> f64 {
-        let (s, w, t) = (
-            step as f64,
-            self.warmup_steps as f64,
-            self.total_steps as f64,
-        );
-        if step < self.warmup_steps {
-            return self.lr * s / w.max(1.0);
+impl LrSchedule {
+    /// Learning rate of optimizer step `step` (0-based) peaking at `lr` after `warmup`
+    /// steps, of `total`: the scheduler's value before its `step`-th call.
+    pub fn lr_at(self, lr: f64, warmup: u64, total: u64, step: u64) -> f64 {
+        let (s, w, t) = (step as f64, warmup as f64, total as f64);
+        if step < warmup {
+            return lr * s / w.max(1.0);
         }
-        let factor = match self.kind {
-            ScheduleKind::Constant => 1.0,
-            ScheduleKind::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
-            ScheduleKind::Cosine => {
+        let factor = match self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
+            LrSchedule::Cosine => {
                 let progress = (s - w) / (t - w).max(1.0);
                 (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
             }
         };
-        self.lr * factor
+        lr * factor
     }
 }
 
-/// AdamW hyper-parameters; the defaults are PyTorch's (burn's differ: eps 1e-5, decay 1e-4).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWOptions {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-impl Default for AdamWOptions {
-    fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
-    }
-}
-
-impl AdamWOptions {
-    pub fn validate(&self) -> Result<()> {
-        let check = |key: &str, ok: bool, v: f64| {
-            if ok {
-                Ok(())
-            } else {
-                Err(Error::Training {
-                    key: key.into(),
-                    message: format!("{v} is out of range"),
-                })
-            }
-        };
-        check("adam_beta1", (0.0..1.0).contains(&self.beta1), self.beta1)?;
-        check("adam_beta2", (0.0..1.0).contains(&self.beta2), self.beta2)?;
-        check("adam_eps", self.eps > 0.0, self.eps)?;
-        check("weight_decay", self.weight_decay >= 0.0, self.weight_decay)
-    }
-
-    pub fn build<B: AutodiffBackend, M: AutodiffModule<B>>(
-        &self,
-    ) -> burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, M, B> {
-        burn::optim::AdamWConfig::new()
-            .with_beta_1(self.beta1 as f32)
-            .with_beta_2(self.beta2 as f32)
-            .with_epsilon(self.eps as f32)
-            .with_weight_decay(self.weight_decay as f32)
-            .init()
-    }
-}
-
-/// The L2 norm of all gradients together; if above `max_norm`, scale them all by
-/// `max_norm / (norm + 1e-6)`. Returns the norm before clipping.
-pub fn clip_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
-    module: &M,
-    grads: &mut GradientsParams,
-    max_norm: Option<f64>,
-) -> f64 {
-    let norm = grad_sq_sum(module, grads, |_| true).sqrt();
-    clip_to(module, grads, norm, max_norm);
-    norm
+/// burn's AdamW with these hyper-parameters (burn's own defaults differ from PyTorch's:
+/// eps 1e-5, decay 1e-4).
+pub fn adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+) -> burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, M, B> {
+    burn::optim::AdamWConfig::new()
+        .with_beta_1(beta1 as f32)
+        .with_beta_2(beta2 as f32)
+        .with_epsilon(eps as f32)
+        .with_weight_decay(weight_decay as f32)
+        .init()
 }
 
 /// Sum of the squared gradient entries of the parameters `counted` selects (its share of
@@ -203,18 +146,13 @@ mod tests {
 
     #[test]
     fn schedules_match_transformers() {
-        let s = |kind| Schedule {
-            kind,
-            lr: 1.0,
-            warmup_steps: 10,
-            total_steps: 110,
-        };
-        assert_eq!(s(ScheduleKind::Linear).lr_at(0), 0.0);
-        assert_eq!(s(ScheduleKind::Linear).lr_at(5), 0.5);
-        assert_eq!(s(ScheduleKind::Linear).lr_at(10), 1.0);
-        assert!((s(ScheduleKind::Linear).lr_at(60) - 0.5).abs() < 1e-12);
-        assert_eq!(s(ScheduleKind::Linear).lr_at(110), 0.0);
-        assert!((s(ScheduleKind::Cosine).lr_at(60) - 0.5).abs() < 1e-12);
-        assert_eq!(s(ScheduleKind::Constant).lr_at(100), 1.0);
+        let lr = |kind: LrSchedule, step| kind.lr_at(1.0, 10, 110, step);
+        assert_eq!(lr(LrSchedule::Linear, 0), 0.0);
+        assert_eq!(lr(LrSchedule::Linear, 5), 0.5);
+        assert_eq!(lr(LrSchedule::Linear, 10), 1.0);
+        assert!((lr(LrSchedule::Linear, 60) - 0.5).abs() < 1e-12);
+        assert_eq!(lr(LrSchedule::Linear, 110), 0.0);
+        assert!((lr(LrSchedule::Cosine, 60) - 0.5).abs() < 1e-12);
+        assert_eq!(lr(LrSchedule::Constant, 100), 1.0);
     }
 }

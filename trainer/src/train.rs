@@ -1,228 +1,136 @@
-//! The training loop: micro-batches, gradient accumulation over a global batch, clipping,
-//! AdamW, schedule; data parallel across processes with [`Trainer::with_data_parallel`].
+//! One rank's training loop: micro-batches, gradient accumulation over a global batch
+//! (shared out over the data ranks), the layout's collectives, clipping, AdamW and the
+//! learning-rate schedule. [`crate::TrainerBuilder`] assembles a `Trainer` for any
+//! dp×tp×pp×ep layout; the trainer reports its phase and every step to the process's
+//! reporter itself (see `parallel::runtime`).
 
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
-use std::sync::Arc;
-
 use burn::tensor::ElementConversion;
-use parallel::dp::DataParallel;
-use parallel::{Collectives, Communicator, ReduceOp};
+use parallel::dp::{params_by_path, DataParallel, ParamInfo};
+use parallel::runtime::{Phase, StepReport};
+use parallel::{Collectives, Mesh, ReduceOp};
 
-use crate::collective::{Collective, TrainBackend};
+use crate::collective::TrainBackend;
 use crate::data::{collate, Batch, Epochs, Row};
 use crate::error::{Error, Result};
-use crate::loss::supervised;
-use crate::model::{CausalLm, ExpertParallel, Inputs, TensorParallel};
-use crate::optim::{clip_to, grad_sq_sum, AdamWOptions, Schedule};
+use crate::eval::{check_vocab, evaluate_trained, inputs, EvalResult};
+use crate::loss::{supervised, IGNORE};
+use crate::model::{CausalLm, ExpertParallel, TensorParallel};
+use crate::optim::{clip_to, grad_sq_sum};
+use crate::options::TrainOptions;
 use crate::pipeline::Pipeline;
+use crate::state::Writes;
 
-/// How to train: batch sizes, optimizer, schedule, clipping, seed.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TrainOptions {
-    /// Rows (packed or single samples) per optimizer step.
-    pub global_batch: usize,
-    /// Rows per forward/backward pass; `global_batch / micro_batch` passes are accumulated.
-    pub micro_batch: usize,
-    pub schedule: Schedule,
-    pub adamw: AdamWOptions,
-    /// Global L2 norm above which gradients are scaled down; `None` disables clipping.
-    pub max_grad_norm: Option<f64>,
-    /// Seeds data order and dropout.
-    pub seed: u64,
-    /// Shuffle rows each epoch (deterministically from `seed`).
-    pub shuffle: bool,
+type Optim<B> = OptimizerAdaptor<AdamW, CausalLm<B>, B>;
+
+/// The parallel pieces a layout adds to training (each `None` when its axis is 1).
+#[derive(Default)]
+pub(crate) struct Parts {
+    pub dp: Option<DataParallel>,
+    pub tp: Option<TensorParallel>,
+    pub ep: Option<ExpertParallel>,
+    pub pipeline: Option<Pipeline>,
 }
 
-impl TrainOptions {
-    pub fn validate(&self, rows: usize) -> Result<()> {
-        let bad = |key: &str, message: String| {
-            Err(Error::Training {
-                key: key.into(),
-                message,
-            })
-        };
-        if self.micro_batch == 0 {
-            return bad("micro_batch", "must be at least 1".into());
-        }
-        if self.global_batch == 0 || !self.global_batch.is_multiple_of(self.micro_batch) {
-            return bad(
-                "global_batch",
-                format!(
-                    "{} must be a positive multiple of micro_batch {}",
-                    self.global_batch, self.micro_batch
-                ),
-            );
-        }
-        if rows == 0 {
-            return bad("data.train", "the dataset has no rows".into());
-        }
-        if !(self.schedule.lr.is_finite() && self.schedule.lr > 0.0) {
-            return bad(
-                "lr",
-                format!("{} must be a positive number", self.schedule.lr),
-            );
-        }
-        // Written so that NaN is refused too.
-        #[allow(clippy::neg_cmp_op_on_partial_ord)]
-        if self.max_grad_norm.is_some_and(|m| !(m > 0.0)) {
-            return bad("max_grad_norm", "must be positive".into());
-        }
-        self.adamw.validate()
-    }
-}
-
-/// What one optimizer step did.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepStats {
-    /// 1-based number of the step just taken.
-    pub step: u64,
-    /// Mean cross-entropy over the supervised tokens of the global batch.
-    pub loss: f64,
-    pub lr: f64,
-    /// Gradient L2 norm before clipping.
-    pub grad_norm: f64,
-    /// Tokens processed (padding excluded) and supervised.
-    pub tokens: usize,
-    pub supervised_tokens: usize,
-    /// Gradient elements this rank computed (its shard of the model's trainable part).
-    pub grad_elems: usize,
-    pub seconds: f64,
-}
-
-/// A model, its optimizer and a position in the data stream.
+/// A model (this rank's part of it), its optimizer and a position in the data stream.
 pub struct Trainer<B: TrainBackend> {
+    /// Present between steps (taken only while the optimizer steps).
     model: Option<CausalLm<B>>,
-    optim: OptimizerAdaptor<AdamW, CausalLm<B>, B>,
+    optim: Optim<B>,
     rows: Vec<Row>,
     opts: TrainOptions,
+    shuffle: bool,
     step: u64,
     epochs: Epochs,
-    dp: Option<DataParallel>,
-    tp: Option<TensorParallel>,
-    ep: Option<ExpertParallel>,
-    pipeline: Option<Pipeline>,
-    /// The ranks holding one whole replica of the model, over which the squared gradient
-    /// norm is summed (`None`: this rank holds all of it).
-    replica: Option<Arc<dyn Communicator>>,
+    mesh: Mesh,
+    parts: Parts,
+    writes: Writes,
+    /// Why the trainer cannot go on (a collective failed after the optimizer step, so the
+    /// replicas may differ); every later step returns it.
+    broken: Option<String>,
 }
 
 impl<B: TrainBackend> Trainer<B> {
-    pub fn new(model: CausalLm<B>, rows: Vec<Row>, opts: TrainOptions) -> Result<Self> {
-        opts.validate(rows.len())?;
+    /// Assemble a trainer: see [`crate::TrainerBuilder`].
+    pub fn builder(
+        model: CausalLm<B>,
+        rows: Vec<Row>,
+        options: &TrainOptions,
+    ) -> crate::TrainerBuilder<B> {
+        crate::TrainerBuilder::new(model, rows, options)
+    }
+
+    /// The builder's last step: `model` already cut for this rank of `mesh`.
+    pub(crate) fn assemble(
+        model: CausalLm<B>,
+        rows: Vec<Row>,
+        opts: TrainOptions,
+        shuffle: bool,
+        mesh: Mesh,
+        parts: Parts,
+        writes: Writes,
+    ) -> Result<Self> {
+        opts.validate()?;
+        if rows.is_empty() {
+            return Err(Error::Training {
+                key: "data.train".into(),
+                message: "the dataset has no rows".into(),
+            });
+        }
         check_vocab(&rows, model.config.vocab_size)?;
         B::seed(&model.device(), opts.seed);
-        let epochs = Epochs::new(rows.len(), opts.seed, opts.shuffle);
+        let epochs = Epochs::new(rows.len(), opts.seed, shuffle);
         Ok(Self {
             model: Some(model),
-            optim: opts.adamw.build(),
+            optim: opts.optimizer(),
             rows,
             opts,
+            shuffle,
             step: 0,
             epochs,
-            dp: None,
-            tp: None,
-            ep: None,
-            pipeline: None,
-            replica: None,
+            mesh,
+            parts,
+            writes,
+            broken: None,
         })
     }
 
-    /// Train data parallel over `dp`'s group: each rank takes an equal, contiguous share of
-    /// every global batch (by global row index), gradients are summed across ranks, so the
-    /// group takes the same steps as one process with the same `global_batch`.
-    /// `global_batch` must be a multiple of `micro_batch × ranks`.
-    pub fn with_data_parallel(mut self, dp: DataParallel) -> Result<Self> {
-        let per_rank = self.opts.micro_batch * dp.size();
-        if !self.opts.global_batch.is_multiple_of(per_rank) {
-            return Err(Error::Training {
-                key: "global_batch".into(),
-                message: format!(
-                    "{} must be a multiple of micro_batch {} × data-parallel ranks {}",
-                    self.opts.global_batch,
-                    self.opts.micro_batch,
-                    dp.size()
-                ),
-            });
-        }
-        self.dp = Some(dp);
-        Ok(self)
+    /// This rank's place in the layout and its groups.
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
     }
 
-    /// Train a model cut by [`crate::model::shard::shard`]: gradients of parameters held
-    /// partly or in copies are completed over the tensor-parallel group, and the global
-    /// gradient norm is summed over `replica`, the ranks that together hold one whole model.
-    pub fn with_tensor_parallel(
-        mut self,
-        tp: TensorParallel,
-        replica: Arc<dyn Communicator>,
-    ) -> Self {
-        self.tp = Some(tp);
-        self.replica = Some(replica);
-        self
-    }
-
-    /// Train a model whose experts are spread by [`crate::model::experts::spread`] (the data
-    /// parallelism must reduce expert gradients over dp only: see
-    /// [`DataParallel::with_narrow_group`]); `replica` as for
-    /// [`Trainer::with_tensor_parallel`].
-    pub fn with_expert_parallel(
-        mut self,
-        ep: ExpertParallel,
-        replica: Arc<dyn Communicator>,
-    ) -> Self {
-        self.ep = Some(ep);
-        self.replica = Some(replica);
-        self
-    }
-
-    /// Train one stage of a pipeline (a model cut by [`crate::pipeline::keep_stage`]);
-    /// `replica` as for [`Trainer::with_tensor_parallel`].
-    pub fn with_pipeline(mut self, pipeline: Pipeline, replica: Arc<dyn Communicator>) -> Self {
-        self.pipeline = Some(pipeline);
-        self.replica = Some(replica);
-        self
-    }
-
-    /// Mean token loss of `rows` under the current weights (every stage of a pipeline
-    /// takes part; the result is the same on all of them).
-    pub fn evaluate(&self, rows: &[Row], micro_batch: usize) -> Result<EvalResult> {
-        match &self.pipeline {
-            Some(p) => {
-                check_vocab(rows, self.model().config.vocab_size)?;
-                p.evaluate(&self.model().valid(), rows, micro_batch)
-            }
-            None => evaluate_trained(self.model(), rows, micro_batch),
-        }
+    pub fn options(&self) -> &TrainOptions {
+        &self.opts
     }
 
     /// Elements of the trainable parameters this rank keeps optimizer state for (AdamW
     /// holds two moments of each): the whole trainable model, or this rank's share under
     /// ZeRO-1. 0 before the first step.
     pub fn optimizer_state_elems(&self) -> usize {
-        use burn::optim::Optimizer as _;
         let held = self.optim.to_record();
-        parallel::dp::params_by_path(self.model())
+        params_by_path(self.model())
             .iter()
             .filter(|p| held.contains_key(&p.id))
-            .map(parallel::dp::ParamInfo::numel)
+            .map(ParamInfo::numel)
             .sum()
     }
 
     /// Elements of the parameters this rank holds, trainable or not.
     pub fn param_elems(&self) -> usize {
-        parallel::dp::params_by_path(self.model())
+        params_by_path(self.model())
             .iter()
-            .map(parallel::dp::ParamInfo::numel)
+            .map(ParamInfo::numel)
             .sum()
     }
 
     /// Collectives issued so far on the data-parallel group (0 without one).
     pub fn collective_seq(&self) -> u64 {
-        self.dp.as_ref().map_or(0, |dp| dp.comm().seq())
+        self.parts.dp.as_ref().map_or(0, |dp| dp.comm().seq())
     }
 
     /// Steps taken so far.
@@ -259,9 +167,10 @@ impl<B: TrainBackend> Trainer<B> {
                            "rng": "the backend is seeded with seed + step before every step"})
     }
 
-    /// What this rank writes of a checkpoint, copied to the host.
-    pub fn snapshot(&self, writes: crate::state::Writes) -> crate::state::Snapshot {
-        crate::state::snapshot(self.model(), &self.optim, writes)
+    /// What this rank writes of a checkpoint (each box of the model and optimizer state
+    /// goes to disk from one rank only), copied to the host.
+    pub fn snapshot(&self) -> crate::state::Snapshot {
+        crate::state::snapshot(self.model(), &self.optim, self.writes)
     }
 
     /// Go on from `ckpt` (saved by this job at any layout): this rank's parameters and
@@ -277,10 +186,10 @@ impl<B: TrainBackend> Trainer<B> {
         let (step, epoch, offset) = (field("step")?, field("epoch")?, field("offset")?);
         // Everything is read and checked before the model is touched: a bad checkpoint
         // leaves the trainer as it was.
-        let owned = self.dp.as_ref().and_then(|dp| dp.owned(self.model()));
+        let owned = self.parts.dp.as_ref().and_then(|dp| dp.owned(self.model()));
         let restored = crate::state::restore(self.model(), &self.optim, ckpt, owned.as_ref())?;
         let model = self.model.take().expect("model is present between steps");
-        let optim = std::mem::replace(&mut self.optim, self.opts.adamw.build());
+        let optim = std::mem::replace(&mut self.optim, self.opts.optimizer());
         let (model, optim) = restored.apply(model, optim);
         self.model = Some(model);
         self.optim = optim;
@@ -288,26 +197,31 @@ impl<B: TrainBackend> Trainer<B> {
         self.epochs = Epochs::resume(
             self.rows.len(),
             self.opts.seed,
-            self.opts.shuffle,
+            self.shuffle,
             epoch,
             offset as usize,
         );
         Ok(())
     }
 
-    /// One optimizer step over one global batch.
-    pub fn step(&mut self) -> Result<StepStats> {
+    /// One optimizer step over one global batch, reported to the process's reporter.
+    pub fn step(&mut self) -> Result<StepReport> {
+        if let Some(why) = &self.broken {
+            return Err(Error::Broken(why.clone()));
+        }
+        parallel::runtime::set_phase(Phase::Train);
         let start = Instant::now();
         // Random draws (LoRA dropout) depend on the step only, so a resumed run draws what
         // an uninterrupted one would.
-        let device = self.model().device();
-        B::seed(&device, self.opts.seed.wrapping_add(self.step));
+        B::seed(
+            &self.model().device(),
+            self.opts.seed.wrapping_add(self.step),
+        );
         let picked = self.next_rows(self.opts.global_batch);
-        // Every rank draws the same global batch and keeps its contiguous share of it.
-        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |dp| (dp.rank(), dp.size()));
+        // Every data rank draws the same global batch and keeps its contiguous share of it.
+        let (rank, ranks) = (self.mesh.data.rank(), self.mesh.data.size());
         let share = picked.len() / ranks;
-        let mine = &picked[rank * share..(rank + 1) * share];
-        let batches: Vec<Batch> = mine
+        let batches: Vec<Batch> = picked[rank * share..(rank + 1) * share]
             .chunks(self.opts.micro_batch)
             .map(|ids| collate(&ids.iter().map(|&i| &self.rows[i]).collect::<Vec<_>>()))
             .collect();
@@ -316,57 +230,64 @@ impl<B: TrainBackend> Trainer<B> {
             .map(|&i| supervised(&self.rows[i].targets))
             .sum();
         let tokens: usize = picked.iter().map(|&i| self.rows[i].tokens.len()).sum();
-        let model = self.model.take().expect("model is present between steps");
-        let (loss_sum, grad_norm, grads) =
-            match self.forward_backward(&model, &batches, denominator.max(1) as f64) {
-                Ok(v) => v,
-                Err(e) => {
-                    // Leave the model and optimizer as they were before this step.
-                    self.model = Some(model);
-                    return Err(e);
-                }
-            };
-        if !(loss_sum.is_finite() && grad_norm.is_finite()) {
-            self.model = Some(model);
-            return Err(Error::NonFiniteLoss {
+        let (loss, grad_norm, grads) =
+            self.forward_backward(self.model(), &batches, denominator.max(1) as f64)?;
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            return Err(Error::NonFinite {
                 step: self.step + 1,
-                loss: if loss_sum.is_finite() {
-                    grad_norm
-                } else {
-                    loss_sum
-                },
+                loss,
+                grad_norm,
             });
         }
-        let lr = self.opts.schedule.lr_at(self.step);
-        self.step += 1;
-        let mut grads = grads;
-        let grad_elems = parallel::dp::params_by_path(&model)
+        let lr = self.opts.lr_at(self.step);
+        let grad_elems = params_by_path(self.model())
             .iter()
             .filter(|p| parallel::dp::has_grad::<B>(&grads, p))
-            .map(parallel::dp::ParamInfo::numel)
+            .map(ParamInfo::numel)
             .sum();
-        let model = match &self.dp {
-            Some(dp) => {
-                dp.keep_owned_grads(&model, &mut grads);
-                dp.sync_owned_params(self.optim.step(lr, model, grads))?
-            }
-            None => self.optim.step(lr, model, grads),
-        };
-        self.model = Some(model);
-        Ok(StepStats {
+        self.apply(lr, grads)?;
+        self.step += 1;
+        let step_time = start.elapsed().as_secs_f64();
+        let report = StepReport {
             step: self.step,
-            loss: loss_sum,
+            loss,
             lr,
             grad_norm,
             tokens,
             supervised_tokens: denominator,
+            step_time,
+            tokens_per_s: tokens as f64 / step_time.max(1e-9),
             grad_elems,
-            seconds: start.elapsed().as_secs_f64(),
+            param_elems: self.param_elems(),
+            optimizer_state_elems: self.optimizer_state_elems(),
+        };
+        parallel::runtime::report().step(&report, self.collective_seq());
+        Ok(report)
+    }
+
+    /// The optimizer step (of this rank's share under ZeRO-1, whose owners then broadcast
+    /// their parameters). A failed broadcast leaves the trainer unusable, its model in place.
+    fn apply(&mut self, lr: f64, mut grads: GradientsParams) -> Result<()> {
+        let model = self.model.take().expect("model is present between steps");
+        if let Some(dp) = &self.parts.dp {
+            dp.keep_owned_grads(&model, &mut grads);
+        }
+        let model = self.optim.step(lr, model, grads);
+        let (model, synced) = match &self.parts.dp {
+            Some(dp) => dp.sync_owned_params(model),
+            None => (model, Ok(())),
+        };
+        self.model = Some(model);
+        synced.map_err(|e| {
+            let why = format!(
+                "step {}: ZeRO-1's parameter broadcast failed: {e}",
+                self.step + 1
+            );
+            self.broken = Some(why);
+            e.into()
         })
     }
-}
 
-impl<B: TrainBackend> Trainer<B> {
     /// Forward and backward over this rank's micro-batches, gradients completed across the
     /// groups, clipped: `(global loss, global gradient norm before clipping, gradients)`.
     fn forward_backward(
@@ -375,7 +296,7 @@ impl<B: TrainBackend> Trainer<B> {
         batches: &[Batch],
         denominator: f64,
     ) -> Result<(f64, f64, GradientsParams)> {
-        let (mut loss_sum, mut grads) = match &self.pipeline {
+        let (mut loss_sum, mut grads) = match &self.parts.pipeline {
             Some(p) => {
                 let (loss, grads) = p.forward_backward(model, batches, denominator)?;
                 // Only the last stage computed the loss.
@@ -383,128 +304,119 @@ impl<B: TrainBackend> Trainer<B> {
                 p.comm().all_reduce(&mut sum, ReduceOp::Sum)?;
                 (sum[0], grads)
             }
-            None => self.accumulate(model, batches, denominator)?,
+            None => accumulate(model, batches, denominator)?,
         };
-        if let Some(tp) = &self.tp {
+        if let Some(tp) = &self.parts.tp {
             tp.complete_grads(model, &mut grads)?;
         }
-        if let Some(dp) = &self.dp {
+        if let Some(dp) = &self.parts.dp {
             dp.all_reduce_grads(model, &mut grads)?;
             let mut sum = [loss_sum];
             dp.comm().all_reduce(&mut sum, ReduceOp::Sum)?;
             loss_sum = sum[0];
         }
+        let p = &self.parts;
         let counted = |id: &_| {
-            self.tp.as_ref().is_none_or(|tp| tp.counts_in_norm(id))
-                && self.ep.as_ref().is_none_or(|ep| ep.counts_in_norm(id))
-                && self.pipeline.as_ref().is_none_or(|p| p.counts_in_norm(id))
+            p.tp.as_ref().is_none_or(|tp| tp.counts_in_norm(id))
+                && p.ep.as_ref().is_none_or(|ep| ep.counts_in_norm(id))
+                && p.pipeline.as_ref().is_none_or(|p| p.counts_in_norm(id))
         };
+        // Summed over the ranks that together hold one whole replica of the model.
         let mut sq = [grad_sq_sum(model, &grads, counted)];
-        if let Some(replica) = &self.replica {
-            replica.all_reduce(&mut sq, ReduceOp::Sum)?;
+        if self.mesh.model.size() > 1 {
+            self.mesh.model.all_reduce(&mut sq, ReduceOp::Sum)?;
         }
         let grad_norm = sq[0].sqrt();
         if grad_norm.is_finite() {
-            clip_to(model, &mut grads, grad_norm, self.opts.max_grad_norm);
+            clip_to(model, &mut grads, grad_norm, self.opts.clip());
         }
         Ok((loss_sum, grad_norm, grads))
     }
 
-    /// Forward and backward of each micro-batch in turn, gradients summed.
-    fn accumulate(
-        &self,
-        model: &CausalLm<B>,
-        batches: &[Batch],
-        denominator: f64,
-    ) -> Result<(f64, GradientsParams)> {
-        let mut accumulated = GradientsAccumulator::<CausalLm<B>>::new();
-        let mut loss_sum = 0.0;
-        for batch in batches {
-            let loss = model.loss(&inputs(batch), &batch.targets, denominator, true);
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(loss.backward(), model);
-            model.check_collectives()?;
-            accumulated.accumulate(model, grads);
-        }
-        Ok((loss_sum, accumulated.grads()))
+    /// Mean token loss of `rows` under the current weights, over the whole job: every data
+    /// rank evaluates its contiguous share (tensor- and pipeline-parallel ranks the same
+    /// share together) and the sums are all-reduced, so every rank gets the result for all
+    /// of `rows`. Every rank must call it. Under expert parallelism every rank must run as
+    /// many forward passes as the others: a shorter share is topped up with rows that
+    /// supervise nothing.
+    pub fn evaluate(&self, rows: &[Row]) -> Result<EvalResult> {
+        let before = parallel::runtime::set_phase(Phase::Eval);
+        let result = self.evaluate_shared(rows);
+        parallel::runtime::set_phase(before);
+        result
     }
-}
 
-/// Host-side view of a batch for [`CausalLm::forward`].
-pub fn inputs(batch: &Batch) -> Inputs<'_> {
-    Inputs {
-        batch: batch.batch,
-        seq: batch.seq,
-        tokens: &batch.tokens,
-        positions: &batch.positions,
-        segments: &batch.segments,
-    }
-}
-
-/// Every token and target id must be inside the vocabulary.
-pub fn check_vocab(rows: &[Row], vocab: usize) -> Result<()> {
-    for (r, row) in rows.iter().enumerate() {
-        let bad_token = row
-            .tokens
-            .iter()
-            .find(|&&t| t as usize >= vocab)
-            .map(|&t| i64::from(t));
-        let bad_target = row
-            .targets
-            .iter()
-            .find(|&&t| t != crate::loss::IGNORE && (t < 0 || t as usize >= vocab));
-        if let Some(id) = bad_token.or(bad_target.copied()) {
-            return Err(Error::Training {
-                key: "data".into(),
-                message: format!(
-                    "row {r}: token id {id} is outside the model's vocabulary of {vocab}"
-                ),
+    fn evaluate_shared(&self, rows: &[Row]) -> Result<EvalResult> {
+        let (rank, world) = (self.mesh.data.rank(), self.mesh.data.size());
+        let share = |r: usize| r * rows.len() / world;
+        let mut mine = rows[share(rank)..share(rank + 1)].to_vec();
+        if self.mesh.ep.size() > 1 {
+            let longest = (0..world)
+                .map(|r| share(r + 1) - share(r))
+                .max()
+                .unwrap_or(0);
+            let blank = rows.first().map(|r| Row {
+                targets: vec![IGNORE; r.targets.len()],
+                ..r.clone()
             });
+            mine.extend(blank.into_iter().cycle().take(longest - mine.len()));
         }
+        let micro_batch = self.opts.micro_batch;
+        let r = match &self.parts.pipeline {
+            Some(p) => {
+                check_vocab(&mine, self.model().config.vocab_size)?;
+                p.evaluate(&self.model().valid(), &mine, micro_batch)?
+            }
+            None => evaluate_trained(self.model(), &mine, micro_batch)?,
+        };
+        let mut sums = [r.loss * r.tokens as f64, r.tokens as f64];
+        self.mesh.data.all_reduce(&mut sums, ReduceOp::Sum)?;
+        let tokens = sums[1] as usize;
+        Ok(EvalResult {
+            loss: if tokens == 0 { 0.0 } else { sums[0] / sums[1] },
+            tokens,
+        })
     }
-    Ok(())
+
+    /// The whole trained model on rank 0 of the job, for export (`None` elsewhere). Every
+    /// rank must call it: tensor slices and experts are gathered over their groups, and
+    /// under pipeline parallelism the first replica's stages send their layers to rank 0,
+    /// which puts them into `whole()` (a model with every layer, e.g. loaded again).
+    pub fn into_whole_model(
+        self,
+        whole: impl FnOnce() -> Result<CausalLm<B>>,
+    ) -> Result<Option<CausalLm<B>>> {
+        parallel::runtime::set_phase(Phase::Export);
+        let mesh = self.mesh.clone();
+        let lead = mesh.world.rank() == 0;
+        let model = crate::model::shard::unshard(self.into_model())?;
+        let model = crate::model::experts::gather(model)?;
+        if mesh.layout.pp == 1 {
+            return Ok(lead.then_some(model));
+        }
+        let c = mesh.coords;
+        if (c.tp, c.ep, c.dp) != (0, 0, 0) {
+            return Ok(None);
+        }
+        let whole = if lead { Some(whole()?) } else { None };
+        crate::pipeline::gather_stages(&model, mesh.pp.as_ref(), whole)
+    }
 }
 
-/// Mean token loss of a model over a set of rows.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct EvalResult {
-    pub loss: f64,
-    pub tokens: usize,
-}
-
-/// Mean cross-entropy over all supervised tokens of `rows`, `micro_batch` rows at a time.
-pub fn evaluate<B: Collective>(
+/// Forward and backward of each micro-batch in turn, gradients summed.
+fn accumulate<B: TrainBackend>(
     model: &CausalLm<B>,
-    rows: &[Row],
-    micro_batch: usize,
-) -> Result<EvalResult> {
-    check_vocab(rows, model.config.vocab_size)?;
-    let mut sum = 0.0;
-    let mut tokens = 0;
-    for chunk in rows.chunks(micro_batch.max(1)) {
-        let batch = collate(&chunk.iter().collect::<Vec<_>>());
-        sum += model
-            .loss(&inputs(&batch), &batch.targets, 1.0, false)
-            .into_scalar()
-            .elem::<f64>();
-        tokens += supervised(&batch.targets);
+    batches: &[Batch],
+    denominator: f64,
+) -> Result<(f64, GradientsParams)> {
+    let mut accumulated = GradientsAccumulator::<CausalLm<B>>::new();
+    let mut loss_sum = 0.0;
+    for batch in batches {
+        let loss = model.loss(&inputs(batch), &batch.targets, denominator, true);
+        loss_sum += loss.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(loss.backward(), model);
         model.check_collectives()?;
+        accumulated.accumulate(model, grads);
     }
-    Ok(EvalResult {
-        loss: if tokens == 0 {
-            0.0
-        } else {
-            sum / tokens as f64
-        },
-        tokens,
-    })
-}
-
-/// [`evaluate`] on the inner (non-autodiff) backend of a training model.
-pub fn evaluate_trained<B: TrainBackend>(
-    model: &CausalLm<B>,
-    rows: &[Row],
-    micro_batch: usize,
-) -> Result<EvalResult> {
-    evaluate(&model.valid(), rows, micro_batch)
+    Ok((loss_sum, accumulated.grads()))
 }

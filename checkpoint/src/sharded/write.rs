@@ -18,12 +18,20 @@ use crate::{DType, Error};
 /// there, as a power cut or a SIGKILL would leave it. The points are `before_shards`,
 /// `between_shards` (after this rank's shard, before its part file), `before_manifest`
 /// and `before_rename`.
+/// Compiled only with the `test-hooks` feature (the project's tests turn it on; release
+/// builds have no such hook).
+#[cfg(feature = "test-hooks")]
 pub fn crash_point(point: &str) {
     if std::env::var("TIDEMILL_CRASH_AT").is_ok_and(|v| v == point) {
         eprintln!("TIDEMILL_CRASH_AT={point}: aborting here");
         std::process::abort();
     }
 }
+
+/// Without the `test-hooks` feature: nothing.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn crash_point(_point: &str) {}
 
 /// Writes one safetensors file front to back: the header (from the tensors' names, dtypes
 /// and shapes, given up front), then each tensor's bytes in that order, hashing as it

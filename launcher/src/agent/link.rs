@@ -1,7 +1,7 @@
 //! The agent's end of the worker link (see `parallel::runtime::link`): one loopback TCP
 //! connection per worker, JSON lines.
 
-use parallel::runtime::link::{ToAgent, ToWorker};
+use parallel::runtime::link::{Relayed, ToAgent, ToWorker};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -37,7 +37,7 @@ async fn read_worker(stream: TcpStream, tx: UnboundedSender<LinkMsg>) {
     let mut lines = BufReader::new(read).lines();
     let mut hello_rank = None;
     while let Ok(Some(line)) = lines.next_line().await {
-        let msg = match serde_json::from_str::<ToAgent>(&line) {
+        let msg = match serde_json::from_str::<ToAgent<Relayed>>(&line) {
             Ok(ToAgent::Hello {
                 rank, data_addr, ..
             }) => match writer.take() {

@@ -11,16 +11,14 @@ use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::auth::{Attach, Token};
-use crate::config::LaunchSection;
-use crate::coordinator::service::REJOIN;
-use crate::coordinator::{self, Coordinator, Settings};
+use crate::config::LaunchOptions;
+use crate::coordinator::{self, Coordinator, Generation, Settings};
 use crate::error::{Error, Result};
-use crate::events::EventLog;
+use crate::events::{EventLog, Start};
 use crate::progress::StepDisplay;
 use crate::rpc;
 use crate::rpc::coordinator_client::CoordinatorClient;
@@ -29,14 +27,17 @@ pub use spawn::WorkerCommand;
 
 /// Everything an agent needs to run its part of a job.
 pub struct LaunchPlan {
-    pub launch: LaunchSection,
+    pub launch: LaunchOptions,
     pub run_dir: PathBuf,
     pub worker: WorkerCommand,
-    /// Fields of the job's `start` event (node 0).
-    pub start: Value,
+    /// The job's `start` event (node 0).
+    pub start: Start,
     /// Steps to show progress for (node 0); `None` for user programs.
     pub max_steps: Option<u64>,
-    /// How restarted workers resume (node 0's coordinator; see [`Settings::replan`]).
+    /// What the first generation's workers run with (node 0's coordinator; `None` for user
+    /// programs).
+    pub first: Option<Generation>,
+    /// How a restarted generation's layout is decided (see [`Settings::replan`]).
     pub replan: Option<coordinator::Replan>,
 }
 
@@ -59,7 +60,7 @@ fn launch_err(what: &str) -> impl FnOnce(String) -> Error + '_ {
 async fn agent(plan: LaunchPlan) -> Result<()> {
     let l = &plan.launch;
     let node = l.node_rank;
-    let rdzv_timeout = Duration::from_secs_f64(l.rdzv_timeout_s);
+    let rdzv_timeout = l.rdzv_timeout();
     let token = Token::resolve(l)?;
     let tls = Tls::load(l)?;
     let mut stop = Stop::new()?;
@@ -75,11 +76,10 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
         let events = EventLog::open(&plan.run_dir.join("events.jsonl"))?;
         let settings = Settings {
             nnodes: l.nnodes,
-            detect: l.detect_policy(),
-            recover: l.recovery_policy(),
-            rdzv_timeout,
+            policy: l.clone(),
             start: plan.start.clone(),
             display: StepDisplay::new(plan.max_steps),
+            first: plan.first.clone(),
             replan: plan.replan.clone(),
         };
         let coordinator = Coordinator::new(settings, events)?;
@@ -179,7 +179,7 @@ async fn connect(rdzv: &str, timeout: Duration, token: &Token, tls: &Tls) -> Res
 
 /// The address this node's workers listen on: the configured host, else the local address
 /// used to reach the coordinator.
-fn data_host(l: &LaunchSection, rdzv: &str) -> String {
+fn data_host(l: &LaunchOptions, rdzv: &str) -> String {
     if let Some(h) = &l.host {
         return h.clone();
     }
@@ -209,15 +209,16 @@ enum Ended {
     Restart,
 }
 
-/// The outcome of a worker failure or a stop, as the agent's error: this node's own worker
-/// failure keeps its exit status 2 (a configuration error).
-fn stopped(reason: String, own_failure: Option<u8>) -> Error {
-    match own_failure {
-        Some(2) => Error::WorkerFailed {
-            message: reason,
+/// A stop as the agent's error: a job stopped on bad input (a worker's exit status 2, on
+/// any node) exits 2 with the worker's words alone.
+fn stopped(reply: &rpc::HeartbeatReply) -> Error {
+    if reply.input {
+        Error::WorkerFailed {
+            message: reply.reason.clone(),
             code: 2,
-        },
-        _ => Error::JobStopped(reason),
+        }
+    } else {
+        Error::JobStopped(reply.reason.clone())
     }
 }
 
@@ -241,7 +242,7 @@ async fn node_agent(
         host,
         instance: rand::random(),
     };
-    let beat_every = Duration::from_secs_f64(l.heartbeat_interval_s);
+    let beat_every = l.heartbeat_interval();
     // The generation this node last ran: heartbeats carry it.
     let mut generation = 0;
     loop {
@@ -324,18 +325,18 @@ async fn join(
                     let reply = beat(client, me, generation, &mut Vec::new()).await;
                     if let Some(reply) = silent.check(reply)? {
                         if reply.stop {
-                            return Err(Error::JobStopped(reply.reason));
+                            return Err(stopped(&reply));
                         }
                     }
                 }
             }
         };
         match answer {
+            Ok(reply) if reply.get_ref().rejoin => {}
             Ok(reply) => {
                 let reply = reply.into_inner();
                 return Ok((!reply.finished).then_some(reply));
             }
-            Err(s) if is_rejoin(&s) => {}
             Err(s) => return Err(status("rendezvous")(s)),
         }
     }
@@ -348,10 +349,10 @@ pub(super) struct Silence {
 }
 
 impl Silence {
-    pub(super) fn new(l: &LaunchSection) -> Self {
+    pub(super) fn new(l: &LaunchOptions) -> Self {
         Self {
             since: None,
-            limit: Duration::from_secs_f64(l.heartbeat_timeout_s),
+            limit: l.heartbeat_timeout(),
         }
     }
 
@@ -374,11 +375,6 @@ impl Silence {
             }
         }
     }
-}
-
-/// A reply that tells an agent to join again (the generation moved on while it waited).
-pub(super) fn is_rejoin(s: &tonic::Status) -> bool {
-    s.code() == tonic::Code::Aborted && s.message().starts_with(REJOIN)
 }
 
 /// After this node's workers finished: beat until every node is done (Ok(Done)), or a
@@ -406,7 +402,7 @@ async fn wait_finished(
             Err(e) => return Err(e),
         };
         if reply.stop {
-            return Err(Error::JobStopped(reply.reason));
+            return Err(stopped(&reply));
         }
         if reply.finished {
             return Ok(Ended::Done);

@@ -5,16 +5,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use serde_json::json;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use parallel::runtime::ToAgent;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::time::Instant;
 
 use super::link::{self, LinkMsg};
 use super::{
-    beat, is_rejoin, launch_err, spawn, status, stopped, Client, Ended, LaunchPlan, Me, Silence,
-    Stop, RPC_TIMEOUT,
+    beat, launch_err, spawn, status, stopped, Client, Ended, LaunchPlan, Me, Silence, Stop,
+    RPC_TIMEOUT,
 };
 use crate::coordinator::service::exit_of;
+use crate::coordinator::Generation as Work;
 use crate::error::{Error, Result};
+use crate::events::Event;
 use crate::rpc;
 
 struct Worker {
@@ -24,6 +28,7 @@ struct Worker {
 }
 
 type Exits = UnboundedReceiver<(usize, std::io::Result<std::process::ExitStatus>)>;
+type PeerTable = std::result::Result<rpc::PeersReply, tonic::Status>;
 
 /// What the workers' side of the agent has to work with during a generation.
 struct Generation<'a> {
@@ -34,8 +39,8 @@ struct Generation<'a> {
     reports: Vec<String>,
     links: UnboundedReceiver<LinkMsg>,
     exits: Exits,
-    /// Exit status of this node's last failed worker, if one failed.
-    own_failure: Option<u8>,
+    /// One of this node's workers failed.
+    failed: bool,
 }
 
 /// Run this node's workers for the generation `join` describes, until they all finish
@@ -49,7 +54,6 @@ pub(super) async fn run_generation(
     rdzv: &str,
     stop: &mut Stop,
 ) -> Result<Ended> {
-    let l = &plan.launch;
     let link_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| launch_err("the worker link")(e.to_string()))?;
@@ -58,8 +62,6 @@ pub(super) async fn run_generation(
         .map_err(|e| launch_err("the worker link")(e.to_string()))?;
     let (link_tx, links) = unbounded_channel();
     let accept = tokio::spawn(link::accept(link_listener, link_tx));
-
-    let (master_host, master_port) = rdzv.rsplit_once(':').unwrap_or((rdzv, "0"));
     let (exit_tx, exits) = unbounded_channel();
     let mut g = Generation {
         plan,
@@ -69,10 +71,48 @@ pub(super) async fn run_generation(
         reports: Vec::new(),
         links,
         exits,
-        own_failure: None,
+        failed: false,
     };
+    let outcome = match spawn_all(&mut g, &agent_addr.to_string(), rdzv, exit_tx) {
+        Ok(()) => supervise(&mut g, client, stop).await,
+        Err(e) => Err(e),
+    };
+    kill_and_reap(&mut g, client).await;
+    accept.abort();
+    drain_links(&mut g.links, &mut g.reports, &mut BTreeMap::new());
+    let _ = beat(client, me, join.generation, &mut g.reports).await;
+    outcome
+}
+
+/// The worker command of this generation: the plan's, plus for `launch train` the layout
+/// the coordinator decided and whether to resume.
+fn command(plan: &LaunchPlan, join: &rpc::JoinReply) -> Result<spawn::WorkerCommand> {
     let mut command = plan.worker.clone();
-    command.args.extend(join.args.iter().cloned());
+    if join.work.is_empty() {
+        return Ok(command);
+    }
+    let bad = |e: serde_json::Error| launch_err("the coordinator's plan")(e.to_string());
+    let work: Work = serde_json::from_str(&join.work).map_err(bad)?;
+    command.args.extend([
+        "--plan".to_string(),
+        serde_json::to_string(&work.plan).map_err(bad)?,
+    ]);
+    if work.resume {
+        command.args.push("--resume".into());
+    }
+    Ok(command)
+}
+
+/// Start one worker per local rank, each reporting its exit on `exits`.
+fn spawn_all(
+    g: &mut Generation<'_>,
+    agent_addr: &str,
+    rdzv: &str,
+    exits: UnboundedSender<(usize, std::io::Result<std::process::ExitStatus>)>,
+) -> Result<()> {
+    let (l, join) = (&g.plan.launch, g.join);
+    let command = command(g.plan, join)?;
+    let (master_host, master_port) = rdzv.rsplit_once(':').unwrap_or((rdzv, "0"));
     for local_rank in 0..l.nproc_per_node {
         let env = parallel::runtime::env::WorkerEnv {
             rank: join.first_rank as usize + local_rank,
@@ -83,30 +123,25 @@ pub(super) async fn run_generation(
             nnodes: join.nnodes as usize,
             generation: join.generation,
             agent_addr: agent_addr.to_string(),
-            data_host: me.host.clone(),
+            data_host: g.me.host.clone(),
             master_addr: master_host.to_string(),
             master_port: master_port.parse().unwrap_or(0),
-            run_dir: Some(plan.run_dir.clone()),
-            collective_timeout: Duration::from_secs_f64(l.collective_timeout_s),
-            connect_timeout: Duration::from_secs_f64(l.rdzv_timeout_s),
+            run_dir: Some(g.plan.run_dir.clone()),
+            collective_timeout: l.collective_timeout(),
+            connect_timeout: l.rdzv_timeout(),
         };
-        let mut child = match spawn::spawn(&command, &env) {
-            Ok(c) => c,
-            Err(e) => {
-                kill_and_reap(&mut g, client).await;
-                accept.abort();
-                return Err(Error::Launch(format!(
-                    "starting {}: {e}",
-                    plan.worker.program.display()
-                )));
-            }
-        };
+        let mut child = spawn::spawn(&command, &env).map_err(|e| {
+            Error::Launch(format!("starting {}: {e}", g.plan.worker.program.display()))
+        })?;
         let pid = child.id().unwrap_or(0);
-        g.reports.push(
-            json!({"type": "spawn", "rank": env.rank, "pid": pid, "local_rank": local_rank})
-                .to_string(),
-        );
-        let tx = exit_tx.clone();
+        let spawned = ToAgent::Event {
+            rank: env.rank,
+            event: Event::Spawn { pid, local_rank },
+        };
+        if let Ok(line) = serde_json::to_string(&spawned) {
+            g.reports.push(line);
+        }
+        let tx = exits.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
             let _ = tx.send((local_rank, status));
@@ -117,13 +152,7 @@ pub(super) async fn run_generation(
             running: true,
         });
     }
-
-    let outcome = supervise(&mut g, client, stop).await;
-    kill_and_reap(&mut g, client).await;
-    accept.abort();
-    drain_links(&mut g.links, &mut g.reports, &mut BTreeMap::new());
-    let _ = beat(client, me, join.generation, &mut g.reports).await;
-    outcome
+    Ok(())
 }
 
 /// SIGKILL every worker's process group (a stopped process dies of it too) and wait, at
@@ -133,10 +162,9 @@ async fn kill_and_reap(g: &mut Generation<'_>, client: &mut Client) {
     for w in g.workers.iter().filter(|w| w.pid != 0) {
         spawn::kill_now(w.pid);
     }
-    let l = &g.plan.launch;
-    let every = Duration::from_secs_f64(l.heartbeat_interval_s);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while g.workers.iter().any(|w| w.running) && tokio::time::Instant::now() < deadline {
+    let every = g.plan.launch.heartbeat_interval();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while g.workers.iter().any(|w| w.running) && Instant::now() < deadline {
         match tokio::time::timeout(every, g.exits.recv()).await {
             Ok(Some((local, _))) => g.workers[local].running = false,
             Ok(None) => break,
@@ -171,7 +199,7 @@ async fn read_to_close(
     mut open: BTreeSet<usize>,
     limit: Duration,
 ) {
-    let deadline = tokio::time::Instant::now() + limit;
+    let deadline = Instant::now() + limit;
     while !open.is_empty() {
         match tokio::time::timeout_at(deadline, links.recv()).await {
             Ok(Some(LinkMsg::Report { line, .. })) => reports.push(line),
@@ -192,9 +220,9 @@ fn code_and_signal(status: &std::io::Result<std::process::ExitStatus>) -> (i32, 
 }
 
 /// What the coordinator's reply means for this node.
-fn obey(reply: &rpc::HeartbeatReply, own_failure: Option<u8>) -> Option<Result<Ended>> {
+fn obey(reply: &rpc::HeartbeatReply) -> Option<Result<Ended>> {
     if reply.stop {
-        return Some(Err(stopped(reply.reason.clone(), own_failure)));
+        return Some(Err(stopped(reply)));
     }
     reply.restart.then_some(Ok(Ended::Restart))
 }
@@ -202,109 +230,163 @@ fn obey(reply: &rpc::HeartbeatReply, own_failure: Option<u8>) -> Option<Result<E
 /// How long a worker's report waits before the agent relays it.
 const RELAY_WITHIN: Duration = Duration::from_millis(100);
 
+/// The agent's side of the worker links during a generation.
+#[derive(Default)]
+struct Links {
+    hellos: BTreeMap<usize, (String, OwnedWriteHalf)>,
+    errors: BTreeMap<usize, String>,
+    closed: BTreeSet<usize>,
+    peers_sent: bool,
+}
+
 async fn supervise(g: &mut Generation<'_>, client: &mut Client, stop: &mut Stop) -> Result<Ended> {
-    let l = &g.plan.launch;
-    let node = l.node_rank;
     let generation = g.join.generation;
-    let nproc = g.workers.len();
-    let first = g.workers.first().map_or(0, |w| w.rank);
-    let mut hellos: BTreeMap<usize, (String, tokio::net::tcp::OwnedWriteHalf)> = BTreeMap::new();
-    let mut errors: BTreeMap<usize, String> = BTreeMap::new();
-    let mut closed = BTreeSet::new();
-    let (peers_tx, mut peers_rx) =
-        unbounded_channel::<std::result::Result<Vec<String>, tonic::Status>>();
-    let mut peers_sent = false;
-    let period = Duration::from_secs_f64(l.heartbeat_interval_s);
+    let mut links = Links::default();
+    let (peers_tx, mut peers_rx) = unbounded_channel::<PeerTable>();
+    let period = g.plan.launch.heartbeat_interval();
     let mut heartbeat = tokio::time::interval(period);
     // A prompt report brings the next heartbeat forward (never back), so the run's log
     // trails the workers by at most RELAY_WITHIN rather than a heartbeat interval.
-    let mut next_beat = tokio::time::Instant::now();
-    let mut silent = Silence::new(l);
+    let mut next_beat = Instant::now();
+    let mut silent = Silence::new(&g.plan.launch);
     loop {
         tokio::select! {
-            Some(msg) = g.links.recv() => match msg {
-                LinkMsg::Hello { rank, data_addr, writer } => {
-                    hellos.insert(rank, (data_addr, writer));
-                    if hellos.len() == nproc && !peers_sent {
-                        peers_sent = true;
-                        let addrs: Vec<String> = (first..first + nproc)
-                            .map(|r| hellos.get(&r).map(|h| h.0.clone()).unwrap_or_default())
-                            .collect();
-                        let mut c = client.clone();
-                        let tx = peers_tx.clone();
-                        tokio::spawn(async move {
-                            let request = rpc::PeersRequest { node_rank: node as u32, addrs, generation };
-                            let reply = c.exchange_peers(request).await;
-                            let _ = tx.send(reply.map(|r| r.into_inner().addrs));
-                        });
-                    }
-                }
-                LinkMsg::Report { line, prompt } => {
-                    g.reports.push(line);
-                    let soon = tokio::time::Instant::now() + RELAY_WITHIN;
-                    if prompt && soon < next_beat {
+            Some(msg) = g.links.recv() => {
+                if let Some(soon) = on_link(g, client, &mut links, &peers_tx, msg) {
+                    if soon < next_beat {
                         next_beat = soon;
                         heartbeat.reset_at(soon);
                     }
                 }
-                LinkMsg::Error { rank, message } => { errors.insert(rank, message); }
-                LinkMsg::Closed { rank } => { closed.insert(rank); }
-            },
+            }
             Some(table) = peers_rx.recv() => match table {
-                Ok(table) => {
-                    for (_, writer) in hellos.values_mut() {
-                        link::send_peers(writer, &table, g.join.nonce)
+                Ok(reply) if reply.rejoin => {}
+                Ok(reply) => {
+                    for (_, writer) in links.hellos.values_mut() {
+                        link::send_peers(writer, &reply.addrs, g.join.nonce)
                             .await
                             .map_err(|e| launch_err("sending the peer table")(e.to_string()))?;
                     }
                 }
-                // The job moved on while the peers were exchanged: the next heartbeat says so.
-                Err(s) if is_rejoin(&s) => {}
                 Err(s) => return Err(status("peer exchange")(s)),
             },
             Some((local, status)) = g.exits.recv() => {
-                g.workers[local].running = false;
-                let (code, signal) = code_and_signal(&status);
-                if code == 0 {
-                    // A node one of whose workers failed waits for the coordinator's word.
-                    if g.workers.iter().all(|w| !w.running) && g.own_failure.is_none() {
-                        let open = hellos.keys().copied().filter(|r| !closed.contains(r)).collect();
-                        read_to_close(&mut g.links, &mut g.reports, open, Duration::from_secs(5)).await;
-                        return Ok(Ended::Done);
-                    }
-                    continue;
-                }
-                // Its last words may still be in flight on the link.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                drain_links(&mut g.links, &mut g.reports, &mut errors);
-                let w = &g.workers[local];
-                let message = errors.get(&w.rank).cloned().unwrap_or_default();
-                let _ = beat(client, g.me, generation, &mut g.reports).await;
-                let exit = rpc::WorkerExitRequest {
-                    node_rank: node as u32,
-                    rank: w.rank as u32,
-                    pid: w.pid,
-                    code,
-                    signal,
-                    message,
-                    generation,
-                };
-                g.own_failure = Some(if code == 2 { 2 } else { 1 });
-                tracing::warn!("{}", exit_of(&exit).describe());
-                if let Ok(Ok(reply)) = tokio::time::timeout(RPC_TIMEOUT, client.worker_exit(exit)).await {
-                    if let Some(outcome) = obey(&reply.into_inner(), g.own_failure) {
-                        return outcome;
-                    }
+                if let Some(outcome) = on_exit(g, client, &mut links, local, &status).await {
+                    return outcome;
                 }
             },
             _ = heartbeat.tick() => {
-                next_beat = tokio::time::Instant::now() + period;
+                next_beat = Instant::now() + period;
                 let reply = beat(client, g.me, generation, &mut g.reports).await;
-                if let Some(outcome) = silent.check(reply)?.and_then(|r| obey(&r, g.own_failure)) {
+                if let Some(outcome) = silent.check(reply)?.and_then(|r| obey(&r)) {
                     return outcome;
                 }
             },
             e = stop.recv() => return Err(e),
         }
+    }
+}
+
+/// A message on a worker link; when it should be relayed soon, by when. The last hello
+/// starts the peer exchange (the coordinator answers on `peers`).
+fn on_link(
+    g: &mut Generation<'_>,
+    client: &Client,
+    links: &mut Links,
+    peers: &UnboundedSender<PeerTable>,
+    msg: LinkMsg,
+) -> Option<Instant> {
+    match msg {
+        LinkMsg::Hello {
+            rank,
+            data_addr,
+            writer,
+        } => {
+            links.hellos.insert(rank, (data_addr, writer));
+            let nproc = g.workers.len();
+            if links.hellos.len() == nproc && !links.peers_sent {
+                links.peers_sent = true;
+                let first = g.workers.first().map_or(0, |w| w.rank);
+                let addrs: Vec<String> = (first..first + nproc)
+                    .map(|r| {
+                        links
+                            .hellos
+                            .get(&r)
+                            .map(|h| h.0.clone())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                let request = rpc::PeersRequest {
+                    node_rank: g.me.node as u32,
+                    addrs,
+                    generation: g.join.generation,
+                };
+                let (mut c, tx) = (client.clone(), peers.clone());
+                tokio::spawn(async move {
+                    let reply = c.exchange_peers(request).await;
+                    let _ = tx.send(reply.map(tonic::Response::into_inner));
+                });
+            }
+            None
+        }
+        LinkMsg::Report { line, prompt } => {
+            g.reports.push(line);
+            prompt.then(|| Instant::now() + RELAY_WITHIN)
+        }
+        LinkMsg::Error { rank, message } => {
+            links.errors.insert(rank, message);
+            None
+        }
+        LinkMsg::Closed { rank } => {
+            links.closed.insert(rank);
+            None
+        }
+    }
+}
+
+/// A worker ended: when all did cleanly this node is done; a failure is reported to the
+/// coordinator, whose answer may end the generation.
+async fn on_exit(
+    g: &mut Generation<'_>,
+    client: &mut Client,
+    links: &mut Links,
+    local: usize,
+    status: &std::io::Result<std::process::ExitStatus>,
+) -> Option<Result<Ended>> {
+    g.workers[local].running = false;
+    let (code, signal) = code_and_signal(status);
+    if code == 0 {
+        // A node one of whose workers failed waits for the coordinator's word.
+        if g.workers.iter().all(|w| !w.running) && !g.failed {
+            let open = links
+                .hellos
+                .keys()
+                .copied()
+                .filter(|r| !links.closed.contains(r))
+                .collect();
+            read_to_close(&mut g.links, &mut g.reports, open, Duration::from_secs(5)).await;
+            return Some(Ok(Ended::Done));
+        }
+        return None;
+    }
+    // Its last words may still be in flight on the link.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drain_links(&mut g.links, &mut g.reports, &mut links.errors);
+    let w = &g.workers[local];
+    let exit = rpc::WorkerExitRequest {
+        node_rank: g.me.node as u32,
+        rank: w.rank as u32,
+        pid: w.pid,
+        code,
+        signal,
+        message: links.errors.get(&w.rank).cloned().unwrap_or_default(),
+        generation: g.join.generation,
+    };
+    let _ = beat(client, g.me, g.join.generation, &mut g.reports).await;
+    g.failed = true;
+    tracing::warn!("{}", exit_of(&exit).describe());
+    match tokio::time::timeout(RPC_TIMEOUT, client.worker_exit(exit)).await {
+        Ok(Ok(reply)) => obey(&reply.into_inner()),
+        Ok(Err(_)) | Err(_) => None,
     }
 }

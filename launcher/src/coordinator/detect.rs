@@ -15,58 +15,14 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use parallel::runtime::Phase;
+
 use super::state::WorkerExit;
+use crate::config::LaunchOptions;
+pub use crate::events::FaultKind as Kind;
 
-/// Thresholds of the detectors.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DetectPolicy {
-    pub heartbeat_timeout: Duration,
-    pub hang_factor: f64,
-    pub hang_floor: Duration,
-    pub straggler_factor: f64,
-    pub straggler_steps: u32,
-    /// Recent steps the median step time is taken over.
-    pub window: usize,
-    /// A rank whose position reports stopped this long ago is silent (its reporter thread
-    /// sends one every 0.5 s, also from inside a collective).
-    pub position_silence: Duration,
-}
-
-impl Default for DetectPolicy {
-    fn default() -> Self {
-        Self {
-            heartbeat_timeout: Duration::from_secs(3),
-            hang_factor: 10.0,
-            hang_floor: Duration::from_secs(10),
-            straggler_factor: 1.5,
-            straggler_steps: 3,
-            window: 20,
-            position_silence: Duration::from_millis(1500),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Crash,
-    LostHeartbeat,
-    Hang,
-    Straggler,
-    /// A member's agent came back as a new process while its generation ran.
-    AgentRestart,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Crash => "crash",
-            Kind::LostHeartbeat => "lost_heartbeat",
-            Kind::Hang => "hang",
-            Kind::Straggler => "straggler",
-            Kind::AgentRestart => "agent_restart",
-        }
-    }
-}
+/// Recent steps the median step time is taken over.
+const WINDOW: usize = 20;
 
 /// A detected fault, as the `fault` event records it.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,8 +34,11 @@ pub struct Fault {
     pub detected_at: Instant,
     /// The last moment the thing was known healthy (its last heartbeat, the last step).
     pub healthy_at: Instant,
-    /// Restarting cannot help (a worker reported a configuration error, exit status 2).
+    /// Restarting cannot help (a worker reported an error in the job's input, exit
+    /// status 2).
     pub permanent: bool,
+    /// What the worker said of it, for a permanent fault: the job ends with these words.
+    pub cause: Option<String>,
 }
 
 impl Fault {
@@ -101,6 +60,7 @@ pub fn crash(exit: &WorkerExit, now: Instant, healthy_at: Instant) -> Fault {
         detected_at: now,
         healthy_at,
         permanent: exit.code == Some(2),
+        cause: Some(exit.message.clone()).filter(|m| !m.is_empty() && exit.code == Some(2)),
     }
 }
 
@@ -116,7 +76,7 @@ struct Position {
     /// (ranks of different pipeline stages or expert groups take different numbers).
     step_seq: u64,
     per_step: u64,
-    phase: String,
+    phase: Phase,
     /// When its last position report arrived.
     reported_at: Option<Instant>,
     slow_streak: u32,
@@ -141,7 +101,7 @@ impl Position {
 /// What the detectors know of one generation of the job.
 #[derive(Clone, Debug)]
 pub struct Detector {
-    policy: DetectPolicy,
+    policy: LaunchOptions,
     ranks: BTreeMap<usize, Position>,
     nodes: BTreeMap<usize, Instant>,
     recent: VecDeque<f64>,
@@ -160,7 +120,7 @@ pub struct Detector {
 
 impl Detector {
     /// A generation of `world` ranks on `nodes` (all heard from at `now`).
-    pub fn new(policy: DetectPolicy, world: usize, nodes: &[usize], now: Instant) -> Self {
+    pub fn new(policy: LaunchOptions, world: usize, nodes: &[usize], now: Instant) -> Self {
         Self {
             policy,
             ranks: BTreeMap::new(),
@@ -215,7 +175,7 @@ impl Detector {
         node: usize,
         seq: u64,
         collective: &str,
-        phase: &str,
+        phase: Phase,
         now: Instant,
     ) {
         let p = self.ranks.entry(rank).or_default();
@@ -224,7 +184,7 @@ impl Detector {
             p.seq = seq;
             p.collective = collective.into();
         }
-        p.phase = phase.into();
+        p.phase = phase;
         p.reported_at = Some(now);
         if seq > self.max_seq {
             self.max_seq = seq;
@@ -253,14 +213,14 @@ impl Detector {
             p.step = step;
         }
         p.seq = p.seq.max(seq);
-        p.phase = "train".into();
+        p.phase = Phase::Train;
         p.reported_at = Some(now);
         self.hang_reported = false;
         self.armed = true;
         if rank == 0 {
             self.last_step_at = now;
             self.recent.push_back(seconds);
-            while self.recent.len() > self.policy.window {
+            while self.recent.len() > WINDOW {
                 self.recent.pop_front();
             }
         }
@@ -305,6 +265,7 @@ impl Detector {
                     // Its first slow step: the latency is the streak's length.
                     healthy_at: p.slow_since.unwrap_or(now),
                     permanent: false,
+                    cause: None,
                 });
             }
         }
@@ -316,7 +277,7 @@ impl Detector {
         let typical = median(self.recent.iter().copied()).unwrap_or(0.0);
         Duration::try_from_secs_f64(typical * self.policy.hang_factor)
             .unwrap_or(Duration::MAX)
-            .max(self.policy.hang_floor)
+            .max(self.policy.hang_floor())
     }
 
     /// Faults visible at `now`: silent agents (each once per call), and a hang (once, until
@@ -325,7 +286,7 @@ impl Detector {
         let mut out = Vec::new();
         for (&node, &seen) in &self.nodes {
             let silent = now.saturating_duration_since(seen);
-            if silent > self.policy.heartbeat_timeout {
+            if silent > self.policy.heartbeat_timeout() {
                 out.push(Fault {
                     kind: Kind::LostHeartbeat,
                     rank: None,
@@ -333,17 +294,18 @@ impl Detector {
                     detail: format!(
                         "node {node}: no heartbeat for {:.1} s (limit {:.1} s)",
                         silent.as_secs_f64(),
-                        self.policy.heartbeat_timeout.as_secs_f64()
+                        self.policy.heartbeat_timeout_s
                     ),
                     detected_at: now,
                     healthy_at: seen,
                     permanent: false,
+                    cause: None,
                 });
             }
         }
         let stalled = now.saturating_duration_since(self.last_step_at);
         // Eval, export and the end of a run are not steps: only training can hang here.
-        let training = self.ranks.values().all(|p| p.phase == "train");
+        let training = self.ranks.values().all(|p| p.phase == Phase::Train);
         if self.armed && training && !self.hang_reported && stalled > self.hang_limit() {
             self.hang_reported = true;
             out.push(self.hang(now, stalled));
@@ -360,7 +322,7 @@ impl Detector {
             p.reported_at
                 .map_or(stalled, |t| now.saturating_duration_since(t))
         };
-        let silent = |p: &Position| silent_for(p) > self.policy.position_silence;
+        let silent = |p: &Position| silent_for(p) > self.policy.position_silence();
         let most = self
             .ranks
             .values()
@@ -411,7 +373,7 @@ impl Detector {
                         p.node,
                         p.seq,
                         named(&p.collective, "none yet"),
-                        named(&p.phase, "unknown"),
+                        p.phase.name(),
                         p.step,
                     ),
                 )
@@ -433,6 +395,7 @@ impl Detector {
             detected_at: now,
             healthy_at: self.last_step_at,
             permanent: false,
+            cause: None,
         }
     }
 }
@@ -457,7 +420,7 @@ mod tests {
     #[test]
     fn a_silent_agent_is_lost_after_the_timeout_and_not_before() {
         let t0 = Instant::now();
-        let mut d = Detector::new(DetectPolicy::default(), 4, &[0, 1], t0);
+        let mut d = Detector::new(LaunchOptions::default(), 4, &[0, 1], t0);
         d.heartbeat(0, secs(t0, 2.5));
         assert!(d.check(secs(t0, 3.0)).is_empty());
         let f = d.check(secs(t0, 3.2));
@@ -470,7 +433,7 @@ mod tests {
     #[test]
     fn a_hang_names_the_rank_whose_collectives_lag() {
         let t0 = Instant::now();
-        let mut d = Detector::new(DetectPolicy::default(), 4, &[0, 1], t0);
+        let mut d = Detector::new(LaunchOptions::default(), 4, &[0, 1], t0);
         for step in 1..=5u64 {
             let now = secs(t0, step as f64 * 0.5);
             for rank in 0..4 {
@@ -480,16 +443,23 @@ mod tests {
         }
         // Rank 3 stops inside step 6; the others enter collective #61 and wait there.
         for rank in 0..3 {
-            d.position(rank, rank / 2, 61, "all_reduce", "train", secs(t0, 2.5));
+            d.position(
+                rank,
+                rank / 2,
+                61,
+                "all_reduce",
+                Phase::Train,
+                secs(t0, 2.5),
+            );
         }
-        d.position(3, 1, 60, "all_reduce", "train", secs(t0, 2.5));
-        // The limit is the floor (10 × 0.5 s < 10 s): nothing at 12.4 s, a hang after 12.5 s.
-        assert_eq!(d.hang_limit(), Duration::from_secs(10));
+        d.position(3, 1, 60, "all_reduce", Phase::Train, secs(t0, 2.5));
+        // The limit is the floor (10 × 0.5 s < 120 s): nothing at 122.4 s, a hang after 122.5 s.
+        assert_eq!(d.hang_limit(), Duration::from_secs(120));
         for node in [0, 1] {
-            d.heartbeat(node, secs(t0, 12.4));
+            d.heartbeat(node, secs(t0, 122.4));
         }
-        assert!(d.check(secs(t0, 12.4)).is_empty());
-        let f = d.check(secs(t0, 12.6));
+        assert!(d.check(secs(t0, 122.4)).is_empty());
+        let f = d.check(secs(t0, 122.6));
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(
             (f[0].kind, f[0].rank, f[0].node),
@@ -500,15 +470,15 @@ mod tests {
             "{}",
             f[0].detail
         );
-        assert!((f[0].detection_latency() - 10.1).abs() < 1e-6);
+        assert!((f[0].detection_latency() - 120.1).abs() < 1e-6);
         // Reported once, until steps resume.
-        assert!(d.check(secs(t0, 12.8)).is_empty());
+        assert!(d.check(secs(t0, 122.8)).is_empty());
     }
 
     #[test]
     fn a_silent_rank_is_the_culprit_when_no_count_lags_and_setup_is_not_a_hang() {
         let t0 = Instant::now();
-        let mut d = Detector::new(DetectPolicy::default(), 2, &[0], t0);
+        let mut d = Detector::new(LaunchOptions::default(), 2, &[0], t0);
         // Loading the model for a minute is not a hang: nothing is armed before a step.
         d.heartbeat(0, secs(t0, 60.0));
         assert!(d.check(secs(t0, 60.0)).is_empty());
@@ -516,25 +486,29 @@ mod tests {
         d.step(1, 0, 1, 0.5, 0.4, 10, secs(t0, 60.5));
         // Both entered collective #11; rank 1 went silent (stopped), rank 0 reports from
         // inside the collective.
-        d.position(1, 0, 11, "all_reduce", "train", secs(t0, 60.6));
-        for t in [61.0, 65.0, 70.0, 70.7] {
-            d.position(0, 0, 11, "all_reduce", "train", secs(t0, t));
+        d.position(1, 0, 11, "all_reduce", Phase::Train, secs(t0, 60.6));
+        for t in [61.0, 100.0, 150.0, 180.7] {
+            d.position(0, 0, 11, "all_reduce", Phase::Train, secs(t0, t));
             d.heartbeat(0, secs(t0, t));
         }
-        let f = d.check(secs(t0, 70.7));
+        let f = d.check(secs(t0, 180.7));
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!((f[0].kind, f[0].rank), (Kind::Hang, Some(1)));
-        assert!(f[0].detail.contains("silent for 10.1 s"), "{}", f[0].detail);
+        assert!(
+            f[0].detail.contains("silent for 120.1 s"),
+            "{}",
+            f[0].detail
+        );
         // A new generation starts over, unarmed.
-        d.reset(2, &[0], secs(t0, 71.0));
-        d.heartbeat(0, secs(t0, 200.0));
-        assert!(d.check(secs(t0, 200.0)).is_empty());
+        d.reset(2, &[0], secs(t0, 181.0));
+        d.heartbeat(0, secs(t0, 400.0));
+        assert!(d.check(secs(t0, 400.0)).is_empty());
     }
 
     #[test]
     fn a_hang_among_pipeline_stages_names_the_rank_behind_in_its_own_collectives() {
         let t0 = Instant::now();
-        let mut d = Detector::new(DetectPolicy::default(), 4, &[0, 1], t0);
+        let mut d = Detector::new(LaunchOptions::default(), 4, &[0, 1], t0);
         // Ranks 0 and 1 (one stage) enter 4 collectives a step, ranks 2 and 3 (the other) 10.
         let per_step = |rank: usize| if rank < 2 { 4 } else { 10 };
         for step in 1..=3u64 {
@@ -546,15 +520,15 @@ mod tests {
         // In step 4 rank 2 is stuck 2 collectives in (#32); the others are half way
         // through theirs (#14, #14, #35): rank 2 is behind though #14 < #32. Every rank
         // still reports (its reporter thread runs): none is silent.
-        for t in [2.0, 6.0, 10.0, 12.5] {
+        for t in [2.0, 60.0, 100.0, 122.5] {
             for (rank, seq) in [(0, 14), (1, 14), (2, 32), (3, 35)] {
-                d.position(rank, rank / 2, seq, "send", "train", secs(t0, t));
+                d.position(rank, rank / 2, seq, "send", Phase::Train, secs(t0, t));
             }
             for node in [0, 1] {
                 d.heartbeat(node, secs(t0, t));
             }
         }
-        let f = d.check(secs(t0, 12.5));
+        let f = d.check(secs(t0, 122.5));
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(
             (f[0].kind, f[0].rank, f[0].node),
@@ -568,17 +542,18 @@ mod tests {
     #[test]
     fn the_hang_limit_follows_the_recent_step_time() {
         let t0 = Instant::now();
-        let mut d = Detector::new(DetectPolicy::default(), 1, &[0], t0);
+        let mut d = Detector::new(LaunchOptions::default(), 1, &[0], t0);
+        // 10 × 30 s steps is over the 120 s floor.
         for step in 1..=25u64 {
-            d.step(0, 0, step, 3.0, 3.0, step, secs(t0, step as f64 * 3.0));
+            d.step(0, 0, step, 30.0, 30.0, step, secs(t0, step as f64 * 30.0));
         }
-        assert_eq!(d.hang_limit(), Duration::from_secs(30));
+        assert_eq!(d.hang_limit(), Duration::from_secs(300));
     }
 
     #[test]
     fn a_rank_slow_for_m_steps_in_a_row_is_a_straggler_once() {
         let t0 = Instant::now();
-        let mut d = Detector::new(DetectPolicy::default(), 4, &[0, 1], t0);
+        let mut d = Detector::new(LaunchOptions::default(), 4, &[0, 1], t0);
         let mut found = Vec::new();
         for step in 1..=8u64 {
             let now = secs(t0, step as f64);

@@ -21,34 +21,46 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Value};
+use parallel::runtime::{Phase, ToAgent};
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tonic::Status;
 
-use crate::events::EventLog;
+use crate::config::LaunchOptions;
+use crate::events::{Event, EventLog, Start, StepEvent};
+use crate::plan::Decided;
 use crate::progress::StepDisplay;
-use detect::{DetectPolicy, Detector, Fault};
-use recover::{Action, Cluster, RecoveryPolicy};
+use detect::{Detector, Fault};
+use recover::{Action, Cluster};
 use state::{JobState, WorkerExit};
 
 pub use service::serve;
 
-/// Worker arguments for a new generation of `world` ranks (`local` per node), and the
-/// plan for its `restart` event.
-pub type Replan = Arc<dyn Fn(usize, usize) -> Result<(Vec<String>, Value), String> + Send + Sync>;
+/// What the workers of a generation of `launch train` run with: the decided layout, and
+/// whether they resume from the last committed checkpoint (every restart does).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    pub plan: Decided,
+    pub resume: bool,
+}
+
+/// The layout for a new generation of `world` ranks (`local` per node), given the current
+/// one; the error says why none fits.
+pub type Replan =
+    Arc<dyn Fn(usize, usize, Option<&Decided>) -> Result<Decided, String> + Send + Sync>;
 
 /// What the coordinator needs to know up front.
 pub struct Settings {
     pub nnodes: usize,
-    pub detect: DetectPolicy,
-    pub recover: RecoveryPolicy,
-    pub rdzv_timeout: Duration,
-    /// Fields of the `start` event.
-    pub start: Value,
+    /// Detection thresholds and recovery limits: the job's `[launch]` section.
+    pub policy: LaunchOptions,
+    /// The `start` event.
+    pub start: Start,
     /// Shown as a bar (or log lines) from rank 0's step reports.
     pub display: StepDisplay,
-    /// How a restarted generation's workers are told to resume (and, for a changed world,
-    /// their new layout); `None`: the same command again.
+    /// What the first generation's workers run with (`None`: a user program, `launch run`).
+    pub first: Option<Generation>,
+    /// How a restarted generation's layout is decided; `None`: the same command again.
     pub replan: Option<Replan>,
 }
 
@@ -81,9 +93,8 @@ pub struct Coordinator {
     inner: Arc<Mutex<Inner>>,
     changed: Arc<Notify>,
     nonce: u64,
-    policy: RecoveryPolicy,
+    policy: Arc<LaunchOptions>,
     replan: Option<Replan>,
-    rdzv_timeout: Duration,
     started: Instant,
 }
 
@@ -95,20 +106,22 @@ fn unix(at: Instant) -> f64 {
     now - Instant::now().saturating_duration_since(at).as_secs_f64()
 }
 
-fn log(events: &mut EventLog, kind: &str, rank: Option<usize>, node: Option<usize>, fields: Value) {
-    if let Err(e) = events.emit_as(kind, rank, node, fields) {
+fn log(events: &mut EventLog, event: Event, rank: Option<usize>, node: Option<usize>) {
+    if let Err(e) = events.emit(event, rank, node) {
         tracing::warn!("event log: {e:#}");
     }
 }
 
 impl Coordinator {
     pub fn new(settings: Settings, mut events: EventLog) -> crate::Result<Self> {
-        events.emit("start", settings.start)?;
+        events.emit(Event::Start(settings.start), None, None)?;
         let now = Instant::now();
+        let mut state = JobState::new(settings.nnodes);
+        state.work = settings.first;
         Ok(Self {
             inner: Arc::new(Mutex::new(Inner {
-                state: JobState::new(settings.nnodes),
-                detector: Detector::new(settings.detect, 0, &[], now),
+                state,
+                detector: Detector::new(settings.policy.clone(), 0, &[], now),
                 events,
                 display: settings.display,
                 crashes: Vec::new(),
@@ -120,9 +133,8 @@ impl Coordinator {
             })),
             changed: Arc::new(Notify::new()),
             nonce: rand::random(),
-            policy: settings.recover,
+            policy: Arc::new(settings.policy),
             replan: settings.replan,
-            rdzv_timeout: settings.rdzv_timeout,
             started: now,
         })
     }
@@ -179,13 +191,12 @@ impl Coordinator {
             // gets one from here.
             if !inner.done_logged {
                 let seconds = self.started.elapsed().as_secs_f64();
-                log(
-                    &mut inner.events,
-                    "done",
-                    None,
-                    None,
-                    json!({"seconds": seconds}),
-                );
+                let done = Event::Done {
+                    steps: None,
+                    loss: None,
+                    seconds,
+                };
+                log(&mut inner.events, done, None, None);
             }
             self.changed.notify_waiters();
         }
@@ -194,23 +205,22 @@ impl Coordinator {
     /// Log `fault`, decide and act: drop or replace a node, give up, go on, or mark a restart
     /// pending (started by [`Self::settle`]).
     fn handle(&self, inner: &mut Inner, fault: Fault) {
-        let fields = json!({
-            "kind": fault.kind.as_str(), "detail": fault.detail,
-            "detected_at": unix(fault.detected_at),
-            "detection_latency_s": fault.detection_latency(),
-        });
-        log(&mut inner.events, "fault", fault.rank, fault.node, fields);
+        let logged = Event::Fault {
+            kind: fault.kind,
+            detail: fault.detail.clone(),
+            detected_at: unix(fault.detected_at),
+            detection_latency_s: fault.detection_latency(),
+        };
+        log(&mut inner.events, logged, fault.rank, fault.node);
         if let Some(n) = fault.node.filter(|n| inner.state.spares.contains(n)) {
             // A spare went silent: it just stops being one.
             drop_node(inner, n, &fault);
-            let why = format!("spare node {n} dropped: {}", fault.detail);
-            log(
-                &mut inner.events,
-                "decision",
-                None,
-                Some(n),
-                json!({"action": "drop_spare", "reason": why}),
-            );
+            let decision = Event::Decision {
+                action: crate::events::Action::DropSpare,
+                reason: format!("spare node {n} dropped: {}", fault.detail),
+                fault: Some(fault.kind),
+            };
+            log(&mut inner.events, decision, None, Some(n));
             return;
         }
         let cluster = Cluster {
@@ -223,23 +233,25 @@ impl Coordinator {
         if let Some(n) = fault.node.filter(|_| action != Action::Continue) {
             *inner.node_faults.entry(n).or_default() += 1;
         }
-        let fields =
-            json!({"action": action.name(), "reason": reason, "fault": fault.kind.as_str()});
-        log(
-            &mut inner.events,
-            "decision",
-            fault.rank,
-            fault.node,
-            fields,
-        );
+        let decision = Event::Decision {
+            action: action.kind(),
+            reason: reason.clone(),
+            fault: Some(fault.kind),
+        };
+        log(&mut inner.events, decision, fault.rank, fault.node);
         tracing::warn!(
-            "{}: {} → {}: {reason}",
-            fault.kind.as_str(),
+            "{}: {} → {:?}: {reason}",
+            fault.kind.name(),
             fault.detail,
-            action.name()
+            action.kind()
         );
         match action {
             Action::Continue => return,
+            // Bad input: the worker's own words are the whole story.
+            Action::GiveUp if fault.permanent => {
+                inner.state.stopped = Some(fault.cause.clone().unwrap_or(fault.detail.clone()));
+                inner.state.input_error = true;
+            }
             Action::GiveUp => {
                 inner.state.stopped = Some(format!("{} (giving up: {reason})", fault.detail));
             }
@@ -288,6 +300,7 @@ impl Coordinator {
             detected_at: now,
             healthy_at: inner.detector.last_heard(node).unwrap_or(now),
             permanent: false,
+            cause: None,
         };
         self.handle(inner, fault);
         self.settle(inner, now);
@@ -296,14 +309,16 @@ impl Coordinator {
         }
     }
 
-    /// Start the next generation with the current members.
+    /// Start the next generation with the current members: the same layout for the same
+    /// world, else one decided for the new one; its workers resume.
     fn restart(&self, inner: &mut Inner, fault: &Fault, now: Instant) {
         let world = inner.state.world_size();
         let local = inner.state.local_world();
-        let (args, plan) = match &self.replan {
-            None => (Vec::new(), Value::Null),
-            Some(replan) => match replan(world, local) {
-                Ok(v) => v,
+        let current = inner.state.work.as_ref().map(|w| &w.plan);
+        let work = match &self.replan {
+            None => None,
+            Some(replan) => match replan(world, local, current) {
+                Ok(plan) => Some(Generation { plan, resume: true }),
                 Err(e) => {
                     inner.state.stopped = Some(format!(
                         "{} (re-planning for {world} ranks failed: {e})",
@@ -313,16 +328,15 @@ impl Coordinator {
                 }
             },
         };
-        inner.state.next_generation(args);
+        let plan = work.as_ref().map(|w| w.plan.event(world));
+        inner.state.next_generation(work);
         inner.crashes.clear();
         let watched = inner.state.watched();
         inner.detector.reset(world, &watched, now);
-        let members: Vec<usize> = inner.state.members.iter().copied().collect();
-        let generation = inner.state.generation;
-        inner.events.set_generation(generation);
-        let fields =
-            json!({"generation": generation, "world": world, "nodes": members, "plan": plan});
-        log(&mut inner.events, "restart", None, None, fields);
+        let nodes: Vec<usize> = inner.state.members.iter().copied().collect();
+        inner.events.set_generation(inner.state.generation);
+        let restart = Event::Restart { world, nodes, plan };
+        log(&mut inner.events, restart, None, None);
         inner.recovering = Some(fault.detected_at);
     }
 
@@ -364,13 +378,11 @@ impl Coordinator {
     fn rejected(&self, peer: String, why: &str) {
         tracing::warn!(peer, why, "control-plane call rejected");
         let mut inner = self.lock();
-        log(
-            &mut inner.events,
-            "auth_rejected",
-            None,
-            None,
-            json!({"peer": peer, "reason": why}),
-        );
+        let event = Event::AuthRejected {
+            peer,
+            reason: why.into(),
+        };
+        log(&mut inner.events, event, None, None);
     }
 }
 
@@ -391,97 +403,86 @@ fn culprit(crashes: &[(Instant, WorkerExit)], now: Instant) -> Fault {
     detect::crash(exit, now, first)
 }
 
+/// How a report of a worker (or of its agent) goes into the event log, with the rank it
+/// concerns: positions are not logged.
+pub fn logged(msg: ToAgent<Event>) -> Option<(usize, Event)> {
+    match msg {
+        ToAgent::Progress(p) => Some((
+            p.rank,
+            Event::Step(StepEvent {
+                phase: p.phase,
+                seq: p.seq,
+                busy: p.busy,
+                collectives: p.collectives,
+                stats: p.stats,
+            }),
+        )),
+        ToAgent::Phase { rank, phase, step } => Some((rank, Event::Phase { phase, step })),
+        ToAgent::Event { rank, event } => Some((rank, event)),
+        ToAgent::Error { rank, message } => Some((rank, Event::Error { message })),
+        ToAgent::Hello { .. } | ToAgent::Position(_) => None,
+    }
+}
+
 /// One report line from an agent in `generation`: a worker's message (see
 /// `parallel::runtime::link`) or the agent's own (`spawn`). Returns the faults it reveals
 /// (a straggler).
 fn ingest(inner: &mut Inner, node: usize, generation: u64, line: &str, now: Instant) -> Vec<Fault> {
-    let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(line) else {
-        tracing::warn!("node {node} sent an unreadable report: {line}");
-        return Vec::new();
+    let msg = match serde_json::from_str::<ToAgent<Event>>(line) {
+        Ok(msg) => msg,
+        Err(e) => {
+            tracing::warn!("node {node} sent an unreadable report ({e}): {line}");
+            return Vec::new();
+        }
     };
-    let kind = msg
-        .remove("type")
-        .and_then(|t| t.as_str().map(String::from))
-        .unwrap_or_default();
-    let rank = msg
-        .remove("rank")
-        .and_then(|r| r.as_u64())
-        .map(|r| r as usize);
     let current = generation == inner.state.generation;
-    let text = |m: &serde_json::Map<String, Value>, k: &str| {
-        m.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    let number = |m: &serde_json::Map<String, Value>, k: &str| m.get(k).and_then(Value::as_u64);
     let mut faults = Vec::new();
-    match kind.as_str() {
-        "position" => {
-            if let (true, Some(r)) = (current, rank) {
-                let seq = number(&msg, "collectives").unwrap_or(0);
-                let (collective, phase) = (text(&msg, "collective"), text(&msg, "phase"));
-                inner
-                    .detector
-                    .position(r, node, seq, &collective, &phase, now);
-            }
-            return faults;
+    match &msg {
+        ToAgent::Position(p) if current => {
+            let phase = p.phase;
+            let (seq, collective) = (p.collectives, p.collective.as_str());
+            inner
+                .detector
+                .position(p.rank, node, seq, collective, phase, now);
         }
-        "progress" => {
-            let train = msg.get("phase").and_then(Value::as_str) == Some("train");
-            if let (true, true, Some(r)) = (current, train, rank) {
-                let step = number(&msg, "step").unwrap_or(0);
-                // Worker input: only finite, non-negative seconds count.
-                let secs = |k: &str| {
-                    msg.get(k)
-                        .and_then(Value::as_f64)
-                        .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e9)
+        ToAgent::Progress(p) if current && p.phase == Phase::Train => {
+            let s = &p.stats;
+            // Worker input: only finite, non-negative seconds count.
+            let secs = |v: f64| Some(v).filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e9);
+            let seconds = secs(s.step_time).unwrap_or(0.0);
+            let busy = secs(p.busy).unwrap_or(seconds);
+            faults.extend(inner.detector.step(
+                p.rank,
+                node,
+                s.step,
+                seconds,
+                busy,
+                p.collectives,
+                now,
+            ));
+            if let Some(since) = inner.recovering.take() {
+                let seconds_since_fault = now.saturating_duration_since(since).as_secs_f64();
+                let event = Event::Recovered {
+                    step: s.step,
+                    seconds_since_fault,
                 };
-                let seconds = secs("step_time").unwrap_or(0.0);
-                let busy = secs("busy").unwrap_or(seconds);
-                let seq = number(&msg, "collectives").unwrap_or(0);
-                faults.extend(inner.detector.step(r, node, step, seconds, busy, seq, now));
-                if let Some(since) = inner.recovering.take() {
-                    let seconds = now.saturating_duration_since(since).as_secs_f64();
-                    let fields = json!({"step": step, "seconds_since_fault": seconds});
-                    log(&mut inner.events, "recovered", None, None, fields);
-                }
+                log(&mut inner.events, event, None, None);
             }
-            if let Some(Value::Object(extra)) = msg.remove("extra") {
-                msg.extend(extra);
+            if p.rank == 0 {
+                inner.display.step(s);
             }
-            if rank == Some(0) && train && current {
-                inner.display.step(&msg);
-            }
-            msg.insert("generation".into(), json!(generation));
-            log(
-                &mut inner.events,
-                "step",
-                rank,
-                Some(node),
-                Value::Object(msg),
-            );
         }
-        "event" => {
-            let event = text(&msg, "event");
-            let mut fields = msg.remove("fields").unwrap_or(Value::Null);
-            if let Value::Object(f) = &mut fields {
-                f.insert("generation".into(), json!(generation));
-            }
-            inner.done_logged |= event == "done";
-            log(&mut inner.events, &event, rank, Some(node), fields);
-        }
-        "error" | "spawn" => {
-            msg.insert("generation".into(), json!(generation));
-            log(
-                &mut inner.events,
-                &kind,
-                rank,
-                Some(node),
-                Value::Object(msg),
-            );
-        }
+        ToAgent::Event {
+            event: Event::Done { .. },
+            ..
+        } => inner.done_logged = true,
         _ => {}
+    }
+    if let Some((rank, event)) = logged(msg) {
+        let at = inner.events.generation();
+        inner.events.set_generation(generation);
+        log(&mut inner.events, event, Some(rank), Some(node));
+        inner.events.set_generation(at);
     }
     faults
 }

@@ -10,30 +10,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::detect::{Fault, Kind};
+use crate::config::LaunchOptions;
+use crate::events;
 
 /// The node whose agent hosts the coordinator: it cannot be excluded.
 pub const COORDINATOR_NODE: usize = 0;
-
-/// Limits of recovery.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RecoveryPolicy {
-    pub max_restarts: u32,
-    pub min_nodes: usize,
-    /// Faults on one node (crashes, hangs, agent restarts) after which it is excluded.
-    pub exclude_after: u32,
-    pub exclude_stragglers: bool,
-}
-
-impl Default for RecoveryPolicy {
-    fn default() -> Self {
-        Self {
-            max_restarts: 10,
-            min_nodes: 1,
-            exclude_after: 3,
-            exclude_stragglers: false,
-        }
-    }
-}
 
 /// The nodes of the job and its history.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -59,19 +40,20 @@ pub enum Action {
 }
 
 impl Action {
-    pub fn name(&self) -> &'static str {
+    /// As the `decision` event names it.
+    pub fn kind(&self) -> events::Action {
         match self {
-            Action::Continue => "continue",
-            Action::RestartInPlace => "restart_in_place",
-            Action::Replace { .. } => "replace_node",
-            Action::Shrink { .. } => "shrink",
-            Action::GiveUp => "give_up",
+            Action::Continue => events::Action::Continue,
+            Action::RestartInPlace => events::Action::RestartInPlace,
+            Action::Replace { .. } => events::Action::ReplaceNode,
+            Action::Shrink { .. } => events::Action::Shrink,
+            Action::GiveUp => events::Action::GiveUp,
         }
     }
 }
 
-/// The action for `fault`, and why.
-pub fn decide(fault: &Fault, cluster: &Cluster, policy: &RecoveryPolicy) -> (Action, String) {
+/// The action for `fault` under `policy` (the job's `[launch]` section), and why.
+pub fn decide(fault: &Fault, cluster: &Cluster, policy: &LaunchOptions) -> (Action, String) {
     let node = fault.node;
     let seen = node.map_or(0, |n| cluster.faults.get(&n).copied().unwrap_or(0) + 1);
     let exclude = match fault.kind {
@@ -87,7 +69,8 @@ pub fn decide(fault: &Fault, cluster: &Cluster, policy: &RecoveryPolicy) -> (Act
     if fault.permanent {
         return (
             Action::GiveUp,
-            "the worker reported a configuration error (exit status 2); restarting would not help"
+            "the worker reported an error in the job's input (exit status 2); restarting \
+             would not help"
                 .into(),
         );
     }
@@ -106,7 +89,7 @@ pub fn decide(fault: &Fault, cluster: &Cluster, policy: &RecoveryPolicy) -> (Act
             format!(
                 "a {} is taken as transient ({seen} of {} faults on its node before exclusion): \
                  restart every worker from the last checkpoint",
-                fault.kind.as_str(),
+                fault.kind.name(),
                 policy.exclude_after
             ),
         );
@@ -114,11 +97,22 @@ pub fn decide(fault: &Fault, cluster: &Cluster, policy: &RecoveryPolicy) -> (Act
     let why = match fault.kind {
         Kind::LostHeartbeat => "its agent is lost".to_string(),
         Kind::Straggler => "it straggles and exclude_stragglers is set".to_string(),
-        _ => format!(
+        Kind::Crash | Kind::Hang | Kind::AgentRestart => format!(
             "{seen} faults there (exclude_after = {})",
             policy.exclude_after
         ),
     };
+    exclude_node(lost, &why, cluster, policy)
+}
+
+/// Leave `lost` out (for `why`): a spare takes its place, else the job shrinks, unless
+/// that leaves too few nodes or `lost` hosts the coordinator.
+fn exclude_node(
+    lost: usize,
+    why: &str,
+    cluster: &Cluster,
+    policy: &LaunchOptions,
+) -> (Action, String) {
     if lost == COORDINATOR_NODE {
         return (
             Action::GiveUp,
@@ -169,6 +163,7 @@ mod tests {
             detected_at: now,
             healthy_at: now,
             permanent: false,
+            cause: None,
         }
     }
 
@@ -181,7 +176,7 @@ mod tests {
 
     #[test]
     fn transient_faults_restart_in_place_until_a_node_has_too_many() {
-        let p = RecoveryPolicy::default();
+        let p = LaunchOptions::default();
         let mut c = two_nodes();
         for kind in [Kind::Crash, Kind::Hang] {
             assert_eq!(decide(&fault(kind, 1), &c, &p).0, Action::RestartInPlace);
@@ -199,7 +194,7 @@ mod tests {
 
     #[test]
     fn a_lost_node_is_replaced_by_a_spare_else_the_job_shrinks_else_gives_up() {
-        let p = RecoveryPolicy::default();
+        let p = LaunchOptions::default();
         let mut c = two_nodes();
         assert_eq!(
             decide(&fault(Kind::LostHeartbeat, 1), &c, &p).0,
@@ -211,7 +206,7 @@ mod tests {
             Action::Replace { lost: 1, spare: 7 }
         );
         c.spares.clear();
-        let strict = RecoveryPolicy {
+        let strict = LaunchOptions {
             min_nodes: 2,
             ..p.clone()
         };
@@ -227,12 +222,12 @@ mod tests {
     #[test]
     fn stragglers_are_reported_unless_exclusion_is_configured() {
         let c = two_nodes();
-        let p = RecoveryPolicy::default();
+        let p = LaunchOptions::default();
         assert_eq!(
             decide(&fault(Kind::Straggler, 1), &c, &p).0,
             Action::Continue
         );
-        let p = RecoveryPolicy {
+        let p = LaunchOptions {
             exclude_stragglers: true,
             ..p
         };

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use super::state::{JobState, Joined, WorkerExit};
 use super::{ingest, log, Coordinator};
+use crate::events::Event;
 use crate::rpc;
 
 /// How often the coordinator looks for faults between messages.
@@ -16,14 +16,21 @@ const TICK: Duration = Duration::from_millis(100);
 /// A spare waits this long to be called in.
 const SPARE_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// The code and message prefix that tell an agent to join again: the generation moved on
-/// while it waited.
-pub const REJOIN: &str = "rejoin:";
+/// The answer that tells an agent to join again: the generation moved on while it waited.
+fn rejoin(generation: u64) -> rpc::JoinReply {
+    rpc::JoinReply {
+        generation,
+        rejoin: true,
+        ..Default::default()
+    }
+}
 
-fn rejoin(generation: u64) -> Status {
-    Status::aborted(format!(
-        "{REJOIN} the job moved on to generation {generation}"
-    ))
+/// The peer exchange's answer when the generation moved on.
+fn moved_on() -> rpc::PeersReply {
+    rpc::PeersReply {
+        addrs: Vec::new(),
+        rejoin: true,
+    }
 }
 
 fn node_of(n: u32) -> usize {
@@ -50,7 +57,10 @@ fn reply_for(state: &JobState, node: usize, generation: u64) -> rpc::HeartbeatRe
         ..Default::default()
     };
     if let Some(why) = &state.stopped {
-        return stop(why.clone());
+        return rpc::HeartbeatReply {
+            input: state.input_error,
+            ..stop(why.clone())
+        };
     }
     if let Some(why) = state.exclusion(node) {
         return stop(why);
@@ -113,14 +123,18 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
             } else if r.spare {
                 inner.detector.watch(node, now);
             }
-            let fields = json!({"host": r.host, "nproc": r.nproc, "spare": r.spare});
-            log(&mut inner.events, "join", None, Some(node), fields);
+            let event = Event::Join {
+                host: r.host.clone(),
+                nproc: r.nproc,
+                spare: r.spare,
+            };
+            log(&mut inner.events, event, None, Some(node));
         }
         self.changed.notify_waiters();
         let timeout = if r.spare {
             SPARE_WAIT
         } else {
-            self.rdzv_timeout
+            self.policy.rdzv_timeout()
         };
         let reply = self
             .wait_for(timeout, "rendezvous", |s| {
@@ -135,20 +149,23 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
                     }));
                 }
                 if let Some(a) = s.assignment(node) {
-                    return Some(Ok(rpc::JoinReply {
+                    let work = s.work.as_ref().map(serde_json::to_string).transpose();
+                    let work = work.map_err(|e| Status::internal(e.to_string()));
+                    return Some(work.map(|work| rpc::JoinReply {
                         world_size: a.world_size as u32,
                         first_rank: a.first_rank as u32,
                         generation: a.generation,
                         nonce: self.nonce(a.generation),
-                        args: s.args.clone(),
+                        work: work.unwrap_or_default(),
                         nnodes: a.nnodes as u32,
                         node_index: a.index as u32,
                         finished: false,
+                        rejoin: false,
                     }));
                 }
                 // A restart while this node waited: it must join the new generation.
                 let moved_on = s.started && s.members.contains(&node) && !s.joined.contains(&node);
-                moved_on.then(|| Err(rejoin(s.generation)))
+                moved_on.then(|| Ok(rejoin(s.generation)))
             })
             .await?;
         Ok(Response::new(reply))
@@ -164,7 +181,7 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
             let mut inner = self.lock();
             let node = node_of(r.node_rank);
             if inner.state.generation != generation {
-                return Err(rejoin(inner.state.generation));
+                return Ok(Response::new(moved_on()));
             }
             let expected = inner.state.nodes.get(&node).map(|n| n.nproc);
             if expected != Some(r.addrs.len()) {
@@ -176,15 +193,20 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
             inner.state.peers.insert(node, r.addrs);
         }
         self.changed.notify_waiters();
-        let addrs = self
-            .wait_for(self.rdzv_timeout, "the peer exchange", |s| {
+        let reply = self
+            .wait_for(self.policy.rdzv_timeout(), "the peer exchange", |s| {
                 if s.generation != generation {
-                    return Some(Err(rejoin(s.generation)));
+                    return Some(Ok(moved_on()));
                 }
-                s.peer_table().map(Ok)
+                s.peer_table().map(|addrs| {
+                    Ok(rpc::PeersReply {
+                        addrs,
+                        rejoin: false,
+                    })
+                })
             })
             .await?;
-        Ok(Response::new(rpc::PeersReply { addrs }))
+        Ok(Response::new(reply))
     }
 
     async fn heartbeat(
@@ -228,15 +250,16 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
         let exit = exit_of(&r);
         {
             let mut inner = self.lock();
-            let fields = json!({"pid": exit.pid, "code": exit.code, "signal": exit.signal,
-                                "message": exit.message, "generation": r.generation});
-            log(
-                &mut inner.events,
-                "exit",
-                Some(exit.rank),
-                Some(exit.node),
-                fields,
-            );
+            let event = Event::Exit {
+                pid: exit.pid,
+                code: exit.code,
+                signal: exit.signal,
+                message: exit.message.clone(),
+            };
+            let at = inner.events.generation();
+            inner.events.set_generation(r.generation);
+            log(&mut inner.events, event, Some(exit.rank), Some(exit.node));
+            inner.events.set_generation(at);
             let s = &inner.state;
             if !exit.success() && r.generation == s.generation && s.stopped.is_none() {
                 inner.crashes.push((Instant::now(), exit.clone()));

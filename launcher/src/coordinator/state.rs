@@ -62,16 +62,9 @@ impl WorkerExit {
     }
 }
 
+/// The signal's name (`SIGKILL`), or `signal` for a number this platform does not name.
 pub fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        1 => "SIGHUP",
-        2 => "SIGINT",
-        6 => "SIGABRT",
-        9 => "SIGKILL",
-        11 => "SIGSEGV",
-        15 => "SIGTERM",
-        _ => "signal",
-    }
+    nix::sys::signal::Signal::try_from(sig).map_or("signal", |s| s.as_str())
 }
 
 /// This node's part of a generation.
@@ -107,8 +100,10 @@ pub struct JobState {
     pub done: BTreeSet<usize>,
     /// Why the job stopped for good.
     pub stopped: Option<String>,
-    /// Worker arguments of the current generation.
-    pub args: Vec<String>,
+    /// It stopped on bad input (a worker's exit status 2): every agent exits 2.
+    pub input_error: bool,
+    /// What the workers of the current generation run with (`launch train`'s layout).
+    pub work: Option<super::Generation>,
     pub restarts: u32,
 }
 
@@ -126,7 +121,8 @@ impl JobState {
             peers: BTreeMap::new(),
             done: BTreeSet::new(),
             stopped: None,
-            args: Vec::new(),
+            input_error: false,
+            work: None,
             restarts: 0,
         }
     }
@@ -278,12 +274,12 @@ impl JobState {
         }
     }
 
-    /// Start the next generation with the current members and `args`: nobody has joined
-    /// it yet.
-    pub fn next_generation(&mut self, args: Vec<String>) {
+    /// Start the next generation with the current members, its workers running `work`:
+    /// nobody has joined it yet.
+    pub fn next_generation(&mut self, work: Option<super::Generation>) {
         self.generation += 1;
         self.restarts += 1;
-        self.args = args;
+        self.work = work;
         self.joined.clear();
         self.peers.clear();
         self.done.clear();
@@ -332,7 +328,7 @@ mod tests {
         s.done.insert(0);
         s.exclude(1, "lost".into());
         s.promote(9);
-        s.next_generation(vec!["--set".into(), "x=1".into()]);
+        s.next_generation(None);
         assert_eq!((s.generation, s.restarts), (1, 1));
         assert!(s.done.is_empty() && s.assignment(0).is_none());
         s.join(0, 2, 2, "a", false, 7).expect("rejoin");
@@ -356,7 +352,7 @@ mod tests {
         // The same agent asking again (a retried join) is not a return.
         assert_eq!(s.join(1, 2, 1, "b", false, 20), Ok(Joined::Waiting));
         assert_eq!(s.join(1, 2, 1, "b", false, 21), Ok(Joined::Returned));
-        s.next_generation(Vec::new());
+        s.next_generation(None);
         // The new agent joining the next generation is an ordinary join…
         assert_eq!(s.join(1, 2, 1, "b", false, 21), Ok(Joined::Waiting));
         // …and a node not yet rejoined may come back as a new process without harm.
@@ -372,7 +368,7 @@ mod tests {
             s.join(n, 3, 2, "h", false, 7).expect("join");
         }
         s.exclude(1, "lost".into());
-        s.next_generation(Vec::new());
+        s.next_generation(None);
         for n in [0, 2] {
             s.join(n, 3, 2, "h", false, 7).expect("rejoin");
         }

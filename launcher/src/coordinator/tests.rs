@@ -4,13 +4,11 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
 use tonic::Request;
 
-use super::detect::DetectPolicy;
-use super::recover::RecoveryPolicy;
 use super::{Coordinator, Settings};
-use crate::events::EventLog;
+use crate::config::LaunchOptions;
+use crate::events::{Event, EventLog, FaultKind, Record, Start};
 use crate::progress::StepDisplay;
 use crate::rpc;
 use crate::rpc::coordinator_server::Coordinator as _;
@@ -18,16 +16,30 @@ use crate::rpc::coordinator_server::Coordinator as _;
 const TIMEOUT: Duration = Duration::from_secs(1);
 
 fn coordinator(nnodes: usize, dir: &std::path::Path) -> Coordinator {
+    // The job file's defaults, as production runs them, with a short heartbeat timeout.
+    let policy = LaunchOptions {
+        heartbeat_interval_s: TIMEOUT.as_secs_f64() / 4.0,
+        heartbeat_timeout_s: TIMEOUT.as_secs_f64(),
+        rdzv_timeout_s: 10.0,
+        ..LaunchOptions::default()
+    };
+    let start = Start {
+        job: None,
+        model: None,
+        mode: None,
+        program: Some("test".into()),
+        args: Vec::new(),
+        world_size: 2 * nnodes,
+        nnodes,
+        nproc_per_node: 2,
+        plan: None,
+    };
     let settings = Settings {
         nnodes,
-        detect: DetectPolicy {
-            heartbeat_timeout: TIMEOUT,
-            ..Default::default()
-        },
-        recover: RecoveryPolicy::default(),
-        rdzv_timeout: Duration::from_secs(10),
-        start: json!({}),
+        policy,
+        start,
         display: StepDisplay::new(None),
+        first: None,
         replan: None,
     };
     let events = EventLog::open(&dir.join("events.jsonl")).expect("event log");
@@ -84,13 +96,21 @@ async fn beat_as(
         .into_inner()
 }
 
-fn events(dir: &std::path::Path, kind: &str) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("events.jsonl"))
+/// The records of `dir`'s event log that `pick` selects.
+fn events(dir: &std::path::Path, pick: impl Fn(&Event) -> bool) -> Vec<Record> {
+    crate::events::read(&dir.join("events.jsonl"))
         .expect("events")
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("json"))
-        .filter(|e| e["event"] == kind)
+        .into_iter()
+        .filter(|r| pick(&r.event))
         .collect()
+}
+
+fn fault(e: &Event) -> bool {
+    matches!(e, Event::Fault { .. })
+}
+
+fn restart(e: &Event) -> bool {
+    matches!(e, Event::Restart { .. })
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -100,21 +120,23 @@ async fn two_nodes_lost_together_cost_one_restart() {
     assert_eq!(join_all(&c, 3).await, [0, 0, 0]);
     // Nodes 1 and 2 fall silent together; node 0 beats on.
     let until = tokio::time::Instant::now() + 3 * TIMEOUT;
-    let mut restart = false;
-    while tokio::time::Instant::now() < until && !restart {
-        restart = beat(&c, 0, 0).await.restart;
+    let mut restarted = false;
+    while tokio::time::Instant::now() < until && !restarted {
+        restarted = beat(&c, 0, 0).await.restart;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(restart, "node 0 was told to restart");
-    let faults = events(dir.path(), "fault");
-    let nodes: Vec<&Value> = faults.iter().map(|f| &f["node"]).collect();
-    assert_eq!(nodes, [&json!(1), &json!(2)], "{faults:?}");
-    let restarts = events(dir.path(), "restart");
+    assert!(restarted, "node 0 was told to restart");
+    let faults = events(dir.path(), fault);
+    let nodes: Vec<Option<usize>> = faults.iter().map(|f| f.node).collect();
+    assert_eq!(nodes, [Some(1), Some(2)], "{faults:?}");
+    let restarts = events(dir.path(), restart);
     assert_eq!(restarts.len(), 1, "{restarts:?}");
-    assert_eq!(
-        (&restarts[0]["world"], &restarts[0]["nodes"]),
-        (&json!(2), &json!([0]))
-    );
+    match &restarts[0].event {
+        Event::Restart { world, nodes, .. } => {
+            assert_eq!((*world, nodes.as_slice()), (2, &[0][..]))
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(c.lock().state.restarts, 1);
 }
 
@@ -140,13 +162,19 @@ async fn an_agent_joining_again_as_a_new_process_restarts_the_generation_once() 
         .expect("node 1 joins")
         .into_inner();
     assert_eq!((again.into_inner().generation, back.generation), (1, 1));
-    let faults = events(dir.path(), "fault");
+    let faults = events(dir.path(), fault);
     assert_eq!(faults.len(), 1, "{faults:?}");
-    assert_eq!(
-        (&faults[0]["kind"], &faults[0]["node"]),
-        (&json!("agent_restart"), &json!(1))
+    assert!(
+        matches!(
+            faults[0].event,
+            Event::Fault {
+                kind: FaultKind::AgentRestart,
+                ..
+            }
+        ) && faults[0].node == Some(1),
+        "{faults:?}"
     );
-    assert_eq!(events(dir.path(), "restart").len(), 1);
+    assert_eq!(events(dir.path(), restart).len(), 1);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -157,9 +185,17 @@ async fn beats_from_an_agent_process_that_has_not_joined_vouch_for_nothing() {
     // Node 1's agent died; a new process beats before its join gets through.
     let until = tokio::time::Instant::now() + 3 * TIMEOUT;
     let lost = |dir: &std::path::Path| {
-        events(dir, "fault")
-            .iter()
-            .any(|f| f["kind"] == "lost_heartbeat" && f["node"] == 1)
+        events(dir, |e| {
+            matches!(
+                e,
+                Event::Fault {
+                    kind: FaultKind::LostHeartbeat,
+                    ..
+                }
+            )
+        })
+        .iter()
+        .any(|f| f.node == Some(1))
     };
     while tokio::time::Instant::now() < until && !lost(dir.path()) {
         beat(&c, 0, 0).await;
@@ -169,7 +205,7 @@ async fn beats_from_an_agent_process_that_has_not_joined_vouch_for_nothing() {
     assert!(
         lost(dir.path()),
         "node 1 is lost: {:?}",
-        events(dir.path(), "fault")
+        events(dir.path(), fault)
     );
 }
 
@@ -191,6 +227,6 @@ async fn an_agent_restarted_after_the_job_finished_is_told_so() {
         .expect("join")
         .into_inner();
     assert!(reply.finished, "{reply:?}");
-    assert!(events(dir.path(), "fault").is_empty());
-    assert!(events(dir.path(), "restart").is_empty());
+    assert!(events(dir.path(), fault).is_empty());
+    assert!(events(dir.path(), restart).is_empty());
 }

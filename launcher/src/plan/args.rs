@@ -9,6 +9,30 @@ use parallel::plan::{Job, LoraTargets, Mode, ModelShape, Precision, Space};
 use crate::config::JobConfig;
 use crate::error::{Error, Result};
 
+/// How `launch plan` prints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A table for people.
+    #[default]
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    #[default]
+    Full,
+    Lora,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    /// Mixed precision: bf16 compute, f32 master weights and AdamW state.
+    Bf16,
+    F32,
+}
+
 #[derive(Args, Debug, Default, Clone)]
 pub struct PlanArgs {
     /// A job file (its model, data.max_seq_len, training.global_batch, LoRA and launch
@@ -30,9 +54,8 @@ pub struct PlanArgs {
     /// Candidates to show, best first.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
-    /// table or json.
-    #[arg(long, default_value = "table")]
-    pub format: String,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
     /// Measure this machine (matmul rate, copy and loopback bandwidth) and print a
     /// profile (or write it to --out).
     #[arg(long)]
@@ -76,15 +99,14 @@ pub struct PlanArgs {
     /// LM head shares the embedding.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub tied: bool,
-    /// full or lora (adapters on every projection but the head).
-    #[arg(long, default_value = "full")]
-    pub mode: String,
+    /// Full fine-tuning, or LoRA with adapters on every projection but the head.
+    #[arg(long, value_enum, default_value_t = ModeArg::Full)]
+    pub mode: ModeArg,
     #[arg(long, default_value_t = 16)]
     pub lora_rank: usize,
-    /// bf16 (mixed precision, f32 master weights) or f32; default f32 for a job file
-    /// (what tidemill trains in), bf16 otherwise.
-    #[arg(long)]
-    pub precision: Option<String>,
+    /// Default f32 for a job file (what tidemill trains in), bf16 otherwise.
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
     /// Megatron's sequence parallelism with tp > 1.
     #[arg(long)]
     pub sequence_parallel: bool,
@@ -118,29 +140,29 @@ fn usage(flag: &str, message: impl Into<String>) -> Error {
 impl PlanArgs {
     /// The job as the cost model sees it, and the job file it came from (if any).
     pub fn job(&self) -> Result<(Job, Option<JobConfig>)> {
-        let precision = match self.precision.as_deref() {
-            None if self.config.is_some() => Precision::F32,
-            None | Some("bf16") => Precision::Bf16Mixed,
-            Some("f32") => Precision::F32,
-            Some(other) => {
-                return Err(usage(
-                    "--precision",
-                    format!("`{other}`: expected bf16 or f32"),
-                ))
-            }
-        };
-        if let Some(path) = &self.config {
-            let cfg = JobConfig::load(path, &self.set)?;
-            let model = trainer::ModelConfig::from_dir(&cfg.model.path)?;
-            let mut job = super::job_of(&cfg, &model);
-            job.precision = precision;
-            job.seq_len = self.seq_len.unwrap_or(job.seq_len);
-            job.global_batch = self.global_batch.unwrap_or(job.global_batch);
-            job.sequence_parallel |= self.sequence_parallel;
-            job.scatter_gather_sends = job.sequence_parallel;
-            job.validate().map_err(|e| usage("CONFIG", e))?;
-            return Ok((job, Some(cfg)));
+        match &self.config {
+            Some(path) => self.job_of_file(path),
+            None => Ok((self.job_of_dims()?, None)),
         }
+    }
+
+    fn job_of_file(&self, path: &std::path::Path) -> Result<(Job, Option<JobConfig>)> {
+        let cfg = JobConfig::load(path, &self.set)?;
+        let model = trainer::ModelConfig::from_dir(&cfg.model.path)?;
+        let mut job = super::job_of(&cfg, &model);
+        job.precision = match self.precision {
+            Some(PrecisionArg::Bf16) => Precision::Bf16Mixed,
+            Some(PrecisionArg::F32) | None => Precision::F32,
+        };
+        job.seq_len = self.seq_len.unwrap_or(job.seq_len);
+        job.global_batch = self.global_batch.unwrap_or(job.global_batch);
+        job.sequence_parallel |= self.sequence_parallel;
+        job.scatter_gather_sends = job.sequence_parallel;
+        job.validate().map_err(|e| usage("CONFIG", e))?;
+        Ok((job, Some(cfg)))
+    }
+
+    fn job_of_dims(&self) -> Result<Job> {
         let need = |flag: &str, v: Option<usize>| {
             v.filter(|&v| v > 0).ok_or_else(|| {
                 usage(
@@ -150,31 +172,11 @@ impl PlanArgs {
                 )
             })
         };
-        let hidden = need("--hidden", self.hidden)?;
-        let heads = need("--heads", self.heads)?;
-        let gated = self.gated_mlp;
-        let ffn = self.ffn.unwrap_or(if gated {
-            (hidden.saturating_mul(8) / 3).div_ceil(256) * 256
-        } else {
-            hidden.saturating_mul(4)
-        });
+        let model = self.model_shape(need("--hidden", self.hidden)?, need("--heads", self.heads)?);
         let model = ModelShape {
             layers: need("--layers", self.layers)?,
-            hidden,
-            heads,
-            kv_heads: self.kv_heads.unwrap_or(heads),
-            head_dim: self.head_dim.unwrap_or(hidden / heads),
-            ffn,
             vocab: need("--vocab", self.vocab)?,
-            experts: self.experts,
-            top_k: if self.experts > 0 { self.topk } else { 0 },
-            gated_mlp: gated,
-            tied_embeddings: self.tied,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
-            norm_bias: false,
-            dropout: false,
+            ..model
         };
         if model.kv_heads == 0 || model.head_dim == 0 || model.ffn == 0 {
             return Err(usage("--kv-heads/--head-dim/--ffn", "must be at least 1"));
@@ -185,30 +187,61 @@ impl PlanArgs {
                 format!("{} must be 1 to --experts ({})", self.topk, self.experts),
             ));
         }
-        let mode = match self.mode.as_str() {
-            "full" => Mode::Full,
-            "lora" if self.lora_rank > 0 => Mode::Lora {
+        let mode = match self.mode {
+            ModeArg::Full => Mode::Full,
+            ModeArg::Lora if self.lora_rank > 0 => Mode::Lora {
                 rank: self.lora_rank,
                 targets: LoraTargets {
                     head: false,
                     ..LoraTargets::all()
                 },
             },
-            "lora" => return Err(usage("--lora-rank", "must be at least 1")),
-            other => return Err(usage("--mode", format!("`{other}`: expected full or lora"))),
+            ModeArg::Lora => return Err(usage("--lora-rank", "must be at least 1")),
         };
         let job = Job {
             model,
             seq_len: need("--seq-len", self.seq_len)?,
             global_batch: need("--global-batch", self.global_batch)?,
             mode,
-            precision,
+            precision: match self.precision {
+                Some(PrecisionArg::F32) => Precision::F32,
+                Some(PrecisionArg::Bf16) | None => Precision::Bf16Mixed,
+            },
             sequence_parallel: self.sequence_parallel,
             scatter_gather_sends: self.sequence_parallel,
         };
         job.validate()
             .map_err(|e| usage("--layers/--hidden/…", e))?;
-        Ok((job, None))
+        Ok(job)
+    }
+
+    /// The model's shape from the dimensions given (layers and vocabulary filled in by the
+    /// caller).
+    fn model_shape(&self, hidden: usize, heads: usize) -> ModelShape {
+        let gated = self.gated_mlp;
+        let ffn = self.ffn.unwrap_or(if gated {
+            (hidden.saturating_mul(8) / 3).div_ceil(256) * 256
+        } else {
+            hidden.saturating_mul(4)
+        });
+        ModelShape {
+            layers: 0,
+            hidden,
+            heads,
+            kv_heads: self.kv_heads.unwrap_or(heads),
+            head_dim: self.head_dim.unwrap_or(hidden / heads),
+            ffn,
+            vocab: 0,
+            experts: self.experts,
+            top_k: if self.experts > 0 { self.topk } else { 0 },
+            gated_mlp: gated,
+            tied_embeddings: self.tied,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            norm_bias: false,
+            dropout: false,
+        }
     }
 
     /// The choices pinned on the command line (and, from a job file under strategy =
@@ -219,7 +252,7 @@ impl PlanArgs {
             None => Space::default(),
         };
         if let Some(c) = cfg {
-            if c.parallel.strategy != "auto" {
+            if c.parallel.strategy != trainer::Strategy::Auto {
                 space = Space {
                     no_recompute: true,
                     ..Space::default()

@@ -8,16 +8,17 @@ mod report;
 
 use std::time::Instant;
 
-use parallel::plan::{self, Hardware, Job, LoraTargets, Mode, Precision, Priced, Space};
-use serde_json::{json, Value};
+use parallel::plan::{self, Hardware, Job, LoraTargets, Mode, Precision, Space};
 use trainer::ModelConfig;
 
-use crate::config::JobConfig;
+use crate::config::{Device, JobConfig};
 use crate::error::{Error, Result};
-use crate::layout::ParallelSection;
+use crate::events::{AutoPick, PlanEvent};
+use serde::{Deserialize, Serialize};
+use trainer::{ParallelOptions, PipelineSchedule, Strategy};
 
-pub use args::PlanArgs;
-pub use report::{json_report, table};
+pub use args::{Format, PlanArgs};
+pub use report::{json_report, table, CandidateReport};
 
 /// The cost model's view of a job file: its model, sequence length, batch and mode, in
 /// f32 (what tidemill trains in).
@@ -65,18 +66,17 @@ pub fn lora_targets(names: &[String], moe: bool) -> LoraTargets {
 /// The hardware profile a job file plans for: `parallel.hardware`, else "cpu" for the CPU
 /// backend; GPU jobs must name theirs.
 pub fn job_hardware(cfg: &JobConfig, file: &std::path::Path) -> Result<Hardware> {
-    match (&cfg.parallel.hardware, cfg.job.device.as_str()) {
+    match (&cfg.parallel.hardware, cfg.job.device) {
         (Some(name), _) => profiles::load(name).map_err(|e| Error::Config {
             file: file.to_path_buf(),
             message: format!("parallel.hardware: {e}"),
         }),
-        (None, "cpu") => profiles::load("cpu"),
-        (None, device) => Err(Error::Config {
+        (None, Device::Cpu) => profiles::load("cpu"),
+        (None, Device::Cuda) => Err(Error::Config {
             file: file.to_path_buf(),
-            message: format!(
-                "parallel.hardware: strategy = \"auto\" on {device} needs a hardware profile \
-                 (a100-80g, h100-80g, h200, or a .toml file)"
-            ),
+            message: "parallel.hardware: strategy = \"auto\" on cuda needs a hardware profile \
+                      (a100-80g, h100-80g, h200, or a .toml file)"
+                .into(),
         }),
     }
 }
@@ -84,7 +84,7 @@ pub fn job_hardware(cfg: &JobConfig, file: &std::path::Path) -> Result<Hardware>
 /// The choices a job file pins under `strategy = "auto"`: dp, micro_batch and
 /// virtual_stages when given, tp/pp/ep when not 1, ZeRO-1 when on. The trainer does not
 /// recompute activations, so neither may the plan.
-pub fn pinned(p: &ParallelSection) -> Space {
+pub fn pinned(p: &ParallelOptions) -> Space {
     let not_one = |v: usize| (v != 1).then_some(v);
     Space {
         dp: p.dp,
@@ -99,69 +99,90 @@ pub fn pinned(p: &ParallelSection) -> Space {
     }
 }
 
-/// The layout `strategy = "auto"` picked, with its prediction.
-#[derive(Clone, Debug)]
-pub struct Chosen {
-    pub priced: Priced,
-    pub hardware: String,
-    pub considered: usize,
-    pub rejected: usize,
-    pub search_s: f64,
+/// The layout a generation of a job runs with, decided once (by `launch train` on node 0,
+/// or by the coordinator re-planning after a node is lost) and handed to every worker:
+/// `[parallel]` with every choice made (the strategy `manual`, dp and the micro-batch
+/// set), and under `strategy = "auto"` the search's pick.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decided {
+    pub parallel: ParallelOptions,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<AutoPick>,
 }
 
-impl Chosen {
-    /// The `plan` fields of the job's `start` event.
-    pub fn event(&self) -> Value {
-        let mut v = report::candidate_json(&self.priced);
-        if let Value::Object(m) = &mut v {
-            m.insert("strategy".into(), json!("auto"));
-            m.insert("hardware".into(), json!(self.hardware));
-            m.insert("considered".into(), json!(self.considered));
-            m.insert("rejected".into(), json!(self.rejected));
-            m.insert("search_s".into(), json!(self.search_s));
+impl Decided {
+    /// `cfg` with this layout in place.
+    pub fn apply(&self, cfg: &mut JobConfig) {
+        cfg.parallel = self.parallel.clone();
+        if let Some(m) = self.parallel.micro_batch {
+            cfg.training.micro_batch = m;
         }
-        v
+    }
+
+    /// The layout as the event log shows it, for a world of `world` ranks.
+    pub fn event(&self, world: usize) -> PlanEvent {
+        let p = &self.parallel;
+        let layout = p.layout(world, None).ok();
+        PlanEvent {
+            dp: layout.map_or(p.dp.unwrap_or(1), |l| l.dp),
+            tp: p.tp,
+            pp: p.pp,
+            ep: p.ep,
+            zero1: p.zero1,
+            sequence_parallel: p.sequence_parallel && p.tp > 1,
+            schedule: p.schedule,
+            virtual_stages: p.chunks(),
+            micro_batch: p.micro_batch.unwrap_or(1),
+            strategy: if self.auto.is_some() {
+                Strategy::Auto
+            } else {
+                Strategy::Manual
+            },
+            auto: self.auto.clone(),
+        }
     }
 }
 
-/// Under `strategy = "auto"`, the job file with the layout the search picks for `world`
-/// ranks (`local_world` per node) put in its place, and the pick; otherwise the job file
-/// as is. The best candidate the trainer accepts (every check `launch train` makes) wins;
-/// the search is deterministic, so every worker arrives at the launcher's pick.
-pub fn resolve(
+/// Decide the layout of `cfg` for `world` ranks (`local_world` per node): under
+/// `strategy = "auto"` the best candidate of the search that passes every check `launch
+/// train` makes; otherwise the job file's own. Errors name `file`.
+pub fn decide(
     cfg: &JobConfig,
     file: &std::path::Path,
     world: usize,
     local_world: usize,
-) -> Result<(JobConfig, Option<Chosen>)> {
-    if cfg.parallel.strategy != "auto" {
-        return Ok((cfg.clone(), None));
+) -> Result<Decided> {
+    let model = ModelConfig::from_dir(&cfg.model.path)?;
+    if cfg.parallel.strategy == Strategy::Manual {
+        let mut parallel = cfg.parallel.clone();
+        check(cfg, &parallel, &model, world, local_world).map_err(config_error(file))?;
+        parallel.dp = parallel.layout(world, Some(local_world)).ok().map(|l| l.dp);
+        parallel.micro_batch = Some(cfg.training.micro_batch);
+        return Ok(Decided {
+            parallel,
+            auto: None,
+        });
     }
     let started = Instant::now();
-    let model = ModelConfig::from_dir(&cfg.model.path)?;
     let mut hw = job_hardware(cfg, file)?;
     hw.gpus_per_node = local_world.max(1);
-    let job = job_of(cfg, &model);
-    let found = plan::search(&job, &hw, world, &pinned(&cfg.parallel));
+    let found = plan::search(&job_of(cfg, &model), &hw, world, &pinned(&cfg.parallel));
     let mut first_refusal = None;
     for priced in &found.candidates {
-        let resolved = apply(cfg, &priced.candidate);
-        let checked = resolved
-            .parallel
-            .layout(world, Some(local_world))
-            .and_then(|l| {
-                crate::layout::check_job(&resolved.parallel, &l, &model, &resolved.training)
-            });
-        match checked {
+        let parallel = apply(&cfg.parallel, &priced.candidate);
+        match check(cfg, &parallel, &model, world, local_world) {
             Ok(()) => {
-                let chosen = Chosen {
-                    priced: priced.clone(),
+                let auto = AutoPick {
+                    candidate: CandidateReport::of(priced),
                     hardware: hw.name.clone(),
                     considered: found.candidates.len(),
                     rejected: found.rejected.len(),
                     search_s: started.elapsed().as_secs_f64(),
                 };
-                return Ok((resolved, Some(chosen)));
+                return Ok(Decided {
+                    parallel,
+                    auto: Some(auto),
+                });
             }
             Err(e) => {
                 first_refusal.get_or_insert(format!("{}: {e}", priced.candidate));
@@ -176,40 +197,62 @@ pub fn resolve(
                 .map(|r| format!("{}: {}", r.layout, r.reason))
         })
         .unwrap_or_default();
-    Err(Error::Config {
-        file: file.to_path_buf(),
-        message: format!(
-            "parallel.strategy = \"auto\": no layout of {world} ranks fits this job on `{}` \
-             ({} considered, {} rejected; e.g. {why}); `launch plan` lists every reason",
-            hw.name,
-            found.candidates.len(),
-            found.rejected.len()
-        ),
-    })
+    Err(config_error(file)(format!(
+        "parallel.strategy = \"auto\": no layout of {world} ranks fits this job on `{}` \
+         ({} considered, {} rejected; e.g. {why}); `launch plan` lists every reason",
+        hw.name,
+        found.candidates.len(),
+        found.rejected.len()
+    )))
 }
 
-/// `cfg` with candidate `c`'s layout written into `[parallel]` (and its micro-batch into
-/// `[training]`).
-fn apply(cfg: &JobConfig, c: &plan::Candidate) -> JobConfig {
-    let mut out = cfg.clone();
-    let p = &mut out.parallel;
-    p.dp = Some(c.dp);
-    p.tp = c.tp;
-    p.pp = c.pp;
-    p.ep = c.ep;
-    p.zero1 = c.zero1;
-    p.micro_batch = Some(c.micro_batch);
-    if c.virtual_stages > 1 {
-        p.schedule = "interleaved".into();
-        p.virtual_stages = Some(c.virtual_stages);
-    } else {
-        // The plan priced 1F1B (GPipe would keep every micro-batch's activations).
-        p.schedule = "1f1b".into();
-        p.virtual_stages = None;
+fn config_error(file: &std::path::Path) -> impl Fn(String) -> Error + '_ {
+    move |message| Error::Config {
+        file: file.to_path_buf(),
+        message,
     }
-    p.stage_layers = None;
-    out.training.micro_batch = c.micro_batch;
-    out
+}
+
+/// Every check a layout must pass before any process starts: it uses the world (tensor-
+/// parallel groups inside nodes) and fits the model, the batch and the schedule.
+fn check(
+    cfg: &JobConfig,
+    parallel: &ParallelOptions,
+    model: &ModelConfig,
+    world: usize,
+    local_world: usize,
+) -> std::result::Result<(), String> {
+    let layout = parallel
+        .layout(world, Some(local_world))
+        .map_err(|e| format!("parallel: {e}"))?;
+    let mut training = cfg.training.clone();
+    if let Some(m) = parallel.micro_batch {
+        training.micro_batch = m;
+    }
+    parallel.check(&layout, model, &training)
+}
+
+/// `[parallel]` with candidate `c`'s choices written in.
+fn apply(p: &ParallelOptions, c: &plan::Candidate) -> ParallelOptions {
+    let interleaved = c.virtual_stages > 1;
+    ParallelOptions {
+        dp: Some(c.dp),
+        tp: c.tp,
+        pp: c.pp,
+        ep: c.ep,
+        zero1: c.zero1,
+        micro_batch: Some(c.micro_batch),
+        // The plan priced 1F1B (GPipe would keep every micro-batch's activations).
+        schedule: if interleaved {
+            PipelineSchedule::Interleaved
+        } else {
+            PipelineSchedule::OneFOneB
+        },
+        virtual_stages: interleaved.then_some(c.virtual_stages),
+        stage_layers: None,
+        strategy: Strategy::Manual,
+        ..p.clone()
+    }
 }
 
 /// `launch plan`: the report (table or JSON) to print, or with `--calibrate` the
@@ -224,12 +267,6 @@ pub fn run(args: &PlanArgs) -> Result<String> {
             return Ok(format!("wrote {}", out.display()));
         }
         return Ok(text);
-    }
-    if !["table", "json"].contains(&args.format.as_str()) {
-        return Err(Error::Config {
-            file: "--format".into(),
-            message: format!("`{}`: expected table or json", args.format),
-        });
     }
     let (job, cfg) = args.job()?;
     let mut hw = match (&args.hardware, &cfg) {
@@ -262,8 +299,8 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     let started = Instant::now();
     let found = plan::search(&job, &hw, world, &space);
     let search_s = started.elapsed().as_secs_f64();
-    Ok(match args.format.as_str() {
-        "json" => json_report(&found, args.top, &hw.name, search_s).to_string(),
-        _ => table(&found, args.top, &hw.name, search_s),
+    Ok(match args.format {
+        Format::Json => json_report(&found, args.top, &hw.name, search_s).to_string(),
+        Format::Table => table(&found, args.top, &hw.name, search_s),
     })
 }

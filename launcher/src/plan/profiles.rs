@@ -114,7 +114,7 @@ pub fn calibrate(workers: usize) -> Result<Hardware> {
 /// Best f32 matmul rate of the CPU backend, TFLOP/s.
 fn matmul_tflops() -> f64 {
     use burn::tensor::{Distribution, Tensor};
-    type B = crate::setup::Cpu;
+    type B = trainer::backend::Cpu;
     let device = Default::default();
     let mut best: f64 = 0.0;
     for n in [512usize, 768, 1024] {

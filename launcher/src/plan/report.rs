@@ -4,27 +4,79 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use parallel::plan::{Plan, Priced, GIB};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-/// One candidate as `launch plan --format json` lists it. Sizes (`*_gb`) are GiB (2³⁰
-/// bytes, as `nvidia-smi` counts), times seconds.
-pub fn candidate_json(p: &Priced) -> Value {
-    let (c, e) = (&p.candidate, &p.estimate);
-    json!({
-        "dp": c.dp, "tp": c.tp, "pp": c.pp, "ep": c.ep, "micro_batch": c.micro_batch,
-        "recompute": c.recompute, "zero1": c.zero1, "virtual_stages": c.virtual_stages,
-        "step_time_s": e.step_time_s, "tflops_per_gpu": e.tflops_per_gpu, "mfu": e.mfu,
-        "mem_gb_per_gpu": e.memory.total() / GIB,
-        "breakdown": {
-            "pipeline_s": e.pipeline_s, "bubble_s": e.bubble_s, "tp_comm_s": e.tp_comm_s,
-            "ep_comm_s": e.ep_comm_s, "pp_comm_s": e.pp_comm_s, "dp_comm_s": e.dp_comm_s,
-            "optimizer_s": e.optimizer_s,
-            "weights_gb": e.memory.weights / GIB, "grads_gb": e.memory.grads / GIB,
-            "optimizer_gb": e.memory.optimizer / GIB,
-            "activations_gb": e.memory.activations / GIB,
-            "reserved_gb": e.memory.reserved / GIB,
-        },
-    })
+/// One candidate as `launch plan --format json` lists it (and the `start` event of a job
+/// under `strategy = "auto"`). Sizes (`*_gb`) are GiB (2³⁰ bytes, as `nvidia-smi`
+/// counts), times seconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidateReport {
+    pub dp: usize,
+    pub tp: usize,
+    pub pp: usize,
+    pub ep: usize,
+    pub micro_batch: usize,
+    pub recompute: bool,
+    pub zero1: bool,
+    pub virtual_stages: usize,
+    pub step_time_s: f64,
+    pub tflops_per_gpu: f64,
+    pub mfu: f64,
+    pub mem_gb_per_gpu: f64,
+    pub breakdown: Breakdown,
+}
+
+/// Where a candidate's step time and memory go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Breakdown {
+    pub pipeline_s: f64,
+    pub bubble_s: f64,
+    pub tp_comm_s: f64,
+    pub ep_comm_s: f64,
+    pub pp_comm_s: f64,
+    pub dp_comm_s: f64,
+    pub optimizer_s: f64,
+    pub weights_gb: f64,
+    pub grads_gb: f64,
+    pub optimizer_gb: f64,
+    pub activations_gb: f64,
+    pub reserved_gb: f64,
+}
+
+impl CandidateReport {
+    pub fn of(p: &Priced) -> Self {
+        let (c, e) = (&p.candidate, &p.estimate);
+        let m = &e.memory;
+        Self {
+            dp: c.dp,
+            tp: c.tp,
+            pp: c.pp,
+            ep: c.ep,
+            micro_batch: c.micro_batch,
+            recompute: c.recompute,
+            zero1: c.zero1,
+            virtual_stages: c.virtual_stages,
+            step_time_s: e.step_time_s,
+            tflops_per_gpu: e.tflops_per_gpu,
+            mfu: e.mfu,
+            mem_gb_per_gpu: m.total() / GIB,
+            breakdown: Breakdown {
+                pipeline_s: e.pipeline_s,
+                bubble_s: e.bubble_s,
+                tp_comm_s: e.tp_comm_s,
+                ep_comm_s: e.ep_comm_s,
+                pp_comm_s: e.pp_comm_s,
+                dp_comm_s: e.dp_comm_s,
+                optimizer_s: e.optimizer_s,
+                weights_gb: m.weights / GIB,
+                grads_gb: m.grads / GIB,
+                optimizer_gb: m.optimizer / GIB,
+                activations_gb: m.activations / GIB,
+                reserved_gb: m.reserved / GIB,
+            },
+        }
+    }
 }
 
 /// `{"world","hardware","search_s","considered","candidates":[…best first, top K],
@@ -35,7 +87,7 @@ pub fn json_report(plan: &Plan, top: usize, hardware: &str, search_s: f64) -> Va
         "hardware": hardware,
         "search_s": search_s,
         "considered": plan.candidates.len(),
-        "candidates": plan.candidates.iter().take(top).map(candidate_json).collect::<Vec<_>>(),
+        "candidates": plan.candidates.iter().take(top).map(CandidateReport::of).collect::<Vec<_>>(),
         "rejected": plan.rejected,
     })
 }

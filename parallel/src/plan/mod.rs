@@ -34,7 +34,7 @@ pub use cost::{
     balance, estimate, owned_state, rank_layers, state_memory, Candidate, Estimate, Job, Memory,
 };
 pub use hardware::{human_bytes, Hardware, GIB};
-pub use search::{check_layout, search, Plan, Priced, Rejection, Space, MAX_WORLD};
+pub use search::{search, Plan, Priced, Rejection, Space, MAX_WORLD};
 pub use shape::{LoraTargets, Mode, ModelShape, Params, Precision, Share};
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::cost::{balance, estimate, Candidate, Estimate, Job};
 use super::hardware::{human_bytes, Hardware};
+use crate::{Layout, LayoutError};
 
 /// What the search may vary; `Some` fixes a choice (to price one layout).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -76,63 +77,29 @@ fn layout_name(dp: usize, tp: usize, pp: usize, ep: usize) -> String {
     format!("dp={dp} tp={tp} pp={pp} ep={ep}")
 }
 
-/// Why the model, the node or the batch rules out tp/pp/ep (dp follows), if they do.
-pub fn check_layout(
+/// The layout of tp/pp/ep over `world` devices of `hw`, or why the model, the node or
+/// the batch rules it out (dp follows): the checks `launch train` makes.
+fn layout_for(
     job: &Job,
     hw: &Hardware,
-    dp: usize,
+    world: usize,
     tp: usize,
     pp: usize,
     ep: usize,
-) -> Option<String> {
-    let m = &job.model;
-    let divides = |what: &str, n: usize| {
-        (!n.is_multiple_of(tp)).then(|| format!("tp={tp} must divide the {what} ({n})"))
+) -> Result<Layout, LayoutError> {
+    let layout = Layout::for_world(None, tp, pp, ep, world, Some(hw.gpus_per_node))?;
+    layout.check_model(&job.model)?;
+    layout.check_batch(job.global_batch, 1)?;
+    Ok(layout)
+}
+
+/// A tp/pp/ep choice that does not divide the world, refused with the layout's words.
+fn refusal(layout: String, world: usize, tp: usize, pp: usize, ep: usize) -> Rejection {
+    let reason = match Layout::for_world(None, tp, pp, ep, world, None) {
+        Err(e) => e.to_string(),
+        Ok(_) => format!("{layout} does not divide the {world} devices"),
     };
-    divides("attention heads", m.heads)
-        .or_else(|| {
-            (!(m.kv_heads.is_multiple_of(tp) || tp.is_multiple_of(m.kv_heads))).then(|| {
-                format!(
-                    "tp={tp} must divide the key/value heads ({}) or be a multiple of them",
-                    m.kv_heads
-                )
-            })
-        })
-        .or_else(|| divides("MLP width", m.ffn))
-        .or_else(|| divides("vocabulary", m.vocab))
-        .or_else(|| {
-            (tp > hw.gpus_per_node || !hw.gpus_per_node.is_multiple_of(tp)).then(|| {
-                format!(
-                    "tp={tp} must divide the {} devices of a node (tensor-parallel groups stay \
-                     inside one)",
-                    hw.gpus_per_node
-                )
-            })
-        })
-        .or_else(|| match m.experts {
-            0 if ep > 1 => Some(format!("ep={ep} needs a mixture-of-experts model")),
-            e if e > 0 && !e.is_multiple_of(ep) => {
-                Some(format!("ep={ep} must divide the experts ({e})"))
-            }
-            _ => None,
-        })
-        .or_else(|| {
-            (pp > m.layers).then(|| {
-                format!(
-                    "pp={pp} cannot exceed the layers ({}): every stage needs one",
-                    m.layers
-                )
-            })
-        })
-        .or_else(|| {
-            (!job.global_batch.is_multiple_of(dp * ep)).then(|| {
-                format!(
-                    "the global batch ({}) must split evenly over dp×ep = {} data ranks",
-                    job.global_batch,
-                    dp * ep
-                )
-            })
-        })
+    Rejection { layout, reason }
 }
 
 /// Search `world` devices of `hw` for `job`, within `space`.
@@ -164,30 +131,24 @@ pub fn search(job: &Job, hw: &Hardware, world: usize, space: &Space) -> Plan {
     };
     for tp in pick(space.tp, divisors(world)) {
         if !world.is_multiple_of(tp) {
-            rejected.push(Rejection {
-                layout: format!("tp={tp}"),
-                reason: format!("tp={tp} does not divide the {world} devices"),
-            });
+            rejected.push(refusal(format!("tp={tp}"), world, tp, 1, 1));
             continue;
         }
         for pp in pick(space.pp, divisors(world / tp)) {
             if !(world / tp).is_multiple_of(pp) {
-                rejected.push(Rejection {
-                    layout: format!("tp={tp} pp={pp}"),
-                    reason: format!("tp×pp = {} does not divide the {world} devices", tp * pp),
-                });
+                rejected.push(refusal(format!("tp={tp} pp={pp}"), world, tp, pp, 1));
                 continue;
             }
             for ep in pick(space.ep, divisors(world / tp / pp)) {
                 let rest = world / tp / pp;
                 if !rest.is_multiple_of(ep) {
-                    rejected.push(Rejection {
-                        layout: format!("tp={tp} pp={pp} ep={ep}"),
-                        reason: format!(
-                            "tp×pp×ep = {} does not divide the {world} devices",
-                            tp * pp * ep
-                        ),
-                    });
+                    rejected.push(refusal(
+                        format!("tp={tp} pp={pp} ep={ep}"),
+                        world,
+                        tp,
+                        pp,
+                        ep,
+                    ));
                     continue;
                 }
                 let dp = rest / ep;
@@ -195,10 +156,10 @@ pub fn search(job: &Job, hw: &Hardware, world: usize, space: &Space) -> Plan {
                 if space.dp.is_some_and(|d| d != dp) {
                     continue;
                 }
-                if let Some(reason) = check_layout(job, hw, dp, tp, pp, ep) {
+                if let Err(e) = layout_for(job, hw, world, tp, pp, ep) {
                     rejected.push(Rejection {
                         layout: name,
-                        reason,
+                        reason: e.to_string(),
                     });
                     continue;
                 }

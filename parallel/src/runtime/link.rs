@@ -12,54 +12,98 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// What a worker sends its agent.
+/// What a worker sends its agent. `E` is the job's event type: the worker's code writes
+/// typed events (tidemill's `launcher::events::Event`, or a user program's own) and the
+/// coordinator reads them back as that type; in between, the agent relays each line as
+/// written, reading only its kind (`E` = [`Relayed`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum ToAgent {
+pub enum ToAgent<E> {
     Hello {
         rank: usize,
         data_addr: String,
         pid: u32,
     },
-    /// Sent after every optimizer step and on phase changes.
+    /// Sent after every optimizer step.
     Progress(Progress),
     /// Sent by the reporter's thread every [`POSITION_EVERY`], also while the worker is
     /// blocked in a collective (a stopped process sends nothing).
     Position(Position),
-    /// A job event for `events.jsonl` (audit, eval, export, done...).
-    Event {
+    /// The worker entered a phase.
+    Phase {
         rank: usize,
-        event: String,
-        fields: serde_json::Value,
+        phase: Phase,
+        step: u64,
     },
+    /// A job event for `events.jsonl`.
+    Event { rank: usize, event: E },
     /// Why this worker is about to exit non-zero.
     Error { rank: usize, message: String },
 }
 
-/// A worker's progress.
+/// An event the agent relays without reading it.
+pub type Relayed = serde::de::IgnoredAny;
+
+/// What a worker is doing: the coordinator looks for hangs only while every rank trains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Loading, sharding, resuming: before the first step.
+    #[default]
+    Setup,
+    Train,
+    Eval,
+    Export,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Setup => "setup",
+            Phase::Train => "train",
+            Phase::Eval => "eval",
+            Phase::Export => "export",
+        }
+    }
+}
+
+/// What one optimizer step did, as the trainer reports it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// 1-based number of the step just taken.
+    pub step: u64,
+    /// Mean cross-entropy over the supervised tokens of the global batch.
+    pub loss: f64,
+    pub lr: f64,
+    /// Gradient L2 norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed (padding excluded) and supervised, in the global batch.
+    pub tokens: usize,
+    pub supervised_tokens: usize,
+    /// Seconds the step took, and tokens per second over it.
+    pub step_time: f64,
+    pub tokens_per_s: f64,
+    /// Gradient elements this rank computed, parameter elements it holds, and elements it
+    /// keeps AdamW state for (its share under ZeRO-1).
+    pub grad_elems: usize,
+    pub param_elems: usize,
+    pub optimizer_state_elems: usize,
+}
+
+/// A worker's progress after a step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     pub rank: usize,
-    /// Optimizer steps done.
-    pub step: u64,
-    /// Loss of the last step (NaN before the first).
-    pub loss: f64,
-    /// "setup", "train", "eval", "export", ...
-    pub phase: String,
-    /// Collectives issued on the world group so far.
+    pub phase: Phase,
+    /// Collectives issued on the data-parallel group so far.
     pub seq: u64,
-    /// Seconds the last step took.
-    pub step_time: f64,
     /// Seconds since the previous step's report not spent waiting in collectives (what a
     /// slow rank has more of; its peers wait for it).
-    #[serde(default)]
     pub busy: f64,
     /// Collectives this process has entered (see [`crate::runtime::position`]).
-    #[serde(default)]
     pub collectives: u64,
-    /// Anything else for the event log (lr, grad norm, tokens...).
-    #[serde(default)]
-    pub extra: serde_json::Value,
+    #[serde(flatten)]
+    pub stats: StepReport,
 }
 
 /// How often a worker says where it is.
@@ -71,7 +115,7 @@ pub struct Position {
     pub rank: usize,
     /// Optimizer steps done.
     pub step: u64,
-    pub phase: String,
+    pub phase: Phase,
     /// Collectives entered, the kind of the last, and whether the worker is inside it.
     pub collectives: u64,
     pub collective: String,
@@ -102,7 +146,7 @@ pub(crate) fn hello(
     timeout: Duration,
 ) -> Result<(Vec<SocketAddr>, u64)> {
     let lost = |e: std::io::Error| Error::Connect(format!("talking to the agent: {e}"));
-    let msg = ToAgent::Hello {
+    let msg = ToAgent::<()>::Hello {
         rank,
         data_addr: data_addr.to_string(),
         pid: std::process::id(),
@@ -131,27 +175,49 @@ mod tests {
 
     #[test]
     fn messages_are_tagged_json_lines() {
-        let p = ToAgent::Progress(Progress {
+        let p: ToAgent<()> = ToAgent::Progress(Progress {
             rank: 1,
-            step: 3,
-            loss: 2.5,
-            phase: "train".into(),
+            phase: Phase::Train,
             seq: 40,
-            step_time: 0.25,
             busy: 0.2,
             collectives: 41,
-            extra: serde_json::json!({"lr": 1e-3}),
+            stats: StepReport {
+                step: 3,
+                loss: 2.5,
+                lr: 1e-3,
+                step_time: 0.25,
+                ..Default::default()
+            },
         });
         let mut buf = Vec::new();
         write_line(&mut buf, &p).expect("write");
         let text = String::from_utf8(buf).expect("utf8");
         assert!(
-            text.ends_with('\n') && text.contains("\"type\":\"progress\""),
+            text.ends_with('\n')
+                && text.contains("\"type\":\"progress\"")
+                && text.contains("\"loss\":2.5"),
             "{text}"
         );
         assert_eq!(
-            serde_json::from_str::<ToAgent>(text.trim()).expect("parse"),
+            serde_json::from_str::<ToAgent<()>>(text.trim()).expect("parse"),
             p
         );
+        // An event travels as the worker wrote it and is read back as its own type.
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "event", rename_all = "snake_case")]
+        enum Mine {
+            Done { seconds: f64 },
+        }
+        let line = serde_json::to_string(&ToAgent::Event {
+            rank: 0,
+            event: &Mine::Done { seconds: 1.5 },
+        })
+        .expect("line");
+        let relayed: ToAgent<Relayed> = serde_json::from_str(&line).expect("relayed");
+        assert!(matches!(relayed, ToAgent::Event { rank: 0, .. }));
+        match serde_json::from_str::<ToAgent<Mine>>(&line).expect("typed") {
+            ToAgent::Event { rank: 0, event } => assert_eq!(event, Mine::Done { seconds: 1.5 }),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -13,8 +13,8 @@
 //! let ctx = parallel::init().expect("launched by `launch run`");
 //! let mut x = vec![ctx.rank as f32];
 //! ctx.comm.all_reduce(&mut x, ReduceOp::Sum).expect("all_reduce");
-//! let mut reporter = ctx.reporter;
-//! reporter.step(1, x[0] as f64, 0.1, 1, serde_json::json!({}));
+//! // The trainer reports its steps itself; events of your own go the same way.
+//! ctx.reporter.event(&serde_json::json!({"event": "hello", "sum": x[0]}));
 //! ```
 //!
 //! Run without a launcher (no `RANK` in the environment) it returns a world of one.
@@ -28,14 +28,15 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use reporter::Reporter;
+pub use link::{Phase, Relayed, StepReport, ToAgent};
+pub use reporter::{install, report, set_phase, Report, Reporter, Sink};
 
 use crate::comm::{Communicator, SoloComm};
 use crate::error::{Error, Result};
 use crate::tcp::{TcpComm, TcpOptions};
 
 /// One worker's place in the job.
-pub struct Context {
+pub struct RankContext {
     pub rank: usize,
     pub world_size: usize,
     pub local_rank: usize,
@@ -45,11 +46,12 @@ pub struct Context {
     pub generation: u64,
     /// The world group on the data plane.
     pub comm: Arc<dyn Communicator>,
-    /// Progress and events to the agent (a no-op without one).
+    /// Progress and events to the agent (a no-op without one); also the process's
+    /// reporter ([`report`]) until this is dropped.
     pub reporter: Reporter,
 }
 
-impl Context {
+impl RankContext {
     /// A world of one, no agent.
     pub fn solo() -> Self {
         Self {
@@ -67,9 +69,9 @@ impl Context {
 
 /// The rank context from the environment a launcher set; a world of one when `RANK` is
 /// not set.
-pub fn init() -> Result<Context> {
+pub fn init() -> Result<RankContext> {
     let Some(vars) = env::WorkerEnv::from_env()? else {
-        return Ok(Context::solo());
+        return Ok(RankContext::solo());
     };
     let listener = TcpListener::bind((vars.data_host.as_str(), 0)).map_err(|e| {
         Error::Connect(format!(
@@ -102,7 +104,7 @@ pub fn init() -> Result<Context> {
         Ok(c) => c,
         Err(e) => {
             // Tell the agent why, so the job's fault says more than an exit status.
-            let why = link::ToAgent::Error {
+            let why = link::ToAgent::<()>::Error {
                 rank: vars.rank,
                 message: e.to_string(),
             };
@@ -110,8 +112,16 @@ pub fn init() -> Result<Context> {
             return Err(e);
         }
     };
-    let reporter = Reporter::start(agent, vars.rank);
-    Ok(Context {
+    let mut out = std::io::BufWriter::new(agent);
+    let sink: Sink = Box::new(move |line| {
+        use std::io::Write;
+        out.write_all(line.as_bytes())?;
+        out.write_all(b"\n")?;
+        out.flush()
+    });
+    let reporter = Reporter::start(vars.rank, sink);
+    install(&reporter);
+    Ok(RankContext {
         rank: vars.rank,
         world_size: vars.world_size,
         local_rank: vars.local_rank,

@@ -1,13 +1,18 @@
-//! Where this process is in the job's collectives, for the coordinator's detectors: how
-//! many collectives it has entered (on any group), the kind of the last, whether it is
-//! inside one now, and the seconds it has spent inside them. The communicators update it
-//! on every call; the reporter's background thread reads it, so a rank blocked in a
-//! collective still says where it is, and a stopped process goes silent.
+//! Where this process is, for the coordinator's detectors: its phase and the steps it has
+//! taken (the trainer sets them), how many collectives it has entered (on any group), the
+//! kind of the last, whether it is inside one now, and the seconds it has spent inside
+//! them (the communicators update these on every call). The reporter's background thread
+//! reads it, so a rank blocked in a collective still says where it is, and a stopped
+//! process goes silent.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use super::link::Phase;
+
+static PHASE: AtomicU8 = AtomicU8::new(0);
+static STEP: AtomicU64 = AtomicU64::new(0);
 static ENTERED: AtomicU64 = AtomicU64::new(0);
 static INSIDE: AtomicU64 = AtomicU64::new(0);
 static WAITED_NS: AtomicU64 = AtomicU64::new(0);
@@ -39,6 +44,33 @@ impl Drop for InCollective {
         WAITED_NS.fetch_add(ns, Ordering::Relaxed);
         INSIDE.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+const PHASES: [Phase; 4] = [Phase::Setup, Phase::Train, Phase::Eval, Phase::Export];
+
+/// Enter `phase`; returns the phase left.
+pub(crate) fn set_phase(phase: Phase) -> Phase {
+    let index = PHASES.iter().position(|&p| p == phase).unwrap_or(0);
+    let before = PHASE.swap(index as u8, Ordering::Relaxed);
+    PHASES.get(usize::from(before)).copied().unwrap_or_default()
+}
+
+/// The phase this process is in.
+pub fn phase() -> Phase {
+    PHASES
+        .get(usize::from(PHASE.load(Ordering::Relaxed)))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// Record that `step` optimizer steps are done.
+pub(crate) fn set_step(step: u64) {
+    STEP.store(step, Ordering::Relaxed);
+}
+
+/// Optimizer steps done.
+pub fn step() -> u64 {
+    STEP.load(Ordering::Relaxed)
 }
 
 /// This process's position at a moment.

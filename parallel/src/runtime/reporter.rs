@@ -1,161 +1,136 @@
 //! Progress reporting that never blocks training: messages go into an unbounded channel
-//! and a background thread writes them to the agent. If the agent is gone, they are dropped.
-//! The same thread sends the worker's [`Position`] every [`POSITION_EVERY`], so the
-//! coordinator hears from a rank blocked in a collective (and not from a stopped one).
+//! and a background thread hands them, one JSON line each, to a sink — the node agent's
+//! link for a launched worker, or whatever a process running alone installs (`launch
+//! train`'s single-process mode writes its event log). If the sink is gone they are
+//! dropped. The same thread sends the worker's [`Position`] every [`POSITION_EVERY`], so
+//! the coordinator hears from a rank blocked in a collective (and not from a stopped one).
+//!
+//! The process has one reporter: [`init`](super::init) (or [`install`]) puts it in place,
+//! and the trainer reports its steps and phases to it by itself ([`report`]); a custom
+//! training loop needs no reporting code.
 
-use std::io::BufWriter;
-use std::net::TcpStream;
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::link::{write_line, Position, Progress, ToAgent, POSITION_EVERY};
+use serde::Serialize;
+
+use super::link::{Phase, Position, Progress, StepReport, ToAgent, POSITION_EVERY};
 use super::position;
 
-/// Sends progress and events to the node agent.
-pub struct Reporter {
-    tx: Option<Sender<ToAgent>>,
-    thread: Option<JoinHandle<()>>,
+/// Where the reporter's lines go.
+pub type Sink = Box<dyn FnMut(&str) -> std::io::Result<()> + Send>;
+
+enum Msg {
+    Line(String),
+    Stop,
+}
+
+/// A cheap handle to the process's reporter; every method returns at once.
+#[derive(Clone, Default)]
+pub struct Report {
+    tx: Option<Sender<Msg>>,
     rank: usize,
-    phase: String,
-    step: u64,
-    loss: f64,
-    /// Phase and step, for the thread's position reports.
-    shared: Arc<Mutex<(String, u64)>>,
     /// When the previous step was reported, and the collective wait by then.
-    last_step: (Instant, f64),
+    last_step: Arc<Mutex<Option<(Instant, f64)>>>,
+}
+
+/// The process's reporter: its thread runs until this is dropped (or [`Reporter::flush`]ed),
+/// which sends what is queued first.
+pub struct Reporter {
+    report: Report,
+    thread: Option<JoinHandle<()>>,
+}
+
+static CURRENT: Mutex<Option<Report>> = Mutex::new(None);
+
+fn current() -> std::sync::MutexGuard<'static, Option<Report>> {
+    CURRENT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The process's reporter (one that drops everything when none is installed).
+pub fn report() -> Report {
+    current().clone().unwrap_or_default()
+}
+
+/// Make `reporter` the process's reporter (the previous one stops receiving).
+pub fn install(reporter: &Reporter) {
+    *current() = Some(reporter.report.clone());
+}
+
+/// Enter `phase` (returning the phase left): the coordinator hears of it (hangs are looked
+/// for only while every rank trains). The trainer calls this itself.
+pub fn set_phase(phase: Phase) -> Phase {
+    let before = position::set_phase(phase);
+    if before != phase {
+        let r = report();
+        r.send(&ToAgent::<()>::Phase {
+            rank: r.rank,
+            phase,
+            step: position::step(),
+        });
+    }
+    before
 }
 
 impl Reporter {
     /// A reporter that drops everything (no launcher).
     pub fn disabled() -> Self {
         Self {
-            tx: None,
+            report: Report::default(),
             thread: None,
-            rank: 0,
-            phase: "setup".into(),
-            step: 0,
-            loss: f64::NAN,
-            shared: Arc::default(),
-            last_step: (Instant::now(), 0.0),
         }
     }
 
-    pub(crate) fn start(agent: TcpStream, rank: usize) -> Self {
-        let (tx, rx) = channel::<ToAgent>();
-        let shared = Arc::new(Mutex::new(("setup".to_string(), 0u64)));
-        let seen = shared.clone();
+    /// A reporter for `rank` whose lines go to `sink`, from a thread of its own.
+    pub fn start(rank: usize, mut sink: Sink) -> Self {
+        let (tx, rx) = channel::<Msg>();
         let thread = std::thread::Builder::new()
             .name("tidemill-reporter".into())
             .spawn(move || {
-                let mut out = BufWriter::new(agent);
                 let mut next_position = Instant::now() + POSITION_EVERY;
                 loop {
                     let wait = next_position.saturating_duration_since(Instant::now());
-                    let msg = match rx.recv_timeout(wait) {
-                        Ok(msg) => msg,
+                    let line = match rx.recv_timeout(wait) {
+                        Ok(Msg::Line(line)) => line,
+                        Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                         Err(RecvTimeoutError::Timeout) => {
                             next_position = Instant::now() + POSITION_EVERY;
-                            where_now(rank, &seen)
+                            match serde_json::to_string(&where_now(rank)) {
+                                Ok(line) => line,
+                                Err(_) => continue,
+                            }
                         }
-                        Err(RecvTimeoutError::Disconnected) => break,
                     };
-                    if write_line(&mut out, &msg).is_err() {
+                    if sink(&line).is_err() {
                         break;
                     }
                 }
             })
             .ok();
         Self {
-            tx: Some(tx),
+            report: Report {
+                tx: Some(tx),
+                rank,
+                last_step: Arc::default(),
+            },
             thread,
-            rank,
-            phase: "setup".into(),
-            step: 0,
-            loss: f64::NAN,
-            shared,
-            last_step: (Instant::now(), position::snapshot().waited_s),
         }
     }
 
-    fn share(&self) {
-        *self
-            .shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = (self.phase.clone(), self.step);
-    }
-
-    fn send(&self, msg: ToAgent) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(msg);
-        }
-    }
-
-    /// Report a finished optimizer step: its loss, how long it took, the world group's
-    /// collective sequence number; `extra` (an object) goes into the event log.
-    pub fn step(
-        &mut self,
-        step: u64,
-        loss: f64,
-        step_time: f64,
-        seq: u64,
-        extra: serde_json::Value,
-    ) {
-        self.step = step;
-        self.loss = loss;
-        self.share();
-        let now = (Instant::now(), position::snapshot());
-        let period = now
-            .0
-            .saturating_duration_since(self.last_step.0)
-            .as_secs_f64();
-        let busy = (period - (now.1.waited_s - self.last_step.1)).max(0.0);
-        self.last_step = (now.0, now.1.waited_s);
-        self.send(ToAgent::Progress(Progress {
-            rank: self.rank,
-            step: self.step,
-            loss: self.loss,
-            phase: self.phase.clone(),
-            seq,
-            step_time,
-            busy,
-            collectives: now.1.entered,
-            extra,
-        }));
-    }
-
-    /// Enter a phase ("train", "eval", "export"...).
-    pub fn phase(&mut self, phase: &str) {
-        self.phase = phase.into();
-        self.share();
-        self.send(ToAgent::Event {
-            rank: self.rank,
-            event: "phase".into(),
-            fields: serde_json::json!({"phase": phase, "step": self.step}),
-        });
-    }
-
-    /// A job event for `events.jsonl` (`fields` is an object).
-    pub fn event(&self, event: &str, fields: serde_json::Value) {
-        self.send(ToAgent::Event {
-            rank: self.rank,
-            event: event.into(),
-            fields,
-        });
-    }
-
-    /// Tell the agent why this worker is failing; call before exiting non-zero.
-    pub fn error(&self, message: &str) {
-        self.send(ToAgent::Error {
-            rank: self.rank,
-            message: message.into(),
-        });
+    /// A handle to this reporter.
+    pub fn report(&self) -> &Report {
+        &self.report
     }
 
     /// Send what is queued (waiting at most `timeout`) and stop the thread.
     pub fn flush(&mut self, timeout: Duration) {
-        self.tx = None;
+        if let Some(tx) = self.report.tx.take() {
+            let _ = tx.send(Msg::Stop);
+        }
         if let Some(thread) = self.thread.take() {
             let deadline = Instant::now() + timeout;
             while !thread.is_finished() && Instant::now() < deadline {
@@ -168,25 +143,81 @@ impl Reporter {
     }
 }
 
-/// The position message the reporter's thread sends when it has nothing else to.
-fn where_now(rank: usize, shared: &Mutex<(String, u64)>) -> ToAgent {
-    let (phase, step) = shared
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    let p = position::snapshot();
-    ToAgent::Position(Position {
-        rank,
-        step,
-        phase,
-        collectives: p.entered,
-        collective: p.last.to_string(),
-        inside: p.inside,
-    })
+impl std::ops::Deref for Reporter {
+    type Target = Report;
+    fn deref(&self) -> &Report {
+        &self.report
+    }
 }
 
 impl Drop for Reporter {
     fn drop(&mut self) {
         self.flush(Duration::from_secs(2));
     }
+}
+
+impl Report {
+    fn send<E: Serialize>(&self, msg: &ToAgent<E>) {
+        if let Some(tx) = &self.tx {
+            if let Ok(line) = serde_json::to_string(msg) {
+                let _ = tx.send(Msg::Line(line));
+            }
+        }
+    }
+
+    /// Report a finished optimizer step; `seq` is the data-parallel group's collective
+    /// count. The trainer calls this itself after every step.
+    pub fn step(&self, stats: &StepReport, seq: u64) {
+        position::set_step(stats.step);
+        let now = (Instant::now(), position::snapshot());
+        let mut last = self
+            .last_step
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (before, waited) = last.unwrap_or((now.0, now.1.waited_s));
+        let period = now.0.saturating_duration_since(before).as_secs_f64();
+        let busy = if last.is_some() {
+            (period - (now.1.waited_s - waited)).max(0.0)
+        } else {
+            stats.step_time
+        };
+        *last = Some((now.0, now.1.waited_s));
+        self.send(&ToAgent::<()>::Progress(Progress {
+            rank: self.rank,
+            phase: position::phase(),
+            seq,
+            busy,
+            collectives: now.1.entered,
+            stats: stats.clone(),
+        }));
+    }
+
+    /// A job event for `events.jsonl`, of the job's own event type.
+    pub fn event<E: Serialize>(&self, event: &E) {
+        self.send(&ToAgent::Event {
+            rank: self.rank,
+            event,
+        });
+    }
+
+    /// Tell the agent why this worker is failing; call before exiting non-zero.
+    pub fn error(&self, message: &str) {
+        self.send(&ToAgent::<()>::Error {
+            rank: self.rank,
+            message: message.into(),
+        });
+    }
+}
+
+/// The position message the reporter's thread sends when it has nothing else to.
+fn where_now(rank: usize) -> ToAgent<()> {
+    let p = position::snapshot();
+    ToAgent::Position(Position {
+        rank,
+        step: position::step(),
+        phase: position::phase(),
+        collectives: p.entered,
+        collective: p.last.to_string(),
+        inside: p.inside,
+    })
 }

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::DataError;
 use super::pack::Row;
@@ -14,7 +14,7 @@ use super::tokenize::Sample;
 const SHOWN_LINES: usize = 5;
 
 /// Summary of a loaded dataset.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataAudit {
     pub file: PathBuf,
     /// Samples kept (in the rows).

@@ -74,6 +74,8 @@ pub enum SampleError {
     #[error("`input_ids[{index}]` = {value} is not a token id (an integer in 0..=4294967295)")]
     BadTokenId { index: usize, value: String },
     /// An entry of `labels` that is neither -100 nor a token id.
+    #[error("token id {id} is outside the model's vocabulary of {vocab}")]
+    OutsideVocabulary { id: u32, vocab: usize },
     #[error("`labels[{index}]` = {value}: expected -100 or a token id")]
     BadLabel { index: usize, value: String },
     /// The sample is text but no tokenizer was given.

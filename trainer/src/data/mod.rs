@@ -24,7 +24,7 @@
 //!     true => Some(TextTokenizer::load(Path::new("models/qwen2-0.5b"))?),
 //!     false => None,
 //! };
-//! let opts = DataOptions { max_seq_len: 2048, packing: true, train_on_prompt: false, allow_empty_samples: false };
+//! let opts = DataOptions { max_seq_len: 2048, ..Default::default() };
 //! let (rows, audit) = load_dataset(path, tokenizer.as_ref(), &opts)?;
 //! println!("{audit}");
 //! # Ok(()) }
@@ -42,7 +42,9 @@ mod tokenizer;
 #[cfg(test)]
 mod fixtures;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 pub use audit::{drop_unsupervised, DataAudit};
 pub use error::{DataError, SampleError};
@@ -53,10 +55,20 @@ pub use template::{ChatTemplate, TemplateTokens};
 pub use tokenize::{tokenize_sample, Sample};
 pub use tokenizer::{Encoding, TextTokenizer};
 
-/// How a dataset becomes rows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which data, and how it becomes rows (the job file's `[data]` section). Every default
+/// is declared in [`Default`]; serde fills a missing key from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DataOptions {
-    /// Longest row in tokens; longer samples keep their first `max_seq_len` tokens.
+    /// Training JSONL (needed by `launch train`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train: Option<PathBuf>,
+    /// Evaluation JSONL (needed by `launch eval`; with `train`, evaluated every
+    /// `training.eval_every` steps and at the end).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<PathBuf>,
+    /// Longest row in tokens; longer samples keep their first `max_seq_len` tokens (and are
+    /// counted in the audit).
     pub max_seq_len: usize,
     /// Pack several samples per row (attention stays within each sample).
     pub packing: bool,
@@ -64,6 +76,22 @@ pub struct DataOptions {
     pub train_on_prompt: bool,
     /// Drop samples with no supervised token instead of failing.
     pub allow_empty_samples: bool,
+    /// Shuffle rows every epoch (deterministically from `training.seed`).
+    pub shuffle: bool,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        Self {
+            train: None,
+            eval: None,
+            max_seq_len: 2048,
+            packing: true,
+            train_on_prompt: false,
+            allow_empty_samples: false,
+            shuffle: true,
+        }
+    }
 }
 
 /// Reads, tokenizes, checks and packs `path`. `tokenizer` is needed unless every line is
@@ -130,8 +158,7 @@ mod tests {
         DataOptions {
             max_seq_len,
             packing,
-            train_on_prompt: false,
-            allow_empty_samples: false,
+            ..Default::default()
         }
     }
 

@@ -12,7 +12,7 @@ use super::config::ModelConfig;
 use super::linear::Linear;
 pub use super::moe::Moe;
 use super::rope;
-use crate::collective::{split_rows, Collective, Group, TpRegion};
+use crate::collective::{split_rows, Group, ParallelBackend, TpRegion};
 use crate::loss;
 
 /// RMSNorm as transformers computes it: `w · x / sqrt(mean(x²) + eps)`.
@@ -44,7 +44,7 @@ pub struct Attention<B: Backend> {
 
 /// Everything about a batch that every layer shares. Tables are laid out to need no
 /// broadcasting (strided iteration is the slow path of the CPU backend).
-pub struct Context<B: Backend> {
+pub struct ForwardContext<B: Backend> {
     pub batch: usize,
     pub seq: usize,
     /// RoPE tables `[n·heads, d]` for the query heads and for the key/value heads.
@@ -65,7 +65,7 @@ pub struct Context<B: Backend> {
 }
 
 /// The input of a column-parallel region when tensor parallel (see [`TpRegion::enter`]).
-pub(super) fn enter<B: Collective>(x: Tensor<B, 2>, tp: Option<&TpRegion>) -> Tensor<B, 2> {
+pub(super) fn enter<B: ParallelBackend>(x: Tensor<B, 2>, tp: Option<&TpRegion>) -> Tensor<B, 2> {
     match tp {
         Some(r) => r.enter(x),
         None => x,
@@ -73,21 +73,21 @@ pub(super) fn enter<B: Collective>(x: Tensor<B, 2>, tp: Option<&TpRegion>) -> Te
 }
 
 /// The output of a row-parallel region when tensor parallel (see [`TpRegion::leave`]).
-pub(super) fn leave<B: Collective>(x: Tensor<B, 2>, tp: Option<&TpRegion>) -> Tensor<B, 2> {
+pub(super) fn leave<B: ParallelBackend>(x: Tensor<B, 2>, tp: Option<&TpRegion>) -> Tensor<B, 2> {
     match tp {
         Some(r) => r.leave(x),
         None => x,
     }
 }
 
-impl<B: Collective> Attention<B> {
+impl<B: ParallelBackend> Attention<B> {
     /// `[n, heads·d]` → `[b, heads, s, d]`, rotated by RoPE on the way when tables are given.
     fn heads(
         &self,
         x: Tensor<B, 2>,
         heads: usize,
         rope: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
-        ctx: &Context<B>,
+        ctx: &ForwardContext<B>,
     ) -> Tensor<B, 4> {
         let n = ctx.batch * ctx.seq;
         let x = x.reshape([n * heads, self.head_dim]);
@@ -114,7 +114,7 @@ impl<B: Collective> Attention<B> {
 
     /// `x: [n, h]` → `[n, h]`. Under tensor parallelism this rank computes its
     /// `num_heads` query heads (and their kv heads) only.
-    pub fn forward(&self, x: Tensor<B, 2>, ctx: &Context<B>) -> Tensor<B, 2> {
+    pub fn forward(&self, x: Tensor<B, 2>, ctx: &ForwardContext<B>) -> Tensor<B, 2> {
         let x = enter(x, ctx.tp.as_ref());
         let q = self.q_proj.forward(x.clone(), ctx.train);
         let q = self.heads(q, self.num_heads, Some((&ctx.q_cos, &ctx.q_sin)), ctx);
@@ -147,7 +147,7 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Linear<B>,
 }
 
-impl<B: Collective> Mlp<B> {
+impl<B: ParallelBackend> Mlp<B> {
     /// `x: [n, h]` → `[n, h]`; under tensor parallelism over this rank's columns of gate/up
     /// and rows of down.
     pub fn forward(&self, x: Tensor<B, 2>, train: bool, tp: Option<&TpRegion>) -> Tensor<B, 2> {
@@ -181,8 +181,8 @@ pub struct Layer<B: Backend> {
     pub ffn: FeedForward<B>,
 }
 
-impl<B: Collective> Layer<B> {
-    pub fn forward(&self, x: Tensor<B, 2>, ctx: &Context<B>) -> Tensor<B, 2> {
+impl<B: ParallelBackend> Layer<B> {
+    pub fn forward(&self, x: Tensor<B, 2>, ctx: &ForwardContext<B>) -> Tensor<B, 2> {
         let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), ctx);
         let normed = self.post_attention_layernorm.forward(x.clone());
         let y = match &self.ffn {
@@ -326,7 +326,7 @@ impl<B: Backend> CausalLm<B> {
     }
 }
 
-impl<B: Collective> CausalLm<B> {
+impl<B: ParallelBackend> CausalLm<B> {
     /// Logits `[b·s, vocab]` (under tensor parallelism, this rank's slice of the vocabulary
     /// starting at `sharding.vocab_start`).
     pub fn forward(&self, inputs: &Inputs<'_>, train: bool) -> Tensor<B, 2> {
@@ -359,7 +359,7 @@ impl<B: Collective> CausalLm<B> {
             rope::cos_sin::<B>(&self.inv_freq, inputs.positions, kv_heads, &device);
         let mask = attention_mask::<B>(inputs, c.sliding_window, &device).repeat_dim(1, heads);
         let tp = self.region(b * s);
-        let ctx = Context {
+        let ctx = ForwardContext {
             batch: b,
             seq: s,
             q_cos,

@@ -16,7 +16,7 @@ use parallel::Collectives;
 
 use super::decoder::{CausalLm, FeedForward};
 use crate::collective::Group;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Whether a module path (as [`params_by_path`] writes it) is inside an expert.
 pub fn is_expert_path(path: &str) -> bool {
@@ -51,17 +51,11 @@ impl ExpertParallel {
 /// Keep this rank's share of the experts of every sparse layer.
 pub fn spread<B: Backend>(mut model: CausalLm<B>, group: Group) -> Result<CausalLm<B>> {
     let (rank, ep) = (group.rank(), group.size());
-    let experts = model.config.moe.as_ref().map(|m| m.num_experts);
-    let Some(total) = experts.filter(|&e| e.is_multiple_of(ep)) else {
-        return Err(Error::Training {
-            key: "parallel.ep".into(),
-            message: match experts {
-                Some(e) => format!("ep={ep} must divide the experts ({e})"),
-                None => format!("ep={ep} needs a mixture-of-experts model"),
-            },
-        });
-    };
-    let local = total / ep;
+    let shape = model.config.shape();
+    parallel::Layout::new(1, 1, 1, ep)
+        .and_then(|l| l.check_model(&shape))
+        .map_err(parallel::Error::from)?;
+    let local = shape.experts / ep;
     for layer in &mut model.layers {
         if let FeedForward::Sparse(moe) = &mut layer.ffn {
             moe.experts = moe

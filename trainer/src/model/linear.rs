@@ -6,7 +6,7 @@ use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 
 use checkpoint::HostTensor;
 
-use crate::collective::{Collective, TpRegion};
+use crate::collective::{ParallelBackend, TpRegion};
 
 /// The low-rank update of one [`Linear`] (PEFT's `lora_A`, `lora_B`).
 #[derive(Module, Debug)]
@@ -108,7 +108,7 @@ impl<B: Backend> Linear<B> {
     /// over the group after the backward pass).
     pub fn forward_row(&self, x: Tensor<B, 2>, train: bool, tp: Option<&TpRegion>) -> Tensor<B, 2>
     where
-        B: Collective,
+        B: ParallelBackend,
     {
         match tp {
             Some(r) => self.add_bias(r.leave(self.forward_unbiased(x, train))),

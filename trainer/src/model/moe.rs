@@ -20,7 +20,7 @@ use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::decoder::{enter, leave, CausalLm, FeedForward, Mlp};
 use super::linear::Linear;
-use crate::collective::{all_to_all, Collective, Exchange, Group, TpRegion};
+use crate::collective::{all_to_all, Exchange, Group, ParallelBackend, TpRegion};
 
 /// Softmax over the router logits, keep the top-k, renormalise them to sum to 1, and add
 /// each chosen expert's output weighted by its share.
@@ -41,7 +41,7 @@ pub struct Moe<B: Backend> {
     pub capacity_factor: Option<f64>,
 }
 
-impl<B: Collective> Moe<B> {
+impl<B: ParallelBackend> Moe<B> {
     /// `x: [n, h]` → `[n, h]`. Under tensor parallelism every expert is split like a dense
     /// MLP; the router sees the same input on every rank of the group (so routes
     /// identically) and the weighted partial outputs are summed once at the end. Experts

@@ -272,12 +272,7 @@ mod tests {
     fn placement_follows_the_stages_experts_and_cuts() {
         let c = config(2);
         // tp2 × pp2, interleaved 2 virtual stages of 1 layer: layer 1 on pipeline rank 1.
-        let layout = Layout {
-            dp: 1,
-            tp: 2,
-            pp: 2,
-            ep: 1,
-        };
+        let layout = Layout::new(1, 2, 2, 1).expect("valid");
         let sizes = [1, 1];
         let place = |n: &str, shape: &[usize]| place(n, shape, &c, &layout, &sizes);
         let q = "model.layers.1.self_attn.q_proj.weight";

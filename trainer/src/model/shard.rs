@@ -25,12 +25,11 @@ use burn::tensor::{Tensor, TensorData};
 use parallel::dp::{all_reduce_params, params_by_path, ParamInfo, DEFAULT_BUCKET_ELEMS as BUCKET};
 use parallel::{Collectives, Communicator};
 
-use super::config::ModelConfig;
 use super::decoder::{CausalLm, FeedForward, Sharding};
 use super::hf::{leaf_name, linears_mut};
 use super::linear::{to_host, Linear};
 use crate::collective::Group;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// How a parameter is held across the tensor-parallel group, and so how its gradient is
 /// completed and counted in the global norm.
@@ -67,61 +66,6 @@ impl Cut {
     fn start(&self, rank: usize) -> usize {
         rank / self.copies * self.len
     }
-}
-
-/// What a layout of the tensor-parallel group must satisfy for `config`, as a sentence
-/// naming the constraint.
-pub fn check_tensor_parallel(config: &ModelConfig, tp: usize) -> std::result::Result<(), String> {
-    let c = config;
-    let divides = |what: &str, n: usize| {
-        if n.is_multiple_of(tp) {
-            Ok(())
-        } else {
-            Err(format!("tp={tp} must divide the {what} ({n})"))
-        }
-    };
-    divides("attention heads", c.num_heads)?;
-    if !(c.num_kv_heads.is_multiple_of(tp) || tp.is_multiple_of(c.num_kv_heads)) {
-        return Err(format!(
-            "tp={tp} must divide the key/value heads ({}) or be a multiple of them",
-            c.num_kv_heads
-        ));
-    }
-    divides("intermediate size", c.intermediate_size)?;
-    divides("vocabulary size", c.vocab_size)
-}
-
-/// What a whole dp×tp×pp×ep layout must satisfy for `config`, naming the constraint.
-pub fn check_layout(
-    config: &ModelConfig,
-    layout: &parallel::Layout,
-) -> std::result::Result<(), String> {
-    check_tensor_parallel(config, layout.tp)?;
-    if layout.ep > 1 {
-        match &config.moe {
-            None => {
-                return Err(format!(
-                    "ep={} needs a mixture-of-experts model; this {} model has no experts",
-                    layout.ep,
-                    config.family.name()
-                ))
-            }
-            Some(m) if !m.num_experts.is_multiple_of(layout.ep) => {
-                return Err(format!(
-                    "ep={} must divide the experts ({})",
-                    layout.ep, m.num_experts
-                ))
-            }
-            Some(_) => {}
-        }
-    }
-    if layout.pp > config.num_layers {
-        return Err(format!(
-            "pp={} cannot exceed the layers ({}): every stage needs at least one",
-            layout.pp, config.num_layers
-        ));
-    }
-    Ok(())
 }
 
 /// The tensor-parallel side of training: which gradients to complete over which ranks.
@@ -200,10 +144,9 @@ pub fn shard<B: Backend>(
     sequence_parallel: bool,
 ) -> Result<(CausalLm<B>, TensorParallel)> {
     let (rank, tp) = (group.rank(), group.size());
-    check_tensor_parallel(&model.config, tp).map_err(|message| Error::Training {
-        key: "parallel.tp".into(),
-        message,
-    })?;
+    parallel::Layout::new(1, tp, 1, 1)
+        .and_then(|l| l.check_model(&model.config.shape()))
+        .map_err(parallel::Error::from)?;
     let mut cutter = Cutter {
         rank,
         placements: HashMap::new(),

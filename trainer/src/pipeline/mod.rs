@@ -23,24 +23,24 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use parallel::{Collectives, Communicator};
 
-pub use schedule::Schedule;
+pub use schedule::PipelineSchedule;
 use schedule::{Pass, Shape, Step, Work};
 pub use stages::{balance, gather_stages, keep_stage, layer_costs};
 
-use crate::collective::{Collective, Group, TrainBackend};
+use crate::collective::{Group, ParallelBackend, TrainBackend};
 use crate::data::{collate, Batch, Row};
 use crate::error::{Error, Result};
+use crate::eval::{inputs, EvalResult};
 use crate::loss::supervised;
 use crate::model::decoder::Stage;
 use crate::model::linear::to_host;
 use crate::model::CausalLm;
-use crate::train::{inputs, EvalResult};
 
 /// One rank's part in a pipeline.
 pub struct Pipeline {
     comm: Arc<dyn Communicator>,
     stage: Stage,
-    schedule: Schedule,
+    schedule: PipelineSchedule,
     /// First and last stage, which both hold the tied embedding.
     tied: Option<Group>,
     embed: Option<ParamId>,
@@ -52,7 +52,7 @@ impl Pipeline {
     pub fn new<B: burn::tensor::backend::Backend>(
         comm: Arc<dyn Communicator>,
         model: &CausalLm<B>,
-        schedule: Schedule,
+        schedule: PipelineSchedule,
     ) -> Result<Self> {
         let stage = model
             .sharding
@@ -169,7 +169,7 @@ impl Pipeline {
     }
 
     /// Mean token loss of `rows` (forward only, stage by stage), on every stage.
-    pub fn evaluate<B: Collective>(
+    pub fn evaluate<B: ParallelBackend>(
         &self,
         model: &CausalLm<B>,
         rows: &[Row],

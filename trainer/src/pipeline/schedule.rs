@@ -11,17 +11,31 @@
 
 use std::collections::HashSet;
 
-/// Order of forwards and backwards on each rank.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Schedule {
+/// Order of forwards and backwards on each rank (the job file's `parallel.schedule`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PipelineSchedule {
     /// After a warm-up of `ranks - rank - 1` forwards, one forward and one backward in
     /// turn: at most `ranks - rank` micro-batches in flight.
+    #[serde(rename = "1f1b")]
     OneFOneB,
     /// Every forward, then every backward (the baseline; all micro-batches in flight).
+    #[serde(rename = "gpipe")]
     GPipe,
     /// 1F1B over several chunks of layers per rank (virtual stages): the bubble shrinks by
     /// the number of chunks, for more transfers. Micro-batches go in groups of `ranks`.
+    #[serde(rename = "interleaved")]
     Interleaved,
+}
+
+impl PipelineSchedule {
+    /// As the job file writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            PipelineSchedule::OneFOneB => "1f1b",
+            PipelineSchedule::GPipe => "gpipe",
+            PipelineSchedule::Interleaved => "interleaved",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,7 +88,7 @@ impl Shape {
 }
 
 /// Why a shape cannot run under a schedule (a configuration error, said in its terms).
-pub fn check(schedule: Schedule, shape: Shape) -> Result<(), String> {
+pub fn check(schedule: PipelineSchedule, shape: Shape) -> Result<(), String> {
     let Shape {
         ranks,
         chunks,
@@ -82,14 +96,16 @@ pub fn check(schedule: Schedule, shape: Shape) -> Result<(), String> {
         ..
     } = shape;
     match schedule {
-        Schedule::Interleaved if chunks < 2 || ranks < 2 => Err(
+        PipelineSchedule::Interleaved if chunks < 2 || ranks < 2 => Err(
             "the interleaved schedule needs pp ≥ 2 and at least 2 virtual stages per rank".into(),
         ),
-        Schedule::Interleaved if shape.backward && !micro.is_multiple_of(ranks) => Err(format!(
-            "the interleaved schedule runs micro-batches in groups of pp={ranks}; {micro} \
+        PipelineSchedule::Interleaved if shape.backward && !micro.is_multiple_of(ranks) => {
+            Err(format!(
+                "the interleaved schedule runs micro-batches in groups of pp={ranks}; {micro} \
              micro-batches per step is not a multiple"
-        )),
-        Schedule::OneFOneB | Schedule::GPipe if chunks != 1 => Err(format!(
+            ))
+        }
+        PipelineSchedule::OneFOneB | PipelineSchedule::GPipe if chunks != 1 => Err(format!(
             "{chunks} virtual stages per rank need the interleaved schedule"
         )),
         _ if ranks == 0 || micro == 0 => Err("a pipeline needs ranks and micro-batches".into()),
@@ -118,7 +134,7 @@ fn sequence(shape: Shape, pass: Pass) -> Vec<(usize, usize)> {
 
 /// The order of work on `rank`: a warm-up of forwards, then one forward and one backward
 /// in turn, then the remaining backwards.
-pub fn order(schedule: Schedule, shape: Shape, rank: usize) -> Vec<Work> {
+pub fn order(schedule: PipelineSchedule, shape: Shape, rank: usize) -> Vec<Work> {
     let work = |pass, (chunk, micro)| Work { pass, chunk, micro };
     let forwards: Vec<Work> = sequence(shape, Pass::Forward)
         .into_iter()
@@ -134,10 +150,10 @@ pub fn order(schedule: Schedule, shape: Shape, rank: usize) -> Vec<Work> {
     let total = forwards.len();
     let before = shape.ranks - rank - 1;
     let warmup = match schedule {
-        Schedule::GPipe => total,
-        Schedule::OneFOneB => before,
+        PipelineSchedule::GPipe => total,
+        PipelineSchedule::OneFOneB => before,
         // Megatron: two per later rank, and a whole round of the other chunks.
-        Schedule::Interleaved => 2 * before + (shape.chunks - 1) * shape.ranks,
+        PipelineSchedule::Interleaved => 2 * before + (shape.chunks - 1) * shape.ranks,
     }
     .min(total);
     let mut out = forwards[..warmup].to_vec();
@@ -149,7 +165,7 @@ pub fn order(schedule: Schedule, shape: Shape, rank: usize) -> Vec<Work> {
 }
 
 /// Every rank's steps (indexed by rank), found by playing the orders together.
-pub fn plan(schedule: Schedule, shape: Shape) -> Result<Vec<Vec<Step>>, String> {
+pub fn plan(schedule: PipelineSchedule, shape: Shape) -> Result<Vec<Vec<Step>>, String> {
     check(schedule, shape)?;
     let p = shape.ranks;
     let orders: Vec<Vec<Work>> = (0..p).map(|r| order(schedule, shape, r)).collect();
@@ -220,12 +236,12 @@ pub fn plan(schedule: Schedule, shape: Shape) -> Result<Vec<Vec<Step>>, String> 
 mod tests {
     use super::*;
 
-    fn shapes() -> impl Iterator<Item = (Schedule, Shape)> {
+    fn shapes() -> impl Iterator<Item = (PipelineSchedule, Shape)> {
         let mut out = Vec::new();
         for ranks in 1..=5 {
             for micro in 1..=12 {
                 for backward in [true, false] {
-                    for schedule in [Schedule::OneFOneB, Schedule::GPipe] {
+                    for schedule in [PipelineSchedule::OneFOneB, PipelineSchedule::GPipe] {
                         out.push((
                             schedule,
                             Shape {
@@ -243,8 +259,8 @@ mod tests {
                             micro,
                             backward,
                         };
-                        if check(Schedule::Interleaved, shape).is_ok() {
-                            out.push((Schedule::Interleaved, shape));
+                        if check(PipelineSchedule::Interleaved, shape).is_ok() {
+                            out.push((PipelineSchedule::Interleaved, shape));
                         }
                     }
                 }
@@ -331,9 +347,9 @@ mod tests {
                 }
                 let total = shape.chunks * shape.micro;
                 let bound = match schedule {
-                    Schedule::GPipe => total,
-                    Schedule::OneFOneB => shape.ranks - r,
-                    Schedule::Interleaved => {
+                    PipelineSchedule::GPipe => total,
+                    PipelineSchedule::OneFOneB => shape.ranks - r,
+                    PipelineSchedule::Interleaved => {
                         2 * (shape.ranks - r - 1) + (shape.chunks - 1) * shape.ranks + 1
                     }
                 };
@@ -359,9 +375,9 @@ mod tests {
         };
         // 2·8 micro-batch passes plus the bubble: 2·(p − 1) for 1F1B, 2·(p − 1)/chunks
         // interleaved (Narayanan et al. 2021, §2.2).
-        assert_eq!(ticks(Schedule::OneFOneB, 1), 16.0 + 6.0);
-        assert_eq!(ticks(Schedule::GPipe, 1), 16.0 + 6.0);
-        assert_eq!(ticks(Schedule::Interleaved, 2), 16.0 + 3.0);
+        assert_eq!(ticks(PipelineSchedule::OneFOneB, 1), 16.0 + 6.0);
+        assert_eq!(ticks(PipelineSchedule::GPipe, 1), 16.0 + 6.0);
+        assert_eq!(ticks(PipelineSchedule::Interleaved, 2), 16.0 + 3.0);
     }
 
     #[test]
@@ -372,17 +388,17 @@ mod tests {
             micro: 6,
             backward: true,
         };
-        assert!(check(Schedule::Interleaved, shape)
+        assert!(check(PipelineSchedule::Interleaved, shape)
             .unwrap_err()
             .contains("groups of pp=4"));
         assert!(check(
-            Schedule::Interleaved,
+            PipelineSchedule::Interleaved,
             Shape {
                 backward: false,
                 ..shape
             }
         )
         .is_ok());
-        assert!(check(Schedule::OneFOneB, shape).is_err());
+        assert!(check(PipelineSchedule::OneFOneB, shape).is_err());
     }
 }

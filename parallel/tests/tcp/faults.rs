@@ -1,9 +1,7 @@
 //! The TCP communicator under faults: deadlines that name the silent rank (also a real
 //! SIGSTOPped process), lost peers, mismatched collectives, stray connections, bad arguments.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 use parallel::{Collectives, Communicator, Error, ReduceOp, TcpComm, TcpOptions};
@@ -247,7 +245,7 @@ fn a_stopped_process_is_named() {
     let child = Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
-            "child_rank_of_the_sigstop_test",
+            "faults::child_rank_of_the_sigstop_test",
             "--nocapture",
             "--test-threads=1",
         ])

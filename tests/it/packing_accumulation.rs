@@ -1,12 +1,10 @@
 //! Packing does not change the loss (no attention across samples, positions restart), and
 //! gradient accumulation over micro-batches equals one big batch.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use tidemill::trainer::{
-    evaluate, evaluate_trained, load_hf_model, lora, AdamWOptions, LoraSpec, Schedule,
-    ScheduleKind, StepStats, TrainOptions, Trainer,
+    evaluate, evaluate_trained, load_hf_model, lora, LoraSpec, LrSchedule, StepReport,
+    TrainOptions, Trainer,
 };
 
 fn packed_equals_unpacked(name: &str) {
@@ -41,7 +39,7 @@ fn train(
     name: &str,
     micro_batch: usize,
     lora_spec: Option<&LoraSpec>,
-) -> (Vec<StepStats>, f64, f64) {
+) -> (Vec<StepReport>, f64, f64) {
     let device = Default::default();
     let mut model =
         load_hf_model::<Train>(&model_dir(name), lora_spec.is_none(), &device).expect("loads");
@@ -50,23 +48,19 @@ fn train(
     }
     let rows = token_rows("train_tokens.jsonl", false, 64);
     let opts = TrainOptions {
+        max_steps: 3,
         global_batch: 4,
         micro_batch,
-        schedule: Schedule {
-            kind: ScheduleKind::Constant,
-            lr: 1e-2,
-            warmup_steps: 0,
-            total_steps: 3,
-        },
-        adamw: AdamWOptions {
-            weight_decay: 0.01,
-            ..AdamWOptions::default()
-        },
-        max_grad_norm: Some(1.0),
+        lr: 1e-2,
+        schedule: LrSchedule::Constant,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
         seed: 3,
-        shuffle: true,
+        ..Default::default()
     };
-    let mut trainer = Trainer::new(model, rows.clone(), opts).expect("trainer");
+    let mut trainer = Trainer::builder(model, rows.clone(), &opts)
+        .build()
+        .expect("trainer");
     let before = evaluate_trained(trainer.model(), &rows, 4)
         .expect("eval")
         .loss;
@@ -117,7 +111,7 @@ fn accumulation_lora_qwen2() {
         alpha: 8.0,
         dropout: 0.0,
         targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
-        use_rslora: false,
+        ..Default::default()
     };
     accumulation_equals_big_batch("qwen2", Some(&spec));
 }

@@ -7,11 +7,9 @@
 //! (1e-4), the fresh result equals the committed one, and tidemill loads the committed files
 //! to the same loss.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tidemill::launcher::JobConfig;
 use tidemill::trainer::{evaluate, load_hf_model, lora};
@@ -27,7 +25,7 @@ fn train(job: &str) -> (tempfile::TempDir, f64) {
     let set = format!("job.run_dir=\"{}\"", tmp.path().display());
     let path = fixtures().join(format!("roundtrip/{job}.toml"));
     let config = JobConfig::load(&path, &[set]).expect("job config");
-    tidemill::launcher::train::run(&config).expect("training runs");
+    tidemill::launcher::run(&config).expect("training runs");
     let events = std::fs::read_to_string(tmp.path().join("events.jsonl")).expect("events");
     let loss = events
         .lines()
@@ -166,7 +164,7 @@ fn mixtral_w1_without_w2_and_w3_is_refused() {
         alpha: 4.0,
         dropout: 0.0,
         targets: vec!["w1".into(), "q_proj".into()],
-        use_rslora: false,
+        ..Default::default()
     };
     let err = lora::add_lora(model, &spec, 0)
         .err()

@@ -6,38 +6,32 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
+/// Rank 0's `(step, loss)` in the order logged.
+fn rank0_steps(run: &Path) -> Vec<(u64, f64)> {
+    records(run)
+        .into_iter()
+        .filter(|r| r.rank == Some(0))
+        .filter_map(|r| match r.event {
+            Event::Step(s) => Some((s.stats.step, s.stats.loss)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Rank 0's loss at each step (and then the eval losses), in order.
 pub fn losses(run: &Path) -> Vec<f64> {
-    let mut steps: Vec<(u64, f64)> = run_events(run)
-        .iter()
-        .filter(|e| e["event"] == "step" && e["rank"] == 0)
-        .map(|e| {
-            (
-                e["step"].as_u64().expect("step"),
-                e["loss"].as_f64().expect("loss"),
-            )
-        })
-        .collect();
+    let mut steps = rank0_steps(run);
     steps.sort_by_key(|s| s.0);
-    let evals = run_events(run)
-        .into_iter()
-        .filter(|e| e["event"] == "eval")
-        .map(|e| e["loss"].as_f64().expect("loss"));
+    let evals = records(run).into_iter().filter_map(|r| match r.event {
+        Event::Eval { loss, .. } => Some(loss),
+        _ => None,
+    });
     steps.into_iter().map(|s| s.1).chain(evals).collect()
 }
 
 /// Rank 0's loss at each step; a step run again after a restart counts as its last run.
 pub fn step_losses(run: &Path) -> std::collections::BTreeMap<u64, f64> {
-    run_events(run)
-        .iter()
-        .filter(|e| e["event"] == "step" && e["rank"] == 0)
-        .map(|e| {
-            (
-                e["step"].as_u64().expect("step"),
-                e["loss"].as_f64().expect("loss"),
-            )
-        })
-        .collect()
+    rank0_steps(run).into_iter().collect()
 }
 
 pub fn write_job(dir: &Path, lora: bool, steps: u64) -> PathBuf {
@@ -138,17 +132,15 @@ pub fn train(job: &Path, nnodes: usize, nproc: usize, sets: &[&str]) -> Vec<f64>
         start_agents(job, nnodes, nproc, &rdzv, sets),
         &format!("{nnodes}×{nproc}"),
     );
-    let ev = run_events(&run);
+    let ev = records(&run);
     let world = nnodes * nproc;
     for rank in 0..world {
         let steps = ev
             .iter()
-            .filter(|e| e["event"] == "step" && e["rank"] == rank as u64)
+            .filter(|e| e.rank == Some(rank))
+            .filter(|e| matches!(&e.event, Event::Step(s) if s.stats.step_time > 0.0))
             .count();
-        assert!(
-            steps > 0 && ev.iter().any(|e| e["step_time"].is_number()),
-            "rank {rank} reported its steps"
-        );
+        assert!(steps > 0, "rank {rank} reported its steps");
     }
     losses(&run)
 }

@@ -2,14 +2,12 @@
 //! gives the losses of one process; `launch run` runs a user's binary per rank; a killed
 //! or stopped worker stops the whole job with an error naming it and leaves no process.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::jobs::*;
-use common::*;
+use crate::common::jobs::*;
+use crate::common::*;
 
 /// Elements of optimizer state `rank` held after its first step in the last run of `job`.
 fn optimizer_state(job: &Path, rank: u64) -> u64 {
@@ -69,15 +67,7 @@ fn data_parallel_gives_the_losses_of_one_process() {
 
 #[test]
 fn launch_run_starts_a_user_binary_per_rank() {
-    let exe = Path::new(env!("CARGO_BIN_EXE_launch"))
-        .parent()
-        .expect("target dir")
-        .join("examples/dp_custom");
-    assert!(
-        exe.exists(),
-        "cargo test builds examples: {}",
-        exe.display()
-    );
+    let exe = example("dp_custom");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("assets/quickstart/model");
     let data = root.join("assets/quickstart/data/train.jsonl");
@@ -286,12 +276,11 @@ fn a_control_plane_call_with_a_wrong_token_is_rejected_and_the_job_goes_on() {
         assert!(Instant::now() < deadline, "the coordinator never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let wrong =
-        tidemill::launcher::agent::probe(&rdzv, "not-the-job-token-0000", &Default::default())
-            .expect_err("a wrong token is refused")
-            .to_string();
+    let wrong = tidemill::launcher::probe(&rdzv, "not-the-job-token-0000", &Default::default())
+        .expect_err("a wrong token is refused")
+        .to_string();
     assert!(wrong.contains("wrong token"), "{wrong}");
-    tidemill::launcher::agent::probe(&rdzv, TOKEN, &Default::default())
+    tidemill::launcher::probe(&rdzv, TOKEN, &Default::default())
         .expect("the job's token is accepted");
     wait_ok(children, "an agent");
     let rejected: Vec<_> = run_events(&run)
@@ -312,7 +301,7 @@ fn a_control_plane_call_with_a_wrong_token_is_rejected_and_the_job_goes_on() {
 
     // Two nodes and no secret: refused before anything starts, naming what to set.
     let out = Command::new(env!("CARGO_BIN_EXE_launch"))
-        .env_remove(tidemill::launcher::auth::TOKEN_ENV)
+        .env_remove(tidemill::launcher::TOKEN_ENV)
         .arg("train")
         .arg(&job)
         .args([
@@ -358,17 +347,17 @@ fn the_control_plane_runs_over_tls_when_given_certificates() {
         assert!(Instant::now() < deadline, "the coordinator never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    use tidemill::launcher::agent::probe;
+    use tidemill::launcher::probe;
     assert!(
         probe(&rdzv, TOKEN, &Default::default()).is_err(),
         "plain text got through"
     );
-    let launch = tidemill::launcher::config::LaunchSection {
+    let launch = tidemill::launcher::LaunchOptions {
         tls_ca: Some(tls.join("ca.pem")),
         node_rank: 1,
         ..Default::default()
     };
-    let client = tidemill::launcher::tls::Tls::load(&launch).expect("the CA loads");
+    let client = tidemill::launcher::Tls::load(&launch).expect("the CA loads");
     probe(&rdzv, TOKEN, &client).expect("a TLS call with the token is accepted");
     wait_ok(children, "an agent");
     assert_same(&plain, &losses(&run), "a job over TLS");

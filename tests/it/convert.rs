@@ -3,12 +3,10 @@
 //! `tools/golden/convert_golden.py` loaded in transformers with identical logits; an offline
 //! reshard changes nothing either; bad input is refused naming the culprit, leaving nothing.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use safetensors::SafeTensors;
 use serde_json::Value;
 use sha2::{Digest, Sha256};

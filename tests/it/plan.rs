@@ -3,18 +3,16 @@
 //! "auto"` on the CPU test world: it picks a layout that trains, never one the model says
 //! will not fit, and logs the measured step time next to the prediction.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 use tidemill::launcher::plan::profiles;
 use tidemill::parallel::plan::{search, Job, Mode, ModelShape, Precision, Space};
 
-const TABLE: &str = include_str!("fixtures/megatron_sc21_table1.csv");
+const TABLE: &str = include_str!("../fixtures/megatron_sc21_table1.csv");
 
 struct Row {
     params_b: f64,

@@ -5,8 +5,10 @@
 //! them against the targets: a lost heartbeat within 3 × the 1 s interval + 1 s, a hang
 //! within the hang limit + 1 s, recovery within 15 s.
 //!
-//! The tests measure time, so they run one at a time.
+//! The tests measure time, so they run one at a time, and in a test binary of their own
+//! (cargo runs test binaries one after the other: nothing else loads the machine then).
 
+#[path = "../it/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
@@ -15,8 +17,8 @@ use std::process::Child;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::jobs::*;
-use common::*;
+use crate::common::jobs::*;
+use crate::common::*;
 use serde_json::Value;
 
 const STEPS: u64 = 60;

@@ -1,11 +1,9 @@
 //! `launch train|eval|export` end to end: the run directory, the event log, the exported
 //! adapter/model and the eval JSON line.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn events(run: &Path) -> Vec<Value> {

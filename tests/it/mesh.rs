@@ -3,11 +3,9 @@
 //! every step; each rank holds its share of parameters, gradients and optimizer state;
 //! layouts that cannot fit the model are refused before any process starts.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const STEPS: u64 = 5;

@@ -9,6 +9,7 @@ use std::process::Output;
 
 use burn::backend::{Autodiff, Flex};
 use serde_json::Value;
+pub use tidemill::launcher::events::{Event, Record};
 use tidemill::trainer::data::{self, DataOptions, Row};
 
 pub type Cpu = Flex;
@@ -31,8 +32,7 @@ pub fn opts(packing: bool, max_seq_len: usize) -> DataOptions {
     DataOptions {
         max_seq_len,
         packing,
-        train_on_prompt: false,
-        allow_empty_samples: false,
+        ..Default::default()
     }
 }
 
@@ -54,8 +54,23 @@ pub fn launch_cmd() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_launch"));
     c.env("RUST_LOG", "warn")
         .env("RAYON_NUM_THREADS", "1")
-        .env(tidemill::launcher::auth::TOKEN_ENV, TOKEN);
+        .env(tidemill::launcher::TOKEN_ENV, TOKEN);
     c
+}
+
+/// An example's binary (`cargo test` builds the examples next to the `launch` binary).
+pub fn example(name: &str) -> PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_launch"))
+        .parent()
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        exe.exists(),
+        "cargo test builds examples: {}",
+        exe.display()
+    );
+    exe
 }
 
 /// The control-plane secret every test job's agents share.
@@ -73,12 +88,21 @@ pub fn launch_train(job: &Path, nproc: usize, sets: &[&str]) -> Output {
     c.output().expect("launch runs")
 }
 
-/// Every event a run wrote to `run/events.jsonl`.
+/// Every record a run wrote to `run/events.jsonl` (none if it wrote no log), read as the
+/// launcher's one `Event` type: a line that is not one fails the test.
+pub fn records(run: &Path) -> Vec<Record> {
+    let path = run.join("events.jsonl");
+    if !path.exists() {
+        return Vec::new();
+    }
+    tidemill::launcher::events::read(&path).expect("every line of events.jsonl is an Event")
+}
+
+/// [`records`] as JSON objects, for tests that look at one field.
 pub fn run_events(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
+    records(run)
+        .iter()
+        .map(|r| serde_json::to_value(r).expect("a record is JSON"))
         .collect()
 }
 
@@ -87,7 +111,7 @@ pub fn launch(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_launch"))
         .args(args)
         .env("RUST_LOG", "warn")
-        .env(tidemill::launcher::auth::TOKEN_ENV, TOKEN)
+        .env(tidemill::launcher::TOKEN_ENV, TOKEN)
         .output()
         .expect("launch runs")
 }

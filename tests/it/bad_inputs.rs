@@ -1,11 +1,9 @@
 //! Bad input gets a clear error naming the file, key or line — never a panic, and `launch`
 //! exits 2 for bad configuration, 1 for failures while running.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use tidemill::trainer::load_hf_model;
 
 /// A copy of a fixture model in a temp dir, to damage.
@@ -259,7 +257,8 @@ fn malformed_jsonl_names_the_line() {
     .expect("write");
     let path = eval_job(tmp.path(), &model_dir("llama2"), &data);
     let out = launch(&["eval", path.to_str().expect("utf8")]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // Bad input exits 2 (it exited 1 before input errors were told from failures).
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("eval.jsonl:3"), "{}", stderr(&out));
 }
 
@@ -274,6 +273,118 @@ fn token_ids_outside_the_vocabulary_are_an_error() {
     .expect("write");
     let path = eval_job(tmp.path(), &model_dir("llama2"), &data);
     let out = launch(&["eval", path.to_str().expect("utf8")]);
-    assert_eq!(out.status.code(), Some(1));
+    // Bad input exits 2 (it exited 1 before input errors were told from failures).
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("96000"), "{}", stderr(&out));
+}
+
+/// A training job whose data or model is bad: `(job file, run dir)`, two workers.
+fn train_job(dir: &Path, model: &Path, train: &Path) -> (PathBuf, PathBuf) {
+    let run = dir.join("run");
+    let path = job(
+        dir,
+        &format!(
+            "[job]\nname = \"bad\"\nrun_dir = \"{}\"\n[model]\npath = \"{}\"\n[data]\n\
+             train = \"{}\"\nmax_seq_len = 64\npacking = false\n[training]\nmax_steps = 3\n\
+             global_batch = 4\n",
+            run.display(),
+            model.display(),
+            train.display()
+        ),
+    );
+    (path, run)
+}
+
+/// `launch train` with two workers: its output and how long it took.
+fn train_2(path: &Path) -> (std::process::Output, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let out = launch_cmd()
+        .args([
+            "train",
+            path.to_str().expect("utf8"),
+            "--nproc-per-node",
+            "2",
+        ])
+        .output()
+        .expect("launch runs");
+    (out, started.elapsed())
+}
+
+#[test]
+fn launch_train_checks_the_data_before_any_worker_starts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("train.jsonl");
+    let good = std::fs::read_to_string(fixtures().join("data/train_tokens.jsonl")).expect("data");
+    let mut lines: Vec<&str> = good.lines().collect();
+    lines.insert(4, "{\"input_ids\": [1, 2,");
+    std::fs::write(&data, lines.join("\n")).expect("write");
+    let (path, run) = train_job(tmp.path(), &model_dir("llama2"), &data);
+    let (out, took) = train_2(&path);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("train.jsonl:5"), "{}", stderr(&out));
+    assert!(took.as_secs_f64() < 5.0, "{took:?}");
+    assert!(!run.join("events.jsonl").exists(), "no worker started");
+}
+
+#[test]
+fn launch_train_checks_the_model_files_before_any_worker_starts() {
+    let (tmp, dir) = copy_model("llama2");
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).expect("read");
+    std::fs::write(&file, &bytes[..bytes.len() - 100]).expect("truncate");
+    let data = fixtures().join("data/train_tokens.jsonl");
+    let (path, run) = train_job(tmp.path(), &dir, &data);
+    let (out, took) = train_2(&path);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("model.safetensors"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(took.as_secs_f64() < 5.0, "{took:?}");
+    assert!(!run.join("events.jsonl").exists(), "no worker started");
+}
+
+/// Input only the workers find (a sample that supervises nothing, which the data's shape
+/// alone does not show) ends the job at once with the worker's words (exit 2): no restart.
+#[test]
+fn a_worker_failing_on_its_input_ends_the_job_without_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("train.jsonl");
+    let good = std::fs::read_to_string(fixtures().join("data/train_tokens.jsonl")).expect("data");
+    let mut lines: Vec<&str> = good.lines().collect();
+    lines.insert(
+        2,
+        "{\"input_ids\": [5, 6, 7], \"labels\": [-100, -100, -100]}",
+    );
+    std::fs::write(&data, lines.join("\n")).expect("write");
+    let (path, run) = train_job(tmp.path(), &model_dir("llama2"), &data);
+    let (out, took) = train_2(&path);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("train.jsonl") && err.contains('3'), "{err}");
+    assert!(!err.contains("node 0 should be excluded"), "{err}");
+    assert!(took.as_secs_f64() < 30.0, "{took:?}");
+    let events = records(&run);
+    let count = |pick: fn(&Event) -> bool| events.iter().filter(|r| pick(&r.event)).count();
+    assert_eq!(
+        count(|e| matches!(e, Event::Restart { .. })),
+        0,
+        "{events:?}"
+    );
+    assert_eq!(
+        count(|e| matches!(e, Event::Spawn { .. })),
+        2,
+        "one generation"
+    );
+    assert!(
+        events.iter().any(|r| matches!(
+            &r.event,
+            Event::Decision {
+                action: tidemill::launcher::events::Action::GiveUp,
+                ..
+            }
+        )),
+        "{events:?}"
+    );
 }

@@ -3,12 +3,10 @@
 //! resumes at dp4, tp4 and one process within 1e-5; a crash at any point of a save, and
 //! each kind of damage to the newest checkpoint, leave the previous one in use.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tidemill::checkpoint;
 

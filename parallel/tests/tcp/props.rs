@@ -2,9 +2,7 @@
 //! sizes 1..=5, f32 and bf16, lengths around the tree/ring switch, against references
 //! computed from all ranks' inputs.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -1,9 +1,7 @@
 //! Mean token loss of tiny Llama 2 / Llama 3.1 / Qwen2 / Mixtral models equals
 //! transformers' (golden values from tools/golden/make_fixtures.py) within 1e-4 relative.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use tidemill::trainer::{evaluate, load_hf_model};
 
 fn check(name: &str) {

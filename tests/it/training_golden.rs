@@ -3,13 +3,10 @@
 //! three full-SFT steps with gradient accumulation, `clip_grad_norm_`, `torch.optim.AdamW` and
 //! transformers' schedules; and Mistral's sliding-window attention.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tidemill::trainer::{
-    evaluate, evaluate_trained, load_hf_model, AdamWOptions, Schedule, ScheduleKind, TrainOptions,
-    Trainer,
+    evaluate, evaluate_trained, load_hf_model, LrSchedule, TrainOptions, Trainer,
 };
 
 fn training_golden() -> Value {
@@ -41,29 +38,27 @@ fn mistral_sliding_window_matches_transformers() {
     assert!(rel_diff(packed.loss, got.loss) < 1e-5);
 }
 
-fn trajectory(key: &str, kind: ScheduleKind, warmup_steps: u64) {
+fn trajectory(key: &str, schedule: LrSchedule, warmup_steps: u64) {
     let want = &training_golden()[key];
     let device = Default::default();
     let model = load_hf_model::<Train>(&model_dir("llama2"), true, &device).expect("loads");
     let rows = token_rows("train_tokens.jsonl", false, 64);
     let opts = TrainOptions {
+        max_steps: 3,
         global_batch: 4,
         micro_batch: 2,
-        schedule: Schedule {
-            kind,
-            lr: 1e-2,
-            warmup_steps,
-            total_steps: 3,
-        },
-        adamw: AdamWOptions {
-            weight_decay: 0.01,
-            ..AdamWOptions::default()
-        },
-        max_grad_norm: Some(1.0),
+        lr: 1e-2,
+        schedule,
+        warmup_steps,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
         seed: 0,
-        shuffle: false,
+        ..Default::default()
     };
-    let mut trainer = Trainer::new(model, rows, opts).expect("trainer");
+    let mut trainer = Trainer::builder(model, rows, &opts)
+        .shuffle(false)
+        .build()
+        .expect("trainer");
     for step in want["steps"].as_array().expect("steps") {
         let s = trainer.step().expect("step");
         let n = s.step;
@@ -107,10 +102,10 @@ fn trajectory(key: &str, kind: ScheduleKind, warmup_steps: u64) {
 
 #[test]
 fn adamw_clipping_linear_schedule_match_torch() {
-    trajectory("sft_llama2_trajectory_linear", ScheduleKind::Linear, 0);
+    trajectory("sft_llama2_trajectory_linear", LrSchedule::Linear, 0);
 }
 
 #[test]
 fn cosine_warmup_lr_zero_first_step_matches_torch() {
-    trajectory("sft_llama2_trajectory", ScheduleKind::Cosine, 1);
+    trajectory("sft_llama2_trajectory", LrSchedule::Cosine, 1);
 }
