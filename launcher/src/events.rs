@@ -12,10 +12,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use parallel::runtime::{Phase, StepReport};
 use serde::{Deserialize, Serialize};
 use trainer::data::DataAudit;
-use trainer::{PipelineSchedule, Strategy};
 
 use crate::error::{Error, Result};
-use crate::plan::CandidateReport;
+pub use crate::plan::{AutoPick, PlanEvent};
 
 /// One line of `events.jsonl`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -229,36 +228,6 @@ pub struct Start {
 pub enum Mode {
     Full,
     Lora,
-}
-
-/// The layout a generation runs with.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PlanEvent {
-    pub dp: usize,
-    pub tp: usize,
-    pub pp: usize,
-    pub ep: usize,
-    pub zero1: bool,
-    pub sequence_parallel: bool,
-    pub schedule: PipelineSchedule,
-    pub virtual_stages: usize,
-    pub micro_batch: usize,
-    pub strategy: Strategy,
-    /// Under `strategy = "auto"`: the search's pick and its predictions.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auto: Option<AutoPick>,
-}
-
-/// The candidate the strategy search picked.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AutoPick {
-    #[serde(flatten)]
-    pub candidate: CandidateReport,
-    pub hardware: String,
-    /// Candidates that fit, and layouts or variants rejected.
-    pub considered: usize,
-    pub rejected: usize,
-    pub search_s: f64,
 }
 
 /// The job's event log.

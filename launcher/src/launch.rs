@@ -8,7 +8,7 @@ use crate::agent::{self, LaunchPlan, WorkerCommand};
 use crate::config::{JobConfig, LaunchOptions};
 use crate::coordinator::{Generation, Replan};
 use crate::error::{Error, Result};
-use crate::events::{Mode, Start};
+use crate::events::Start;
 use crate::plan::Decided;
 
 fn current_exe() -> Result<PathBuf> {
@@ -32,7 +32,7 @@ pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
         announce(&decided);
         let mut resolved = cfg.clone();
         decided.apply(&mut resolved);
-        crate::train::prepare_run_dir(&resolved)?;
+        crate::job::prepare_run_dir(&resolved)?;
         Some(decided)
     } else {
         None
@@ -41,7 +41,7 @@ pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
     for o in overrides {
         args.extend(["--set".to_string(), o.clone()]);
     }
-    let start = start(&cfg, world, decided.as_ref());
+    let start = crate::job::start(&cfg, world, decided.as_ref());
     agent::run(LaunchPlan {
         launch: cfg.launch.clone(),
         run_dir: cfg.run_dir(),
@@ -68,25 +68,6 @@ fn announce(decided: &Decided) {
             c.dp, c.tp, c.pp, c.ep, c.micro_batch, c.zero1, c.virtual_stages,
             c.step_time_s, c.mem_gb_per_gpu, a.hardware, a.considered, a.rejected
         );
-    }
-}
-
-/// The `start` event of a training job of `world` ranks.
-pub fn start(cfg: &JobConfig, world: usize, decided: Option<&Decided>) -> Start {
-    Start {
-        job: Some(cfg.job.name.clone()),
-        model: Some(cfg.model.path.clone()),
-        mode: Some(if cfg.lora.is_some() {
-            Mode::Lora
-        } else {
-            Mode::Full
-        }),
-        program: None,
-        args: Vec::new(),
-        world_size: world,
-        nnodes: cfg.launch.nnodes,
-        nproc_per_node: cfg.launch.nproc_per_node,
-        plan: decided.map(|d| d.event(world)),
     }
 }
 

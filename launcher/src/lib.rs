@@ -18,6 +18,7 @@ mod eval;
 pub mod events;
 mod export;
 mod hooks;
+mod job;
 mod launch;
 pub mod plan;
 mod preflight;

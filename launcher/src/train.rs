@@ -26,10 +26,10 @@ pub fn run(cfg: &JobConfig) -> Result<()> {
     let decided = crate::plan::decide(cfg, Path::new(PARALLEL), 1, 1)?;
     let mut cfg = cfg.clone();
     decided.apply(&mut cfg);
-    prepare_run_dir(&cfg)?;
+    crate::job::prepare_run_dir(&cfg)?;
     let mut events = EventLog::open(&cfg.run_dir().join("events.jsonl"))?;
     events.emit(
-        Event::Start(crate::launch::start(&cfg, 1, Some(&decided))),
+        Event::Start(crate::job::start(&cfg, 1, Some(&decided))),
         None,
         None,
     )?;
@@ -67,26 +67,6 @@ pub fn worker(cfg: &JobConfig, decided: &Decided) -> Result<()> {
     }
     ctx.reporter.flush(Duration::from_secs(5));
     result
-}
-
-/// Create the run directory, drop a previous run's export (it must never pass for this
-/// run's) and write the resolved config.
-pub fn prepare_run_dir(cfg: &JobConfig) -> Result<()> {
-    let run_dir = cfg.run_dir();
-    std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
-    let export = run_dir.join("export");
-    if export.exists() {
-        std::fs::remove_dir_all(&export).map_err(io(&export))?;
-    }
-    checkpoint::atomic_write(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-    Ok(())
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn run_rank(cfg: &JobConfig, decided: &Decided, ctx: &RankContext) -> Result<()> {

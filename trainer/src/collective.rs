@@ -495,3 +495,19 @@ pub fn split_rows(n: usize, parts: usize) -> Vec<usize> {
         .map(|r| (r + 1) * n / parts - r * n / parts)
         .collect()
 }
+
+/// The input of a column-parallel region when tensor parallel (see [`TpRegion::enter`]).
+pub fn enter<B: ParallelBackend>(x: Tensor<B, 2>, tp: Option<&TpRegion>) -> Tensor<B, 2> {
+    match tp {
+        Some(r) => r.enter(x),
+        None => x,
+    }
+}
+
+/// The output of a row-parallel region when tensor parallel (see [`TpRegion::leave`]).
+pub fn leave<B: ParallelBackend>(x: Tensor<B, 2>, tp: Option<&TpRegion>) -> Tensor<B, 2> {
+    match tp {
+        Some(r) => r.leave(x),
+        None => x,
+    }
+}

@@ -329,7 +329,7 @@ impl<B: TrainBackend> TrainerBuilder<B> {
         popts
             .check(&layout, &model.config, &self.options)
             .map_err(invalid)?;
-        crate::model::moe::set_capacity_factor(&mut model, self.options.moe_capacity_factor);
+        crate::model::decoder::set_capacity_factor(&mut model, self.options.moe_capacity_factor);
         // Whole model → this rank's stage → its experts → its tensor slices.
         if layout.pp > 1 {
             let sizes = popts.stage_sizes(&model.config).map_err(invalid)?;

@@ -350,13 +350,6 @@ impl Detector {
             stalled.as_secs_f64(),
             self.hang_limit().as_secs_f64()
         );
-        let named = |s: &str, none: &str| {
-            if s.is_empty() {
-                none.to_string()
-            } else {
-                s.to_string()
-            }
-        };
         let (rank, node, detail) = match culprit {
             Some((r, p)) if silent(&p) || p.progress() < most => {
                 let why = if silent(&p) {
@@ -372,7 +365,9 @@ impl Detector {
                          step {}) while the others wait in #{ahead} ({waiting_in})",
                         p.node,
                         p.seq,
-                        named(&p.collective, "none yet"),
+                        Some(p.collective.as_str())
+                            .filter(|c| !c.is_empty())
+                            .unwrap_or("none yet"),
                         p.phase.name(),
                         p.step,
                     ),

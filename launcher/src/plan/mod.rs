@@ -13,12 +13,11 @@ use trainer::ModelConfig;
 
 use crate::config::{Device, JobConfig};
 use crate::error::{Error, Result};
-use crate::events::{AutoPick, PlanEvent};
 use serde::{Deserialize, Serialize};
 use trainer::{ParallelOptions, PipelineSchedule, Strategy};
 
 pub use args::{Format, PlanArgs};
-pub use report::{json_report, table, CandidateReport};
+pub use report::{json_report, table, AutoPick, CandidateReport, PlanEvent};
 
 /// The cost model's view of a job file: its model, sequence length, batch and mode, in
 /// f32 (what tidemill trains in).

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use parallel::plan::{Plan, Priced, GIB};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use trainer::{PipelineSchedule, Strategy};
 
 /// One candidate as `launch plan --format json` lists it (and the `start` event of a job
 /// under `strategy = "auto"`). Sizes (`*_gb`) are GiB (2³⁰ bytes, as `nvidia-smi`
@@ -77,6 +78,36 @@ impl CandidateReport {
             },
         }
     }
+}
+
+/// The layout a generation runs with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanEvent {
+    pub dp: usize,
+    pub tp: usize,
+    pub pp: usize,
+    pub ep: usize,
+    pub zero1: bool,
+    pub sequence_parallel: bool,
+    pub schedule: PipelineSchedule,
+    pub virtual_stages: usize,
+    pub micro_batch: usize,
+    pub strategy: Strategy,
+    /// Under `strategy = "auto"`: the search's pick and its predictions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<AutoPick>,
+}
+
+/// The candidate the strategy search picked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AutoPick {
+    #[serde(flatten)]
+    pub candidate: CandidateReport,
+    pub hardware: String,
+    /// Candidates that fit, and layouts or variants rejected.
+    pub considered: usize,
+    pub rejected: usize,
+    pub search_s: f64,
 }
 
 /// `{"world","hardware","search_s","considered","candidates":[…best first, top K],

@@ -277,7 +277,7 @@ impl Keys<'_> {
                 num_experts: self.usize("num_local_experts")?,
                 top_k: self.usize("num_experts_per_tok")?,
             }),
-            _ => None,
+            Family::Llama | Family::Mistral | Family::Qwen2 => None,
         };
         if let Some(m) = &moe {
             if m.top_k > m.num_experts {

@@ -5,14 +5,14 @@
 use std::ops::Range;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use super::config::ModelConfig;
 use super::linear::Linear;
 pub use super::moe::Moe;
 use super::rope;
-use crate::collective::{split_rows, Group, ParallelBackend, TpRegion};
+use crate::collective::{enter, split_rows, Group, ParallelBackend, TpRegion};
 use crate::loss;
 
 /// RMSNorm as transformers computes it: `w · x / sqrt(mean(x²) + eps)`.
@@ -62,22 +62,6 @@ pub struct ForwardContext<B: Backend> {
     pub tp: Option<TpRegion>,
     /// The expert-parallel group the experts are spread over.
     pub ep: Option<Group>,
-}
-
-/// The input of a column-parallel region when tensor parallel (see [`TpRegion::enter`]).
-pub(super) fn enter<B: ParallelBackend>(x: Tensor<B, 2>, tp: Option<&TpRegion>) -> Tensor<B, 2> {
-    match tp {
-        Some(r) => r.enter(x),
-        None => x,
-    }
-}
-
-/// The output of a row-parallel region when tensor parallel (see [`TpRegion::leave`]).
-pub(super) fn leave<B: ParallelBackend>(x: Tensor<B, 2>, tp: Option<&TpRegion>) -> Tensor<B, 2> {
-    match tp {
-        Some(r) => r.leave(x),
-        None => x,
-    }
 }
 
 impl<B: ParallelBackend> Attention<B> {
@@ -140,31 +124,7 @@ impl<B: ParallelBackend> Attention<B> {
 
 /// The SwiGLU feed-forward: `down(silu(gate(x)) · up(x))`. Mixtral's experts name the
 /// same three projections `w1` (gate), `w3` (up) and `w2` (down).
-#[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
-}
-
-impl<B: ParallelBackend> Mlp<B> {
-    /// `x: [n, h]` → `[n, h]`; under tensor parallelism over this rank's columns of gate/up
-    /// and rows of down.
-    pub fn forward(&self, x: Tensor<B, 2>, train: bool, tp: Option<&TpRegion>) -> Tensor<B, 2> {
-        let x = enter(x, tp);
-        self.down_proj.forward_row(self.hidden(x, train), train, tp)
-    }
-
-    /// This rank's part of the output, before the sum over the tensor-parallel group.
-    pub(super) fn forward_partial(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
-        self.down_proj
-            .forward_unbiased(self.hidden(x, train), train)
-    }
-
-    fn hidden(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
-        silu(self.gate_proj.forward(x.clone(), train)) * self.up_proj.forward(x, train)
-    }
-}
+pub use super::mlp::Mlp;
 
 /// The feed-forward half of a layer: dense or mixture of experts.
 #[derive(Module, Debug)]
@@ -500,4 +460,13 @@ fn attention_mask<B: Backend>(
         }
     }
     Tensor::from_data(TensorData::new(mask, [b, 1, s, s]), device)
+}
+
+/// Set the capacity factor of every sparse layer of `model` (see [`Moe::capacity_factor`]).
+pub fn set_capacity_factor<B: Backend>(model: &mut CausalLm<B>, factor: Option<f64>) {
+    for layer in &mut model.layers {
+        if let FeedForward::Sparse(moe) = &mut layer.ffn {
+            moe.capacity_factor = factor;
+        }
+    }
 }

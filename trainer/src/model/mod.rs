@@ -5,6 +5,7 @@ pub mod decoder;
 pub mod experts;
 pub mod hf;
 pub mod linear;
+pub mod mlp;
 pub mod moe;
 pub mod names;
 pub mod rope;

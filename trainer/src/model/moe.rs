@@ -18,9 +18,9 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::decoder::{enter, leave, CausalLm, FeedForward, Mlp};
 use super::linear::Linear;
-use crate::collective::{all_to_all, Exchange, Group, ParallelBackend, TpRegion};
+use super::mlp::Mlp;
+use crate::collective::{all_to_all, enter, leave, Exchange, Group, ParallelBackend, TpRegion};
 
 /// Softmax over the router logits, keep the top-k, renormalise them to sum to 1, and add
 /// each chosen expert's output weighted by its share.
@@ -177,15 +177,6 @@ impl<B: ParallelBackend> Moe<B> {
             back * share,
             IndexingUpdateOp::Add,
         )
-    }
-}
-
-/// Set the capacity factor of every sparse layer of `model` (see [`Moe::capacity_factor`]).
-pub fn set_capacity_factor<B: Backend>(model: &mut CausalLm<B>, factor: Option<f64>) {
-    for layer in &mut model.layers {
-        if let FeedForward::Sparse(moe) = &mut layer.ffn {
-            moe.capacity_factor = factor;
-        }
     }
 }
 
