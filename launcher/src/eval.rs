@@ -6,7 +6,7 @@ use serde_json::json;
 use trainer::ParallelBackend;
 
 use crate::config::{Device, JobConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::setup;
 
 /// The numbers `launch eval` prints as its last line.
@@ -24,7 +24,7 @@ pub fn run(cfg: &JobConfig, adapter: Option<&Path>) -> Result<EvalReport> {
         #[cfg(feature = "cuda")]
         Device::Cuda => run_on::<burn::backend::Cuda>(cfg, adapter, &Default::default()),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda => Err(Error::Config {
+        Device::Cuda => Err(crate::error::Error::Config {
             file: "config".into(),
             message: Device::Cuda.check().err().unwrap_or_default(),
         }),

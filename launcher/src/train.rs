@@ -13,7 +13,7 @@ use trainer::data::Row;
 use trainer::{LoraSpec, TrainBackend, Trainer};
 
 use crate::config::{Device, JobConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::events::{Event, EventLog, ExportFormat, Split};
 use crate::plan::Decided;
 use crate::saving::{self, Saver};
@@ -80,7 +80,7 @@ fn run_rank(cfg: &JobConfig, decided: &Decided, ctx: &RankContext) -> Result<()>
             &burn::backend::cuda::CudaDevice::new(ctx.local_rank),
         ),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda => Err(Error::Config {
+        Device::Cuda => Err(crate::error::Error::Config {
             file: "config".into(),
             message: Device::Cuda.check().err().unwrap_or_default(),
         }),
