@@ -24,6 +24,23 @@ pub fn read_safetensors(path: &Path) -> Result<TensorMap, Error> {
 pub fn read_safetensors_with_dtypes(
     path: &Path,
 ) -> Result<(TensorMap, BTreeMap<String, DType>), Error> {
+    with_tensors(path, |st| {
+        let mut tensors = TensorMap::new();
+        let mut dtypes = BTreeMap::new();
+        for (key, view) in st.iter() {
+            let (tensor, dtype) = to_host(path, key, &view)?;
+            tensors.insert(key.to_string(), tensor);
+            dtypes.insert(key.to_string(), dtype);
+        }
+        Ok((tensors, dtypes))
+    })
+}
+
+/// `use_` the tensors of `path`, mapped and validated (header, offsets, lengths).
+fn with_tensors<R>(
+    path: &Path,
+    use_: impl FnOnce(&SafeTensors<'_>) -> Result<R, Error>,
+) -> Result<R, Error> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only and dropped before this function returns.
     // Its contents are validated (header, offsets, lengths) before use. The
@@ -33,45 +50,27 @@ pub fn read_safetensors_with_dtypes(
     #[allow(unsafe_code)]
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let buffer: &[u8] = &mmap;
-
     check_offsets_fit(buffer).map_err(|message| malformed(path, message))?;
     let st = SafeTensors::deserialize(buffer).map_err(|e| malformed(path, e.to_string()))?;
-
-    let mut tensors = TensorMap::new();
-    let mut dtypes = BTreeMap::new();
-    for (key, view) in st.iter() {
-        let (tensor, dtype) = to_host(path, key, &view)?;
-        tensors.insert(key.to_string(), tensor);
-        dtypes.insert(key.to_string(), dtype);
-    }
-    Ok((tensors, dtypes))
+    use_(&st)
 }
 
 /// Check one `.safetensors` file without reading its data: the header parses, every
 /// tensor's bytes lie inside the file (a truncated file is refused, naming it) and its
 /// dtype is one [`read_safetensors`] reads. Returns the tensor names.
 pub fn check_safetensors(path: &Path) -> Result<Vec<String>, Error> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: as in `read_safetensors_with_dtypes`; only the header is looked at.
-    #[allow(unsafe_code)]
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let buffer: &[u8] = &mmap;
-    check_offsets_fit(buffer).map_err(|message| malformed(path, message))?;
-    let st = SafeTensors::deserialize(buffer).map_err(|e| malformed(path, e.to_string()))?;
-    let mut names = Vec::new();
-    for (key, view) in st.iter() {
-        match view.dtype() {
-            Dtype::F32 | Dtype::BF16 | Dtype::F16 => names.push(key.to_string()),
-            other => {
-                return Err(Error::UnsupportedDtype {
+    with_tensors(path, |st| {
+        st.iter()
+            .map(|(key, view)| match view.dtype() {
+                Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(key.to_string()),
+                other => Err(Error::UnsupportedDtype {
                     file: path.to_path_buf(),
                     key: key.to_string(),
                     dtype: other.to_string(),
-                })
-            }
-        }
-    }
-    Ok(names)
+                }),
+            })
+            .collect()
+    })
 }
 
 fn malformed(path: &Path, message: String) -> Error {

@@ -64,9 +64,8 @@ fn announce(decided: &Decided) {
     if let Some(a) = &decided.auto {
         let c = &a.candidate;
         println!(
-            "plan: dp={} tp={} pp={} ep={} mb={} zero1={} v={} (predicted {:.3} s/step, {:.2} GiB/device on {}; {} candidates, {} rejected; `launch plan` explains)",
-            c.dp, c.tp, c.pp, c.ep, c.micro_batch, c.zero1, c.virtual_stages,
-            c.step_time_s, c.mem_gb_per_gpu, a.hardware, a.considered, a.rejected
+            "plan: {} (predicted {:.3} s/step, {:.2} GiB/device on {}; {} candidates, {} rejected; `launch plan` explains)",
+            c.candidate, c.step_time_s, c.mem_gb_per_gpu, a.hardware, a.considered, a.rejected
         );
     }
 }

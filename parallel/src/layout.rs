@@ -208,21 +208,28 @@ impl Layout {
             }
         };
         let layout = Self::new(dp, tp, pp, ep)?;
-        if layout.world() != world {
-            return Err(LayoutError::World {
-                dp,
-                tp,
-                pp,
-                ep,
-                world,
-            });
-        }
+        layout.check_world(world)?;
         if let Some(local) = local_world {
             if !local.is_multiple_of(tp) {
                 return Err(LayoutError::AcrossNodes { tp, local });
             }
         }
         Ok(layout)
+    }
+
+    /// The layout uses exactly `world` ranks.
+    pub fn check_world(&self, world: usize) -> Result<(), LayoutError> {
+        if self.world() == world {
+            return Ok(());
+        }
+        let Layout { dp, tp, pp, ep } = *self;
+        Err(LayoutError::World {
+            dp,
+            tp,
+            pp,
+            ep,
+            world,
+        })
     }
 
     /// What the model requires of the layout: heads, MLP width and vocabulary split over

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::layout::{Axis, Coords, Layout, LayoutError};
+use crate::layout::{Axis, Coords, Layout};
 
 /// This rank's place in the mesh and a communicator for each group it belongs to.
 #[derive(Clone)]
@@ -45,18 +45,7 @@ impl Mesh {
     /// Split `world` into the groups of `layout`. Every rank must call this at the same
     /// point of its program (splitting is local, but group identities depend on it).
     pub fn new(layout: Layout, world: Arc<dyn Communicator>) -> Result<Self> {
-        if layout.world() != world.size() {
-            let Layout { dp, tp, pp, ep, .. } = layout;
-            let world = world.size();
-            return Err(LayoutError::World {
-                dp,
-                tp,
-                pp,
-                ep,
-                world,
-            }
-            .into());
-        }
+        layout.check_world(world.size())?;
         let rank = world.rank();
         let split = |axes: &[Axis]| world.split(&layout.group(rank, axes));
         Ok(Self {

@@ -310,6 +310,15 @@ fn train_2(path: &Path) -> (std::process::Output, std::time::Duration) {
     (out, started.elapsed())
 }
 
+/// `launch train` of `path` exits 2 within 5 s naming `names`, and starts nothing.
+fn refused_before_any_worker(path: &Path, run: &Path, names: &str) {
+    let (out, took) = train_2(path);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains(names), "{}", stderr(&out));
+    assert!(took.as_secs_f64() < 5.0, "{took:?}");
+    assert!(!run.join("events.jsonl").exists(), "no worker started");
+}
+
 #[test]
 fn launch_train_checks_the_data_before_any_worker_starts() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -319,11 +328,7 @@ fn launch_train_checks_the_data_before_any_worker_starts() {
     lines.insert(4, "{\"input_ids\": [1, 2,");
     std::fs::write(&data, lines.join("\n")).expect("write");
     let (path, run) = train_job(tmp.path(), &model_dir("llama2"), &data);
-    let (out, took) = train_2(&path);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("train.jsonl:5"), "{}", stderr(&out));
-    assert!(took.as_secs_f64() < 5.0, "{took:?}");
-    assert!(!run.join("events.jsonl").exists(), "no worker started");
+    refused_before_any_worker(&path, &run, "train.jsonl:5");
 }
 
 #[test]

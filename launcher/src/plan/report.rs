@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use parallel::plan::{Plan, Priced, GIB};
+use parallel::plan::{Candidate, Plan, Priced, GIB};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use trainer::{PipelineSchedule, Strategy};
@@ -13,14 +13,8 @@ use trainer::{PipelineSchedule, Strategy};
 /// counts), times seconds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CandidateReport {
-    pub dp: usize,
-    pub tp: usize,
-    pub pp: usize,
-    pub ep: usize,
-    pub micro_batch: usize,
-    pub recompute: bool,
-    pub zero1: bool,
-    pub virtual_stages: usize,
+    #[serde(flatten)]
+    pub candidate: Candidate,
     pub step_time_s: f64,
     pub tflops_per_gpu: f64,
     pub mfu: f64,
@@ -50,14 +44,7 @@ impl CandidateReport {
         let (c, e) = (&p.candidate, &p.estimate);
         let m = &e.memory;
         Self {
-            dp: c.dp,
-            tp: c.tp,
-            pp: c.pp,
-            ep: c.ep,
-            micro_batch: c.micro_batch,
-            recompute: c.recompute,
-            zero1: c.zero1,
-            virtual_stages: c.virtual_stages,
+            candidate: *c,
             step_time_s: e.step_time_s,
             tflops_per_gpu: e.tflops_per_gpu,
             mfu: e.mfu,

@@ -13,7 +13,7 @@
 //! Activation memory follows Korthikanti et al. (2022), with the in-flight micro-batches
 //! of 1F1B (pp − rank) and of the interleaved schedule (Megatron's warm-up).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::hardware::Hardware;
 use super::shape::{Mode, ModelShape, Params, Precision, Share};
@@ -85,7 +85,7 @@ impl Job {
 }
 
 /// One point of the search space.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Candidate {
     pub dp: usize,
     pub tp: usize,
