@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let (rows, _) = load_dataset(&train, Some(&tokenizer), &data)?;
+    let eval_rows = rows.clone();
     let options = TrainOptions {
         max_steps: steps,
         lr: 2e-3,
@@ -62,5 +63,9 @@ fn main() -> anyhow::Result<()> {
             println!("step {} loss {:.6}", s.step, s.loss);
         }
     }
+    // An event of your own goes into the job's events.jsonl as a `user` event.
+    let eval = trainer.evaluate(&eval_rows)?;
+    ctx.reporter
+        .event(&serde_json::json!({"event": "finished", "steps": steps, "loss": eval.loss}));
     Ok(())
 }

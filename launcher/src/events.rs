@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use parallel::runtime::{Phase, StepReport};
+use parallel::runtime::{Phase, StepReport, ToAgent};
 use serde::{Deserialize, Serialize};
 use trainer::data::DataAudit;
 
@@ -51,7 +51,12 @@ pub enum Event {
     /// A finished optimizer step of a rank.
     Step(StepEvent),
     /// The whole evaluation set's mean token loss after `step` steps.
-    Eval { step: u64, loss: f64, tokens: usize },
+    Eval {
+        step: u64,
+        #[serde(with = "any_f64")]
+        loss: f64,
+        tokens: usize,
+    },
     /// A committed checkpoint; `stall_s`: how long it blocked training.
     Checkpoint {
         step: u64,
@@ -71,8 +76,11 @@ pub enum Event {
     Resumed { step: u64, from_checkpoint: PathBuf },
     /// The automatic plan's predicted step time next to the measured one.
     PlanCheck {
+        #[serde(with = "any_f64")]
         predicted_step_time_s: f64,
+        #[serde(with = "any_f64")]
         measured_step_time_s: f64,
+        #[serde(with = "any_f64")]
         measured_over_predicted: f64,
         steps: usize,
     },
@@ -120,6 +128,55 @@ pub enum Event {
     Recovered { step: u64, seconds_since_fault: f64 },
     /// A control-plane call without the job's token.
     AuthRejected { peer: String, reason: String },
+    /// An event of a user's program (`launch run`) that is not one of tidemill's: its own
+    /// name and fields, as it sent them.
+    User {
+        name: String,
+        fields: serde_json::Map<String, serde_json::Value>,
+    },
+}
+
+/// A number that may not be finite (a diverged model's loss): JSON has no NaN or infinity,
+/// so it is written `null` and read back as NaN.
+mod any_f64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        match v.is_finite() {
+            true => s.serialize_f64(*v),
+            false => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
+
+/// An event as a user's program may send it: any `event` name, any fields.
+#[derive(Deserialize)]
+struct UserEvent {
+    event: String,
+    #[serde(flatten)]
+    fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A worker's (or agent's) report line, typed: tidemill's own events as [`Event`], a user
+/// program's others as [`Event::User`]. The error says why a line is not a report.
+pub fn parse_report(line: &str) -> std::result::Result<ToAgent<Event>, String> {
+    match serde_json::from_str::<ToAgent<Event>>(line) {
+        Ok(msg) => Ok(msg),
+        Err(typed) => match serde_json::from_str::<ToAgent<UserEvent>>(line) {
+            Ok(ToAgent::Event { rank, event }) => Ok(ToAgent::Event {
+                rank,
+                event: Event::User {
+                    name: event.event,
+                    fields: event.fields,
+                },
+            }),
+            Ok(_) | Err(_) => Err(typed.to_string()),
+        },
+    }
 }
 
 /// A rank's step, as the coordinator logs it.
@@ -303,4 +360,45 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the coordinator writes reads back as the same records, a diverged loss and a
+    /// user program's event included.
+    #[test]
+    fn records_read_back_as_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let mut log = EventLog::open(&path).expect("open");
+        let eval = Event::Eval {
+            step: 3,
+            loss: f64::INFINITY,
+            tokens: 7,
+        };
+        log.emit(eval, Some(0), Some(0)).expect("emit");
+        let line = r#"{"type":"event","rank":1,"event":{"event":"finished","steps":3}}"#;
+        let Ok(ToAgent::Event { rank, event }) = parse_report(line) else {
+            panic!("a user's event is a report");
+        };
+        log.emit(event, Some(rank), Some(0)).expect("emit");
+        assert!(parse_report(r#"{"type":"nonsense"}"#).is_err());
+        let records = read(&path).expect("read");
+        assert_eq!(records.len(), 2);
+        assert!(
+            matches!(records[0].event, Event::Eval { loss, tokens: 7, .. } if loss.is_nan()),
+            "{records:?}"
+        );
+        match &records[1].event {
+            Event::User { name, fields } => {
+                assert_eq!(
+                    (name.as_str(), &fields["steps"]),
+                    ("finished", &serde_json::json!(3))
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -55,7 +55,7 @@ pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
             plan: d,
             resume: false,
         }),
-        replan: Some(replan(cfg, config.to_path_buf(), world)),
+        replan: Some(replan(cfg, config.to_path_buf())),
     })
 }
 
@@ -70,13 +70,14 @@ fn announce(decided: &Decided) {
     }
 }
 
-/// How a restarted generation of a training job runs: it resumes from the last committed
-/// checkpoint; with a world other than `world` (nodes were lost or a spare differs) the
-/// strategy search re-plans the layout (keeping the job file's pins if it can, else
-/// unpinned).
-fn replan(cfg: JobConfig, file: PathBuf, world: usize) -> Replan {
+/// The layout of a restarted generation of a training job: the current one if it still
+/// fits the world (a crash, a hang, a spare of the same size); otherwise (nodes were lost,
+/// or a spare differs) the strategy search re-plans it, keeping the job file's pins if it
+/// can, else unpinned.
+fn replan(cfg: JobConfig, file: PathBuf) -> Replan {
     Arc::new(move |now: usize, local: usize, current: Option<&Decided>| {
-        if let Some(plan) = current.filter(|_| now == world) {
+        let fits = |plan: &&Decided| plan.parallel.layout(now, Some(local)).is_ok();
+        if let Some(plan) = current.filter(fits) {
             return Ok(plan.clone());
         }
         let mut auto = cfg.clone();

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use checkpoint::sharded::{self, Checkpoint};
 use serde_json::Value;
 
+use parallel::runtime::Report;
+
 use crate::config::CheckpointOptions;
 use crate::error::Result;
 use crate::events::Event;
@@ -21,7 +23,7 @@ pub fn root(run_dir: &Path) -> PathBuf {
 
 /// On the lead rank: the step of the newest checkpoint that verifies (dropping unfinished
 /// saves), each newer damaged one reported as an event naming the file.
-pub fn find_resume(root: &Path) -> Result<Option<u64>> {
+pub fn find_resume(root: &Path, report: &Report) -> Result<Option<u64>> {
     if !root.exists() {
         return Ok(None);
     }
@@ -29,7 +31,7 @@ pub fn find_resume(root: &Path) -> Result<Option<u64>> {
     let (found, skipped) = sharded::latest(root);
     for s in skipped {
         eprintln!("skipping checkpoint {}: {}", s.dir.display(), s.error);
-        parallel::runtime::report().event(&Event::CheckpointSkipped {
+        report.event(&Event::CheckpointSkipped {
             dir: s.dir,
             file: s.error.file,
             reason: s.error.reason,
@@ -58,6 +60,8 @@ pub struct Saver {
     root: PathBuf,
     rank: usize,
     world: usize,
+    /// Where committed checkpoints are reported.
+    report: Report,
     section: CheckpointOptions,
     /// The model's config and tokenizer files, copied into each checkpoint (by rank 0).
     extras: Vec<(String, PathBuf)>,
@@ -79,6 +83,7 @@ impl Saver {
         root: PathBuf,
         rank: usize,
         world: usize,
+        report: Report,
         section: CheckpointOptions,
         extras: Vec<(String, PathBuf)>,
     ) -> Self {
@@ -86,6 +91,7 @@ impl Saver {
             root,
             rank,
             world,
+            report,
             section,
             extras,
             pending: None,
@@ -169,7 +175,7 @@ impl Saver {
     /// A committed checkpoint (only the committing rank has its directory).
     fn report(&self, step: u64, blocked_s: f64, snapshot_s: f64, dir: Option<PathBuf>) {
         if let Some(path) = dir {
-            parallel::runtime::report().event(&Event::Checkpoint {
+            self.report.event(&Event::Checkpoint {
                 step,
                 path,
                 async_save: self.section.async_save,

@@ -4,16 +4,17 @@
 //! for a launched worker, the event log directly for a job run in this process alone.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
-use parallel::runtime::{Reporter, Sink, StepReport, ToAgent};
+use parallel::runtime::{Report, Reporter, Sink, StepReport};
 use parallel::RankContext;
 use trainer::data::Row;
 use trainer::{LoraSpec, TrainBackend, Trainer};
 
 use crate::config::{Device, JobConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::{Event, EventLog, ExportFormat, Split};
 use crate::plan::Decided;
 use crate::saving::{self, Saver};
@@ -33,22 +34,35 @@ pub fn run(cfg: &JobConfig) -> Result<()> {
         None,
         None,
     )?;
-    // The trainer's reports go straight into the log, as the coordinator would write them.
+    // The trainer's reports go straight into the log, as the coordinator would write them;
+    // the first failure to write it fails the run.
+    let failed = Arc::new(Mutex::new(None::<String>));
+    let seen = failed.clone();
     let sink: Sink = Box::new(move |line| {
-        if let Ok(msg) = serde_json::from_str::<ToAgent<Event>>(line) {
-            if let Some((rank, event)) = crate::coordinator::logged(msg) {
-                events
-                    .emit(event, Some(rank), Some(0))
-                    .map_err(std::io::Error::other)?;
+        let msg = crate::events::parse_report(line).map_err(|e| {
+            std::io::Error::other(format!("a report the event log cannot read ({e}): {line}"))
+        });
+        let written = msg.and_then(|msg| match crate::coordinator::logged(msg) {
+            Some((rank, event)) => events
+                .emit(event, Some(rank), Some(0))
+                .map_err(std::io::Error::other),
+            None => Ok(()),
+        });
+        if let Err(e) = &written {
+            if let Ok(mut f) = seen.lock() {
+                f.get_or_insert_with(|| e.to_string());
             }
         }
-        Ok(())
+        written
     });
     let mut reporter = Reporter::start(0, sink);
-    parallel::runtime::install(&reporter);
-    let result = run_rank(&cfg, &decided, &RankContext::solo());
+    let result = run_rank(&cfg, &decided, &RankContext::solo(), &reporter);
     reporter.flush(Duration::from_secs(10));
-    result
+    result?;
+    match failed.lock().ok().and_then(|mut f| f.take()) {
+        Some(e) => Err(Error::Launch(format!("writing the event log: {e}"))),
+        None => Ok(()),
+    }
 }
 
 /// Names the job file's section in errors where the file's path is not at hand.
@@ -61,7 +75,7 @@ pub fn worker(cfg: &JobConfig, decided: &Decided) -> Result<()> {
     let mut ctx = parallel::init()?;
     let mut cfg = cfg.clone();
     decided.apply(&mut cfg);
-    let result = run_rank(&cfg, decided, &ctx);
+    let result = run_rank(&cfg, decided, &ctx, &ctx.reporter);
     if let Err(e) = &result {
         ctx.reporter.error(&crate::error::chain(e));
     }
@@ -69,50 +83,60 @@ pub fn worker(cfg: &JobConfig, decided: &Decided) -> Result<()> {
     result
 }
 
-fn run_rank(cfg: &JobConfig, decided: &Decided, ctx: &RankContext) -> Result<()> {
+/// This rank's training, reported to `report`.
+fn run_rank(cfg: &JobConfig, decided: &Decided, ctx: &RankContext, report: &Report) -> Result<()> {
+    let job = Job {
+        cfg,
+        decided,
+        ctx,
+        report,
+    };
     match cfg.job.device {
-        Device::Cpu => run_on::<trainer::backend::Cpu>(cfg, decided, ctx, &Default::default()),
+        Device::Cpu => run_on::<trainer::backend::Cpu>(&job, &Default::default()),
         #[cfg(feature = "cuda")]
         Device::Cuda => run_on::<burn::backend::Cuda>(
-            cfg,
-            decided,
-            ctx,
+            &job,
             &burn::backend::cuda::CudaDevice::new(ctx.local_rank),
         ),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda => Err(crate::error::Error::Config {
+        Device::Cuda => Err(Error::Config {
             file: "config".into(),
             message: Device::Cuda.check().err().unwrap_or_default(),
         }),
     }
 }
 
+/// What one rank of a job runs with.
+struct Job<'a> {
+    cfg: &'a JobConfig,
+    decided: &'a Decided,
+    ctx: &'a RankContext,
+    report: &'a Report,
+}
+
 /// Train `cfg` as rank `ctx.rank`: build → loop → export.
-pub fn run_on<B: trainer::ParallelBackend>(
-    cfg: &JobConfig,
-    decided: &Decided,
-    ctx: &RankContext,
-    device: &B::Device,
-) -> Result<()> {
+fn run_on<B: trainer::ParallelBackend>(job: &Job<'_>, device: &B::Device) -> Result<()> {
+    let (cfg, ctx, report) = (job.cfg, job.ctx, job.report);
     let started = Instant::now();
-    let (train, eval) = load_data(cfg, ctx.rank == 0)?;
+    let (train, eval) = load_data(cfg, ctx.rank == 0, report)?;
     let (model, spec) = setup::model::<Autodiff<B>>(cfg, device)?;
     let mesh = cfg.parallel.mesh(ctx)?;
     let mut trainer = Trainer::builder(model, train, &cfg.training)
         .shuffle(cfg.data.shuffle)
         .parallel(&mesh, &cfg.parallel)
+        .reporter(report)
         .build()?;
     if cfg.checkpoint.resume {
         resume(&mut trainer, &saving::root(&cfg.run_dir()))?;
     }
-    let last = train_loop(cfg, decided, &mut trainer, eval.as_deref())?;
+    let last = train_loop(cfg, job.decided, &mut trainer, eval.as_deref())?;
     if let Some(rows) = &eval {
         evaluate(&trainer, rows)?;
     }
     let lead = ctx.rank == 0;
     export(cfg, trainer, spec, device)?;
     if lead {
-        parallel::runtime::report().event(&Event::Done {
+        report.event(&Event::Done {
             steps: Some(cfg.training.max_steps),
             loss: last.map(|s| s.loss),
             seconds: started.elapsed().as_secs_f64(),
@@ -122,7 +146,7 @@ pub fn run_on<B: trainer::ParallelBackend>(
 }
 
 /// The training and evaluation rows (audits printed and reported by rank 0).
-fn load_data(cfg: &JobConfig, lead: bool) -> Result<(Vec<Row>, Option<Vec<Row>>)> {
+fn load_data(cfg: &JobConfig, lead: bool, report: &Report) -> Result<(Vec<Row>, Option<Vec<Row>>)> {
     let train_path = setup::required_file("data.train", cfg.data.train.as_deref(), "train")?;
     let mut files: Vec<&Path> = vec![&train_path];
     files.extend(cfg.data.eval.as_deref());
@@ -133,7 +157,7 @@ fn load_data(cfg: &JobConfig, lead: bool) -> Result<(Vec<Row>, Option<Vec<Row>>)
         setup::check_vocab(key, &audit, vocab)?;
         if lead {
             println!("{audit}");
-            parallel::runtime::report().event(&Event::Audit { split, audit });
+            report.event(&Event::Audit { split, audit });
         }
         Ok(rows)
     };
@@ -152,7 +176,7 @@ fn resume<B: TrainBackend>(trainer: &mut Trainer<B>, root: &Path) -> Result<()> 
     let world = trainer.mesh().world.clone();
     let mut found = [-1i64];
     if world.rank() == 0 {
-        if let Some(step) = saving::find_resume(root)? {
+        if let Some(step) = saving::find_resume(root, trainer.report())? {
             found[0] = step as i64;
         }
     }
@@ -161,7 +185,7 @@ fn resume<B: TrainBackend>(trainer: &mut Trainer<B>, root: &Path) -> Result<()> 
         let dir = saving::resume(trainer, root, step)?;
         if world.rank() == 0 {
             println!("resuming from {} (step {step})", dir.display());
-            parallel::runtime::report().event(&Event::Resumed {
+            trainer.report().event(&Event::Resumed {
                 step,
                 from_checkpoint: dir,
             });
@@ -185,6 +209,7 @@ fn train_loop<B: TrainBackend>(
         saving::root(&cfg.run_dir()),
         rank,
         world,
+        trainer.report().clone(),
         cfg.checkpoint.clone(),
         if rank == 0 {
             checkpoint::sharded::model_files(&cfg.model.path)?
@@ -203,7 +228,7 @@ fn train_loop<B: TrainBackend>(
             std::thread::sleep(d);
         }
         if let Some(auto) = predicted {
-            check.record(auto.candidate.step_time_s, s.step_time);
+            check.record(auto.candidate.step_time_s, s.step_time, trainer.report());
         }
         if let Some(rows) = eval {
             if t.eval_every > 0 && s.step % t.eval_every == 0 && s.step < t.max_steps {
@@ -238,7 +263,7 @@ impl PlanCheck {
         }
     }
 
-    fn record(&mut self, predicted: f64, seconds: f64) {
+    fn record(&mut self, predicted: f64, seconds: f64, report: &Report) {
         self.times.push(seconds);
         if self.times.len() != self.after {
             return;
@@ -251,7 +276,7 @@ impl PlanCheck {
             .collect();
         t.sort_by(f64::total_cmp);
         let measured = t.get(t.len() / 2).copied().unwrap_or(seconds);
-        parallel::runtime::report().event(&Event::PlanCheck {
+        report.event(&Event::PlanCheck {
             predicted_step_time_s: predicted,
             measured_step_time_s: measured,
             measured_over_predicted: measured / predicted,
@@ -266,7 +291,7 @@ fn evaluate<B: TrainBackend>(trainer: &Trainer<B>, rows: &[Row]) -> Result<()> {
     if trainer.mesh().world.rank() == 0 {
         let step = trainer.steps_done();
         tracing::info!(step, loss = format!("{:.4}", r.loss), r.tokens, "eval");
-        parallel::runtime::report().event(&Event::Eval {
+        trainer.report().event(&Event::Eval {
             step,
             loss: r.loss,
             tokens: r.tokens,
@@ -284,11 +309,11 @@ fn export<B: trainer::ParallelBackend>(
     device: &B::Device,
 ) -> Result<()> {
     let whole = || Ok(setup::model::<Autodiff<B>>(cfg, device)?.0);
+    let report = trainer.report().clone();
     let Some(model) = trainer.into_whole_model(whole)? else {
         return Ok(());
     };
     let export = cfg.run_dir().join("export");
-    let report = parallel::runtime::report();
     if let Some(spec) = &spec {
         let dir = export.join("adapter");
         let base = cfg.model.path.display().to_string();

@@ -135,6 +135,15 @@ fn launch_run_starts_a_user_binary_per_rank() {
             "steps of rank {rank}"
         );
     }
+    // The program's own event, one per rank, logged as a user event with its fields.
+    let finished: Vec<Record> = records(&run)
+        .into_iter()
+        .filter(|r| {
+            matches!(&r.event, Event::User { name, fields }
+                if name == "finished" && fields["steps"] == 3)
+        })
+        .collect();
+    assert_eq!(finished.len(), 2, "{finished:?}");
 }
 
 /// Start a long job with two workers; return it with the pids of its workers once both

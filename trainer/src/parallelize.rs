@@ -22,6 +22,7 @@
 //! ```
 
 use parallel::dp::DataParallel;
+use parallel::runtime::Report;
 use parallel::{Layout, LayoutError, Mesh, RankContext};
 use serde::{Deserialize, Serialize};
 
@@ -114,7 +115,7 @@ impl Default for ParallelOptions {
 const DEFAULT_VIRTUAL_STAGES: usize = 2;
 
 fn invalid(message: String) -> Error {
-    Error::Parallel(parallel::Error::InvalidArgument(message))
+    Error::Options(message)
 }
 
 impl ParallelOptions {
@@ -281,6 +282,7 @@ pub struct TrainerBuilder<B: TrainBackend> {
     options: TrainOptions,
     shuffle: bool,
     parallel: Option<(Mesh, ParallelOptions)>,
+    report: Option<Report>,
 }
 
 impl<B: TrainBackend> TrainerBuilder<B> {
@@ -293,7 +295,15 @@ impl<B: TrainBackend> TrainerBuilder<B> {
             options: options.clone(),
             shuffle: crate::data::DataOptions::default().shuffle,
             parallel: None,
+            report: None,
         }
+    }
+
+    /// Report steps and phases to `report` rather than to the process's reporter
+    /// (`parallel::runtime::report()`, the launcher's for a launched worker).
+    pub fn reporter(mut self, report: &Report) -> Self {
+        self.report = Some(report.clone());
+        self
     }
 
     /// Shuffle the rows every epoch (`data.shuffle`), deterministically from the seed.
@@ -325,11 +335,16 @@ impl<B: TrainBackend> TrainerBuilder<B> {
             )));
         }
         popts.validate().map_err(invalid)?;
+        let mut options = self.options;
+        // As in the job file, [parallel]'s micro-batch takes precedence.
+        if let Some(m) = popts.micro_batch {
+            options.micro_batch = m;
+        }
         let mut model = self.model;
         popts
-            .check(&layout, &model.config, &self.options)
+            .check(&layout, &model.config, &options)
             .map_err(invalid)?;
-        crate::model::decoder::set_capacity_factor(&mut model, self.options.moe_capacity_factor);
+        crate::model::decoder::set_capacity_factor(&mut model, options.moe_capacity_factor);
         // Whole model → this rank's stage → its experts → its tensor slices.
         if layout.pp > 1 {
             let sizes = popts.stage_sizes(&model.config).map_err(invalid)?;
@@ -366,14 +381,16 @@ impl<B: TrainBackend> TrainerBuilder<B> {
             first_expert_rank: mesh.coords.ep == 0,
             zero1: popts.zero1 && mesh.data.size() > 1,
         };
+        let report = self.report.unwrap_or_else(parallel::runtime::report);
         Trainer::assemble(
             model,
             self.rows,
-            self.options,
+            options,
             self.shuffle,
             mesh,
             parts,
             writes,
+            report,
         )
     }
 }

@@ -11,7 +11,7 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::ElementConversion;
 use parallel::dp::{params_by_path, DataParallel, ParamInfo};
-use parallel::runtime::{Phase, StepReport};
+use parallel::runtime::{Phase, Report, StepReport};
 use parallel::{Collectives, Mesh, ReduceOp};
 
 use crate::collective::TrainBackend;
@@ -52,6 +52,8 @@ pub struct Trainer<B: TrainBackend> {
     /// Why the trainer cannot go on (a collective failed after the optimizer step, so the
     /// replicas may differ); every later step returns it.
     broken: Option<String>,
+    /// Where its steps and phases go.
+    report: Report,
 }
 
 impl<B: TrainBackend> Trainer<B> {
@@ -65,6 +67,7 @@ impl<B: TrainBackend> Trainer<B> {
     }
 
     /// The builder's last step: `model` already cut for this rank of `mesh`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn assemble(
         model: CausalLm<B>,
         rows: Vec<Row>,
@@ -73,6 +76,7 @@ impl<B: TrainBackend> Trainer<B> {
         mesh: Mesh,
         parts: Parts,
         writes: Writes,
+        report: Report,
     ) -> Result<Self> {
         opts.validate()?;
         if rows.is_empty() {
@@ -96,7 +100,13 @@ impl<B: TrainBackend> Trainer<B> {
             parts,
             writes,
             broken: None,
+            report,
         })
+    }
+
+    /// Where this trainer reports its steps and phases (and its caller may send events).
+    pub fn report(&self) -> &Report {
+        &self.report
     }
 
     /// This rank's place in the layout and its groups.
@@ -209,7 +219,7 @@ impl<B: TrainBackend> Trainer<B> {
         if let Some(why) = &self.broken {
             return Err(Error::Broken(why.clone()));
         }
-        parallel::runtime::set_phase(Phase::Train);
+        self.report.set_phase(Phase::Train);
         let start = Instant::now();
         // Random draws (LoRA dropout) depend on the step only, so a resumed run draws what
         // an uninterrupted one would.
@@ -261,7 +271,7 @@ impl<B: TrainBackend> Trainer<B> {
             param_elems: self.param_elems(),
             optimizer_state_elems: self.optimizer_state_elems(),
         };
-        parallel::runtime::report().step(&report, self.collective_seq());
+        self.report.step(&report, self.collective_seq());
         Ok(report)
     }
 
@@ -339,11 +349,15 @@ impl<B: TrainBackend> Trainer<B> {
     /// of `rows`. Every rank must call it. Under expert parallelism every rank must run as
     /// many forward passes as the others: a shorter share is topped up with rows that
     /// supervise nothing.
+    ///
+    /// An evaluation between steps is part of training (a hang there is a hang, and it
+    /// counts against the hang limit like a step); one after the last step is the `Eval`
+    /// phase, which the coordinator does not watch for hangs.
     pub fn evaluate(&self, rows: &[Row]) -> Result<EvalResult> {
-        let before = parallel::runtime::set_phase(Phase::Eval);
-        let result = self.evaluate_shared(rows);
-        parallel::runtime::set_phase(before);
-        result
+        if self.step >= self.opts.max_steps {
+            self.report.set_phase(Phase::Eval);
+        }
+        self.evaluate_shared(rows)
     }
 
     fn evaluate_shared(&self, rows: &[Row]) -> Result<EvalResult> {
@@ -386,7 +400,7 @@ impl<B: TrainBackend> Trainer<B> {
         self,
         whole: impl FnOnce() -> Result<CausalLm<B>>,
     ) -> Result<Option<CausalLm<B>>> {
-        parallel::runtime::set_phase(Phase::Export);
+        self.report.set_phase(Phase::Export);
         let mesh = self.mesh.clone();
         let lead = mesh.world.rank() == 0;
         let model = crate::model::shard::unshard(self.into_model())?;

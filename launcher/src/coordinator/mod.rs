@@ -392,12 +392,14 @@ fn drop_node(inner: &mut Inner, node: usize, fault: &Fault) {
     inner.detector.forget_node(node);
 }
 
-/// The crash to act on: among the failures reported together, the one a signal ended (its
-/// peers fail after it, having lost their connection), else the first.
+/// The crash to act on: among the failures reported together, one that says its input is
+/// bad (exit status 2: restarting cannot help, whoever else failed with it), else the one
+/// a signal ended (its peers fail after it, having lost their connection), else the first.
 fn culprit(crashes: &[(Instant, WorkerExit)], now: Instant) -> Fault {
     let (at, exit) = crashes
         .iter()
-        .find(|(_, e)| e.signal.is_some())
+        .find(|(_, e)| e.code == Some(2))
+        .or_else(|| crashes.iter().find(|(_, e)| e.signal.is_some()))
         .unwrap_or(&crashes[0]);
     let first = crashes[0].0.min(*at);
     detect::crash(exit, now, first)
@@ -428,7 +430,7 @@ pub fn logged(msg: ToAgent<Event>) -> Option<(usize, Event)> {
 /// `parallel::runtime::link`) or the agent's own (`spawn`). Returns the faults it reveals
 /// (a straggler).
 fn ingest(inner: &mut Inner, node: usize, generation: u64, line: &str, now: Instant) -> Vec<Fault> {
-    let msg = match serde_json::from_str::<ToAgent<Event>>(line) {
+    let msg = match crate::events::parse_report(line) {
         Ok(msg) => msg,
         Err(e) => {
             tracing::warn!("node {node} sent an unreadable report ({e}): {line}");

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use link::{Phase, Relayed, StepReport, ToAgent};
-pub use reporter::{install, report, set_phase, Report, Reporter, Sink};
+pub use reporter::{install, report, Report, Reporter, Sink};
 
 use crate::comm::{Communicator, SoloComm};
 use crate::error::{Error, Result};

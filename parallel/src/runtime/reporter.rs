@@ -5,9 +5,10 @@
 //! dropped. The same thread sends the worker's [`Position`] every [`POSITION_EVERY`], so
 //! the coordinator hears from a rank blocked in a collective (and not from a stopped one).
 //!
-//! The process has one reporter: [`init`](super::init) (or [`install`]) puts it in place,
-//! and the trainer reports its steps and phases to it by itself ([`report`]); a custom
-//! training loop needs no reporting code.
+//! A launched worker has one reporter: [`init`](super::init) puts it in place ([`install`])
+//! and a trainer built without a reporter of its own reports its steps and phases to it
+//! ([`report`]) by itself: a custom training loop needs no reporting code. A program
+//! that runs several jobs at once (tests, a notebook) gives each trainer its own.
 
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -59,21 +60,6 @@ pub fn report() -> Report {
 /// Make `reporter` the process's reporter (the previous one stops receiving).
 pub fn install(reporter: &Reporter) {
     *current() = Some(reporter.report.clone());
-}
-
-/// Enter `phase` (returning the phase left): the coordinator hears of it (hangs are looked
-/// for only while every rank trains). The trainer calls this itself.
-pub fn set_phase(phase: Phase) -> Phase {
-    let before = position::set_phase(phase);
-    if before != phase {
-        let r = report();
-        r.send(&ToAgent::<()>::Phase {
-            rank: r.rank,
-            phase,
-            step: position::step(),
-        });
-    }
-    before
 }
 
 impl Reporter {
@@ -163,6 +149,20 @@ impl Report {
                 let _ = tx.send(Msg::Line(line));
             }
         }
+    }
+
+    /// Enter `phase` (returning the phase left): the coordinator hears of it (hangs are
+    /// looked for only while every rank trains). The trainer calls this itself.
+    pub fn set_phase(&self, phase: Phase) -> Phase {
+        let before = position::set_phase(phase);
+        if before != phase {
+            self.send(&ToAgent::<()>::Phase {
+                rank: self.rank,
+                phase,
+                step: position::step(),
+            });
+        }
+        before
     }
 
     /// Report a finished optimizer step; `seq` is the data-parallel group's collective
