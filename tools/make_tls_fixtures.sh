@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Test certificates for the control plane's TLS (tests/launch.rs): a CA and a server
+# Test certificates for the control plane's TLS (tests/it/launch.rs): a CA and a server
 # certificate for localhost / 127.0.0.1 signed by it, valid for 100 years. Test use only.
 set -euo pipefail
 out="$(dirname "$0")/../tests/fixtures/tls"

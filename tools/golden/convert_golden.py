@@ -6,7 +6,7 @@ model to a sharded checkpoint at tp2 × pp2 (× ep2 for Mixtral) and back to HF 
 20KB shard limit (so the output has several shards and an index), loads the result with
 transformers' AutoModelForCausalLM and compares it with the original: every tensor equal
 in value and dtype, and the logits of a fixed input identical. Records the SHA-256 of each
-file written; `tests/convert.rs` checks that every layout's round trip writes exactly those
+file written; `tests/it/convert.rs` checks that every layout's round trip writes exactly those
 bytes, so CI (without Python) knows its output is what transformers loaded here.
 
     cargo build --bin launch && /tmp/refenv/bin/python tools/golden/convert_golden.py
