@@ -8,22 +8,8 @@
 //! [`launcher`] (the `launch` CLI, its job files and event log). [`prelude`] has what a
 //! training loop needs; `examples/` has loops of one process and of every layout.
 //!
-//! ```no_run
-//! use tidemill::prelude::*;
-//! # fn main() -> Result<(), tidemill::trainer::Error> {
-//! let ctx = init()?; // the rank's place in a job `launch run` started (or a world of one)
-//! let options = ParallelOptions { tp: 2, pp: 2, ..Default::default() };
-//! let mesh = options.mesh(&ctx)?;
-//! let model = load_hf_model::<CpuTrain>("model".as_ref(), true, &Default::default())?;
-//! let (rows, _) = load_dataset("train.jsonl".as_ref(), None, &DataOptions::default())?;
-//! let mut trainer = Trainer::builder(model, rows, &TrainOptions::default())
-//!     .parallel(&mesh, &options)
-//!     .build()?;
-//! for _ in 0..10 {
-//!     println!("loss {}", trainer.step()?.loss);
-//! }
-//! # Ok(()) }
-//! ```
+//! `examples/parallel_custom.rs` is a training loop for any layout in about 100 lines;
+//! the builder's own example is in [`trainer`].
 
 pub use checkpoint;
 #[cfg(feature = "cli")]

@@ -4,19 +4,24 @@
 //!
 //! ```no_run
 //! # use tidemill_trainer as trainer;
-//! use burn::backend::{Autodiff, Flex};
-//! use trainer::{data, lora, DataOptions, LoraSpec, TrainOptions, Trainer};
+//! use trainer::backend::CpuTrain;
+//! use trainer::{data, lora, DataOptions, LoraSpec, ParallelOptions, TrainOptions, Trainer};
 //! # fn main() -> Result<(), trainer::Error> {
-//! type B = Autodiff<Flex>;
-//! let device = Default::default();
+//! // This rank's place in the job `launch run` started (or a world of one), and the layout.
+//! let ctx = parallel::init()?;
+//! let layout = ParallelOptions { tp: 2, pp: 2, ..Default::default() };
+//! let mesh = layout.mesh(&ctx)?;
+//! // The whole model and data on every rank; the builder keeps this rank's share.
 //! let dir = std::path::Path::new("models/tiny");
-//! let base = trainer::load_hf_model::<B>(dir, false, &device)?;
+//! let base = trainer::load_hf_model::<CpuTrain>(dir, false, &Default::default())?;
 //! let (model, _) = lora::apply(base, &LoraSpec::default(), 42)?;
 //! let tokenizer = data::TextTokenizer::load(dir)?;
 //! let opts = DataOptions { max_seq_len: 512, ..Default::default() };
 //! let (rows, audit) = data::load_dataset("train.jsonl".as_ref(), Some(&tokenizer), &opts)?;
 //! println!("{audit}");
-//! let mut trainer = Trainer::builder(model, rows, &TrainOptions::default()).build()?;
+//! let mut trainer = Trainer::builder(model, rows, &TrainOptions::default())
+//!     .parallel(&mesh, &layout)
+//!     .build()?;
 //! println!("loss {}", trainer.step()?.loss);
 //! # Ok(()) }
 //! ```

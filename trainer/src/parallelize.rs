@@ -5,21 +5,7 @@
 //! optionally), expert and tensor parallelism and the pipeline schedule, in the one order
 //! that works (torchtitan's `parallelize_llama`).
 //!
-//! ```no_run
-//! # use tidemill_trainer as trainer;
-//! # use burn::backend::{Autodiff, Flex};
-//! # fn main() -> Result<(), trainer::Error> {
-//! use trainer::{ParallelOptions, TrainOptions, Trainer};
-//! let ctx = parallel::init()?;
-//! let options = ParallelOptions { tp: 2, pp: 2, ..Default::default() };
-//! let mesh = options.mesh(&ctx)?;
-//! # let (model, rows): (trainer::CausalLm<Autodiff<Flex>>, Vec<trainer::data::Row>) = todo!();
-//! let mut trainer = Trainer::builder(model, rows, &TrainOptions::default())
-//!     .parallel(&mesh, &options)
-//!     .build()?;
-//! let stats = trainer.step()?;
-//! # Ok(()) }
-//! ```
+//! The crate's documentation has an example; `examples/parallel_custom.rs` a whole loop.
 
 use parallel::dp::DataParallel;
 use parallel::runtime::Report;
