@@ -38,7 +38,7 @@ pub enum Command {
     Run {
         #[command(flatten)]
         launch: LaunchArgs,
-        /// The run directory for events.jsonl (default: runs/<program name>).
+        /// The run directory for events.jsonl (default: runs/PROGRAM_NAME).
         #[arg(long)]
         run_dir: Option<PathBuf>,
         /// Seconds a collective may wait for a peer.

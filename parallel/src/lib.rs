@@ -1,7 +1,7 @@
 //! Parallel layouts for tidemill: communicators (TCP on CPU, NCCL on GPU), the worker
 //! runtime (rank context from the environment, progress reports) and data parallelism.
-//! The dp×tp×pp×ep mesh and its groups ([`mesh`]); the cost model and strategy search
-//! ([`plan`]).
+//! The dp×tp×pp×ep layout, checked once ([`Layout`]), and a rank's groups ([`Mesh`]); the
+//! cost model and strategy search ([`plan`]).
 
 mod comm;
 pub mod dp;

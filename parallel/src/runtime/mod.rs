@@ -3,7 +3,7 @@
 //!
 //! `launch train` and `launch run -- PROGRAM` start one worker process per device with
 //! the torchrun variables (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`,
-//! `MASTER_ADDR`, `MASTER_PORT`) plus `TIDEMILL_*` ones (see [`env`]). [`init`] reads them,
+//! `MASTER_ADDR`, `MASTER_PORT`) plus `TIDEMILL_*` ones (see [`mod@env`]). [`init`] reads them,
 //! says hello to the node's agent, receives the peer table the coordinator assembled and
 //! connects the TCP data plane:
 //!
