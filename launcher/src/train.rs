@@ -91,6 +91,10 @@ fn run_rank(cfg: &JobConfig, decided: &Decided, ctx: &RankContext, report: &Repo
         ctx,
         report,
     };
+    cfg.job.device.ready().map_err(|message| Error::Config {
+        file: "job.device".into(),
+        message,
+    })?;
     match cfg.job.device {
         Device::Cpu => run_on::<trainer::backend::Cpu>(&job, &Default::default()),
         #[cfg(feature = "cuda")]
@@ -123,6 +127,7 @@ fn run_on<B: trainer::ParallelBackend>(job: &Job<'_>, device: &B::Device) -> Res
     let mesh = cfg.parallel.mesh(ctx)?;
     let mut trainer = Trainer::builder(model, train, &cfg.training)
         .shuffle(cfg.data.shuffle)
+        .precision(cfg.model.dtype)
         .parallel(&mesh, &cfg.parallel)
         .reporter(report)
         .build()?;

@@ -474,7 +474,9 @@ impl<B: Backend> ModuleMapper<B> for Replace {
         let (id, tensor, mapper) = param.consume();
         let require_grad = tensor.is_require_grad();
         let shape = tensor.dims().to_vec();
-        let mut fresh = Tensor::<B, D>::from_data(TensorData::new(values, shape), &tensor.device());
+        // Values come as f32 and go back in the parameter's dtype (a bf16 frozen base).
+        let mut fresh = Tensor::<B, D>::from_data(TensorData::new(values, shape), &tensor.device())
+            .cast(tensor.dtype());
         if require_grad {
             fresh = fresh.require_grad();
         }

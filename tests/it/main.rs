@@ -5,6 +5,7 @@
 mod common;
 
 mod bad_inputs;
+mod bf16;
 mod checkpoint;
 mod cli;
 mod convert;

@@ -18,6 +18,7 @@ pub fn inputs(batch: &Batch) -> Inputs<'_> {
         tokens: &batch.tokens,
         positions: &batch.positions,
         segments: &batch.segments,
+        dropout_seed: None,
     }
 }
 

@@ -27,6 +27,7 @@
 //! ```
 
 pub mod backend;
+mod backprop;
 pub mod collective;
 pub mod data;
 mod error;

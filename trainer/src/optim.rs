@@ -62,6 +62,18 @@ pub fn grad_sq_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     grads: &GradientsParams,
     counted: impl Fn(&ParamId) -> bool,
 ) -> f64 {
+    grad_sq_tensor::<B, M>(module, grads, counted)
+        .map(|t| t.into_scalar())
+        .map(burn::tensor::ElementConversion::elem::<f64>)
+        .unwrap_or(0.0)
+}
+
+/// [`grad_sq_sum`] left on the device (`None`: no gradient counted).
+pub fn grad_sq_tensor<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+    counted: impl Fn(&ParamId) -> bool,
+) -> Option<Tensor<B::InnerBackend, 1>> {
     let mut ids = ParamIds::default();
     module.visit(&mut ids);
     let mut norm = SumSquares::<B::InnerBackend> { grads, total: None };
@@ -69,9 +81,6 @@ pub fn grad_sq_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
         norm.add(*id, *dims);
     }
     norm.total
-        .map(|t| t.into_scalar())
-        .map(burn::tensor::ElementConversion::elem::<f64>)
-        .unwrap_or(0.0)
 }
 
 /// Scale every gradient by `max_norm / (norm + 1e-6)` when that is below 1

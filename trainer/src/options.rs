@@ -40,6 +40,11 @@ pub struct TrainOptions {
     /// `--moe-expert-capacity-factor`). Unset: no token is ever dropped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moe_capacity_factor: Option<f64>,
+    /// Keep only each decoder layer's input through the forward pass and run the layer
+    /// again in the backward pass (Megatron's full recomputation, `--recompute-granularity
+    /// full --recompute-method uniform --recompute-num-layers 1`): the activations of one
+    /// layer at a time, for a second forward pass's compute.
+    pub recompute: bool,
 }
 
 impl Default for TrainOptions {
@@ -60,6 +65,7 @@ impl Default for TrainOptions {
             seed: 42,
             eval_every: 0,
             moe_capacity_factor: None,
+            recompute: false,
         }
     }
 }

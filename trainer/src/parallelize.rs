@@ -269,6 +269,7 @@ pub struct TrainerBuilder<B: TrainBackend> {
     shuffle: bool,
     parallel: Option<(Mesh, ParallelOptions)>,
     report: Option<Report>,
+    precision: checkpoint::DType,
 }
 
 impl<B: TrainBackend> TrainerBuilder<B> {
@@ -282,7 +283,15 @@ impl<B: TrainBackend> TrainerBuilder<B> {
             shuffle: crate::data::DataOptions::default().shuffle,
             parallel: None,
             report: None,
+            precision: checkpoint::DType::F32,
         }
+    }
+
+    /// Compute in `dtype` (`model.dtype`): `bf16` for mixed precision with f32 master
+    /// weights (see [`crate::model::set_precision`]); f32 by default.
+    pub fn precision(mut self, dtype: checkpoint::DType) -> Self {
+        self.precision = dtype;
+        self
     }
 
     /// Report steps and phases to `report` rather than to the process's reporter
@@ -348,6 +357,13 @@ impl<B: TrainBackend> TrainerBuilder<B> {
             )?;
             model = m;
             parts.tp = Some(tp);
+        }
+        // After the cuts, which copy weights through the host as f32.
+        model = crate::model::set_precision(model, self.precision)?;
+        if options.recompute && layout.pp > 1 {
+            return Err(invalid(
+                "training.recompute: not supported with pipeline parallelism yet (pp > 1)".into(),
+            ));
         }
         if mesh.data.size() > 1 {
             // Dense weights are replicated over dp × ep; each expert over dp only.

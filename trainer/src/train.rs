@@ -9,7 +9,8 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::ElementConversion;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
 use parallel::dp::{params_by_path, DataParallel, ParamInfo};
 use parallel::runtime::{Phase, Report, StepReport};
 use parallel::{Collectives, Mesh, ReduceOp};
@@ -17,10 +18,10 @@ use parallel::{Collectives, Mesh, ReduceOp};
 use crate::collective::TrainBackend;
 use crate::data::{collate, Batch, Epochs, Row};
 use crate::error::{Error, Result};
-use crate::eval::{check_vocab, evaluate_trained, inputs, EvalResult};
+use crate::eval::{check_vocab, evaluate_trained, EvalResult};
 use crate::loss::{supervised, IGNORE};
 use crate::model::{CausalLm, ExpertParallel, TensorParallel};
-use crate::optim::{clip_to, grad_sq_sum};
+use crate::optim::{clip_to, grad_sq_tensor};
 use crate::options::TrainOptions;
 use crate::pipeline::Pipeline;
 use crate::state::Writes;
@@ -223,10 +224,7 @@ impl<B: TrainBackend> Trainer<B> {
         let start = Instant::now();
         // Random draws (LoRA dropout) depend on the step only, so a resumed run draws what
         // an uninterrupted one would.
-        B::seed(
-            &self.model().device(),
-            self.opts.seed.wrapping_add(self.step),
-        );
+        B::seed(&self.model().device(), self.step_seed());
         let picked = self.next_rows(self.opts.global_batch);
         // Every data rank draws the same global batch and keeps its contiguous share of it.
         let (rank, ranks) = (self.mesh.data.rank(), self.mesh.data.size());
@@ -270,6 +268,7 @@ impl<B: TrainBackend> Trainer<B> {
             grad_elems,
             param_elems: self.param_elems(),
             optimizer_state_elems: self.optimizer_state_elems(),
+            peak_mem_bytes: B::memory_reserved(&self.model().device()),
         };
         self.report.step(&report, self.collective_seq());
         Ok(report)
@@ -300,30 +299,31 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// Forward and backward over this rank's micro-batches, gradients completed across the
     /// groups, clipped: `(global loss, global gradient norm before clipping, gradients)`.
+    /// The loss and the norm come to the host together, the step's one wait for the device
+    /// (beside what the collectives of a layout need).
     fn forward_backward(
         &self,
         model: &CausalLm<B>,
         batches: &[Batch],
         denominator: f64,
     ) -> Result<(f64, f64, GradientsParams)> {
-        let (mut loss_sum, mut grads) = match &self.parts.pipeline {
+        let (loss, mut grads) = match &self.parts.pipeline {
             Some(p) => {
                 let (loss, grads) = p.forward_backward(model, batches, denominator)?;
-                // Only the last stage computed the loss.
-                let mut sum = [loss];
-                p.comm().all_reduce(&mut sum, ReduceOp::Sum)?;
-                (sum[0], grads)
+                (Loss::<B>::Host(loss), grads)
             }
-            None => accumulate(model, batches, denominator)?,
+            None => {
+                let micro = self.step_seed() ^ self.mesh.data.rank() as u64;
+                let (loss, grads) =
+                    accumulate(model, batches, denominator, self.opts.recompute, micro)?;
+                (Loss::Device(loss), grads)
+            }
         };
         if let Some(tp) = &self.parts.tp {
             tp.complete_grads(model, &mut grads)?;
         }
         if let Some(dp) = &self.parts.dp {
             dp.all_reduce_grads(model, &mut grads)?;
-            let mut sum = [loss_sum];
-            dp.comm().all_reduce(&mut sum, ReduceOp::Sum)?;
-            loss_sum = sum[0];
         }
         let p = &self.parts;
         let counted = |id: &_| {
@@ -331,16 +331,36 @@ impl<B: TrainBackend> Trainer<B> {
                 && p.ep.as_ref().is_none_or(|ep| ep.counts_in_norm(id))
                 && p.pipeline.as_ref().is_none_or(|p| p.counts_in_norm(id))
         };
-        // Summed over the ranks that together hold one whole replica of the model.
-        let mut sq = [grad_sq_sum(model, &grads, counted)];
-        if self.mesh.model.size() > 1 {
-            self.mesh.model.all_reduce(&mut sq, ReduceOp::Sum)?;
+        let sq = grad_sq_tensor::<B, _>(model, &grads, counted);
+        let (mut loss_sum, mut sq) = loss.read_with(sq, &model.device());
+        if let Some(p) = &self.parts.pipeline {
+            // Only the last stage computed the loss.
+            let mut sum = [loss_sum];
+            p.comm().all_reduce(&mut sum, ReduceOp::Sum)?;
+            loss_sum = sum[0];
         }
-        let grad_norm = sq[0].sqrt();
+        if let Some(dp) = &self.parts.dp {
+            let mut sum = [loss_sum];
+            dp.comm().all_reduce(&mut sum, ReduceOp::Sum)?;
+            loss_sum = sum[0];
+        }
+        // Summed over the ranks that together hold one whole replica of the model.
+        if self.mesh.model.size() > 1 {
+            let mut s = [sq];
+            self.mesh.model.all_reduce(&mut s, ReduceOp::Sum)?;
+            sq = s[0];
+        }
+        let grad_norm = sq.sqrt();
         if grad_norm.is_finite() {
             clip_to(model, &mut grads, grad_norm, self.opts.clip());
         }
         Ok((loss_sum, grad_norm, grads))
+    }
+
+    /// What this step's random draws start from: a resumed run draws what an
+    /// uninterrupted one would.
+    fn step_seed(&self) -> u64 {
+        self.opts.seed.wrapping_add(self.step)
     }
 
     /// Mean token loss of `rows` under the current weights, over the whole job: every data
@@ -417,20 +437,62 @@ impl<B: TrainBackend> Trainer<B> {
     }
 }
 
-/// Forward and backward of each micro-batch in turn, gradients summed.
+/// Forward and backward of each micro-batch in turn (see [`crate::backprop`]), gradients
+/// summed; the loss summed on the device. Micro-batch `j` draws its dropout from
+/// `seed + j`.
 fn accumulate<B: TrainBackend>(
     model: &CausalLm<B>,
     batches: &[Batch],
     denominator: f64,
-) -> Result<(f64, GradientsParams)> {
+    recompute: bool,
+    seed: u64,
+) -> Result<(Tensor<B::InnerBackend, 1>, GradientsParams)> {
     let mut accumulated = GradientsAccumulator::<CausalLm<B>>::new();
-    let mut loss_sum = 0.0;
-    for batch in batches {
-        let loss = model.loss(&inputs(batch), &batch.targets, denominator, true);
-        loss_sum += loss.clone().into_scalar().elem::<f64>();
-        let grads = GradientsParams::from_grads(loss.backward(), model);
+    let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
+    for (j, batch) in batches.iter().enumerate() {
+        let micro_seed = seed
+            .wrapping_mul(0x2545_F491_4F6C_DD1D)
+            .wrapping_add(j as u64);
+        let (loss, grads) =
+            crate::backprop::micro_batch(model, batch, denominator, recompute, micro_seed);
         model.check_collectives()?;
         accumulated.accumulate(model, grads);
+        loss_sum = Some(match loss_sum {
+            Some(sum) => sum + loss,
+            None => loss,
+        });
     }
+    let loss_sum = loss_sum.unwrap_or_else(|| Tensor::zeros([1], &model.device()));
     Ok((loss_sum, accumulated.grads()))
+}
+
+/// A step's loss: read already (a pipeline's), or still on the device.
+enum Loss<B: AutodiffBackend> {
+    Host(f64),
+    Device(Tensor<B::InnerBackend, 1>),
+}
+
+impl<B: AutodiffBackend> Loss<B> {
+    /// The loss and the squared gradient norm (0 without one), in one read of the device.
+    fn read_with(self, sq: Option<Tensor<B::InnerBackend, 1>>, device: &B::Device) -> (f64, f64) {
+        let zero = || Tensor::<B::InnerBackend, 1>::zeros([1], device);
+        let (host, loss) = match self {
+            Loss::Host(v) => (Some(v), zero()),
+            Loss::Device(t) => (None, t),
+        };
+        let both = Tensor::cat(
+            vec![
+                loss.cast(burn::tensor::FloatDType::F32),
+                sq.unwrap_or_else(zero).cast(burn::tensor::FloatDType::F32),
+            ],
+            0,
+        );
+        let values: Vec<f64> = both
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .unwrap_or_default();
+        let at = |i: usize| values.get(i).copied().unwrap_or(f64::NAN);
+        (host.unwrap_or_else(|| at(0)), at(1))
+    }
 }

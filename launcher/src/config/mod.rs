@@ -109,14 +109,22 @@ impl JobConfig {
             return Err("job.name: must not be empty".into());
         }
         self.job.device.check()?;
-        if self.model.dtype != checkpoint::DType::F32 {
-            return Err(format!(
-                "model.dtype: `{}` is not supported yet; use \"f32\"",
-                self.model.dtype.name()
-            ));
+        if self.model.dtype == checkpoint::DType::F16 {
+            return Err(
+                "model.dtype: \"f16\" compute needs loss scaling, which tidemill does \
+                        not do; use \"bf16\" (mixed precision) or \"f32\""
+                    .into(),
+            );
         }
         self.launch.validate()?;
         self.parallel.validate()?;
+        if self.training.recompute && self.parallel.pp > 1 {
+            return Err(
+                "training.recompute: not supported with pipeline parallelism yet \
+                        (parallel.pp > 1); turn one off"
+                    .into(),
+            );
+        }
         if self.data.max_seq_len < 2 {
             return Err("data.max_seq_len: must be at least 2".into());
         }

@@ -63,6 +63,10 @@ pub struct PlanArgs {
     /// Where --calibrate writes its profile.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// What --calibrate measures: this machine's CPU backend, or its first GPU (a build
+    /// with `--features cuda`).
+    #[arg(long, value_enum, default_value_t = crate::config::Device::Cpu)]
+    pub device: crate::config::Device,
 
     #[arg(long)]
     pub layers: Option<usize>,
@@ -245,20 +249,18 @@ impl PlanArgs {
     }
 
     /// The choices pinned on the command line (and, from a job file under strategy =
-    /// "auto", the file's); recomputation only where the trainer is not the one to run it.
+    /// "auto", the file's; from any job file, its `training.recompute`).
     pub fn space(&self, cfg: Option<&JobConfig>) -> Result<Space> {
         let mut space = match cfg {
-            Some(c) => super::pinned(&c.parallel),
+            Some(c) if c.parallel.strategy == trainer::Strategy::Auto => {
+                super::pinned(&c.parallel, c.training.recompute)
+            }
+            Some(c) => Space {
+                recompute: Some(c.training.recompute),
+                ..Space::default()
+            },
             None => Space::default(),
         };
-        if let Some(c) = cfg {
-            if c.parallel.strategy != trainer::Strategy::Auto {
-                space = Space {
-                    no_recompute: true,
-                    ..Space::default()
-                };
-            }
-        }
         for (flag, v) in [
             ("--dp", self.dp),
             ("--tp", self.tp),
@@ -279,13 +281,6 @@ impl PlanArgs {
         space.virtual_stages = self.virtual_stages.or(space.virtual_stages);
         space.zero1 = self.zero1.or(space.zero1);
         if let Some(r) = self.recompute {
-            if r && space.no_recompute {
-                return Err(usage(
-                    "--recompute",
-                    "tidemill's trainer does not recompute activations; plan without a job \
-                     file to price recomputation",
-                ));
-            }
             space.recompute = Some(r);
         }
         Ok(space)

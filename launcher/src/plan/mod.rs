@@ -81,20 +81,21 @@ pub fn job_hardware(cfg: &JobConfig, file: &std::path::Path) -> Result<Hardware>
 }
 
 /// The choices a job file pins under `strategy = "auto"`: dp, micro_batch and
-/// virtual_stages when given, tp/pp/ep when not 1, ZeRO-1 when on. The trainer does not
-/// recompute activations, so neither may the plan.
-pub fn pinned(p: &ParallelOptions) -> Space {
+/// virtual_stages when given, tp/pp/ep when not 1, ZeRO-1 when on, and activation
+/// recomputation as `training.recompute` says (the trainer recomputes only without
+/// pipeline stages, so with it on the search keeps pp at 1).
+pub fn pinned(p: &ParallelOptions, recompute: bool) -> Space {
     let not_one = |v: usize| (v != 1).then_some(v);
     Space {
         dp: p.dp,
         tp: not_one(p.tp),
-        pp: not_one(p.pp),
+        pp: if recompute { Some(1) } else { not_one(p.pp) },
         ep: not_one(p.ep),
         micro_batch: p.micro_batch,
         virtual_stages: p.virtual_stages,
         zero1: p.zero1.then_some(true),
-        recompute: None,
-        no_recompute: true,
+        recompute: Some(recompute),
+        no_recompute: false,
     }
 }
 
@@ -165,7 +166,12 @@ pub fn decide(
     let started = Instant::now();
     let mut hw = job_hardware(cfg, file)?;
     hw.gpus_per_node = local_world.max(1);
-    let found = plan::search(&job_of(cfg, &model), &hw, world, &pinned(&cfg.parallel));
+    let found = plan::search(
+        &job_of(cfg, &model),
+        &hw,
+        world,
+        &pinned(&cfg.parallel, cfg.training.recompute),
+    );
     let mut first_refusal = None;
     for priced in &found.candidates {
         let parallel = apply(&cfg.parallel, &priced.candidate);
@@ -258,8 +264,10 @@ fn apply(p: &ParallelOptions, c: &plan::Candidate) -> ParallelOptions {
 /// measured profile (written to `--out` when given).
 pub fn run(args: &PlanArgs) -> Result<String> {
     if args.calibrate {
-        let workers = args.gpus_per_node.unwrap_or(1);
-        let hw = profiles::calibrate(workers)?;
+        let hw = match args.device {
+            crate::config::Device::Cpu => profiles::calibrate(args.gpus_per_node.unwrap_or(1))?,
+            crate::config::Device::Cuda => profiles::calibrate_cuda()?,
+        };
         let text = profiles::to_toml(&hw)?;
         if let Some(out) = &args.out {
             checkpoint::atomic_write(out, text.as_bytes())?;

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, FloatDType, Int, Tensor, TensorData};
 
 use super::config::ModelConfig;
 use super::linear::Linear;
@@ -15,7 +15,8 @@ use super::rope;
 use crate::collective::{enter, split_rows, Group, ParallelBackend, TpRegion};
 use crate::loss;
 
-/// RMSNorm as transformers computes it: `w · x / sqrt(mean(x²) + eps)`.
+/// RMSNorm as transformers computes it: `w · x / sqrt(mean(x²) + eps)`, in f32 whatever the
+/// compute dtype (and the weight's storage dtype).
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
@@ -25,9 +26,10 @@ pub struct RmsNorm<B: Backend> {
 impl<B: Backend> RmsNorm<B> {
     /// `x: [n, h]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let x = x.cast(FloatDType::F32);
         let variance = x.clone().powi_scalar(2).mean_dim(1);
         let normed = x * variance.add_scalar(self.eps).sqrt().recip();
-        normed * self.weight.val().unsqueeze_dim(0)
+        normed * self.weight.val().cast(FloatDType::F32).unsqueeze_dim(0)
     }
 }
 
@@ -47,16 +49,15 @@ pub struct Attention<B: Backend> {
 pub struct ForwardContext<B: Backend> {
     pub batch: usize,
     pub seq: usize,
-    /// RoPE tables `[n·heads, d]` for the query heads and for the key/value heads.
-    pub q_cos: Tensor<B, 2>,
-    pub q_sin: Tensor<B, 2>,
-    pub k_cos: Tensor<B, 2>,
-    pub k_sin: Tensor<B, 2>,
-    /// `[d, d]` signed permutation computing `rotate_half`.
-    pub rotate: Tensor<B, 2>,
-    /// Additive attention mask `[b, heads, s, s]`: 0 where attention is allowed, -inf elsewhere.
+    /// RoPE tables `[n, 1, d]`, shared by all heads (see [`rope::cos_sin`]).
+    pub cos: Tensor<B, 3>,
+    pub sin: Tensor<B, 3>,
+    /// Additive attention mask `[b, 1, s, s]` (shared by the heads): 0 where attention is
+    /// allowed, -inf elsewhere.
     pub mask: Tensor<B, 4>,
     pub train: bool,
+    /// The dtype matmuls run in (see [`CausalLm::compute`]).
+    pub compute: FloatDType,
     /// The tensor-parallel group heads and MLP columns are split over (and, under sequence
     /// parallelism, the rows of each rank outside them).
     pub tp: Option<TpRegion>,
@@ -65,19 +66,20 @@ pub struct ForwardContext<B: Backend> {
 }
 
 impl<B: ParallelBackend> Attention<B> {
-    /// `[n, heads·d]` → `[b, heads, s, d]`, rotated by RoPE on the way when tables are given.
+    /// `[n, heads·d]` → `[b, heads, s, d]`, rotated by RoPE on the way when `rope`.
     fn heads(
         &self,
         x: Tensor<B, 2>,
         heads: usize,
-        rope: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
+        rope: bool,
         ctx: &ForwardContext<B>,
     ) -> Tensor<B, 4> {
         let n = ctx.batch * ctx.seq;
-        let x = x.reshape([n * heads, self.head_dim]);
-        let x = match rope {
-            Some((cos, sin)) => rope::apply(x, cos, sin, &ctx.rotate),
-            None => x,
+        let x = x.reshape([n, heads, self.head_dim]);
+        let x = if rope {
+            rope::apply(x, &ctx.cos, &ctx.sin)
+        } else {
+            x
         };
         x.reshape([ctx.batch, ctx.seq, heads, self.head_dim])
             .swap_dims(1, 2)
@@ -98,22 +100,31 @@ impl<B: ParallelBackend> Attention<B> {
 
     /// `x: [n, h]` → `[n, h]`. Under tensor parallelism this rank computes its
     /// `num_heads` query heads (and their kv heads) only.
+    ///
+    /// Mixed precision as `torch.autocast` runs transformers' eager attention: projections
+    /// and the two attention matmuls in the compute dtype; RoPE, the mask and the softmax
+    /// in f32; the output in the compute dtype.
     pub fn forward(&self, x: Tensor<B, 2>, ctx: &ForwardContext<B>) -> Tensor<B, 2> {
-        let x = enter(x, ctx.tp.as_ref());
-        let q = self.q_proj.forward(x.clone(), ctx.train);
-        let q = self.heads(q, self.num_heads, Some((&ctx.q_cos, &ctx.q_sin)), ctx);
-        let k = self.k_proj.forward(x.clone(), ctx.train);
-        let k =
-            self.repeat_kv(self.heads(k, self.num_kv_heads, Some((&ctx.k_cos, &ctx.k_sin)), ctx));
+        let f32 = FloatDType::F32;
+        let x = enter(x, ctx.tp.as_ref()).cast(ctx.compute);
+        let q = self.q_proj.forward(x.clone(), ctx.train).cast(f32);
+        let q = self.heads(q, self.num_heads, true, ctx);
+        let k = self.k_proj.forward(x.clone(), ctx.train).cast(f32);
+        let k = self.repeat_kv(self.heads(k, self.num_kv_heads, true, ctx));
         let v = self.repeat_kv(self.heads(
             self.v_proj.forward(x, ctx.train),
             self.num_kv_heads,
-            None,
+            false,
             ctx,
         ));
         let scale = (self.head_dim as f64).powf(-0.5);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + ctx.mask.clone();
-        let out = softmax(scores, 3).matmul(v);
+        let (q, k) = (q.cast(ctx.compute), k.cast(ctx.compute));
+        let [b, heads, s, _] = q.dims();
+        // Scaled as torch scales a bf16 tensor by a float: in f32, rounded to the compute
+        // dtype (burn's CPU backend would round the scalar itself to bf16 first).
+        let scores = q.matmul(k.swap_dims(2, 3)).cast(f32).mul_scalar(scale);
+        let scores = scores.cast(ctx.compute).cast(f32) + ctx.mask.clone().expand([b, heads, s, s]);
+        let out = softmax(scores, 3).cast(ctx.compute).matmul(v);
         let n = ctx.batch * ctx.seq;
         let out = out
             .swap_dims(1, 2)
@@ -142,16 +153,21 @@ pub struct Layer<B: Backend> {
 }
 
 impl<B: ParallelBackend> Layer<B> {
+    /// `x: [n, h]` (the residual stream, f32) → `[n, h]`.
     pub fn forward(&self, x: Tensor<B, 2>, ctx: &ForwardContext<B>) -> Tensor<B, 2> {
-        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), ctx);
+        let f32 = FloatDType::F32;
+        let attn = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), ctx);
+        let x = x + attn.cast(f32);
         let normed = self.post_attention_layernorm.forward(x.clone());
         let y = match &self.ffn {
-            FeedForward::Dense(mlp) => mlp.forward(normed, ctx.train, ctx.tp.as_ref()),
-            FeedForward::Sparse(moe) => {
-                moe.forward(normed, ctx.train, ctx.tp.as_ref(), ctx.ep.as_ref())
+            FeedForward::Dense(mlp) => {
+                mlp.forward(normed.cast(ctx.compute), ctx.train, ctx.tp.as_ref())
             }
+            FeedForward::Sparse(moe) => moe.forward(normed, ctx),
         };
-        x + y
+        x + y.cast(f32)
     }
 }
 
@@ -172,6 +188,11 @@ pub struct CausalLm<B: Backend> {
     /// How this rank's copy is cut (whole model by default; see [`super::shard`]).
     #[module(skip)]
     pub sharding: Sharding,
+    /// The dtype the matmuls run in: f32, or bf16 for mixed precision (`model.dtype`).
+    /// Parameters keep their own dtype (trainable ones f32, the master weights); the
+    /// residual stream, norms, softmax and loss stay f32, as under `torch.autocast`.
+    #[module(skip)]
+    pub compute: FloatDType,
 }
 
 /// How one rank's copy of a model is cut.
@@ -251,6 +272,9 @@ pub struct Inputs<'a> {
     pub positions: &'a [u32],
     /// Sample id of each token; attention never crosses samples.
     pub segments: &'a [u32],
+    /// Where the dropout of each layer is drawn from in training (see
+    /// [`CausalLm::layer_forward`]); `None`: from the backend's current state.
+    pub dropout_seed: Option<u64>,
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -304,52 +328,81 @@ impl<B: ParallelBackend> CausalLm<B> {
         inputs: &Inputs<'_>,
         train: bool,
     ) -> Tensor<B, 2> {
-        let device = self.device();
-        let (b, s) = (inputs.batch, inputs.seq);
-        let c = &self.config;
-        // Heads held here: all of them, or this rank's share under tensor parallelism.
-        let (heads, kv_heads) = self
-            .layers
-            .first()
-            .map_or((c.num_heads, c.num_kv_heads), |l| {
-                (l.self_attn.num_heads, l.self_attn.num_kv_heads)
-            });
-        let (q_cos, q_sin) = rope::cos_sin::<B>(&self.inv_freq, inputs.positions, heads, &device);
-        let (k_cos, k_sin) =
-            rope::cos_sin::<B>(&self.inv_freq, inputs.positions, kv_heads, &device);
-        let mask = attention_mask::<B>(inputs, c.sliding_window, &device).repeat_dim(1, heads);
-        let tp = self.region(b * s);
-        let ctx = ForwardContext {
-            batch: b,
-            seq: s,
-            q_cos,
-            q_sin,
-            k_cos,
-            k_sin,
-            rotate: rope::rotate_half_matrix(c.head_dim, &device),
-            mask,
-            train,
-            tp,
-            ep: self.sharding.ep.clone(),
-        };
+        let ctx = self.context(inputs, train);
         let mut x = match hidden {
             Some(x) => x,
             None => self.embed(inputs.tokens, ctx.tp.as_ref()),
         };
-        let layers = match &self.sharding.stage {
-            Some(s) => &self.layers[s.local_layers(chunk)],
-            None => &self.layers[..],
-        };
-        for layer in layers {
-            x = layer.forward(x, &ctx);
+        for i in self.chunk_layers(chunk) {
+            x = self.layer_forward(i, x, &ctx, inputs);
         }
-        let (Some(norm), true) = (&self.norm, self.ends_in_head(chunk)) else {
-            return x;
-        };
-        let x = enter(norm.forward(x), ctx.tp.as_ref());
+        if self.ends_in_head(chunk) && self.norm.is_some() {
+            self.head(x, &ctx)
+        } else {
+            x
+        }
+    }
+
+    /// What every layer of a pass over `inputs` shares: RoPE tables, the mask, the
+    /// compute dtype and the parallel groups.
+    pub fn context(&self, inputs: &Inputs<'_>, train: bool) -> ForwardContext<B> {
+        let device = self.device();
+        let (b, s) = (inputs.batch, inputs.seq);
+        let c = &self.config;
+        let (cos, sin) = rope::cos_sin::<B>(&self.inv_freq, inputs.positions, &device);
+        let mask = attention_mask::<B>(inputs, c.sliding_window, &device);
+        ForwardContext {
+            batch: b,
+            seq: s,
+            cos,
+            sin,
+            mask,
+            train,
+            compute: self.compute,
+            tp: self.region(b * s),
+            ep: self.sharding.ep.clone(),
+        }
+    }
+
+    /// Indices into `layers` of `chunk` (see [`Stage`]; a whole model is one chunk).
+    pub fn chunk_layers(&self, chunk: usize) -> Range<usize> {
+        match &self.sharding.stage {
+            Some(s) => s.local_layers(chunk),
+            None => 0..self.layers.len(),
+        }
+    }
+
+    /// `layers[i]` on the residual stream `x`. In training with a dropout seed, the
+    /// backend is seeded from it and the layer first, so the layer draws the same dropout
+    /// masks whenever it runs again on the same inputs (activation recomputation).
+    pub fn layer_forward(
+        &self,
+        i: usize,
+        x: Tensor<B, 2>,
+        ctx: &ForwardContext<B>,
+        inputs: &Inputs<'_>,
+    ) -> Tensor<B, 2> {
+        if let (true, Some(seed)) = (ctx.train, inputs.dropout_seed) {
+            let layer = self.global_layer(i) as u64 + 1;
+            B::seed(
+                &self.device(),
+                seed ^ layer.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+        }
+        self.layers[i].forward(x, ctx)
+    }
+
+    /// The final norm and the LM head on the residual stream `x`: logits `[n, vocab]` in
+    /// the compute dtype (this rank's slice of the vocabulary under tensor parallelism).
+    pub fn head(&self, x: Tensor<B, 2>, ctx: &ForwardContext<B>) -> Tensor<B, 2> {
+        let norm = self
+            .norm
+            .as_ref()
+            .expect("the last pipeline stage holds the final norm");
+        let x = enter(norm.forward(x), ctx.tp.as_ref()).cast(ctx.compute);
         match (&self.lm_head, &self.embed_tokens) {
-            (Some(head), _) => head.forward(x, train),
-            (None, Some(tied)) => x.matmul(tied.val().transpose()),
+            (Some(head), _) => head.forward(x, ctx.train),
+            (None, Some(tied)) => x.matmul(tied.val().cast(ctx.compute).transpose()),
             (None, None) => unreachable!("a last stage holds its head or the tied embedding"),
         }
     }
@@ -367,8 +420,23 @@ impl<B: ParallelBackend> CausalLm<B> {
         self.loss_of_logits(self.forward(inputs, train), targets, denominator)
     }
 
-    /// [`CausalLm::loss`] from logits already computed.
+    /// [`CausalLm::loss`] from logits already computed, a chunk of rows at a time
+    /// ([`loss::chunk_rows`]).
     pub fn loss_of_logits(
+        &self,
+        logits: Tensor<B, 2>,
+        targets: &[i64],
+        denominator: f64,
+    ) -> Tensor<B, 1> {
+        let rows = loss::chunk_rows(logits.dims()[1]);
+        loss::chunked(logits, targets, rows, |z, t| {
+            self.loss_rows(z, t, denominator)
+        })
+    }
+
+    /// The loss of some rows of logits (all at once, widened to f32): the
+    /// vocabulary-parallel form when the head is split.
+    pub fn loss_rows(
         &self,
         logits: Tensor<B, 2>,
         targets: &[i64],
@@ -408,10 +476,10 @@ impl<B: ParallelBackend> CausalLm<B> {
             .map_or(n, |rows| rows[g.rank()])
     }
 
-    /// Token embeddings `[n, h]` (this rank's rows under sequence parallelism).
+    /// Token embeddings `[n, h]` in f32 (this rank's rows under sequence parallelism).
     /// Vocabulary-parallel: each rank looks up the ids in its rows, zeros the others, and
     /// the group sums.
-    fn embed(&self, tokens: &[u32], tp: Option<&TpRegion>) -> Tensor<B, 2> {
+    pub fn embed(&self, tokens: &[u32], tp: Option<&TpRegion>) -> Tensor<B, 2> {
         let device = self.device();
         let n = tokens.len();
         let embed_tokens = self
@@ -421,7 +489,7 @@ impl<B: ParallelBackend> CausalLm<B> {
         let Some(tp) = tp else {
             let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
             let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &device);
-            return embed_tokens.val().select(0, ids);
+            return embed_tokens.val().select(0, ids).cast(FloatDType::F32);
         };
         let rows = embed_tokens.dims()[0];
         let start = self.sharding.vocab_start;
@@ -436,30 +504,43 @@ impl<B: ParallelBackend> CausalLm<B> {
             .collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &device);
         let keep = Tensor::<B, 2>::from_data(TensorData::new(keep, [n, 1]), &device);
-        tp.leave(embed_tokens.val().select(0, ids) * keep)
+        tp.leave(embed_tokens.val().select(0, ids).cast(FloatDType::F32) * keep)
     }
 }
 
-/// Causal, per-sample (packing) and optional sliding-window mask, `[b, 1, s, s]`.
+/// Causal, per-sample (packing) and optional sliding-window mask, `[b, 1, s, s]` (0 where
+/// attention is allowed, -inf elsewhere), made on the device from the `b·s` sample ids: only
+/// those are uploaded, and every head shares the one mask by broadcasting.
 fn attention_mask<B: Backend>(
     inputs: &Inputs<'_>,
     window: Option<usize>,
     device: &B::Device,
 ) -> Tensor<B, 4> {
     let (b, s) = (inputs.batch, inputs.seq);
-    let mut mask = vec![f32::NEG_INFINITY; b * s * s];
-    for row in 0..b {
-        let seg = &inputs.segments[row * s..(row + 1) * s];
-        for i in 0..s {
-            for j in 0..=i {
-                let in_window = window.is_none_or(|w| i - j < w);
-                if seg[i] == seg[j] && in_window {
-                    mask[(row * s + i) * s + j] = 0.0;
-                }
-            }
-        }
+    // Sample ids go to the device as i32 (padding's u32::MAX wraps to -1: ids only need to
+    // stay distinct).
+    let segments: Vec<i32> = inputs.segments.iter().map(|&x| x as i32).collect();
+    let seg = Tensor::<B, 2, Int>::from_data(TensorData::new(segments, [b, s]), device);
+    let same_sample = seg
+        .clone()
+        .reshape([b, s, 1])
+        .expand([b, s, s])
+        .equal(seg.reshape([b, 1, s]).expand([b, s, s]));
+    let at = Tensor::<B, 1, Int>::arange(0..s as i64, device);
+    let (i, j) = (
+        at.clone().reshape([s, 1]).expand([s, s]),
+        at.reshape([1, s]).expand([s, s]),
+    );
+    // Key j is visible from query i when j ≤ i (and i - j < window).
+    let mut visible = i.clone().greater_equal(j.clone());
+    if let Some(w) = window {
+        visible = visible.bool_and((i - j).lower_elem(w as i64));
     }
-    Tensor::from_data(TensorData::new(mask, [b, 1, s, s]), device)
+    let allowed = same_sample.bool_and(visible.reshape([1, s, s]).expand([b, s, s]));
+    Tensor::<B, 3>::zeros([b, s, s], device)
+        .cast(FloatDType::F32)
+        .mask_fill(allowed.bool_not(), f32::NEG_INFINITY)
+        .reshape([b, 1, s, s])
 }
 
 /// Set the capacity factor of every sparse layer of `model` (see [`Moe::capacity_factor`]).

@@ -197,6 +197,7 @@ pub fn from_hf_tensors<B: Backend>(
         config: config.clone(),
         inv_freq: rope::inv_freq(config),
         sharding: Default::default(),
+        compute: burn::tensor::FloatDType::F32,
     })
 }
 

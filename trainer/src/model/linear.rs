@@ -1,8 +1,9 @@
 //! A linear projection with an optional, unmerged LoRA branch:
-//! `y = x·W + b + s · dropout(x)·A·B`.
+//! `y = x·W + b + s · dropout(x)·A·B`, computed in the dtype of `x` (the weights are cast
+//! to it on use: f32 masters and a bf16 frozen base alike).
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Distribution, FloatDType, Tensor, TensorData};
 
 use checkpoint::HostTensor;
 
@@ -118,32 +119,41 @@ impl<B: Backend> Linear<B> {
 
     /// `x·W + s·dropout(x)·A·B`, without the bias.
     pub fn forward_unbiased(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
-        let mut y = x.clone().matmul(self.weight.val());
+        let dtype = x.dtype();
+        let mut y = x.clone().matmul(self.weight.val().cast(dtype));
         if let Some(lora) = &self.lora {
             let x = if train && lora.dropout > 0.0 {
                 let keep = 1.0 - lora.dropout;
                 let mask =
                     Tensor::<B, 2>::random(x.dims(), Distribution::Bernoulli(keep), &x.device());
-                x * mask.div_scalar(keep)
+                x * mask.div_scalar(keep).cast(dtype)
             } else {
                 x
             };
-            let update = x.matmul(lora.a.val()).matmul(lora.b.val());
-            y = y + update.mul_scalar(lora.scale);
+            // The scale goes into B in f32 (a scalar multiply in bf16 would round it).
+            let a = lora.a.val().cast(dtype);
+            let b = lora.b.val().mul_scalar(lora.scale).cast(dtype);
+            y = y + x.matmul(a).matmul(b);
         }
         y
     }
 
     fn add_bias(&self, y: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.bias {
-            Some(bias) => y + bias.val().unsqueeze_dim(0),
+            // The bias in the compute dtype (as autocast casts it), the sum in f32 and rounded
+            // once: the bias's gradient, a sum over the rows, then adds up in f32 too.
+            Some(bias) => {
+                let (dtype, f32) = (y.dtype(), FloatDType::F32);
+                let bias = bias.val().cast(dtype).cast(f32).unsqueeze_dim(0);
+                (y.cast(f32) + bias).cast(dtype)
+            }
             None => y,
         }
     }
 
     /// HF `[out, in]` weight with the LoRA update merged in: `W + s·(A·B)ᵀ`.
     pub fn merged_hf_weight(&self) -> HostTensor {
-        let mut w = self.weight.val();
+        let mut w = self.weight.val().cast(FloatDType::F32);
         if let Some(lora) = &self.lora {
             w = w + lora.a.val().matmul(lora.b.val()).mul_scalar(lora.scale);
         }

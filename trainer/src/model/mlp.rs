@@ -2,7 +2,7 @@
 
 use burn::module::Module;
 use burn::tensor::activation::silu;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, FloatDType, Tensor};
 
 use super::linear::Linear;
 use crate::collective::{enter, ParallelBackend, TpRegion};
@@ -28,7 +28,11 @@ impl<B: ParallelBackend> Mlp<B> {
             .forward_unbiased(self.hidden(x, train), train)
     }
 
+    /// `silu(gate(x)) · up(x)` in the dtype of `x`; silu (`x · sigmoid(x)`, two ops in burn)
+    /// runs in f32 and is rounded once, as torch's fused silu is.
     fn hidden(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
-        silu(self.gate_proj.forward(x.clone(), train)) * self.up_proj.forward(x, train)
+        let gate = self.gate_proj.forward(x.clone(), train);
+        let dtype = gate.dtype();
+        silu(gate.cast(FloatDType::F32)).cast(dtype) * self.up_proj.forward(x, train)
     }
 }

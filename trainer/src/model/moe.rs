@@ -16,11 +16,12 @@
 
 use burn::module::Module;
 use burn::tensor::activation::softmax;
-use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 
+use super::decoder::ForwardContext;
 use super::linear::Linear;
 use super::mlp::Mlp;
-use crate::collective::{all_to_all, enter, leave, Exchange, Group, ParallelBackend, TpRegion};
+use crate::collective::{all_to_all, enter, leave, Exchange, Group, ParallelBackend};
 
 /// Softmax over the router logits, keep the top-k, renormalise them to sum to 1, and add
 /// each chosen expert's output weighted by its share.
@@ -46,15 +47,14 @@ impl<B: ParallelBackend> Moe<B> {
     /// MLP; the router sees the same input on every rank of the group (so routes
     /// identically) and the weighted partial outputs are summed once at the end. Experts
     /// have no biases (Mixtral).
-    pub fn forward(
-        &self,
-        x: Tensor<B, 2>,
-        train: bool,
-        tp: Option<&TpRegion>,
-        ep: Option<&Group>,
-    ) -> Tensor<B, 2> {
+    ///
+    /// `x` is f32; the router and the experts run in the compute dtype, the routing
+    /// softmax and the combination in f32 (transformers' Mixtral under autocast).
+    pub fn forward(&self, x: Tensor<B, 2>, ctx: &ForwardContext<B>) -> Tensor<B, 2> {
+        let (train, tp, ep) = (ctx.train, ctx.tp.as_ref(), ctx.ep.as_ref());
         let x = enter(x, tp);
-        let probs = softmax(self.gate.forward(x.clone(), train), 1);
+        let logits = self.gate.forward(x.clone().cast(ctx.compute), train);
+        let probs = softmax(logits.cast(FloatDType::F32), 1);
         let (top, index) = probs.topk_with_indices(self.top_k, 1);
         let weights = top.clone() / top.clone().sum_dim(1);
         let mut index = index
@@ -72,8 +72,8 @@ impl<B: ParallelBackend> Moe<B> {
             );
         }
         let out = match ep.filter(|g| g.size() > 1) {
-            Some(g) => self.exchange_experts(x, weights, &index, train, g),
-            None => self.local_experts(x, weights, &index, train),
+            Some(g) => self.exchange_experts(x, weights, &index, ctx, g),
+            None => self.local_experts(x, weights, &index, ctx),
         };
         leave(out, tp)
     }
@@ -89,7 +89,7 @@ impl<B: ParallelBackend> Moe<B> {
         x: Tensor<B, 2>,
         weights: Tensor<B, 2>,
         index: &[i64],
-        train: bool,
+        ctx: &ForwardContext<B>,
     ) -> Tensor<B, 2> {
         let [n, h] = x.dims();
         let mut routes: Vec<Vec<(i64, i64)>> = vec![Vec::new(); self.experts.len()];
@@ -110,7 +110,11 @@ impl<B: ParallelBackend> Moe<B> {
             let tokens = ints::<B, 1>(route.iter().map(|r| r.0).collect(), [m], &device);
             let slots = ints::<B, 2>(route.iter().map(|r| r.1).collect(), [m, 1], &device);
             let share = weights.clone().select(0, tokens.clone()).gather(1, slots);
-            let y = expert.forward_partial(x.clone().select(0, tokens.clone()), train) * share;
+            let rows = x.clone().select(0, tokens.clone()).cast(ctx.compute);
+            let y = expert
+                .forward_partial(rows, ctx.train)
+                .cast(FloatDType::F32)
+                * share;
             out = out.select_assign(0, tokens, y, IndexingUpdateOp::Add);
         }
         out
@@ -122,7 +126,7 @@ impl<B: ParallelBackend> Moe<B> {
         x: Tensor<B, 2>,
         weights: Tensor<B, 2>,
         index: &[i64],
-        train: bool,
+        ctx: &ForwardContext<B>,
         ep: &Group,
     ) -> Tensor<B, 2> {
         let [n, h] = x.dims();
@@ -164,7 +168,10 @@ impl<B: ParallelBackend> Moe<B> {
                 .collect();
             let count = mine.len();
             let at = ints::<B, 1>(mine, [count], &device);
-            let out = expert.forward_partial(received.clone().select(0, at.clone()), train);
+            let rows = received.clone().select(0, at.clone()).cast(ctx.compute);
+            let out = expert
+                .forward_partial(rows, ctx.train)
+                .cast(FloatDType::F32);
             y = y.select_assign(0, at, out, IndexingUpdateOp::Add);
         }
         let back = all_to_all(y, &dispatch.reversed(), ep);

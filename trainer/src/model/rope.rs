@@ -40,59 +40,34 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f32> {
     scaled.into_iter().map(|f| f as f32).collect()
 }
 
-/// `cos` and `sin` tables for the given position ids, each `[tokens·heads, head_dim]`: the
-/// frequencies repeated twice along the last dim (transformers' `rotate_half` form), and
-/// repeated for every head so that applying them needs no broadcasting.
+/// `cos` and `sin` for the given position ids, each `[tokens, 1, head_dim]` (the frequencies
+/// repeated twice along the last dim, transformers' `rotate_half` form; the middle axis
+/// broadcasts over the heads), computed on the device from the uploaded positions.
 pub fn cos_sin<B: Backend>(
     inv_freq: &[f32],
     positions: &[u32],
-    heads: usize,
     device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let dim = 2 * inv_freq.len();
-    let rows = positions.len() * heads;
-    let mut cos = Vec::with_capacity(rows * dim);
-    let mut sin = Vec::with_capacity(rows * dim);
-    for &p in positions {
-        let (c, s): (Vec<f32>, Vec<f32>) = inv_freq
-            .iter()
-            .map(|f| p as f32 * f)
-            .map(|a| (a.cos(), a.sin()))
-            .unzip();
-        for _ in 0..heads {
-            cos.extend_from_slice(&c);
-            cos.extend_from_slice(&c);
-            sin.extend_from_slice(&s);
-            sin.extend_from_slice(&s);
-        }
-    }
-    (
-        Tensor::from_data(TensorData::new(cos, [rows, dim]), device),
-        Tensor::from_data(TensorData::new(sin, [rows, dim]), device),
-    )
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let (n, half) = (positions.len(), inv_freq.len());
+    let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
+    let pos = Tensor::<B, 2>::from_data(TensorData::new(pos, [n, 1]), device);
+    let freq = Tensor::<B, 2>::from_data(TensorData::new(inv_freq.to_vec(), [1, half]), device);
+    // Position × frequency in f32, as transformers computes it.
+    let angles = pos.expand([n, half]) * freq.expand([n, half]);
+    let angles = Tensor::cat(vec![angles.clone(), angles], 1).reshape([n, 1, 2 * half]);
+    (angles.clone().cos(), angles.sin())
 }
 
-/// The `[d, d]` matrix R with `x·R = rotate_half(x) = cat(-x[d/2..], x[..d/2])`. Each output
-/// picks one input with sign ±1, so the product is exact.
-pub fn rotate_half_matrix<B: Backend>(dim: usize, device: &B::Device) -> Tensor<B, 2> {
-    let half = dim / 2;
-    let mut r = vec![0.0f32; dim * dim];
-    for j in 0..half {
-        r[(j + half) * dim + j] = -1.0; // out[j] = -x[j + half]
-        r[j * dim + j + half] = 1.0; // out[j + half] = x[j]
-    }
-    Tensor::from_data(TensorData::new(r, [dim, dim]), device)
-}
-
-/// `x·cos + rotate_half(x)·sin` for `x: [tokens·heads, head_dim]`.
-pub fn apply<B: Backend>(
-    x: Tensor<B, 2>,
-    cos: &Tensor<B, 2>,
-    sin: &Tensor<B, 2>,
-    rotate: &Tensor<B, 2>,
-) -> Tensor<B, 2> {
-    let rotated = x.clone().matmul(rotate.clone());
-    x * cos.clone() + rotated * sin.clone()
+/// `x·cos + rotate_half(x)·sin` for `x: [tokens, heads, head_dim]`, where
+/// `rotate_half(x) = cat(-x[d/2..], x[..d/2])`.
+pub fn apply<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
+    let [n, heads, d] = x.dims();
+    let half = d / 2;
+    let first = x.clone().slice([0..n, 0..heads, 0..half]);
+    let second = x.clone().slice([0..n, 0..heads, half..d]);
+    let rotated = Tensor::cat(vec![second.neg(), first], 2);
+    let full = [n, heads, d];
+    x * cos.clone().expand(full) + rotated * sin.clone().expand(full)
 }
 
 #[cfg(test)]

@@ -1,0 +1,246 @@
+//! Forward and backward of one micro-batch on a rank without pipeline stages.
+//!
+//! The loss is taken a chunk of rows at a time, each chunk with its own small backward to
+//! the logits, then one backward from the logits through the model: only one chunk of the
+//! `[tokens, vocab]` logits is ever widened to f32 (Liger's and torchtune's chunked
+//! cross-entropy do the same).
+//!
+//! With `recompute` (Megatron's full recomputation, one layer per checkpoint) a first pass
+//! runs without a graph, keeping only the input of every decoder layer; the backward pass
+//! then rebuilds one layer's graph at a time from its saved input, back from the head to
+//! the embedding. Each layer draws its dropout from a seed of its own
+//! ([`CausalLm::layer_forward`]), so its second run is the same as its first.
+
+use burn::module::{AutodiffModule, Param};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
+
+use crate::collective::TrainBackend;
+use crate::data::Batch;
+use crate::eval::inputs;
+use crate::loss;
+use crate::model::CausalLm;
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// The summed loss of `batch` over `denominator` (on the device, detached) and its
+/// gradients. `seed` draws the micro-batch's dropout.
+pub fn micro_batch<B: TrainBackend>(
+    model: &CausalLm<B>,
+    batch: &Batch,
+    denominator: f64,
+    recompute: bool,
+    seed: u64,
+) -> (Tensor<Inner<B>, 1>, GradientsParams) {
+    run(model, batch, denominator, recompute, seed, None)
+}
+
+/// [`micro_batch`], the loss `chunk` rows at a time when given ([`loss::chunk_rows`]
+/// when not).
+fn run<B: TrainBackend>(
+    model: &CausalLm<B>,
+    batch: &Batch,
+    denominator: f64,
+    recompute: bool,
+    seed: u64,
+    chunk: Option<usize>,
+) -> (Tensor<Inner<B>, 1>, GradientsParams) {
+    let inputs = crate::model::Inputs {
+        dropout_seed: Some(seed),
+        ..inputs(batch)
+    };
+    if !recompute {
+        let logits = model.forward(&inputs, true);
+        let (loss, dlogits) = loss_and_grad(model, &logits, &batch.targets, denominator, chunk);
+        let grads = (logits * dlogits).sum().backward();
+        return (loss, GradientsParams::from_grads(grads, model));
+    }
+    let ctx = model.context(&inputs, true);
+    let layers = model.chunk_layers(0);
+    // The first pass, without a graph: the input of every layer and of the head.
+    let inner = model.valid();
+    let inner_ctx = inner.context(&inputs, true);
+    let mut saved = vec![inner.embed(inputs.tokens, inner_ctx.tp.as_ref())];
+    for i in layers.clone() {
+        let x = saved.last().expect("the embedding is saved").clone();
+        saved.push(inner.layer_forward(i, x, &inner_ctx, &inputs));
+    }
+    drop(inner_ctx);
+    let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
+    // The head and the loss, then each layer from the last, each from its saved input.
+    let x = leaf(saved.pop().expect("the head's input is saved"));
+    let logits = model.head(x.clone(), &ctx);
+    let (loss, dlogits) = loss_and_grad(model, &logits, &batch.targets, denominator, chunk);
+    let mut g = backward(model, &mut acc, &x, logits * dlogits);
+    for i in layers.rev() {
+        let x = leaf(saved.pop().expect("each layer's input is saved"));
+        let y = model.layer_forward(i, x.clone(), &ctx, &inputs);
+        g = backward(model, &mut acc, &x, y * Tensor::from_inner(g));
+    }
+    if model
+        .embed_tokens
+        .as_ref()
+        .is_some_and(|e: &Param<Tensor<B, 2>>| e.val().is_require_grad())
+    {
+        let e = model.embed(inputs.tokens, ctx.tp.as_ref());
+        let grads = (e * Tensor::from_inner(g)).sum().backward();
+        acc.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    (loss, acc.grads())
+}
+
+/// A saved activation as a leaf of a new graph.
+fn leaf<B: TrainBackend>(x: Tensor<Inner<B>, 2>) -> Tensor<B, 2> {
+    Tensor::from_inner(x).require_grad()
+}
+
+/// Backward from `weighted` (an output times its upstream gradient), its parameter
+/// gradients added to `acc`: the gradient of the leaf `x`.
+fn backward<B: TrainBackend>(
+    model: &CausalLm<B>,
+    acc: &mut GradientsAccumulator<CausalLm<B>>,
+    x: &Tensor<B, 2>,
+    weighted: Tensor<B, 2>,
+) -> Tensor<Inner<B>, 2> {
+    let grads = weighted.sum().backward();
+    let g = x
+        .grad(&grads)
+        .unwrap_or_else(|| Tensor::<Inner<B>, 2>::zeros(x.dims(), &x.device()));
+    acc.accumulate(model, GradientsParams::from_grads(grads, model));
+    g
+}
+
+/// The loss of `logits` (detached, on the device) and its gradient with respect to them,
+/// in their dtype: computed a chunk of rows at a time, each chunk's f32 softmax freed
+/// before the next.
+fn loss_and_grad<B: TrainBackend>(
+    model: &CausalLm<B>,
+    logits: &Tensor<B, 2>,
+    targets: &[i64],
+    denominator: f64,
+    chunk: Option<usize>,
+) -> (Tensor<Inner<B>, 1>, Tensor<B, 2>) {
+    let whole = logits.clone().inner();
+    let n = whole.dims()[0];
+    let rows = chunk.unwrap_or_else(|| loss::chunk_rows(whole.dims()[1]));
+    let mut total: Option<Tensor<Inner<B>, 1>> = None;
+    let mut grads = Vec::with_capacity(n.div_ceil(rows));
+    for start in (0..n).step_by(rows) {
+        let end = (start + rows).min(n);
+        let z = leaf(whole.clone().slice([start..end]));
+        let l = model.loss_rows(z.clone(), &targets[start..end], denominator);
+        let value = l.clone().inner();
+        let g = l.backward();
+        grads.push(
+            z.grad(&g)
+                .unwrap_or_else(|| Tensor::<Inner<B>, 2>::zeros(z.dims(), &z.device())),
+        );
+        total = Some(match total {
+            Some(t) => t + value,
+            None => value,
+        });
+    }
+    let total = total.unwrap_or_else(|| Tensor::zeros([1], &whole.device()));
+    (total, Tensor::from_inner(Tensor::cat(grads, 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuTrain;
+    use crate::data::{collate, Row};
+    use burn::tensor::ElementConversion;
+
+    /// A tiny random Llama whose two layers both matter.
+    fn model() -> CausalLm<CpuTrain> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models/llama2");
+        crate::model::load_hf_model(&dir, true, &Default::default()).expect("fixture")
+    }
+
+    fn batch() -> Batch {
+        let rows: Vec<Row> = (0..2)
+            .map(|r| {
+                let tokens: Vec<u32> = (0..12).map(|i| (i * 7 + r * 5 + 3) % 96).collect();
+                let mut targets: Vec<i64> = tokens[1..].iter().map(|&t| i64::from(t)).collect();
+                targets.push(loss::IGNORE);
+                targets[0] = loss::IGNORE;
+                Row {
+                    positions: (0..12).collect(),
+                    segments: vec![0; 12],
+                    tokens,
+                    targets,
+                }
+            })
+            .collect();
+        collate(&rows.iter().collect::<Vec<_>>())
+    }
+
+    fn values(model: &CausalLm<CpuTrain>, grads: &GradientsParams) -> Vec<f32> {
+        let mut out = Vec::new();
+        for p in parallel::dp::params_by_path(model) {
+            if let Some(g) = grads.get::<Inner<CpuTrain>, 2>(p.id) {
+                out.extend(g.into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
+            }
+        }
+        out
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn recompute_and_chunked_loss_give_the_plain_gradients() {
+        let model = model();
+        let batch = batch();
+        // The plain way: one graph, the whole loss at once.
+        let plain = model.loss(&inputs(&batch), &batch.targets, 17.0, true);
+        let plain_loss = plain.clone().into_scalar().elem::<f64>();
+        let plain_grads = values(
+            &model,
+            &GradientsParams::from_grads(plain.backward(), &model),
+        );
+        assert!(!plain_grads.is_empty());
+        for (recompute, chunk) in [
+            (false, None),
+            (false, Some(5)),
+            (true, Some(7)),
+            (true, None),
+        ] {
+            let (loss, grads) = run(&model, &batch, 17.0, recompute, 3, chunk);
+            let loss = loss.into_scalar().elem::<f64>();
+            assert!(
+                (loss - plain_loss).abs() < 1e-6,
+                "{recompute} {chunk:?}: {loss} vs {plain_loss}"
+            );
+            let d = max_diff(&values(&model, &grads), &plain_grads);
+            assert!(d < 1e-6, "{recompute} {chunk:?}: gradients differ by {d}");
+        }
+    }
+
+    #[test]
+    fn chunked_cross_entropy_equals_the_whole() {
+        let model = model();
+        let batch = batch();
+        let logits = model.valid().forward(&inputs(&batch), false);
+        let whole = loss::cross_entropy(logits.clone(), &batch.targets, 5.0)
+            .into_scalar()
+            .elem::<f64>();
+        for rows in [1, 5, 7, 24] {
+            let chunked = loss::chunked(logits.clone(), &batch.targets, rows, |z, t| {
+                loss::cross_entropy(z, t, 5.0)
+            })
+            .into_scalar()
+            .elem::<f64>();
+            // The same sums in another order: equal to f32 rounding.
+            let rel = (chunked - whole).abs() / whole.abs();
+            assert!(rel < 1e-6, "{rows} rows: {chunked} vs {whole}");
+        }
+    }
+}
