@@ -48,6 +48,10 @@ pub enum Command {
         #[arg(last = true, required = true, value_name = "PROGRAM ARGS")]
         program: Vec<String>,
     },
+    /// What this host offers the GPU path: the driver and its GPUs, the CUDA headers the
+    /// kernels are compiled against, NVRTC and NCCL (JSON); exit 2 when one GPU rank could
+    /// not run here.
+    Probe,
     /// One rank of `launch train` (started by the agent, not by hand).
     #[command(hide = true)]
     Worker {
@@ -190,6 +194,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             print!("{}", crate::plan::run(&args)?);
             Ok(())
         }
+        Command::Probe => probe(),
     }
 }
 
@@ -223,4 +228,36 @@ pub fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// `launch probe`.
+#[cfg(feature = "cuda")]
+fn probe() -> Result<()> {
+    let found = trainer::backend::CudaProbe::run();
+    let mut json = serde_json::to_value(&found).unwrap_or_default();
+    json["kernel_cache"] = trainer::backend::kernel_cache_dir()
+        .display()
+        .to_string()
+        .into();
+    println!("{json}");
+    match found.missing() {
+        Some(message) => Err(crate::error::Error::Config {
+            file: "job.device".into(),
+            message: format!("cuda: {message}"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `launch probe` in a build without the GPU path.
+#[cfg(not(feature = "cuda"))]
+fn probe() -> Result<()> {
+    println!("{}", serde_json::json!({"cuda": false}));
+    Err(crate::error::Error::Config {
+        file: "job.device".into(),
+        message: crate::config::Device::Cuda
+            .check()
+            .err()
+            .unwrap_or_default(),
+    })
 }

@@ -278,6 +278,13 @@ pub trait ParallelBackend: Backend {
     /// Sequence parallelism's reduce-scatter along dim 0 into chunks of `rows`; backward,
     /// the all-gather.
     fn scatter_rows(x: FloatTensor<Self>, rows: &[usize], group: &Group) -> FloatTensor<Self>;
+    /// Bytes of device memory the backend's allocator holds now: its high-water mark, as
+    /// its pools are not given back (PyTorch's `max_memory_reserved`). On the CPU, the
+    /// process's peak resident memory.
+    fn memory_reserved(device: &Self::Device) -> Option<u64> {
+        let _ = device;
+        crate::backend::peak_rss()
+    }
 }
 
 /// A training backend whose inner (evaluation) backend runs the same collectives.
@@ -311,8 +318,11 @@ pub fn reduce_from<B: ParallelBackend, const D: usize>(
 }
 
 macro_rules! plain_collective {
-    ($backend:ty) => {
+    ($backend:ty $(, $memory:path)?) => {
         impl ParallelBackend for $backend {
+            $(fn memory_reserved(device: &Self::Device) -> Option<u64> {
+                $memory(device)
+            })?
             fn copy_to(x: FloatTensor<Self>, _group: &Group) -> FloatTensor<Self> {
                 x
             }
@@ -346,7 +356,7 @@ macro_rules! plain_collective {
 
 plain_collective!(burn::backend::Flex);
 #[cfg(feature = "cuda")]
-plain_collective!(burn::backend::Cuda);
+plain_collective!(burn::backend::Cuda, crate::backend::cuda_memory_reserved);
 
 #[derive(Debug)]
 struct CopyTo;
@@ -421,6 +431,10 @@ fn recorded<B: ParallelBackend, C: CheckpointStrategy, O: Backward<B, 1>>(
 }
 
 impl<B: ParallelBackend, C: CheckpointStrategy> ParallelBackend for Autodiff<B, C> {
+    fn memory_reserved(device: &Self::Device) -> Option<u64> {
+        B::memory_reserved(device)
+    }
+
     fn copy_to(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self> {
         recorded::<B, C, _>(CopyTo, group.clone(), x, |x| x)
     }

@@ -7,10 +7,11 @@ use checkpoint::DType;
 use serde::{Deserialize, Serialize};
 
 /// The compute backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Device {
     /// burn's Flex backend (pure Rust).
+    #[default]
     Cpu,
     /// burn-cuda on the worker's local GPU (a build with `--features cuda`).
     Cuda,
@@ -24,6 +25,21 @@ impl Device {
                 Err("job.device: `cuda` needs a build with `--features cuda`".into())
             }
             Device::Cpu | Device::Cuda => Ok(()),
+        }
+    }
+
+    /// Get this process ready to compute on the device: on CUDA, check the driver, the
+    /// CUDA headers and NVRTC are there (naming what is missing) and keep compiled kernels
+    /// on disk (`trainer::backend::cuda_setup`). Before the device's first use.
+    pub fn ready(self) -> Result<(), String> {
+        self.check()?;
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => trainer::backend::cuda_setup(&trainer::backend::kernel_cache_dir())
+                .map_err(|why| format!("job.device = \"cuda\": {why}")),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => Ok(()),
         }
     }
 }
@@ -49,7 +65,9 @@ fn cpu() -> Device {
 pub struct ModelSection {
     /// Hugging Face model directory: config.json, safetensors (+ index), tokenizer files.
     pub path: PathBuf,
-    /// Compute dtype. Only f32 today; weights stored as bf16/f16 are widened on load.
+    /// Compute dtype: `f32`, or `bf16` (mixed precision: bf16 matmuls, f32 master weights,
+    /// norms, softmax and loss; under LoRA the frozen base is kept in bf16). Weights
+    /// stored as bf16/f16 are read whatever this says.
     #[serde(default = "f32")]
     pub dtype: DType,
 }

@@ -111,6 +111,102 @@ pub fn calibrate(workers: usize) -> Result<Hardware> {
     Ok(hw)
 }
 
+/// Measure this machine's first GPU through the CUDA backend tidemill trains with: the
+/// best bf16 and f32 (TF32) matmul rates over 4096² and 8192² products, the device memory
+/// copy bandwidth (a 1 GiB copy), the launch overhead of a tiny kernel, the device's
+/// memory and count. What one GPU cannot show (NVLink and network bandwidth, collective
+/// latency) is taken from the built-in `h100-80g` profile.
+#[cfg(feature = "cuda")]
+pub fn calibrate_cuda() -> Result<Hardware> {
+    use burn::tensor::{Distribution, FloatDType, Tensor};
+    type B = trainer::backend::Cuda;
+    crate::config::Device::Cuda
+        .ready()
+        .map_err(|message| Error::Config {
+            file: "--device".into(),
+            message,
+        })?;
+    let probe = trainer::backend::CudaProbe::run();
+    let device = burn::backend::cuda::CudaDevice::new(0);
+    let rate = |dtype: FloatDType| {
+        let mut best: f64 = 0.0;
+        for n in [4096usize, 8192] {
+            let a = Tensor::<B, 2>::random([n, n], Distribution::Default, &device).cast(dtype);
+            let b = Tensor::<B, 2>::random([n, n], Distribution::Default, &device).cast(dtype);
+            // Warm up (compiles and tunes the kernel), then time a few products; reading
+            // one value of the last waits for all of them.
+            let _ = a.clone().matmul(b.clone()).slice([0..1, 0..1]).into_data();
+            let reps = 10;
+            let start = Instant::now();
+            let mut last = None;
+            for _ in 0..reps {
+                last = Some(a.clone().matmul(b.clone()));
+            }
+            if let Some(c) = last {
+                let _ = c.slice([0..1, 0..1]).into_data();
+            }
+            let s = start.elapsed().as_secs_f64() / reps as f64;
+            best = best.max(2.0 * (n * n * n) as f64 / s / 1e12);
+        }
+        best
+    };
+    let bf16 = rate(FloatDType::BF16);
+    let f32 = rate(FloatDType::F32);
+    // A 1 GiB copy: read and written.
+    let n = 1usize << 28;
+    let x = Tensor::<B, 1>::zeros([n], &device);
+    let _ = x.clone().add_scalar(1.0).slice([0..1]).into_data();
+    let start = Instant::now();
+    let reps = 10;
+    let mut y = x.clone();
+    for _ in 0..reps {
+        y = x.clone().add_scalar(1.0);
+    }
+    let _ = y.slice([0..1]).into_data();
+    let copy = 2.0 * (n * 4 * reps) as f64 / start.elapsed().as_secs_f64() / 1e9;
+    // A one-element kernel, many times: the launch overhead.
+    let one = Tensor::<B, 1>::zeros([1], &device);
+    let _ = one.clone().add_scalar(1.0).into_data();
+    let launches = 1000;
+    let start = Instant::now();
+    let mut z = one.clone();
+    for _ in 0..launches {
+        z = z.add_scalar(1.0);
+    }
+    let _ = z.into_data();
+    let overhead_us = start.elapsed().as_secs_f64() / launches as f64 * 1e6;
+    let reference = load("h100-80g")?;
+    let memory = trainer::backend::cuda_memory_total(0)
+        .map_or(reference.memory_gib, |b| b as f64 / (1u64 << 30) as f64);
+    let hw = Hardware {
+        name: "calibrated-cuda".into(),
+        peak_tflops: bf16,
+        peak_tflops_f32: f32,
+        achievable_fraction: 1.0,
+        memory_gib: memory,
+        reserved_gib: reference.reserved_gib,
+        memory_bandwidth_gbs: copy,
+        gpus_per_node: probe.devices.unwrap_or(1).max(1),
+        kernel_overhead_us: overhead_us,
+        ..reference
+    };
+    hw.validate()
+        .map_err(|e| Error::Launch(format!("calibration measured nonsense: {e}")))?;
+    Ok(hw)
+}
+
+/// `--device cuda` in a build without the GPU path.
+#[cfg(not(feature = "cuda"))]
+pub fn calibrate_cuda() -> Result<Hardware> {
+    Err(Error::Config {
+        file: "--device".into(),
+        message: crate::config::Device::Cuda
+            .check()
+            .err()
+            .unwrap_or_default(),
+    })
+}
+
 /// Best f32 matmul rate of the CPU backend, TFLOP/s.
 fn matmul_tflops() -> f64 {
     use burn::tensor::{Distribution, Tensor};

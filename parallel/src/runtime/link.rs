@@ -88,6 +88,10 @@ pub struct StepReport {
     pub grad_elems: usize,
     pub param_elems: usize,
     pub optimizer_state_elems: usize,
+    /// Device memory held after the step, bytes: the CUDA allocator's pools (their
+    /// high-water mark), or on the CPU the process's peak resident memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_mem_bytes: Option<u64>,
 }
 
 /// A worker's progress after a step.
