@@ -56,6 +56,8 @@ pub fn run_on<B: ParallelBackend>(
     if let Some(dir) = adapter {
         model = trainer::lora::load_adapter(model, dir, false)?.0;
     }
+    // In the job's precision, as the evaluation inside training runs.
+    let model = trainer::model::set_precision(model, cfg.model.dtype)?;
     let r = trainer::evaluate(&model, &rows, cfg.training.micro_batch)?;
     Ok(EvalReport {
         loss: r.loss,

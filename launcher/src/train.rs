@@ -331,6 +331,14 @@ fn export<B: trainer::ParallelBackend>(
     }
     if spec.is_none() || cfg.export.merged {
         let dir = export.join("model");
+        // Under bf16 the base the adapters trained on was kept rounded to bf16: the merged
+        // model takes the base as loaded and the trained adapters.
+        let model = if spec.is_some() && cfg.model.dtype != checkpoint::DType::F32 {
+            let adapters = parallel::dp::values_where(&model, |path| path.contains(".lora."));
+            parallel::dp::replace_by_path(whole()?, adapters)
+        } else {
+            model
+        };
         trainer::export::save_hf_model(&model, &cfg.model.path, &dir, cfg.export.dtype)?;
         println!("model written to {}", dir.display());
         report.event(&Event::Export {

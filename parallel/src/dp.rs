@@ -303,8 +303,20 @@ pub fn all_reduce_params<B: AutodiffBackend, M: AutodiffModule<B>>(
 pub fn values_by_path<B: Backend, M: burn::module::Module<B>>(
     module: &M,
 ) -> BTreeMap<String, Vec<f32>> {
-    let all = params_by_path(module).into_iter().map(|p| p.path).collect();
-    HostParams::collect(module, all)
+    values_where(module, |_| true)
+}
+
+/// [`values_by_path`] of the parameters whose path `keep` accepts.
+pub fn values_where<B: Backend, M: burn::module::Module<B>>(
+    module: &M,
+    keep: impl Fn(&str) -> bool,
+) -> BTreeMap<String, Vec<f32>> {
+    let paths = params_by_path(module)
+        .into_iter()
+        .map(|p| p.path)
+        .filter(|p| keep(p))
+        .collect();
+    HostParams::collect(module, paths)
 }
 
 /// Put `values` (by module path, same shapes) into `module`'s parameters; parameters not

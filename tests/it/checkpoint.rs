@@ -366,3 +366,77 @@ fn a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used() {
         assert_eq!(events_named(&run_dir, "resumed")[0]["step"], 2, "{what}");
     }
 }
+
+/// bf16 mixed precision with LoRA and activation recomputation: resumed from its step-4
+/// checkpoint a run gives the uninterrupted losses (one process: exactly; tp2: within bf16
+/// rounding), its step events carry the peak memory, and its merged export is the base as
+/// loaded (f32) plus the trained adapters, not the bf16-rounded base it trained against.
+#[test]
+fn a_bf16_lora_run_with_recompute_resumes_and_exports_the_f32_base() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = fixtures().join("data");
+    let run_dir = tmp.path().join("run");
+    let job = tmp.path().join("job.toml");
+    let body = format!(
+        "[job]\nname = \"bf16\"\nrun_dir = \"{run}\"\n[model]\npath = \"{model}\"\ndtype = \"bf16\"\n\
+         [data]\ntrain = \"{train}\"\neval = \"{eval}\"\nmax_seq_len = 64\npacking = false\n\
+         [training]\nmax_steps = 6\nglobal_batch = 4\nmicro_batch = 2\nlr = 1e-2\nseed = 3\n\
+         recompute = true\n[lora]\nr = 4\nalpha = 8\n\
+         targets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n\
+         [export]\nmerged = true\n[checkpoint]\nevery = 2\nkeep_last = 3\n",
+        run = run_dir.display(),
+        model = model_dir("llama2").display(),
+        train = data.join("train_tokens.jsonl").display(),
+        eval = data.join("eval_tokens.jsonl").display(),
+    );
+    std::fs::write(&job, body).expect("job");
+    run(&job, &["--set", "checkpoint.resume=false"]);
+    let reference = losses(&run_dir);
+    assert_eq!(reference.len(), 6);
+    for step in events_named(&run_dir, "step") {
+        let peak = step["peak_mem_bytes"].as_u64().unwrap_or(0);
+        assert!(peak > 1 << 20, "no peak memory in {step}");
+    }
+    let saved = tmp.path().join("saved");
+    std::fs::rename(&run_dir, &saved).expect("keep");
+    for (target, tolerance) in [
+        (vec![], 1e-6),
+        (
+            vec!["--nproc-per-node", "2", "--set", "parallel.tp=2"],
+            1e-2,
+        ),
+    ] {
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let step4 = "checkpoints/step-00000004";
+        std::fs::create_dir_all(run_dir.join("checkpoints")).expect("dir");
+        copy_dir(&saved.join(step4), &run_dir.join(step4));
+        run(&job, &target);
+        assert_eq!(events_named(&run_dir, "resumed")[0]["step"], 4);
+        let got = losses(&run_dir);
+        assert_eq!(got.len(), 2, "{target:?}: steps 5 and 6");
+        for (step, loss) in got {
+            let want = reference[step as usize - 1].1;
+            assert!(
+                rel_diff(loss, want) < tolerance,
+                "{target:?} step {step}: {loss} vs {want}"
+            );
+        }
+    }
+    // The adapter on the f32 base and the merged model evaluate the same (both in f32).
+    let job = job.to_str().expect("utf8");
+    let eval = |args: &[&str]| {
+        let out = launch(&[&["eval", job, "--set", "model.dtype=\"f32\""], args].concat());
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        let last: Value = serde_json::from_str(text.lines().last().expect("a line")).expect("json");
+        last["loss"].as_f64().expect("loss")
+    };
+    let adapter = saved.join("export/adapter");
+    let adapted = eval(&["--adapter", adapter.to_str().expect("utf8")]);
+    let merged = format!("model.path=\"{}\"", saved.join("export/model").display());
+    let merged = eval(&["--set", &merged]);
+    assert!(
+        rel_diff(merged, adapted) < 1e-5,
+        "merged {merged} vs adapter on the f32 base {adapted}"
+    );
+}

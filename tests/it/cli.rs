@@ -259,3 +259,13 @@ fn quickstart_chat_data_with_tokenizer_runs() {
         .join("run/export/adapter/adapter_model.safetensors")
         .is_file());
 }
+
+/// `launch probe` in a build without the GPU path says so (exit 2, as an input error).
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn probe_without_cuda_names_the_feature() {
+    let out = launch(&["probe"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(last_json(&out)["cuda"], false);
+    assert!(stderr(&out).contains("--features cuda"), "{}", stderr(&out));
+}

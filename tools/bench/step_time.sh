@@ -1,48 +1,116 @@
 #!/usr/bin/env bash
-# Step time of tidemill vs transformers(+peft) on the same model, data and batch, measured
-# side by side in one run: the quick-start model, 8 chat samples per step (no packing,
-# padded to the longest), LoRA r=8 on every linear, AdamW, constant lr, 2 CPU threads.
-#   tools/bench/step_time.sh [STEPS] [/tmp/refenv]      (full SFT: FULL=1 tools/bench/step_time.sh)
+# Step time of tidemill vs transformers(+peft) on the same model, data and batch, on the
+# CPU, interleaved: tidemill, transformers, tidemill, transformers … PAIRS times, each run
+# STEPS steps; each run's figure is its median step time over steps 2..STEPS; the result
+# is the median of the PAIRS ratios, with their range (this machine is shared and noisy).
+#
+#   tools/bench/step_time.sh [PAIRS=5] [STEPS=12] [REFENV=/tmp/refenv]
+#   FULL=1    full SFT instead of LoRA (all linears)
+#   DTYPE=bf16  bf16 mixed precision on both sides (transformers: torch.autocast)
+#   MODELS="quickstart wide"   which models (default both):
+#     quickstart: assets/quickstart (hidden 64), its chat data, 8 samples per step, padded
+#                 to the longest; LoRA r 8 / alpha 16 (transformers: bench_transformers.py)
+#     wide:       a random Llama, hidden 256, 4 layers, 4 heads, vocab 512; 4 rows of 256
+#                 random tokens per step; LoRA r 16 / alpha 32 (transformers: gpu_torch.py)
+# Both sides: AdamW, 2 CPU threads, dropout 0, eager/SDPA attention as transformers picks.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-steps=${1:-30}
-py=${2:-/tmp/refenv}/bin/python
+pairs=${1:-5}
+steps=${2:-12}
+py=${3:-/tmp/refenv}/bin/python
+dtype=${DTYPE:-f32}
+models=${MODELS:-quickstart wide}
+mode=lora; [ -n "${FULL:-}" ] && mode=full
 cargo build --release --bin launch -q
-run=$(mktemp -d)
-job=$run/job.toml
-cat > "$job" <<TOML
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+all_linear='["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]'
+
+# job MODEL_DIR TRAIN MAX_SEQ BATCH LR R ALPHA → a job file for `launch train`
+job() {
+  local dir=$work/run-$RANDOM
+  cat <<TOML > "$dir.toml"
 [job]
 name = "bench"
-run_dir = "$run/run"
+run_dir = "$dir"
 [model]
-path = "assets/quickstart/model"
+path = "$1"
+dtype = "$dtype"
 [data]
-train = "assets/quickstart/data/train.jsonl"
-max_seq_len = 512
+train = "$2"
+max_seq_len = $3
 packing = false
 shuffle = false
 [training]
 max_steps = $steps
-global_batch = 8
-micro_batch = 8
-lr = 2e-3
+global_batch = $4
+micro_batch = $4
+lr = $5
 schedule = "constant"
+weight_decay = 0.0
 max_grad_norm = 0
 TOML
-full_flag=""
-if [ -z "${FULL:-}" ]; then
-  printf '[lora]\nr = 8\nalpha = 16\ntargets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]\n' >> "$job"
-else
-  full_flag="--full"; sed -i 's/lr = 2e-3/lr = 1e-3/' "$job"
-fi
-RUST_LOG=warn RAYON_NUM_THREADS=2 target/release/launch train "$job" > /dev/null
-ours=$(python3 - "$run/run/events.jsonl" <<'PY'
-import json, sys
+  if [ "$mode" = lora ]; then
+    printf '[lora]\nr = %s\nalpha = %s\ntargets = %s\n' "$6" "$7" "$all_linear" >> "$dir.toml"
+  fi
+  echo "$dir"
+}
+
+# ours JOB_DIR → median step seconds over steps 2..
+ours() {
+  RUST_LOG=warn RAYON_NUM_THREADS=2 target/release/launch train "$1.toml" > /dev/null
+  python3 - "$1/events.jsonl" <<'PY'
+import json, statistics, sys
 steps = [e for e in map(json.loads, open(sys.argv[1])) if e["event"] == "step"][1:]
-print(sum(e["tokens"] / e["tokens_per_s"] for e in steps) / len(steps))
+print(statistics.median(e["step_time"] for e in steps))
 PY
-)
-theirs=$("$py" tools/quickstart/bench_transformers.py --steps "$steps" --batch 8 --threads 2 $full_flag | tail -1 \
-  | python3 -c 'import json,sys; print(json.load(sys.stdin)["seconds_per_step"])')
-python3 -c "print(f'tidemill {float(\"$ours\")*1000:.1f} ms/step, transformers {float(\"$theirs\")*1000:.1f} ms/step, ratio {float(\"$ours\")/float(\"$theirs\"):.2f}')"
-rm -rf "$run"
+}
+
+bf16_flag=""; [ "$dtype" = bf16 ] && bf16_flag="--bf16"
+results=$work/results.txt
+for model in $models; do
+  case $model in
+    quickstart)
+      lr=2e-3; [ "$mode" = full ] && lr=1e-3
+      dir=$(job assets/quickstart/model assets/quickstart/data/train.jsonl 512 8 $lr 8 16)
+      full_flag=""; [ "$mode" = full ] && full_flag="--full"
+      theirs() {
+        "$py" tools/quickstart/bench_transformers.py --steps "$steps" --batch 8 --threads 2 \
+          --lr $lr $full_flag $bf16_flag | tail -1 \
+          | python3 -c 'import json,sys; print(json.load(sys.stdin)["median_seconds_per_step"])'
+      } ;;
+    wide)
+      "$py" tools/bench/make_bench_model.py --shape cpu-wide --out "$work/wide" --seq 256 \
+        --samples 64 > /dev/null
+      dir=$(job "$work/wide" "$work/wide/train.jsonl" 256 4 1e-4 16 32)
+      theirs() {
+        OMP_NUM_THREADS=2 "$py" tools/bench/gpu_torch.py --model "$work/wide" \
+          --data "$work/wide/train.jsonl" --seq 256 --micro-batch 4 --steps "$steps" \
+          --warmup 1 --mode $mode --device cpu --dtype "$dtype" --threads 2 | tail -1 \
+          | python3 -c 'import json,sys; print(json.load(sys.stdin)["step_s_median"])'
+      } ;;
+    *) echo "unknown model $model" >&2; exit 2 ;;
+  esac
+  for i in $(seq "$pairs"); do
+    rm -rf "$dir"
+    a=$(ours "$dir")
+    b=$(theirs)
+    echo "$model $a $b" >> "$results"
+    printf '%s pair %d: tidemill %.1f ms, transformers %.1f ms\n' "$model" "$i" \
+      "$(python3 -c "print($a*1000)")" "$(python3 -c "print($b*1000)")" >&2
+  done
+done
+python3 - "$results" "$mode" "$dtype" "$pairs" <<'PY'
+import collections, statistics, sys
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    model, a, b = line.split()
+    rows[model].append((float(a), float(b)))
+mode, dtype, pairs = sys.argv[2], sys.argv[3], sys.argv[4]
+for model, ab in rows.items():
+    ratios = sorted(a / b for a, b in ab)
+    print(f"{model} {mode} {dtype}: tidemill {statistics.median(a for a, _ in ab) * 1000:.1f} ms/step, "
+          f"transformers {statistics.median(b for _, b in ab) * 1000:.1f} ms/step; "
+          f"ratio {statistics.median(ratios):.2f} (median of {pairs} interleaved pairs, "
+          f"range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+PY

@@ -13,7 +13,9 @@ longest sample of each batch, constant learning rate, AdamW (weight_decay 0).
 The last line printed is a JSON summary (losses at steps 1 / mid / last, sec/step).
 """
 import argparse
+import contextlib
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -42,6 +44,7 @@ def parse():
     p.add_argument("--train", default=str(QS / "data" / "train.jsonl"))
     p.add_argument("--eval", default=str(QS / "data" / "eval.jsonl"))
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (f32 master weights)")
     return p.parse_args()
 
 
@@ -133,7 +136,9 @@ def main():
         idx, order = order[: a.batch], order[a.batch :]
         ids, att, lab = collate([train[i] for i in idx], pad_id)
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if a.bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -152,7 +157,8 @@ def main():
         "mode": mode, "lr": a.lr, "batch": a.batch, "steps": a.steps, "seed": a.seed, "threads": a.threads,
         "loss_step1": losses[0], f"loss_step{mid}": losses[mid - 1] if mid else None,
         f"loss_step{a.steps}": losses[-1], "eval_loss_before": ev0, "eval_loss_after": ev1,
-        "seconds_per_step": sps, "trainable_params": n_train,
+        "seconds_per_step": sps, "median_seconds_per_step": statistics.median(steady),
+        "bf16": a.bf16, "trainable_params": n_train,
     }))
 
 

@@ -73,10 +73,14 @@ impl CudaProbe {
             devices,
             nvrtc: libs::nvrtc(),
             nccl: libs::nccl(),
-            nvrtc_names: cudarc::get_lib_name_candidates("nvrtc")
-                .into_iter()
-                .filter(|n| n.contains(".so"))
-                .collect(),
+            nvrtc_names: {
+                let mut names: Vec<String> = cudarc::get_lib_name_candidates("nvrtc")
+                    .into_iter()
+                    .filter(|n| n.starts_with("libnvrtc.so"))
+                    .collect();
+                names.dedup();
+                names
+            },
         }
     }
 
@@ -157,8 +161,8 @@ mod libs {
 /// Get a process ready for the CUDA backend, before its first use: check what the host
 /// must offer ([`CudaProbe`]; a clear error, never a panic inside cubecl), and keep
 /// cubecl's compiled kernels and autotune results on disk under `cache` so a restarted
-/// worker does not compile them again (unless a `cubecl.toml` in the working directory
-/// says otherwise). Idempotent.
+/// worker does not compile them again (unless cubecl's own configuration says where).
+/// Idempotent.
 #[cfg(feature = "cuda")]
 pub fn cuda_setup(cache: &std::path::Path) -> Result<(), String> {
     use cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
@@ -167,12 +171,17 @@ pub fn cuda_setup(cache: &std::path::Path) -> Result<(), String> {
         if let Some(why) = CudaProbe::run().missing() {
             return Err(why);
         }
-        if !std::path::Path::new("cubecl.toml").exists() {
-            let mut config = CubeClRuntimeConfig::default();
+        // cubecl's own configuration (cubecl.toml or burn.toml found upwards from the
+        // working directory, CUBECL_* variables), with the caches where a configuration
+        // does not put them.
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if config.compilation.cache.is_none() {
             config.compilation.cache = Some(CacheConfig::File(cache.join("kernels")));
-            config.autotune.cache = CacheConfig::File(cache.join("autotune"));
-            CubeClRuntimeConfig::set(config);
         }
+        if matches!(config.autotune.cache, CacheConfig::Target) {
+            config.autotune.cache = CacheConfig::File(cache.join("autotune"));
+        }
+        CubeClRuntimeConfig::set(config);
         Ok(())
     })
     .clone()

@@ -52,6 +52,13 @@ fn run<B: TrainBackend>(
     };
     if !recompute {
         let logits = model.forward(&inputs, true);
+        let [n, vocab] = logits.dims();
+        if chunk.unwrap_or_else(|| loss::chunk_rows(vocab)) >= n {
+            // One chunk: the plain graph holds no more f32 than a chunk.
+            let loss = model.loss_of_logits(logits, &batch.targets, denominator);
+            let value = loss.clone().inner().detach();
+            return (value, GradientsParams::from_grads(loss.backward(), model));
+        }
         let (loss, dlogits) = loss_and_grad(model, &logits, &batch.targets, denominator, chunk);
         let grads = (logits * dlogits).sum().backward();
         return (loss, GradientsParams::from_grads(grads, model));
@@ -106,7 +113,7 @@ fn backward<B: TrainBackend>(
     let grads = weighted.sum().backward();
     let g = x
         .grad(&grads)
-        .unwrap_or_else(|| Tensor::<Inner<B>, 2>::zeros(x.dims(), &x.device()));
+        .unwrap_or_else(|| Tensor::<Inner<B>, 2>::zeros(x.dims(), &x.device()).cast(x.dtype()));
     acc.accumulate(model, GradientsParams::from_grads(grads, model));
     g
 }
@@ -132,10 +139,9 @@ fn loss_and_grad<B: TrainBackend>(
         let l = model.loss_rows(z.clone(), &targets[start..end], denominator);
         let value = l.clone().inner();
         let g = l.backward();
-        grads.push(
-            z.grad(&g)
-                .unwrap_or_else(|| Tensor::<Inner<B>, 2>::zeros(z.dims(), &z.device())),
-        );
+        grads.push(z.grad(&g).unwrap_or_else(|| {
+            Tensor::<Inner<B>, 2>::zeros(z.dims(), &z.device()).cast(z.dtype())
+        }));
         total = Some(match total {
             Some(t) => t + value,
             None => value,

@@ -88,9 +88,10 @@ impl Group {
         }
         let device = B::float_device(&x);
         let shape = x.shape();
+        let dtype = x.dtype();
         let Some((mut values, dtype)) = self.read::<B>(x) else {
             let zeros = TensorData::new(vec![0f32; shape.num_elements()], shape);
-            return B::float_from_data(zeros, &device);
+            return B::float_from_data(zeros.convert_dtype(dtype), &device);
         };
         if let Err(e) = op(self.comm.as_ref(), &mut values) {
             self.fail(e);
@@ -134,9 +135,11 @@ impl Group {
         let dims = x.shape().dims::<2>();
         let width = dims[1];
         let rows_out = exchange.recv.iter().sum::<usize>() + exchange.pad_out;
+        let dtype = x.dtype();
         let zeros = |device: &B::Device| {
             B::float_from_data(
-                TensorData::new(vec![0f32; rows_out * width], [rows_out, width]),
+                TensorData::new(vec![0f32; rows_out * width], [rows_out, width])
+                    .convert_dtype(dtype),
                 device,
             )
         };
@@ -285,6 +288,13 @@ pub trait ParallelBackend: Backend {
         let _ = device;
         crate::backend::peak_rss()
     }
+
+    /// Whether tables shared by the heads (RoPE, the mask) should be copied per head rather
+    /// than broadcast: on burn's CPU backend broadcasting and strided slicing are the slow
+    /// path (see [`crate::model::rope::Tables`]).
+    fn dense_tables() -> bool {
+        false
+    }
 }
 
 /// A training backend whose inner (evaluation) backend runs the same collectives.
@@ -318,8 +328,11 @@ pub fn reduce_from<B: ParallelBackend, const D: usize>(
 }
 
 macro_rules! plain_collective {
-    ($backend:ty $(, $memory:path)?) => {
+    ($backend:ty, dense_tables = $dense:literal $(, $memory:path)?) => {
         impl ParallelBackend for $backend {
+            fn dense_tables() -> bool {
+                $dense
+            }
             $(fn memory_reserved(device: &Self::Device) -> Option<u64> {
                 $memory(device)
             })?
@@ -354,9 +367,13 @@ macro_rules! plain_collective {
     };
 }
 
-plain_collective!(burn::backend::Flex);
+plain_collective!(burn::backend::Flex, dense_tables = true);
 #[cfg(feature = "cuda")]
-plain_collective!(burn::backend::Cuda, crate::backend::cuda_memory_reserved);
+plain_collective!(
+    burn::backend::Cuda,
+    dense_tables = false,
+    crate::backend::cuda_memory_reserved
+);
 
 #[derive(Debug)]
 struct CopyTo;
@@ -433,6 +450,10 @@ fn recorded<B: ParallelBackend, C: CheckpointStrategy, O: Backward<B, 1>>(
 impl<B: ParallelBackend, C: CheckpointStrategy> ParallelBackend for Autodiff<B, C> {
     fn memory_reserved(device: &Self::Device) -> Option<u64> {
         B::memory_reserved(device)
+    }
+
+    fn dense_tables() -> bool {
+        B::dense_tables()
     }
 
     fn copy_to(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self> {

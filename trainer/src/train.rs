@@ -55,6 +55,8 @@ pub struct Trainer<B: TrainBackend> {
     broken: Option<String>,
     /// Where its steps and phases go.
     report: Report,
+    /// The most device memory seen held after a step.
+    peak_mem: Option<u64>,
 }
 
 impl<B: TrainBackend> Trainer<B> {
@@ -102,6 +104,7 @@ impl<B: TrainBackend> Trainer<B> {
             writes,
             broken: None,
             report,
+            peak_mem: None,
         })
     }
 
@@ -268,7 +271,7 @@ impl<B: TrainBackend> Trainer<B> {
             grad_elems,
             param_elems: self.param_elems(),
             optimizer_state_elems: self.optimizer_state_elems(),
-            peak_mem_bytes: B::memory_reserved(&self.model().device()),
+            peak_mem_bytes: self.peak_memory(),
         };
         self.report.step(&report, self.collective_seq());
         Ok(report)
@@ -313,7 +316,7 @@ impl<B: TrainBackend> Trainer<B> {
                 (Loss::<B>::Host(loss), grads)
             }
             None => {
-                let micro = self.step_seed() ^ self.mesh.data.rank() as u64;
+                let micro = mix(mix(self.opts.seed, self.step), self.mesh.data.rank() as u64);
                 let (loss, grads) =
                     accumulate(model, batches, denominator, self.opts.recompute, micro)?;
                 (Loss::Device(loss), grads)
@@ -361,6 +364,14 @@ impl<B: TrainBackend> Trainer<B> {
     /// uninterrupted one would.
     fn step_seed(&self) -> u64 {
         self.opts.seed.wrapping_add(self.step)
+    }
+
+    /// The most device memory held after any step so far (see
+    /// [`crate::ParallelBackend::memory_reserved`]).
+    fn peak_memory(&mut self) -> Option<u64> {
+        let now = B::memory_reserved(&self.model().device());
+        self.peak_mem = self.peak_mem.max(now);
+        self.peak_mem
     }
 
     /// Mean token loss of `rows` under the current weights, over the whole job: every data
@@ -439,7 +450,7 @@ impl<B: TrainBackend> Trainer<B> {
 
 /// Forward and backward of each micro-batch in turn (see [`crate::backprop`]), gradients
 /// summed; the loss summed on the device. Micro-batch `j` draws its dropout from
-/// `seed + j`.
+/// `mix(seed, j)`.
 fn accumulate<B: TrainBackend>(
     model: &CausalLm<B>,
     batches: &[Batch],
@@ -450,9 +461,7 @@ fn accumulate<B: TrainBackend>(
     let mut accumulated = GradientsAccumulator::<CausalLm<B>>::new();
     let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
     for (j, batch) in batches.iter().enumerate() {
-        let micro_seed = seed
-            .wrapping_mul(0x2545_F491_4F6C_DD1D)
-            .wrapping_add(j as u64);
+        let micro_seed = mix(seed, j as u64);
         let (loss, grads) =
             crate::backprop::micro_batch(model, batch, denominator, recompute, micro_seed);
         model.check_collectives()?;
@@ -464,6 +473,18 @@ fn accumulate<B: TrainBackend>(
     }
     let loss_sum = loss_sum.unwrap_or_else(|| Tensor::zeros([1], &model.device()));
     Ok((loss_sum, accumulated.grads()))
+}
+
+/// `seed` and `value` hashed together (splitmix64's finaliser over their combination), so
+/// that seeds made of different (step, rank, micro-batch) never coincide by arithmetic.
+fn mix(seed: u64, value: u64) -> u64 {
+    let mut z = seed
+        ^ value
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// A step's loss: read already (a pipeline's), or still on the device.

@@ -236,6 +236,17 @@ mod tests {
     /// A string-typed choice that is not one of its values: the error names the key and
     /// lists what it may be.
     #[test]
+    fn precision_and_recompute_refusals_name_the_key() {
+        assert!(parse(MIN, &["model.dtype=bf16", "training.recompute=true"]).is_ok());
+        let err = parse(MIN, &["model.dtype=f16"]).unwrap_err();
+        assert!(err.to_string().contains("model.dtype") && err.to_string().contains("bf16"));
+        assert_eq!(err.exit_code(), 2);
+        let err = parse(MIN, &["training.recompute=true", "parallel.pp=2"]).unwrap_err();
+        assert!(err.to_string().contains("training.recompute"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
     fn choices_list_their_values() {
         for (set, key, allowed) in [
             ("job.device=tpu", "job.device", &["cpu", "cuda"][..]),

@@ -156,7 +156,8 @@ impl PlanArgs {
         let mut job = super::job_of(&cfg, &model);
         job.precision = match self.precision {
             Some(PrecisionArg::Bf16) => Precision::Bf16Mixed,
-            Some(PrecisionArg::F32) | None => Precision::F32,
+            Some(PrecisionArg::F32) => Precision::F32,
+            None => job.precision,
         };
         job.seq_len = self.seq_len.unwrap_or(job.seq_len);
         job.global_batch = self.global_batch.unwrap_or(job.global_batch);
@@ -282,6 +283,18 @@ impl PlanArgs {
         space.zero1 = self.zero1.or(space.zero1);
         if let Some(r) = self.recompute {
             space.recompute = Some(r);
+        }
+        // For a job tidemill trains: it recomputes only without pipeline stages.
+        if cfg.is_some() && space.recompute == Some(true) {
+            match space.pp {
+                Some(pp) if pp > 1 => {
+                    return Err(usage(
+                        "--recompute",
+                        "tidemill recomputes activations only without pipeline stages (pp 1)",
+                    ))
+                }
+                _ => space.pp = Some(1),
+            }
         }
         Ok(space)
     }

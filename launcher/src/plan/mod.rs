@@ -19,8 +19,8 @@ use trainer::{ParallelOptions, PipelineSchedule, Strategy};
 pub use args::{Format, PlanArgs};
 pub use report::{json_report, table, AutoPick, CandidateReport, PlanEvent};
 
-/// The cost model's view of a job file: its model, sequence length, batch and mode, in
-/// f32 (what tidemill trains in).
+/// The cost model's view of a job file: its model, sequence length, batch, mode and
+/// precision (`model.dtype`).
 pub fn job_of(cfg: &JobConfig, model: &ModelConfig) -> Job {
     let shape = model.shape();
     let mode = match &cfg.lora {
@@ -35,7 +35,10 @@ pub fn job_of(cfg: &JobConfig, model: &ModelConfig) -> Job {
         seq_len: cfg.data.max_seq_len,
         global_batch: cfg.training.global_batch,
         mode,
-        precision: Precision::F32,
+        precision: match cfg.model.dtype {
+            checkpoint::DType::BF16 => Precision::Bf16Mixed,
+            checkpoint::DType::F32 | checkpoint::DType::F16 => Precision::F32,
+        },
         sequence_parallel: cfg.parallel.sequence_parallel,
         scatter_gather_sends: cfg.parallel.sequence_parallel,
     }

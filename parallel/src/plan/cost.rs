@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 use super::hardware::Hardware;
 use super::shape::{Mode, ModelShape, Params, Precision, Share};
 
+/// Logits the loss widens to f32 at once (`trainer::loss::CHUNK_ELEMS`).
+const LOSS_CHUNK_ELEMS: f64 = (1u64 << 26) as f64;
+
 /// What is trained: the model, the batch and how.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Job {
@@ -621,7 +624,10 @@ fn rank_memory(k: &Costs, share: Share, r: usize, micro: usize) -> Memory {
         activations += full.layer_activations();
     }
     if share.last {
-        activations += k.tokens * m.vocab as f64 / c.tp as f64 * (k.e + 8.0);
+        // The logits and their gradient in the compute dtype; the loss widens one chunk of
+        // rows at a time to f32, its softmax and that gradient (trainer::loss::CHUNK_ELEMS).
+        let logits = k.tokens * m.vocab as f64 / c.tp as f64;
+        activations += logits * 2.0 * k.e + logits.min(LOSS_CHUNK_ELEMS) * 8.0;
     }
     Memory {
         activations,

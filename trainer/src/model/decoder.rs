@@ -44,16 +44,14 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-/// Everything about a batch that every layer shares. Tables are laid out to need no
-/// broadcasting (strided iteration is the slow path of the CPU backend).
+/// Everything about a batch that every layer shares, made on the device once per pass.
 pub struct ForwardContext<B: Backend> {
     pub batch: usize,
     pub seq: usize,
-    /// RoPE tables `[n, 1, d]`, shared by all heads (see [`rope::cos_sin`]).
-    pub cos: Tensor<B, 3>,
-    pub sin: Tensor<B, 3>,
-    /// Additive attention mask `[b, 1, s, s]` (shared by the heads): 0 where attention is
-    /// allowed, -inf elsewhere.
+    /// RoPE tables (see [`rope::Tables`]).
+    pub rope: rope::Tables<B>,
+    /// Additive attention mask `[b, 1, s, s]` (broadcast over the heads; `[b, heads, s, s]`
+    /// where the backend wants it dense): 0 where attention is allowed, -inf elsewhere.
     pub mask: Tensor<B, 4>,
     pub train: bool,
     /// The dtype matmuls run in (see [`CausalLm::compute`]).
@@ -66,20 +64,20 @@ pub struct ForwardContext<B: Backend> {
 }
 
 impl<B: ParallelBackend> Attention<B> {
-    /// `[n, heads·d]` → `[b, heads, s, d]`, rotated by RoPE on the way when `rope`.
+    /// `[n, heads·d]` → `[b, heads, s, d]`, rotated by RoPE on the way as query or key
+    /// heads when `rope` says which.
     fn heads(
         &self,
         x: Tensor<B, 2>,
         heads: usize,
-        rope: bool,
+        rope: Option<bool>,
         ctx: &ForwardContext<B>,
     ) -> Tensor<B, 4> {
         let n = ctx.batch * ctx.seq;
         let x = x.reshape([n, heads, self.head_dim]);
-        let x = if rope {
-            rope::apply(x, &ctx.cos, &ctx.sin)
-        } else {
-            x
+        let x = match rope {
+            Some(query) => ctx.rope.apply(x, query),
+            None => x,
         };
         x.reshape([ctx.batch, ctx.seq, heads, self.head_dim])
             .swap_dims(1, 2)
@@ -108,13 +106,13 @@ impl<B: ParallelBackend> Attention<B> {
         let f32 = FloatDType::F32;
         let x = enter(x, ctx.tp.as_ref()).cast(ctx.compute);
         let q = self.q_proj.forward(x.clone(), ctx.train).cast(f32);
-        let q = self.heads(q, self.num_heads, true, ctx);
+        let q = self.heads(q, self.num_heads, Some(true), ctx);
         let k = self.k_proj.forward(x.clone(), ctx.train).cast(f32);
-        let k = self.repeat_kv(self.heads(k, self.num_kv_heads, true, ctx));
+        let k = self.repeat_kv(self.heads(k, self.num_kv_heads, Some(false), ctx));
         let v = self.repeat_kv(self.heads(
             self.v_proj.forward(x, ctx.train),
             self.num_kv_heads,
-            false,
+            None,
             ctx,
         ));
         let scale = (self.head_dim as f64).powf(-0.5);
@@ -349,13 +347,24 @@ impl<B: ParallelBackend> CausalLm<B> {
         let device = self.device();
         let (b, s) = (inputs.batch, inputs.seq);
         let c = &self.config;
-        let (cos, sin) = rope::cos_sin::<B>(&self.inv_freq, inputs.positions, &device);
-        let mask = attention_mask::<B>(inputs, c.sliding_window, &device);
+        // Heads held here: all of them, or this rank's share under tensor parallelism.
+        let heads = self
+            .layers
+            .first()
+            .map_or((c.num_heads, c.num_kv_heads), |l| {
+                (l.self_attn.num_heads, l.self_attn.num_kv_heads)
+            });
+        let dense = B::dense_tables();
+        let rope = rope::Tables::new(&self.inv_freq, inputs.positions, heads, dense, &device);
+        let mask = if dense {
+            host_attention_mask::<B>(inputs, c.sliding_window, &device).repeat_dim(1, heads.0)
+        } else {
+            attention_mask::<B>(inputs, c.sliding_window, &device)
+        };
         ForwardContext {
             batch: b,
             seq: s,
-            cos,
-            sin,
+            rope,
             mask,
             train,
             compute: self.compute,
@@ -541,6 +550,29 @@ fn attention_mask<B: Backend>(
         .cast(FloatDType::F32)
         .mask_fill(allowed.bool_not(), f32::NEG_INFINITY)
         .reshape([b, 1, s, s])
+}
+
+/// [`attention_mask`] made on the host (for the CPU backend, where that is no upload and
+/// fewer ops).
+fn host_attention_mask<B: Backend>(
+    inputs: &Inputs<'_>,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let (b, s) = (inputs.batch, inputs.seq);
+    let mut mask = vec![f32::NEG_INFINITY; b * s * s];
+    for row in 0..b {
+        let seg = &inputs.segments[row * s..(row + 1) * s];
+        for i in 0..s {
+            for j in 0..=i {
+                let in_window = window.is_none_or(|w| i - j < w);
+                if seg[i] == seg[j] && in_window {
+                    mask[(row * s + i) * s + j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(mask, [b, 1, s, s]), device)
 }
 
 /// Set the capacity factor of every sparse layer of `model` (see [`Moe::capacity_factor`]).

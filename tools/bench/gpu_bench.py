@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""The GPU check of tidemill, run by tools/bench/gpu.sh (standard library only; the PyTorch
+side runs in --python, which has torch, transformers and peft).
+
+In order, each result written to OUT/summary.json as soon as it is known (a run cut off by
+its time limit still tells what it reached):
+  1. probe: `launch probe` (driver, GPUs, CUDA headers, NVRTC, NCCL), nvidia-smi, versions;
+     `launch plan --calibrate --device DEVICE` (the measured hardware profile).
+  2. parity: the quick-start job, 10 steps, LoRA and full (dropout 0), on DEVICE in f32 and
+     bf16 against the CPU in f32: the largest loss difference per step.
+  3. throughput: LoRA (r 16, all linears) and full SFT of random Qwen2-0.5B- and
+     Llama-1B-shaped models at sequence 2048 (bf16, activation recomputation): tidemill
+     at the largest micro-batch that fits (tried from the largest down), then transformers
+     (+peft) with bf16 autocast and SDPA at the same micro-batch (with gradient
+     checkpointing only if it does not fit without); tokens/s, MFU, peak memory, the first
+     step's time (kernel compilation and autotuning), and the ratio.
+--small runs the same on tiny shapes (sequence 128) for a dry run on a CPU.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
+import flops  # noqa: E402
+
+ALL_LINEAR = '["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]'
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--launch", required=True, help="the launch binary")
+    p.add_argument("--python", default=sys.executable, help="a Python with torch, transformers, peft")
+    p.add_argument("--small", action="store_true", help="tiny shapes (a dry run)")
+    p.add_argument("--budget", type=float, default=400, help="seconds; no new item starts after")
+    p.add_argument("--steps", type=int, default=6, help="steps per throughput run (the first is compile)")
+    return p.parse_args()
+
+
+class Summary:
+    def __init__(self, path):
+        self.path = path
+        self.data = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "items": {}}
+        self.save()
+
+    def put(self, key, value):
+        self.data["items"][key] = value
+        self.save()
+
+    def save(self):
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.path)
+
+
+def run(cmd, timeout, env=None):
+    """(rc, stdout, stderr tail, seconds); rc None when it ran out of time."""
+    start = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **(env or {})})
+        return p.returncode, p.stdout, p.stderr[-3000:], time.perf_counter() - start
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return None, "", err[-3000:], time.perf_counter() - start
+
+
+def job_file(work, name, model, train, device, dtype, steps, batch, seq, lr, lora, recompute):
+    run_dir = work / name
+    text = f"""[job]
+name = "{name}"
+run_dir = "{run_dir}"
+device = "{device}"
+[model]
+path = "{model}"
+dtype = "{dtype}"
+[data]
+train = "{train}"
+max_seq_len = {seq}
+packing = false
+shuffle = false
+[training]
+max_steps = {steps}
+global_batch = {batch}
+micro_batch = {batch}
+lr = {lr}
+schedule = "constant"
+weight_decay = 0.01
+max_grad_norm = 1.0
+recompute = {str(recompute).lower()}
+[export]
+dtype = "bf16"
+"""
+    if lora:
+        text += f"[lora]\nr = {lora[0]}\nalpha = {lora[1]}\ndropout = 0.0\ntargets = {ALL_LINEAR}\n"
+    path = work / f"{name}.toml"
+    path.write_text(text)
+    return path, run_dir
+
+
+def steps_of(run_dir):
+    events = run_dir / "events.jsonl"
+    if not events.exists():
+        return []
+    return [e for e in map(json.loads, events.read_text().splitlines()) if e.get("event") == "step"]
+
+
+def train(a, work, name, timeout, stop_at_last_step=False, **job):
+    """`launch train` of a job; with `stop_at_last_step`, its process group is stopped once
+    the last step's event is written (the final checkpoint and export are not measured and
+    of a 1B model take long). rc 0 then."""
+    path, run_dir = job_file(work, name, **job)
+    start = time.perf_counter()
+    errf = tempfile.TemporaryFile()
+    p = subprocess.Popen([a.launch, "train", str(path)], stdout=subprocess.DEVNULL, stderr=errf,
+                         env={**os.environ, "RUST_LOG": "warn"}, start_new_session=True)
+    rc = None
+    while time.perf_counter() - start < timeout:
+        rc = p.poll()
+        if rc is not None:
+            break
+        if stop_at_last_step and len(steps_of(run_dir)) >= job["steps"]:
+            os.killpg(p.pid, 15)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+            rc = 0
+            break
+        time.sleep(0.5)
+    if rc is None:
+        os.killpg(p.pid, 9)
+        p.wait()
+    errf.seek(0)
+    err = errf.read().decode(errors="replace")[-3000:]
+    return {"rc": rc, "seconds": time.perf_counter() - start, "steps": steps_of(run_dir),
+            "stderr": err if rc != 0 else ""}
+
+
+def parity(a, work, summary):
+    qs = ROOT / "assets" / "quickstart"
+    for mode in ["lora", "full"]:
+        common = dict(model=qs / "model", train=qs / "data" / "train.jsonl", steps=10, batch=8, seq=512,
+                      lr=2e-3 if mode == "lora" else 1e-3, lora=(8, 16) if mode == "lora" else None,
+                      recompute=False)
+        ref = train(a, work, f"parity-{mode}-cpu", 120, device="cpu", dtype="f32", **common)
+        result = {"cpu_f32_losses": [s["loss"] for s in ref["steps"]]}
+        for dtype in ["f32", "bf16"]:
+            got = train(a, work, f"parity-{mode}-{a.device}-{dtype}", 240, device=a.device, dtype=dtype, **common)
+            losses = [s["loss"] for s in got["steps"]]
+            pairs = list(zip(losses, result["cpu_f32_losses"]))
+            result[f"{a.device}_{dtype}"] = {
+                "rc": got["rc"], "losses": losses,
+                "max_abs_diff_vs_cpu_f32": max((abs(x - y) for x, y in pairs), default=None),
+                "first_step_s": got["steps"][0]["step_time"] if got["steps"] else None,
+                "stderr": got["stderr"],
+            }
+        summary.put(f"parity_{mode}", result)
+
+
+def ours(a, work, shape, mode, model, seq, candidates):
+    tried = []
+    for mb in candidates:
+        got = train(a, work, f"ours-{shape}-{mode}-mb{mb}", 240, True, device=a.device, dtype="bf16",
+                    model=model, train=model / "train.jsonl", steps=a.steps, batch=mb, seq=seq, lr=1e-4,
+                    lora=(16, 32) if mode == "lora" else None, recompute=True)
+        steps = got["steps"]
+        if got["rc"] == 0 and len(steps) == a.steps:
+            steady = [s["step_time"] for s in steps[1:]] or [steps[0]["step_time"]]
+            step_s = statistics.median(steady)
+            return {"micro_batch": mb, "tokens_per_s": mb * seq / step_s, "step_s_median": step_s,
+                    "step_s_range": [min(steady), max(steady)], "first_step_s": steps[0]["step_time"],
+                    "compile_s": steps[0]["step_time"] - step_s,
+                    "peak_memory_bytes": max((s.get("peak_mem_bytes") or 0) for s in steps),
+                    "losses": [s["loss"] for s in steps], "tried": tried}
+        tried.append({"micro_batch": mb, "rc": got["rc"], "stderr": got["stderr"][-600:]})
+    return {"micro_batch": None, "tried": tried}
+
+
+def theirs(a, work, mode, model, seq, mb):
+    out = work / f"torch-{model.name}-{mode}-{mb}.json"
+    base = [a.python, str(ROOT / "tools/bench/gpu_torch.py"), "--model", str(model),
+            "--data", str(model / "train.jsonl"), "--seq", str(seq), "--micro-batch", str(mb),
+            "--steps", str(max(a.steps - 2, 2)), "--warmup", "1", "--mode", mode, "--device", a.device,
+            "--dtype", "bf16", "--out", str(out)]
+    for extra in [[], ["--recompute"]]:
+        rc, _, err, _ = run(base + extra, 300)
+        if rc == 0 and out.exists():
+            return json.loads(out.read_text())
+        if a.device != "cuda":
+            break
+    return {"rc": rc, "stderr": err[-600:]}
+
+
+def throughput(a, work, summary, deadline):
+    shapes = [("tiny-qwen2", 128), ("tiny-llama", 128)] if a.small else [("qwen2-0.5b", 2048), ("llama-1b", 2048)]
+    for shape, seq in shapes:
+        model = work / shape
+        rc, _, err, secs = run([a.python, str(ROOT / "tools/bench/make_bench_model.py"), "--shape", shape,
+                                "--out", str(model), "--seq", str(seq), "--samples", "64"], 300)
+        if rc != 0:
+            summary.put(f"model_{shape}", {"rc": rc, "stderr": err})
+            continue
+        config = json.loads((model / "config.json").read_text())
+        for mode in ["lora", "full"]:
+            if time.time() > deadline:
+                summary.put("stopped", f"time budget spent before {shape} {mode}")
+                return
+            candidates = [2] if a.small else ([8, 4, 2, 1] if mode == "lora" else [4, 2, 1])
+            us = ours(a, work, shape, mode, model, seq, candidates)
+            mb = us.get("micro_batch")
+            them = theirs(a, work, mode, model, seq, mb) if mb else {}
+            fpt = flops.model_flops_per_token(config, seq, mode)
+            peak = them.get("peak_flops")
+            item = {"shape": shape, "seq": seq, "mode": mode, "flops_per_token": fpt, "tidemill": us,
+                    "transformers": them}
+            if us.get("tokens_per_s") and peak:
+                us["mfu"] = flops.mfu(us["tokens_per_s"], fpt, peak)
+            if us.get("tokens_per_s") and them.get("tokens_per_s"):
+                item["ratio_tokens_per_s"] = us["tokens_per_s"] / them["tokens_per_s"]
+            summary.put(f"throughput_{shape}_{mode}", item)
+
+
+def main():
+    a = parse()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + a.budget
+    summary = Summary(out / "summary.json")
+    work = Path(tempfile.mkdtemp(prefix="tidemill-gpu-"))
+    rc, stdout, err, _ = run([a.launch, "probe"], 60)
+    probe = {"rc": rc, "stderr": err}
+    try:
+        probe.update(json.loads(stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        probe["stdout"] = stdout
+    smi = run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"], 30) \
+        if a.device == "cuda" else (None, "", "", 0)
+    probe["nvidia_smi"] = smi[1].strip()
+    rc, stdout, err, _ = run([a.python, "-c", "import torch, transformers, peft; print(torch.__version__, "
+                              "transformers.__version__, peft.__version__, torch.version.cuda)"], 60)
+    probe["python"] = stdout.strip() or err[-300:]
+    summary.put("probe", probe)
+    if a.device == "cuda" and probe.get("rc") != 0:
+        summary.put("stopped", "the probe found the GPU path cannot run here")
+        return
+    rc, stdout, err, secs = run([a.launch, "plan", "--calibrate", "--device", a.device], 180)
+    summary.put("calibrate", {"rc": rc, "seconds": secs, "profile": stdout, "stderr": err if rc else ""})
+    parity(a, work, summary)
+    throughput(a, work, summary, deadline)
+    summary.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    summary.save()
+    table(summary.data)
+
+
+def table(data):
+    """The summary as a table (also what the note quotes)."""
+    print(f"{'shape':<12}{'mode':<6}{'mb':>4}{'ours tok/s':>12}{'torch tok/s':>13}{'ratio':>7}"
+          f"{'ours MFU':>10}{'torch MFU':>11}{'ours GiB':>10}{'torch GiB':>11}{'compile s':>11}")
+    for key, item in data["items"].items():
+        if not key.startswith("throughput_"):
+            continue
+        us, them = item["tidemill"], item["transformers"]
+        mem = them.get("peak_memory_bytes") or {}
+        torch_mem = mem.get("max_memory_reserved") or mem.get("max_rss")
+        fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"  # noqa: E731
+        gib = lambda b: b / 2**30 if b else None  # noqa: E731
+        print(f"{item['shape']:<12}{item['mode']:<6}{fmt(us.get('micro_batch'), 'd'):>4}"
+              f"{fmt(us.get('tokens_per_s'), '.0f'):>12}{fmt(them.get('tokens_per_s'), '.0f'):>13}"
+              f"{fmt(item.get('ratio_tokens_per_s'), '.2f'):>7}{fmt(us.get('mfu'), '.1%'):>10}"
+              f"{fmt(them.get('mfu'), '.1%'):>11}{fmt(gib(us.get('peak_memory_bytes')), '.1f'):>10}"
+              f"{fmt(gib(torch_mem), '.1f'):>11}{fmt(us.get('compile_s'), '.1f'):>11}")
+
+
+if __name__ == "__main__":
+    main()
