@@ -254,7 +254,7 @@ fn probe() -> Result<()> {
 fn probe() -> Result<()> {
     println!("{}", serde_json::json!({"cuda": false}));
     Err(crate::error::Error::Config {
-        file: "job.device".into(),
+        file: "launch probe".into(),
         message: crate::config::Device::Cuda
             .check()
             .err()

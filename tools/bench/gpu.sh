@@ -30,9 +30,23 @@ if [ -z "$launch" ]; then
 fi
 [ -n "$launch" ] || { echo "no launch binary (bin/launch or LAUNCH=...)" >&2; exit 2; }
 if [ "$device" = cuda ]; then
-  # The kernels include the CUDA headers at run time (NVRTC).
-  if [ -z "${CUDA_PATH:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_PATH=/usr/local/cuda; fi
-  export LD_LIBRARY_PATH="${CUDA_PATH:-/usr/local/cuda}/lib64:${LD_LIBRARY_PATH:-}"
+  # The kernels include the CUDA headers at run time (NVRTC): the toolkit's, else those of
+  # the pip wheels PyTorch brings (nvidia-cuda-runtime / nvidia-cuda-nvrtc).
+  if [ -z "${CUDA_PATH:-}" ] && [ -e /usr/local/cuda/include/cuda_runtime.h ]; then
+    export CUDA_PATH=/usr/local/cuda
+  fi
+  pip_dir() { "$py" -c "import importlib, os; m = importlib.import_module('$1'); print(list(m.__path__)[0])" 2>/dev/null; }
+  if [ -z "${CUDA_PATH:-}" ]; then
+    for m in nvidia.cuda_runtime nvidia.cu13 nvidia.cu12; do
+      d=$(pip_dir $m)
+      if [ -n "$d" ] && [ -e "$d/include/cuda_runtime.h" ]; then export CUDA_PATH=$d; break; fi
+    done
+  fi
+  export LD_LIBRARY_PATH="${CUDA_PATH:-/usr/local/cuda}/lib64:${CUDA_PATH:-/usr/local/cuda}/lib:${LD_LIBRARY_PATH:-}"
+  for m in nvidia.cuda_nvrtc nvidia.cu13 nvidia.cu12; do
+    d=$(pip_dir $m)
+    if [ -n "$d" ] && [ -d "$d/lib" ]; then export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d/lib"; fi
+  done
   # cudarc looks for libnccl.so; the pip wheel ships libnccl.so.2 in its package folder.
   nccl=$("$py" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
   if [ -n "$nccl" ] && [ -e "$nccl/libnccl.so.2" ]; then

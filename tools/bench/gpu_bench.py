@@ -4,21 +4,23 @@ side runs in --python, which has torch, transformers and peft).
 
 In order, each result written to OUT/summary.json as soon as it is known (a run cut off by
 its time limit still tells what it reached):
-  1. probe: `launch probe` (driver, GPUs, CUDA headers, NVRTC, NCCL), nvidia-smi, versions;
-     `launch plan --calibrate --device DEVICE` (the measured hardware profile).
-  2. parity: the quick-start job, 10 steps, LoRA and full (dropout 0), on DEVICE in f32 and
-     bf16 against the CPU in f32: the largest loss difference per step.
+  1. probe: `launch probe` (driver, GPUs, CUDA headers, NVRTC, NCCL), nvidia-smi, versions.
+  2. parity: the quick-start job, 10 steps, LoRA (dropout 0), on DEVICE in f32 and bf16
+     against the CPU in f32: the largest loss difference per step (full SFT after 3).
   3. throughput: LoRA (r 16, all linears) and full SFT of random Qwen2-0.5B- and
      Llama-1B-shaped models at sequence 2048 (bf16, activation recomputation): tidemill
      at the largest micro-batch that fits (tried from the largest down), then transformers
      (+peft) with bf16 autocast and SDPA at the same micro-batch (with gradient
      checkpointing only if it does not fit without); tokens/s, MFU, peak memory, the first
      step's time (kernel compilation and autotuning), and the ratio.
+  4. full-SFT parity, then `launch plan --calibrate --device DEVICE` (the measured hardware
+     profile), if time is left.
 --small runs the same on tiny shapes (sequence 128) for a dry run on a CPU.
 """
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -98,6 +100,8 @@ max_grad_norm = 1.0
 recompute = {str(recompute).lower()}
 [export]
 dtype = "bf16"
+[launch]
+max_restarts = 0
 """
     if lora:
         text += f"[lora]\nr = {lora[0]}\nalpha = {lora[1]}\ndropout = 0.0\ntargets = {ALL_LINEAR}\n"
@@ -110,7 +114,27 @@ def steps_of(run_dir):
     events = run_dir / "events.jsonl"
     if not events.exists():
         return []
-    return [e for e in map(json.loads, events.read_text().splitlines()) if e.get("event") == "step"]
+    out = []
+    for line in events.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:  # the line being written
+            continue
+        if e.get("event") == "step":
+            out.append(e)
+    return out
+
+
+LIVE = set()  # process groups of running jobs, stopped when this script is
+
+
+def stop_live(*_):
+    for pid in list(LIVE):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(124)
 
 
 def train(a, work, name, timeout, stop_at_last_step=False, **job):
@@ -122,6 +146,7 @@ def train(a, work, name, timeout, stop_at_last_step=False, **job):
     errf = tempfile.TemporaryFile()
     p = subprocess.Popen([a.launch, "train", str(path)], stdout=subprocess.DEVNULL, stderr=errf,
                          env={**os.environ, "RUST_LOG": "warn"}, start_new_session=True)
+    LIVE.add(p.pid)
     rc = None
     while time.perf_counter() - start < timeout:
         rc = p.poll()
@@ -139,15 +164,19 @@ def train(a, work, name, timeout, stop_at_last_step=False, **job):
     if rc is None:
         os.killpg(p.pid, 9)
         p.wait()
+    LIVE.discard(p.pid)
     errf.seek(0)
     err = errf.read().decode(errors="replace")[-3000:]
     return {"rc": rc, "seconds": time.perf_counter() - start, "steps": steps_of(run_dir),
             "stderr": err if rc != 0 else ""}
 
 
-def parity(a, work, summary):
+def parity(a, work, summary, deadline, modes):
     qs = ROOT / "assets" / "quickstart"
-    for mode in ["lora", "full"]:
+    for mode in modes:
+        if time.time() > deadline:
+            summary.put("stopped", f"time budget spent before parity {mode}")
+            return
         common = dict(model=qs / "model", train=qs / "data" / "train.jsonl", steps=10, batch=8, seq=512,
                       lr=2e-3 if mode == "lora" else 1e-3, lora=(8, 16) if mode == "lora" else None,
                       recompute=False)
@@ -231,6 +260,7 @@ def throughput(a, work, summary, deadline):
 
 def main():
     a = parse()
+    signal.signal(signal.SIGTERM, stop_live)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + a.budget
@@ -252,10 +282,12 @@ def main():
     if a.device == "cuda" and probe.get("rc") != 0:
         summary.put("stopped", "the probe found the GPU path cannot run here")
         return
-    rc, stdout, err, secs = run([a.launch, "plan", "--calibrate", "--device", a.device], 180)
-    summary.put("calibrate", {"rc": rc, "seconds": secs, "profile": stdout, "stderr": err if rc else ""})
-    parity(a, work, summary)
+    parity(a, work, summary, deadline, ["lora"])
     throughput(a, work, summary, deadline)
+    parity(a, work, summary, deadline + 40, ["full"])
+    if time.time() < deadline + 40:
+        rc, stdout, err, secs = run([a.launch, "plan", "--calibrate", "--device", a.device], 60)
+        summary.put("calibrate", {"rc": rc, "seconds": secs, "profile": stdout, "stderr": err if rc else ""})
     summary.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     summary.save()
     table(summary.data)

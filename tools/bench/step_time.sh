@@ -7,6 +7,9 @@
 #   tools/bench/step_time.sh [PAIRS=5] [STEPS=12] [REFENV=/tmp/refenv]
 #   FULL=1    full SFT instead of LoRA (all linears)
 #   DTYPE=bf16  bf16 mixed precision on both sides (transformers: torch.autocast)
+#   LAUNCH=path   the launch binary to measure (default: build target/release/launch)
+#   BASELINE=path another launch binary (e.g. an older commit's) run in the same rounds,
+#                 so its ratio is measured under the same load (f32 only)
 #   MODELS="quickstart wide"   which models (default both):
 #     quickstart: assets/quickstart (hidden 64), its chat data, 8 samples per step, padded
 #                 to the longest; LoRA r 8 / alpha 16 (transformers: bench_transformers.py)
@@ -21,12 +24,17 @@ py=${3:-/tmp/refenv}/bin/python
 dtype=${DTYPE:-f32}
 models=${MODELS:-quickstart wide}
 mode=lora; [ -n "${FULL:-}" ] && mode=full
-cargo build --release --bin launch -q
+launch=${LAUNCH:-}
+if [ -z "$launch" ]; then
+  cargo build --release --bin launch -q
+  launch=target/release/launch
+fi
+baseline=${BASELINE:-}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 all_linear='["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]'
 
-# job MODEL_DIR TRAIN MAX_SEQ BATCH LR R ALPHA → a job file for `launch train`
+# job MODEL_DIR TRAIN MAX_SEQ BATCH LR R ALPHA WEIGHT_DECAY MAX_GRAD_NORM → a job file
 job() {
   local dir=$work/run-$RANDOM
   cat <<TOML > "$dir.toml"
@@ -47,8 +55,8 @@ global_batch = $4
 micro_batch = $4
 lr = $5
 schedule = "constant"
-weight_decay = 0.0
-max_grad_norm = 0
+weight_decay = $8
+max_grad_norm = $9
 TOML
   if [ "$mode" = lora ]; then
     printf '[lora]\nr = %s\nalpha = %s\ntargets = %s\n' "$6" "$7" "$all_linear" >> "$dir.toml"
@@ -56,9 +64,10 @@ TOML
   echo "$dir"
 }
 
-# ours JOB_DIR → median step seconds over steps 2..
+# ours JOB_DIR [BINARY] → median step seconds over steps 2..
 ours() {
-  RUST_LOG=warn RAYON_NUM_THREADS=2 target/release/launch train "$1.toml" > /dev/null
+  rm -rf "$1"
+  RUST_LOG=warn RAYON_NUM_THREADS=2 "${2:-$launch}" train "$1.toml" > /dev/null
   python3 - "$1/events.jsonl" <<'PY'
 import json, statistics, sys
 steps = [e for e in map(json.loads, open(sys.argv[1])) if e["event"] == "step"][1:]
@@ -72,7 +81,7 @@ for model in $models; do
   case $model in
     quickstart)
       lr=2e-3; [ "$mode" = full ] && lr=1e-3
-      dir=$(job assets/quickstart/model assets/quickstart/data/train.jsonl 512 8 $lr 8 16)
+      dir=$(job assets/quickstart/model assets/quickstart/data/train.jsonl 512 8 $lr 8 16 0.0 0)
       full_flag=""; [ "$mode" = full ] && full_flag="--full"
       theirs() {
         "$py" tools/quickstart/bench_transformers.py --steps "$steps" --batch 8 --threads 2 \
@@ -82,7 +91,8 @@ for model in $models; do
     wide)
       "$py" tools/bench/make_bench_model.py --shape cpu-wide --out "$work/wide" --seq 256 \
         --samples 64 > /dev/null
-      dir=$(job "$work/wide" "$work/wide/train.jsonl" 256 4 1e-4 16 32)
+      # gpu_torch.py's optimizer: weight decay 0.01, gradients clipped to norm 1.
+      dir=$(job "$work/wide" "$work/wide/train.jsonl" 256 4 1e-4 16 32 0.01 1.0)
       theirs() {
         OMP_NUM_THREADS=2 "$py" tools/bench/gpu_torch.py --model "$work/wide" \
           --data "$work/wide/train.jsonl" --seq 256 --micro-batch 4 --steps "$steps" \
@@ -92,12 +102,17 @@ for model in $models; do
     *) echo "unknown model $model" >&2; exit 2 ;;
   esac
   for i in $(seq "$pairs"); do
-    rm -rf "$dir"
     a=$(ours "$dir")
     b=$(theirs)
     echo "$model $a $b" >> "$results"
-    printf '%s pair %d: tidemill %.1f ms, transformers %.1f ms\n' "$model" "$i" \
+    printf '%s round %d: tidemill %.1f ms, transformers %.1f ms' "$model" "$i" \
       "$(python3 -c "print($a*1000)")" "$(python3 -c "print($b*1000)")" >&2
+    if [ -n "$baseline" ]; then
+      c=$(ours "$dir" "$baseline")
+      echo "$model-baseline $c $b" >> "$results"
+      printf ', baseline %.1f ms' "$(python3 -c "print($c*1000)")" >&2
+    fi
+    echo >&2
   done
 done
 python3 - "$results" "$mode" "$dtype" "$pairs" <<'PY'
