@@ -242,8 +242,8 @@ fn probe() -> Result<()> {
     println!("{json}");
     match found.missing() {
         Some(message) => Err(crate::error::Error::Config {
-            file: "job.device".into(),
-            message: format!("cuda: {message}"),
+            file: "this host".into(),
+            message: format!("the GPU path cannot run here: {message}"),
         }),
         None => Ok(()),
     }
@@ -254,7 +254,7 @@ fn probe() -> Result<()> {
 fn probe() -> Result<()> {
     println!("{}", serde_json::json!({"cuda": false}));
     Err(crate::error::Error::Config {
-        file: "launch probe".into(),
+        file: "this build".into(),
         message: crate::config::Device::Cuda
             .check()
             .err()

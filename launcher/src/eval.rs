@@ -19,13 +19,7 @@ pub struct EvalReport {
 
 /// Evaluate on the backend `job.device` names.
 pub fn run(cfg: &JobConfig, adapter: Option<&Path>) -> Result<EvalReport> {
-    cfg.job
-        .device
-        .ready()
-        .map_err(|message| crate::error::Error::Config {
-            file: "job.device".into(),
-            message,
-        })?;
+    cfg.job.device.ready()?;
     match cfg.job.device {
         Device::Cpu => run_on::<trainer::backend::Cpu>(cfg, adapter, &Default::default()),
         #[cfg(feature = "cuda")]

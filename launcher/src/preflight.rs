@@ -16,13 +16,7 @@ use crate::setup;
 
 /// Check `cfg`'s files for `launch train`.
 pub fn check(cfg: &JobConfig) -> Result<()> {
-    cfg.job
-        .device
-        .ready()
-        .map_err(|message| crate::error::Error::Config {
-            file: "job.device".into(),
-            message,
-        })?;
+    cfg.job.device.ready()?;
     let model = check_model(cfg)?;
     let train = setup::required_file("data.train", cfg.data.train.as_deref(), "train")?;
     let mut files = vec![("data.train", train)];

@@ -91,10 +91,7 @@ fn run_rank(cfg: &JobConfig, decided: &Decided, ctx: &RankContext, report: &Repo
         ctx,
         report,
     };
-    cfg.job.device.ready().map_err(|message| Error::Config {
-        file: "job.device".into(),
-        message,
-    })?;
+    cfg.job.device.ready()?;
     match cfg.job.device {
         Device::Cpu => run_on::<trainer::backend::Cpu>(&job, &Default::default()),
         #[cfg(feature = "cuda")]

@@ -135,7 +135,7 @@ fn loss_and_grad<B: TrainBackend>(
     let mut grads = Vec::with_capacity(n.div_ceil(rows));
     for start in (0..n).step_by(rows) {
         let end = (start + rows).min(n);
-        let z = leaf(whole.clone().slice([start..end]));
+        let z = leaf(whole.clone().slice(start..end));
         let l = model.loss_rows(z.clone(), &targets[start..end], denominator);
         let value = l.clone().inner();
         let g = l.backward();

@@ -33,7 +33,7 @@ pub fn chunked<B: Backend>(
     let mut total: Option<Tensor<B, 1>> = None;
     for start in (0..n).step_by(rows.max(1)) {
         let end = (start + rows).min(n);
-        let part = loss(logits.clone().slice([start..end]), &targets[start..end]);
+        let part = loss(logits.clone().slice(start..end), &targets[start..end]);
         total = Some(match total {
             Some(t) => t + part,
             None => part,

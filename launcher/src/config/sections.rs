@@ -30,14 +30,19 @@ impl Device {
 
     /// Get this process ready to compute on the device: on CUDA, check the driver, the
     /// CUDA headers and NVRTC are there (naming what is missing) and keep compiled kernels
-    /// on disk (`trainer::backend::cuda_setup`). Before the device's first use.
-    pub fn ready(self) -> Result<(), String> {
-        self.check()?;
+    /// on disk (`trainer::backend::cuda_setup`). Before the device's first use; what is
+    /// missing is an input error (exit 2), not a crash to retry.
+    pub fn ready(self) -> crate::error::Result<()> {
+        let refuse = |file: &str, message: String| crate::error::Error::Config {
+            file: file.into(),
+            message,
+        };
+        self.check().map_err(|m| refuse("this build", m))?;
         match self {
             Device::Cpu => Ok(()),
             #[cfg(feature = "cuda")]
             Device::Cuda => trainer::backend::cuda_setup(&trainer::backend::kernel_cache_dir())
-                .map_err(|why| format!("job.device = \"cuda\": {why}")),
+                .map_err(|why| refuse("this host", format!("job.device = \"cuda\": {why}"))),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => Ok(()),
         }

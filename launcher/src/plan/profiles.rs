@@ -120,12 +120,7 @@ pub fn calibrate(workers: usize) -> Result<Hardware> {
 pub fn calibrate_cuda() -> Result<Hardware> {
     use burn::tensor::{Distribution, FloatDType, Tensor};
     type B = trainer::backend::Cuda;
-    crate::config::Device::Cuda
-        .ready()
-        .map_err(|message| Error::Config {
-            file: "--device".into(),
-            message,
-        })?;
+    crate::config::Device::Cuda.ready()?;
     let probe = trainer::backend::CudaProbe::run();
     let device = burn::backend::cuda::CudaDevice::new(0);
     let rate = |dtype: FloatDType| {
