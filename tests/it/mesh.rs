@@ -56,7 +56,22 @@ const LAYOUTS: &[(&str, usize, &[&str], bool)] = &[
         &["parallel.ep=2", "parallel.tp=2", SP],
         true,
     ),
+    // Activation recomputation, against one process without it.
+    (
+        "tp2×pp2 + SP + recompute",
+        4,
+        &["parallel.tp=2", "parallel.pp=2", SP, RECOMPUTE],
+        false,
+    ),
+    (
+        "ep2×tp2 + SP + recompute",
+        4,
+        &["parallel.ep=2", "parallel.tp=2", SP, RECOMPUTE],
+        true,
+    ),
 ];
+
+const RECOMPUTE: &str = "training.recompute=true";
 
 const SP: &str = "parallel.sequence_parallel=true";
 
@@ -219,6 +234,11 @@ fn interleaved_and_deeper_pipelines_give_the_results_of_one_process() {
         ),
         ("pp3 × 2 virtual", 3, &["parallel.pp=3", INTERLEAVED]),
         ("pp3 1F1B", 3, &["parallel.pp=3"]),
+        (
+            "pp2 × 2 virtual + recompute",
+            2,
+            &["parallel.pp=2", INTERLEAVED, RECOMPUTE],
+        ),
         ("dp2×pp2 × 2 virtual", 4, &["parallel.pp=2", INTERLEAVED]),
         (
             "tp2×pp2 × 2 virtual + SP",

@@ -64,47 +64,109 @@ fn run<B: TrainBackend>(
         return (loss, GradientsParams::from_grads(grads, model));
     }
     let ctx = model.context(&inputs, true);
-    let layers = model.chunk_layers(0);
-    // The first pass, without a graph: the input of every layer and of the head.
-    let inner = model.valid();
-    let inner_ctx = inner.context(&inputs, true);
-    let mut saved = vec![inner.embed(inputs.tokens, inner_ctx.tp.as_ref())];
-    for i in layers.clone() {
-        let x = saved.last().expect("the embedding is saved").clone();
-        saved.push(inner.layer_forward(i, x, &inner_ctx, &inputs));
-    }
-    drop(inner_ctx);
     let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
-    // The head and the loss, then each layer from the last, each from its saved input.
-    let x = leaf(saved.pop().expect("the head's input is saved"));
+    let pass = Recomputed::forward(model, 0, None, &inputs);
+    // The head and the loss from the last layer's output, then the layers from the last.
+    let x = leaf(pass.output.clone());
     let logits = model.head(x.clone(), &ctx);
     let (loss, dlogits) = loss_and_grad(model, &logits, &batch.targets, denominator, chunk);
-    let mut g = backward(model, &mut acc, &x, logits * dlogits);
-    for i in layers.rev() {
-        let x = leaf(saved.pop().expect("each layer's input is saved"));
-        let y = model.layer_forward(i, x.clone(), &ctx, &inputs);
-        g = backward(model, &mut acc, &x, y * Tensor::from_inner(g));
-    }
-    if model
-        .embed_tokens
-        .as_ref()
-        .is_some_and(|e: &Param<Tensor<B, 2>>| e.val().is_require_grad())
-    {
-        let e = model.embed(inputs.tokens, ctx.tp.as_ref());
-        let grads = (e * Tensor::from_inner(g)).sum().backward();
-        acc.accumulate(model, GradientsParams::from_grads(grads, model));
-    }
+    let g = backward(model, &mut acc, &x, logits * dlogits);
+    pass.backward(model, &ctx, &inputs, g, &mut acc);
     (loss, acc.grads())
 }
 
+/// A chunk of layers run once without a graph, keeping only each layer's input, to be run
+/// again one layer at a time in its backward pass (Megatron's full recomputation).
+pub(crate) struct Recomputed<B: TrainBackend> {
+    chunk: usize,
+    /// The input of each of the chunk's layers, in order (the first is the chunk's input).
+    saved: Vec<Tensor<Inner<B>, 2>>,
+    /// Whether the chunk starts from the token embeddings (the first virtual stage).
+    embedded: bool,
+    /// The chunk's output: the last layer's, before the final norm.
+    pub output: Tensor<Inner<B>, 2>,
+}
+
+impl<B: TrainBackend> Recomputed<B> {
+    /// Whether the chunk started from the token embeddings (else from received states).
+    pub fn embedded(&self) -> bool {
+        self.embedded
+    }
+
+    /// Run `chunk` of `model` on `input` (the previous stage's hidden states) or, without
+    /// one, on the token embeddings.
+    pub fn forward(
+        model: &CausalLm<B>,
+        chunk: usize,
+        input: Option<Tensor<Inner<B>, 2>>,
+        inputs: &crate::model::Inputs<'_>,
+    ) -> Self {
+        let inner = model.valid();
+        let ctx = inner.context(inputs, true);
+        let embedded = input.is_none();
+        let mut x = input.unwrap_or_else(|| inner.embed(inputs.tokens, ctx.tp.as_ref()));
+        let mut saved = Vec::new();
+        for i in model.chunk_layers(chunk) {
+            saved.push(x.clone());
+            x = inner.layer_forward(i, x, &ctx, inputs);
+        }
+        Self {
+            chunk,
+            saved,
+            embedded,
+            output: x,
+        }
+    }
+
+    /// Backward from `g`, the gradient of the output: each layer rebuilt from its saved
+    /// input and run back, then the embedding's lookup when the chunk started from it;
+    /// parameter gradients go to `acc`. Returns the gradient of the chunk's input.
+    pub fn backward(
+        mut self,
+        model: &CausalLm<B>,
+        ctx: &crate::model::decoder::ForwardContext<B>,
+        inputs: &crate::model::Inputs<'_>,
+        mut g: Tensor<Inner<B>, 2>,
+        acc: &mut GradientsAccumulator<CausalLm<B>>,
+    ) -> Tensor<Inner<B>, 2> {
+        for i in model.chunk_layers(self.chunk).rev() {
+            let x = leaf(self.saved.pop().expect("each layer's input is saved"));
+            let y = model.layer_forward(i, x.clone(), ctx, inputs);
+            g = backward(model, acc, &x, y * Tensor::from_inner(g.clone()));
+        }
+        let trainable_embedding = model
+            .embed_tokens
+            .as_ref()
+            .is_some_and(|e: &Param<Tensor<B, 2>>| e.val().is_require_grad());
+        if self.embedded && trainable_embedding {
+            let e = model.embed(inputs.tokens, ctx.tp.as_ref());
+            let grads = (e * Tensor::from_inner(g.clone())).sum().backward();
+            acc.accumulate(model, GradientsParams::from_grads(grads, model));
+        }
+        g
+    }
+}
+
+/// `seed` and `value` hashed together (splitmix64's finaliser over their combination), so
+/// that seeds made of different (step, rank, micro-batch) never coincide by arithmetic.
+pub(crate) fn mix(seed: u64, value: u64) -> u64 {
+    let mut z = seed
+        ^ value
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// A saved activation as a leaf of a new graph.
-fn leaf<B: TrainBackend>(x: Tensor<Inner<B>, 2>) -> Tensor<B, 2> {
+pub(crate) fn leaf<B: TrainBackend>(x: Tensor<Inner<B>, 2>) -> Tensor<B, 2> {
     Tensor::from_inner(x).require_grad()
 }
 
 /// Backward from `weighted` (an output times its upstream gradient), its parameter
 /// gradients added to `acc`: the gradient of the leaf `x`.
-fn backward<B: TrainBackend>(
+pub(crate) fn backward<B: TrainBackend>(
     model: &CausalLm<B>,
     acc: &mut GradientsAccumulator<CausalLm<B>>,
     x: &Tensor<B, 2>,

@@ -360,11 +360,6 @@ impl<B: TrainBackend> TrainerBuilder<B> {
         }
         // After the cuts, which copy weights through the host as f32.
         model = crate::model::set_precision(model, self.precision)?;
-        if options.recompute && layout.pp > 1 {
-            return Err(invalid(
-                "training.recompute: not supported with pipeline parallelism yet (pp > 1)".into(),
-            ));
-        }
         if mesh.data.size() > 1 {
             // Dense weights are replicated over dp × ep; each expert over dp only.
             parts.dp = Some(

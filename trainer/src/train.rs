@@ -15,6 +15,7 @@ use parallel::dp::{params_by_path, DataParallel, ParamInfo};
 use parallel::runtime::{Phase, Report, StepReport};
 use parallel::{Collectives, Mesh, ReduceOp};
 
+use crate::backprop::mix;
 use crate::collective::TrainBackend;
 use crate::data::{collate, Batch, Epochs, Row};
 use crate::error::{Error, Result};
@@ -312,7 +313,9 @@ impl<B: TrainBackend> Trainer<B> {
     ) -> Result<(f64, f64, GradientsParams)> {
         let (loss, mut grads) = match &self.parts.pipeline {
             Some(p) => {
-                let (loss, grads) = p.forward_backward(model, batches, denominator)?;
+                let seed = mix(mix(self.opts.seed, self.step), self.mesh.data.rank() as u64);
+                let how = (self.opts.recompute, seed);
+                let (loss, grads) = p.forward_backward(model, batches, denominator, how)?;
                 (Loss::<B>::Host(loss), grads)
             }
             None => {
@@ -473,18 +476,6 @@ fn accumulate<B: TrainBackend>(
     }
     let loss_sum = loss_sum.unwrap_or_else(|| Tensor::zeros([1], &model.device()));
     Ok((loss_sum, accumulated.grads()))
-}
-
-/// `seed` and `value` hashed together (splitmix64's finaliser over their combination), so
-/// that seeds made of different (step, rank, micro-batch) never coincide by arithmetic.
-fn mix(seed: u64, value: u64) -> u64 {
-    let mut z = seed
-        ^ value
-            .wrapping_add(0x9E37_79B9_7F4A_7C15)
-            .wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// A step's loss: read already (a pipeline's), or still on the device.

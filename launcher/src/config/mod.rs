@@ -118,13 +118,6 @@ impl JobConfig {
         }
         self.launch.validate()?;
         self.parallel.validate()?;
-        if self.training.recompute && self.parallel.pp > 1 {
-            return Err(
-                "training.recompute: not supported with pipeline parallelism yet \
-                        (parallel.pp > 1); turn one off"
-                    .into(),
-            );
-        }
         if self.data.max_seq_len < 2 {
             return Err("data.max_seq_len: must be at least 2".into());
         }
@@ -236,14 +229,12 @@ mod tests {
     /// A string-typed choice that is not one of its values: the error names the key and
     /// lists what it may be.
     #[test]
-    fn precision_and_recompute_refusals_name_the_key() {
+    fn precision_refusal_names_the_key() {
         assert!(parse(MIN, &["model.dtype=bf16", "training.recompute=true"]).is_ok());
         let err = parse(MIN, &["model.dtype=f16"]).unwrap_err();
         assert!(err.to_string().contains("model.dtype") && err.to_string().contains("bf16"));
         assert_eq!(err.exit_code(), 2);
-        let err = parse(MIN, &["training.recompute=true", "parallel.pp=2"]).unwrap_err();
-        assert!(err.to_string().contains("training.recompute"), "{err}");
-        assert_eq!(err.exit_code(), 2);
+        assert!(parse(MIN, &["training.recompute=true", "parallel.pp=2"]).is_ok());
     }
 
     #[test]

@@ -284,18 +284,6 @@ impl PlanArgs {
         if let Some(r) = self.recompute {
             space.recompute = Some(r);
         }
-        // For a job tidemill trains: it recomputes only without pipeline stages.
-        if cfg.is_some() && space.recompute == Some(true) {
-            match space.pp {
-                Some(pp) if pp > 1 => {
-                    return Err(usage(
-                        "--recompute",
-                        "tidemill recomputes activations only without pipeline stages (pp 1)",
-                    ))
-                }
-                _ => space.pp = Some(1),
-            }
-        }
         Ok(space)
     }
 }

@@ -85,20 +85,18 @@ pub fn job_hardware(cfg: &JobConfig, file: &std::path::Path) -> Result<Hardware>
 
 /// The choices a job file pins under `strategy = "auto"`: dp, micro_batch and
 /// virtual_stages when given, tp/pp/ep when not 1, ZeRO-1 when on, and activation
-/// recomputation as `training.recompute` says (the trainer recomputes only without
-/// pipeline stages, so with it on the search keeps pp at 1).
+/// recomputation as `training.recompute` says.
 pub fn pinned(p: &ParallelOptions, recompute: bool) -> Space {
     let not_one = |v: usize| (v != 1).then_some(v);
     Space {
         dp: p.dp,
         tp: not_one(p.tp),
-        pp: if recompute { Some(1) } else { not_one(p.pp) },
+        pp: not_one(p.pp),
         ep: not_one(p.ep),
         micro_batch: p.micro_batch,
         virtual_stages: p.virtual_stages,
         zero1: p.zero1.then_some(true),
         recompute: Some(recompute),
-        no_recompute: false,
     }
 }
 

@@ -21,8 +21,6 @@ pub struct Space {
     pub virtual_stages: Option<usize>,
     pub zero1: Option<bool>,
     pub recompute: Option<bool>,
-    /// The trainer cannot recompute activations: only `recompute = false` is tried.
-    pub no_recompute: bool,
 }
 
 /// A layout or variant the search left out, and why.
@@ -188,10 +186,9 @@ pub fn search(job: &Job, hw: &Hardware, world: usize, space: &Space) -> Plan {
                             .entry(pp * v)
                             .or_insert_with(|| balance(&costs, pp * v))
                             .clone();
-                        let recomputes: &[bool] = match (space.recompute, space.no_recompute) {
-                            (Some(r), _) => &[r][..],
-                            (None, true) => &[false],
-                            (None, false) => &[false, true],
+                        let recomputes: &[bool] = match space.recompute {
+                            Some(r) => &[r][..],
+                            None => &[false, true],
                         };
                         let zero1s: &[bool] = match space.zero1 {
                             Some(z) => &[z][..],

@@ -27,6 +27,7 @@ pub use schedule::PipelineSchedule;
 use schedule::{Pass, Shape, Step, Work};
 pub use stages::{balance, gather_stages, keep_stage, layer_costs};
 
+use crate::backprop::{leaf, mix, Recomputed};
 use crate::collective::{Group, ParallelBackend, TrainBackend};
 use crate::data::{collate, Batch, Row};
 use crate::error::{Error, Result};
@@ -34,7 +35,7 @@ use crate::eval::{inputs, EvalResult};
 use crate::loss::supervised;
 use crate::model::decoder::Stage;
 use crate::model::linear::to_host;
-use crate::model::CausalLm;
+use crate::model::{CausalLm, Inputs};
 
 /// One rank's part in a pipeline.
 pub struct Pipeline {
@@ -115,11 +116,14 @@ impl Pipeline {
     /// Forward and backward of `batches` through the pipeline: the summed loss (non-zero on
     /// the last stage only) and this stage's accumulated gradients, with the tied
     /// embedding's gradient summed over the first and last stage.
+    /// With `recompute`, each chunk runs without a graph and is rebuilt a layer at a time
+    /// in its backward pass; micro-batch `j` draws its dropout from `mix(seed, j)`.
     pub fn forward_backward<B: TrainBackend>(
         &self,
         model: &CausalLm<B>,
         batches: &[Batch],
         denominator: f64,
+        (recompute, seed): (bool, u64),
     ) -> Result<(f64, GradientsParams)> {
         let steps = self.steps(batches.len(), true)?;
         let h = model.config.hidden_size;
@@ -130,7 +134,8 @@ impl Pipeline {
         self.run(&steps, size, |w, received| match w.pass {
             Pass::Forward => {
                 let batch = &batches[w.micro];
-                let f = InFlight::forward(model, w.chunk, batch, received, denominator);
+                let how = (recompute, mix(seed, w.micro as u64));
+                let f = InFlight::forward(model, w.chunk, batch, received, denominator, how);
                 let out = match &f.output {
                     Output::Hidden(y) => Some(values(y.clone())),
                     Output::Loss(loss) => {
@@ -292,13 +297,20 @@ fn out_of_plan(what: &dyn std::fmt::Debug) -> Error {
 /// cleanup after it cannot touch another's. (Sharing the parameter leaves, pp3 with 2
 /// virtual stages came out with a different gradient in about one run of ten: burn's
 /// graph cleanup depends on hash-map order, and its fix, burn PR #5645, came after 0.21.)
-struct InFlight<B: TrainBackend> {
+struct InFlight<'a, B: TrainBackend> {
     /// The stage's parameters as leaves of this micro-batch's graph only.
     model: CausalLm<B>,
-    /// The received activations (a leaf requiring grad), not on the first stage.
+    batch: &'a Batch,
+    /// Where its layers draw dropout from.
+    seed: u64,
+    /// The received activations (a leaf requiring grad), not on the first stage; `None`
+    /// under recomputation, which keeps them in `recomputed`.
     input: Option<Tensor<B, 2>>,
     /// Hidden states for the next stage, or the loss on the last.
     output: Output<B>,
+    /// Under `training.recompute`: the chunk run without a graph, and on the last stage
+    /// the head's input (a leaf the loss's graph starts from).
+    recomputed: Option<(Recomputed<B>, Option<Tensor<B, 2>>)>,
 }
 
 enum Output<B: TrainBackend> {
@@ -306,21 +318,49 @@ enum Output<B: TrainBackend> {
     Loss(Tensor<B, 1>),
 }
 
-impl<B: TrainBackend> InFlight<B> {
+impl<'a, B: TrainBackend> InFlight<'a, B> {
     fn forward(
         model: &CausalLm<B>,
         chunk: usize,
-        batch: &Batch,
+        batch: &'a Batch,
         received: Option<Vec<f32>>,
         denominator: f64,
+        (recompute, seed): (bool, u64),
     ) -> Self {
         let model = own_leaves(model);
         let n = model.local_rows(batch.batch * batch.seq);
         let h = model.config.hidden_size;
-        let input = received.map(|v| {
-            Tensor::<B, 2>::from_data(TensorData::new(v, [n, h]), &model.device()).require_grad()
-        });
-        let out = model.forward_stage(chunk, input.clone(), &inputs(batch), true);
+        let device = model.device();
+        let inputs = Inputs {
+            dropout_seed: Some(seed),
+            ..inputs(batch)
+        };
+        if recompute {
+            let input = received.map(|v| Tensor::from_data(TensorData::new(v, [n, h]), &device));
+            let pass = Recomputed::forward(&model, chunk, input, &inputs);
+            let (output, head) = if model.ends_in_head(chunk) {
+                let x = leaf(pass.output.clone());
+                let logits = model.head(x.clone(), &model.context(&inputs, true));
+                let loss = model.loss_of_logits(logits, &batch.targets, denominator);
+                (Output::Loss(loss), Some(x))
+            } else {
+                (
+                    Output::Hidden(Tensor::from_inner(pass.output.clone())),
+                    None,
+                )
+            };
+            return Self {
+                model,
+                batch,
+                seed,
+                input: None,
+                output,
+                recomputed: Some((pass, head)),
+            };
+        }
+        let input = received
+            .map(|v| Tensor::<B, 2>::from_data(TensorData::new(v, [n, h]), &device).require_grad());
+        let out = model.forward_stage(chunk, input.clone(), &inputs, true);
         let output = if model.ends_in_head(chunk) {
             Output::Loss(model.loss_of_logits(out, &batch.targets, denominator))
         } else {
@@ -328,13 +368,41 @@ impl<B: TrainBackend> InFlight<B> {
         };
         Self {
             model,
+            batch,
+            seed,
             input,
             output,
+            recomputed: None,
         }
     }
 
     /// This stage's parameter gradients and the gradient of its input.
     fn backward(self, g: Option<Vec<f32>>) -> (GradientsParams, Option<Vec<f32>>) {
+        if let Some((pass, head)) = self.recomputed {
+            let inputs = Inputs {
+                dropout_seed: Some(self.seed),
+                ..inputs(self.batch)
+            };
+            let ctx = self.model.context(&inputs, true);
+            let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
+            let g = match (self.output, head) {
+                (Output::Loss(loss), Some(x)) => {
+                    let grads = loss.backward();
+                    let g = x.grad(&grads);
+                    acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
+                    g.unwrap_or_else(|| Tensor::<B, 2>::zeros(x.dims(), &x.device()).inner())
+                }
+                (out, _) => {
+                    let dims = pass.output.dims();
+                    let g = g.unwrap_or_else(|| vec![0.0; dims[0] * dims[1]]);
+                    drop(out);
+                    Tensor::from_data(TensorData::new(g, dims), &self.model.device())
+                }
+            };
+            let received = !pass.embedded();
+            let dx = pass.backward(&self.model, &ctx, &inputs, g, &mut acc);
+            return (acc.grads(), received.then(|| values(dx)));
+        }
         let grads = match self.output {
             Output::Loss(loss) => loss.backward(),
             Output::Hidden(y) => {
