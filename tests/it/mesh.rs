@@ -56,7 +56,8 @@ const LAYOUTS: &[(&str, usize, &[&str], bool)] = &[
         &["parallel.ep=2", "parallel.tp=2", SP],
         true,
     ),
-    // Activation recomputation, against one process without it.
+    // Activation recomputation, against one process without it: through pipeline stages,
+    // and (no pipeline) through expert and tensor parallelism.
     (
         "tp2×pp2 + SP + recompute",
         4,

@@ -41,8 +41,7 @@ pub fn cuda_memory_total(ordinal: usize) -> Option<u64> {
 /// headers NVRTC compiles the kernels against (cubecl looks in `$CUDA_PATH`,
 /// `/usr/local/cuda`, `/opt/cuda`, then `/usr` when `/usr/bin/nvcc` exists), the driver
 /// library and its GPUs, NVRTC, and NCCL (for more than one GPU rank).
-#[cfg(feature = "cuda")]
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct CudaProbe {
     /// The CUDA directory whose `include/cuda_runtime.h` the kernels will include.
     pub cuda_path: Option<std::path::PathBuf>,
@@ -56,9 +55,9 @@ pub struct CudaProbe {
     pub nvrtc_names: Vec<String>,
 }
 
-#[cfg(feature = "cuda")]
 impl CudaProbe {
     /// Look (loading the libraries to see that they load, nothing more).
+    #[cfg(feature = "cuda")]
     pub fn run() -> Self {
         let cuda_path = cubecl::cuda::install::cuda_path();
         let headers = cuda_path
@@ -199,4 +198,41 @@ pub fn kernel_cache_dir() -> std::path::PathBuf {
     }
     let home = env("HOME").map_or_else(std::env::temp_dir, std::path::PathBuf::from);
     home.join(".cache/tidemill")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CudaProbe;
+
+    #[test]
+    fn a_probe_names_each_missing_piece_and_what_to_do() {
+        let ready = CudaProbe {
+            cuda_path: Some("/usr/local/cuda".into()),
+            headers: true,
+            driver: true,
+            devices: Some(1),
+            nvrtc: true,
+            nccl: false,
+            nvrtc_names: vec!["libnvrtc.so.13".into()],
+        };
+        assert_eq!(ready.missing(), None, "NCCL is not needed for one GPU rank");
+        let bare = CudaProbe {
+            nvrtc_names: vec!["libnvrtc.so.13".into()],
+            ..CudaProbe::default()
+        };
+        let why = bare.missing().expect("nothing is there");
+        for part in [
+            "libcuda.so.1",
+            "cuda_runtime.h",
+            "CUDA_PATH",
+            "libnvrtc.so.13",
+        ] {
+            assert!(why.contains(part), "{part} missing from: {why}");
+        }
+        let no_gpu = CudaProbe {
+            devices: Some(0),
+            ..ready
+        };
+        assert!(no_gpu.missing().expect("no GPU").contains("sees no GPU"));
+    }
 }

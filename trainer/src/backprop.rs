@@ -83,8 +83,9 @@ pub(crate) struct Recomputed<B: TrainBackend> {
     saved: Vec<Tensor<Inner<B>, 2>>,
     /// Whether the chunk starts from the token embeddings (the first virtual stage).
     embedded: bool,
-    /// The chunk's output: the last layer's, before the final norm.
-    pub output: Tensor<Inner<B>, 2>,
+    /// The chunk's output: the last layer's, before the final norm (emptied by the pipeline
+    /// once sent).
+    pub(crate) output: Tensor<Inner<B>, 2>,
 }
 
 impl<B: TrainBackend> Recomputed<B> {
@@ -129,15 +130,25 @@ impl<B: TrainBackend> Recomputed<B> {
         mut g: Tensor<Inner<B>, 2>,
         acc: &mut GradientsAccumulator<CausalLm<B>>,
     ) -> Tensor<Inner<B>, 2> {
-        for i in model.chunk_layers(self.chunk).rev() {
-            let x = leaf(self.saved.pop().expect("each layer's input is saved"));
-            let y = model.layer_forward(i, x.clone(), ctx, inputs);
-            g = backward(model, acc, &x, y * Tensor::from_inner(g.clone()));
-        }
         let trainable_embedding = model
             .embed_tokens
             .as_ref()
             .is_some_and(|e: &Param<Tensor<B, 2>>| e.val().is_require_grad());
+        let layers = model.chunk_layers(self.chunk);
+        let first = layers.start;
+        for i in layers.rev() {
+            let saved = self.saved.pop().expect("each layer's input is saved");
+            if i == first && self.embedded && !trainable_embedding {
+                // Nothing wants the gradient of a frozen embedding's output.
+                let y = model.layer_forward(i, Tensor::from_inner(saved), ctx, inputs);
+                let grads = (y * Tensor::from_inner(g.clone())).sum().backward();
+                acc.accumulate(model, GradientsParams::from_grads(grads, model));
+                continue;
+            }
+            let x = leaf(saved);
+            let y = model.layer_forward(i, x.clone(), ctx, inputs);
+            g = backward(model, acc, &x, y * Tensor::from_inner(g.clone()));
+        }
         if self.embedded && trainable_embedding {
             let e = model.embed(inputs.tokens, ctx.tp.as_ref());
             let grads = (e * Tensor::from_inner(g.clone())).sum().backward();
@@ -183,7 +194,7 @@ pub(crate) fn backward<B: TrainBackend>(
 /// The loss of `logits` (detached, on the device) and its gradient with respect to them,
 /// in their dtype: computed a chunk of rows at a time, each chunk's f32 softmax freed
 /// before the next.
-fn loss_and_grad<B: TrainBackend>(
+pub(crate) fn loss_and_grad<B: TrainBackend>(
     model: &CausalLm<B>,
     logits: &Tensor<B, 2>,
     targets: &[i64],
@@ -263,8 +274,13 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
+    /// burn's random state is one per process: tests that seed it (training passes seed
+    /// every layer) take turns.
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn recompute_and_chunked_loss_give_the_plain_gradients() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         let model = model();
         let batch = batch();
         // The plain way: one graph, the whole loss at once.
@@ -289,6 +305,50 @@ mod tests {
             );
             let d = max_diff(&values(&model, &grads), &plain_grads);
             assert!(d < 1e-6, "{recompute} {chunk:?}: gradients differ by {d}");
+        }
+    }
+
+    #[test]
+    fn a_recomputed_layer_draws_the_dropout_it_drew_the_first_time() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let spec = crate::LoraSpec {
+            dropout: 0.3,
+            targets: crate::lora::TARGETS.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        };
+        let model = crate::lora::add_lora(model(), &spec, 5).expect("adapters");
+        // B starts at 0: one optimizer-free nudge so the adapters matter.
+        let model = burn::module::Module::map(model, &mut Nudge);
+        let batch = batch();
+        let (plain_loss, plain) = run(&model, &batch, 9.0, false, 11, Some(5));
+        let (loss, grads) = run(&model, &batch, 9.0, true, 11, Some(5));
+        let (a, b) = (
+            plain_loss.into_scalar().elem::<f64>(),
+            loss.into_scalar().elem::<f64>(),
+        );
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        let d = max_diff(&values(&model, &grads), &values(&model, &plain));
+        assert!(d < 1e-6, "gradients differ by {d}");
+        // And the dropout is drawn: another seed gives another loss.
+        let (other, _) = run(&model, &batch, 9.0, true, 12, Some(5));
+        assert!((other.into_scalar().elem::<f64>() - b).abs() > 1e-6);
+    }
+
+    /// Adds 0.01 to every trainable parameter.
+    struct Nudge;
+
+    impl burn::module::ModuleMapper<CpuTrain> for Nudge {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<CpuTrain, D>>,
+        ) -> burn::module::Param<Tensor<CpuTrain, D>> {
+            param.map(|t| {
+                if t.is_require_grad() {
+                    Tensor::from_inner(t.inner().add_scalar(0.01)).require_grad()
+                } else {
+                    t
+                }
+            })
         }
     }
 

@@ -311,17 +311,17 @@ impl<B: TrainBackend> Trainer<B> {
         batches: &[Batch],
         denominator: f64,
     ) -> Result<(f64, f64, GradientsParams)> {
+        // This rank's draws for the step (its micro-batches' dropout).
+        let seed = mix(mix(self.opts.seed, self.step), self.mesh.data.rank() as u64);
         let (loss, mut grads) = match &self.parts.pipeline {
             Some(p) => {
-                let seed = mix(mix(self.opts.seed, self.step), self.mesh.data.rank() as u64);
                 let how = (self.opts.recompute, seed);
                 let (loss, grads) = p.forward_backward(model, batches, denominator, how)?;
                 (Loss::<B>::Host(loss), grads)
             }
             None => {
-                let micro = mix(mix(self.opts.seed, self.step), self.mesh.data.rank() as u64);
                 let (loss, grads) =
-                    accumulate(model, batches, denominator, self.opts.recompute, micro)?;
+                    accumulate(model, batches, denominator, self.opts.recompute, seed)?;
                 (Loss::Device(loss), grads)
             }
         };

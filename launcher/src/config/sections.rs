@@ -42,7 +42,7 @@ impl Device {
             Device::Cpu => Ok(()),
             #[cfg(feature = "cuda")]
             Device::Cuda => trainer::backend::cuda_setup(&trainer::backend::kernel_cache_dir())
-                .map_err(|why| refuse("this host", format!("job.device = \"cuda\": {why}"))),
+                .map_err(|why| refuse("this host", format!("the GPU path cannot run here: {why}"))),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => Ok(()),
         }

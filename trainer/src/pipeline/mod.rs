@@ -10,7 +10,10 @@
 //! of the same step run at once (`send_recv`), as Megatron batches them, so neither
 //! neighbour waits on the other. A chunk's backward is `(y · g).sum().backward()` with `g`
 //! the received gradient; its input is a fresh leaf requiring grad, whose gradient is what
-//! goes upstream.
+//! goes upstream. With `training.recompute` a chunk runs without a graph and is rebuilt
+//! layer by layer in its backward ([`crate::backprop::Recomputed`]); the last stage takes
+//! the loss and its gradient with respect to the logits at forward time, a chunk of rows
+//! at a time.
 
 pub mod schedule;
 pub mod stages;
@@ -27,7 +30,7 @@ pub use schedule::PipelineSchedule;
 use schedule::{Pass, Shape, Step, Work};
 pub use stages::{balance, gather_stages, keep_stage, layer_costs};
 
-use crate::backprop::{leaf, mix, Recomputed};
+use crate::backprop::{backward, leaf, loss_and_grad, mix, Recomputed};
 use crate::collective::{Group, ParallelBackend, TrainBackend};
 use crate::data::{collate, Batch, Row};
 use crate::error::{Error, Result};
@@ -135,14 +138,9 @@ impl Pipeline {
             Pass::Forward => {
                 let batch = &batches[w.micro];
                 let how = (recompute, mix(seed, w.micro as u64));
-                let f = InFlight::forward(model, w.chunk, batch, received, denominator, how);
-                let out = match &f.output {
-                    Output::Hidden(y) => Some(values(y.clone())),
-                    Output::Loss(loss) => {
-                        loss_sum += loss.clone().into_scalar().elem::<f64>();
-                        None
-                    }
-                };
+                let mut f = InFlight::forward(model, w.chunk, batch, received, denominator, how);
+                loss_sum += f.loss();
+                let out = f.send();
                 flight.insert((w.chunk, w.micro), f);
                 Ok(out)
             }
@@ -314,8 +312,17 @@ struct InFlight<'a, B: TrainBackend> {
 }
 
 enum Output<B: TrainBackend> {
+    /// Hidden states for the next stage (graph mode: the chunk's graph hangs off them).
     Hidden(Tensor<B, 2>),
-    Loss(Tensor<B, 1>),
+    /// Sent already, under recomputation: only their shape is needed again.
+    Sent([usize; 2]),
+    /// On the last stage: the loss (its value), the logits and their gradient, which the
+    /// loss was taken for chunk by chunk at forward time (never all the logits in f32).
+    Loss {
+        value: f64,
+        logits: Tensor<B, 2>,
+        dlogits: Tensor<B, 2>,
+    },
 }
 
 impl<'a, B: TrainBackend> InFlight<'a, B> {
@@ -335,14 +342,22 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
             dropout_seed: Some(seed),
             ..inputs(batch)
         };
+        let loss = |logits: Tensor<B, 2>| {
+            let (value, dlogits) =
+                loss_and_grad(&model, &logits, &batch.targets, denominator, None);
+            Output::Loss {
+                value: value.into_scalar().elem::<f64>(),
+                logits,
+                dlogits,
+            }
+        };
         if recompute {
             let input = received.map(|v| Tensor::from_data(TensorData::new(v, [n, h]), &device));
             let pass = Recomputed::forward(&model, chunk, input, &inputs);
             let (output, head) = if model.ends_in_head(chunk) {
                 let x = leaf(pass.output.clone());
                 let logits = model.head(x.clone(), &model.context(&inputs, true));
-                let loss = model.loss_of_logits(logits, &batch.targets, denominator);
-                (Output::Loss(loss), Some(x))
+                (loss(logits), Some(x))
             } else {
                 (
                     Output::Hidden(Tensor::from_inner(pass.output.clone())),
@@ -362,7 +377,7 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
             .map(|v| Tensor::<B, 2>::from_data(TensorData::new(v, [n, h]), &device).require_grad());
         let out = model.forward_stage(chunk, input.clone(), &inputs, true);
         let output = if model.ends_in_head(chunk) {
-            Output::Loss(model.loss_of_logits(out, &batch.targets, denominator))
+            loss(out)
         } else {
             Output::Hidden(out)
         };
@@ -376,8 +391,34 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
         }
     }
 
+    /// What goes to the next stage (`None` on the last), after which a recomputed chunk
+    /// keeps only the shape of its output.
+    fn send(&mut self) -> Option<Vec<f32>> {
+        let Output::Hidden(y) = &self.output else {
+            return None;
+        };
+        let out = values(y.clone());
+        if let Some((pass, _)) = &mut self.recomputed {
+            self.output = Output::Sent(y.dims());
+            pass.output = Tensor::empty([0, 0], &pass.output.device());
+        }
+        Some(out)
+    }
+
+    /// The loss this micro-batch added (0 but on the last stage).
+    fn loss(&self) -> f64 {
+        match &self.output {
+            Output::Loss { value, .. } => *value,
+            _ => 0.0,
+        }
+    }
+
     /// This stage's parameter gradients and the gradient of its input.
     fn backward(self, g: Option<Vec<f32>>) -> (GradientsParams, Option<Vec<f32>>) {
+        let upstream = |dims: [usize; 2], device: &B::Device| {
+            let g = g.unwrap_or_else(|| vec![0.0; dims[0] * dims[1]]);
+            Tensor::<B, 2>::from_data(TensorData::new(g, dims), device)
+        };
         if let Some((pass, head)) = self.recomputed {
             let inputs = Inputs {
                 dropout_seed: Some(self.seed),
@@ -386,31 +427,28 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
             let ctx = self.model.context(&inputs, true);
             let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
             let g = match (self.output, head) {
-                (Output::Loss(loss), Some(x)) => {
-                    let grads = loss.backward();
-                    let g = x.grad(&grads);
-                    acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
-                    g.unwrap_or_else(|| Tensor::<B, 2>::zeros(x.dims(), &x.device()).inner())
-                }
-                (out, _) => {
-                    let dims = pass.output.dims();
-                    let g = g.unwrap_or_else(|| vec![0.0; dims[0] * dims[1]]);
-                    drop(out);
-                    Tensor::from_data(TensorData::new(g, dims), &self.model.device())
-                }
+                (
+                    Output::Loss {
+                        logits, dlogits, ..
+                    },
+                    Some(x),
+                ) => backward(&self.model, &mut acc, &x, logits * dlogits),
+                (Output::Sent(dims), None) => upstream(dims, &self.model.device()).inner(),
+                _ => unreachable!("a recomputed chunk ends in the loss or has sent its output"),
             };
             let received = !pass.embedded();
             let dx = pass.backward(&self.model, &ctx, &inputs, g, &mut acc);
             return (acc.grads(), received.then(|| values(dx)));
         }
         let grads = match self.output {
-            Output::Loss(loss) => loss.backward(),
+            Output::Loss {
+                logits, dlogits, ..
+            } => (logits * dlogits).sum().backward(),
             Output::Hidden(y) => {
-                let dims = y.dims();
-                let g = g.unwrap_or_else(|| vec![0.0; dims[0] * dims[1]]);
-                let g = Tensor::<B, 2>::from_data(TensorData::new(g, dims), &y.device());
+                let g = upstream(y.dims(), &y.device());
                 (y * g).sum().backward()
             }
+            Output::Sent(_) => unreachable!("only a recomputed chunk drops its output"),
         };
         // A stage whose output does not depend on its input still answers with zeros, so
         // the stage before it is not left waiting.
