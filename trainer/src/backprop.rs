@@ -65,9 +65,9 @@ fn run<B: TrainBackend>(
     }
     let ctx = model.context(&inputs, true);
     let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
-    let pass = Recomputed::forward(model, 0, None, &inputs);
+    let (pass, output) = Recomputed::forward(model, 0, None, &inputs);
     // The head and the loss from the last layer's output, then the layers from the last.
-    let x = leaf(pass.output.clone());
+    let x = leaf(output);
     let logits = model.head(x.clone(), &ctx);
     let (loss, dlogits) = loss_and_grad(model, &logits, &batch.targets, denominator, chunk);
     let g = backward(model, &mut acc, &x, logits * dlogits);
@@ -83,9 +83,6 @@ pub(crate) struct Recomputed<B: TrainBackend> {
     saved: Vec<Tensor<Inner<B>, 2>>,
     /// Whether the chunk starts from the token embeddings (the first virtual stage).
     embedded: bool,
-    /// The chunk's output: the last layer's, before the final norm (emptied by the pipeline
-    /// once sent).
-    pub(crate) output: Tensor<Inner<B>, 2>,
 }
 
 impl<B: TrainBackend> Recomputed<B> {
@@ -95,13 +92,14 @@ impl<B: TrainBackend> Recomputed<B> {
     }
 
     /// Run `chunk` of `model` on `input` (the previous stage's hidden states) or, without
-    /// one, on the token embeddings.
+    /// one, on the token embeddings: the pass to recompute, and the chunk's output (the last
+    /// layer's, before the final norm).
     pub fn forward(
         model: &CausalLm<B>,
         chunk: usize,
         input: Option<Tensor<Inner<B>, 2>>,
         inputs: &crate::model::Inputs<'_>,
-    ) -> Self {
+    ) -> (Self, Tensor<Inner<B>, 2>) {
         let inner = model.valid();
         let ctx = inner.context(inputs, true);
         let embedded = input.is_none();
@@ -111,12 +109,12 @@ impl<B: TrainBackend> Recomputed<B> {
             saved.push(x.clone());
             x = inner.layer_forward(i, x, &ctx, inputs);
         }
-        Self {
+        let pass = Self {
             chunk,
             saved,
             embedded,
-            output: x,
-        }
+        };
+        (pass, x)
     }
 
     /// Backward from `g`, the gradient of the output: each layer rebuilt from its saved

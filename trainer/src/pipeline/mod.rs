@@ -353,16 +353,13 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
         };
         if recompute {
             let input = received.map(|v| Tensor::from_data(TensorData::new(v, [n, h]), &device));
-            let pass = Recomputed::forward(&model, chunk, input, &inputs);
+            let (pass, out) = Recomputed::forward(&model, chunk, input, &inputs);
             let (output, head) = if model.ends_in_head(chunk) {
-                let x = leaf(pass.output.clone());
+                let x = leaf(out);
                 let logits = model.head(x.clone(), &model.context(&inputs, true));
                 (loss(logits), Some(x))
             } else {
-                (
-                    Output::Hidden(Tensor::from_inner(pass.output.clone())),
-                    None,
-                )
+                (Output::Hidden(Tensor::from_inner(out)), None)
             };
             return Self {
                 model,
@@ -398,9 +395,8 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
             return None;
         };
         let out = values(y.clone());
-        if let Some((pass, _)) = &mut self.recomputed {
+        if self.recomputed.is_some() {
             self.output = Output::Sent(y.dims());
-            pass.output = Tensor::empty([0, 0], &pass.output.device());
         }
         Some(out)
     }
