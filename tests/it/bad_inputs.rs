@@ -216,28 +216,14 @@ fn export_refuses_to_replace_a_foreign_directory() {
     std::fs::create_dir_all(&out_dir).expect("mkdir");
     std::fs::write(out_dir.join("notes.txt"), "keep me").expect("write");
     let src = model_dir("llama2");
-    let out = launch(&[
-        "export",
-        src.to_str().expect("utf8"),
-        "--format",
-        "hf",
-        "--out",
-        out_dir.to_str().expect("utf8"),
-    ]);
+    let out = launch_export(&src, "hf", &out_dir, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("notes.txt"), "{}", stderr(&out));
     assert!(
         out_dir.join("notes.txt").is_file(),
         "the user's file survives"
     );
-    let out = launch(&[
-        "export",
-        src.to_str().expect("utf8"),
-        "--format",
-        "hf",
-        "--out",
-        src.to_str().expect("utf8"),
-    ]);
+    let out = launch_export(&src, "hf", &src, &[]);
     assert_ne!(
         out.status.code(),
         Some(0),

@@ -95,14 +95,7 @@ fn lora_train_eval_export() {
 
     // Merged export (written by train, and again by `launch export`) evaluates the same.
     let merged = tmp.path().join("merged");
-    let out = launch(&[
-        "export",
-        run.to_str().expect("utf8"),
-        "--format",
-        "hf",
-        "--out",
-        merged.to_str().expect("utf8"),
-    ]);
+    let out = launch_export(&run, "hf", &merged, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     for dir in [merged.clone(), run.join("export/model")] {
         let set = format!("model.path=\"{}\"", dir.display());
@@ -140,14 +133,7 @@ fn lora_train_eval_export() {
     assert!(resumed < fresh - 1e-3, "resumed {resumed} vs fresh {fresh}");
 
     let peft = tmp.path().join("peft");
-    let out = launch(&[
-        "export",
-        run.to_str().expect("utf8"),
-        "--format",
-        "peft",
-        "--out",
-        peft.to_str().expect("utf8"),
-    ]);
+    let out = launch_export(&run, "peft", &peft, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(peft.join("adapter_model.safetensors").is_file());
 }
@@ -175,28 +161,12 @@ fn full_sft_train_and_export() {
         .as_f64()
         .expect("loss");
     assert!(rel_diff(loss, trained) < 1e-5, "{loss} vs {trained}");
-    let out = launch(&[
-        "export",
-        run.to_str().expect("utf8"),
-        "--format",
-        "peft",
-        "--out",
-        "/tmp/never",
-    ]);
+    let out = launch_export(&run, "peft", std::path::Path::new("/tmp/never"), &[]);
     assert_eq!(out.status.code(), Some(2));
 
     // A bf16 export says so in config.json and still evaluates close to the f32 model.
     let bf16 = tmp.path().join("bf16");
-    let out = launch(&[
-        "export",
-        run.to_str().expect("utf8"),
-        "--format",
-        "hf",
-        "--out",
-        bf16.to_str().expect("utf8"),
-        "--dtype",
-        "bf16",
-    ]);
+    let out = launch_export(&run, "hf", &bf16, &["--dtype", "bf16"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(bf16.join("config.json")).expect("config"))

@@ -10,7 +10,7 @@
 #   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda --bin launch
 #   mkdir -p bin && cp target/release/launch bin/launch && strip bin/launch
 #
-#   tools/bench/gpu.sh [OUT]                       on the GPU machine (about 7 minutes)
+#   tools/bench/gpu.sh [OUT]                       on the GPU machine (7 minutes at most: LIMIT)
 #   DEVICE=cpu SMALL=1 PYTHON=/tmp/refenv/bin/python tools/bench/gpu.sh /tmp/gpu-dry
 #                                                  a dry run here, on tiny shapes
 # Environment: LAUNCH (the binary; default bin/launch, else target/release/launch),

@@ -56,7 +56,7 @@ fn run<B: TrainBackend>(
         if chunk.unwrap_or_else(|| loss::chunk_rows(vocab)) >= n {
             // One chunk: the plain graph holds no more f32 than a chunk.
             let loss = model.loss_of_logits(logits, &batch.targets, denominator);
-            let value = loss.clone().inner().detach();
+            let value = loss.clone().inner();
             return (value, GradientsParams::from_grads(loss.backward(), model));
         }
         let (loss, dlogits) = loss_and_grad(model, &logits, &batch.targets, denominator, chunk);

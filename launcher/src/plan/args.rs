@@ -65,7 +65,7 @@ pub struct PlanArgs {
     pub out: Option<PathBuf>,
     /// What --calibrate measures: this machine's CPU backend, or its first GPU (a build
     /// with `--features cuda`).
-    #[arg(long, value_enum, default_value_t = crate::config::Device::Cpu)]
+    #[arg(long, value_enum, default_value_t = crate::config::Device::Cpu, requires = "calibrate")]
     pub device: crate::config::Device,
 
     #[arg(long)]

@@ -107,6 +107,12 @@ pub fn run_events(run: &Path) -> Vec<Value> {
 }
 
 /// Run the `launch` binary.
+/// `launch export SRC --format FORMAT --out OUT EXTRA...`.
+pub fn launch_export(src: &Path, format: &str, out: &Path, extra: &[&str]) -> Output {
+    let (src, out) = (src.to_str().expect("utf8"), out.to_str().expect("utf8"));
+    launch(&[&["export", src, "--format", format, "--out", out], extra].concat())
+}
+
 pub fn launch(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_launch"))
         .args(args)
