@@ -32,6 +32,27 @@ pub enum Command {
         set: Vec<String>,
         #[command(flatten)]
         launch: LaunchArgs,
+        /// Train one tidal window, from now until TIME (RFC 3339, or HH:MM[:SS] in
+        /// `tidal.timezone`), then hand the GPUs back: exit 0 when finished, 75 when there
+        /// is more to do (for a scheduler that starts the job itself each night).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+    },
+    /// Preempt a running tidal job: it stops within GRACE seconds (checkpointing if that
+    /// fits) and its `launch train` exits 75 (with `--until`) or waits for the next window.
+    Preempt {
+        run_dir: PathBuf,
+        /// Seconds the job has to stop.
+        #[arg(long, default_value_t = 30.0)]
+        grace: f64,
+    },
+    /// A run's tidal windows and totals (the goodput ledger), the windows still needed at
+    /// the measured rate, and a picture of loss, tokens/s and the windows (status.svg).
+    Status {
+        run_dir: PathBuf,
+        /// `text` or `json`.
+        #[arg(long, default_value = "text")]
+        format: String,
     },
     /// Run your own training program once per rank, with the torchrun environment
     /// (RANK, WORLD_SIZE, ...) plus TIDEMILL_* for `parallel::init()`.
@@ -64,6 +85,9 @@ pub enum Command {
         /// Go on from the last committed checkpoint (a restarted generation).
         #[arg(long)]
         resume: bool,
+        /// The tidal window's deadline and estimates (JSON).
+        #[arg(long)]
+        window: Option<String>,
     },
     /// Mean token loss on data.eval; the last stdout line is {"loss","tokens","samples"}.
     Eval {
@@ -146,10 +170,16 @@ fn dispatch(cli: Cli) -> Result<()> {
             config,
             set,
             launch,
+            until,
         } => {
             let mut all = set.clone();
             all.extend(launch.overrides());
-            crate::launch::train(&config, &all)
+            crate::launch::train(&config, &all, until.as_deref())
+        }
+        Command::Preempt { run_dir, grace } => crate::tidal::run::preempt(&run_dir, grace),
+        Command::Status { run_dir, format } => {
+            print!("{}", crate::tidal::ledger::status(&run_dir, &format)?);
+            Ok(())
         }
         Command::Run {
             launch,
@@ -162,14 +192,22 @@ fn dispatch(cli: Cli) -> Result<()> {
             set,
             plan,
             resume,
+            window,
         } => {
             let mut cfg = JobConfig::load(&config, &set)?;
             cfg.checkpoint.resume |= resume;
-            let plan = serde_json::from_str(&plan).map_err(|e| crate::error::Error::Config {
-                file: "--plan".into(),
-                message: e.to_string(),
-            })?;
-            crate::train::worker(&cfg, &plan)
+            let json = |flag: &str, text: &str| crate::error::Error::Config {
+                file: flag.into(),
+                message: text.to_string(),
+            };
+            let plan = serde_json::from_str(&plan).map_err(|e| json("--plan", &e.to_string()))?;
+            let window = match window {
+                Some(w) => {
+                    Some(serde_json::from_str(&w).map_err(|e| json("--window", &e.to_string()))?)
+                }
+                None => None,
+            };
+            crate::train::worker(&cfg, &plan, window)
         }
         Command::Eval {
             config,
@@ -220,6 +258,11 @@ pub fn main() -> ExitCode {
     };
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(crate::error::Error::Yielded(why)) => {
+            let line = format!("{who}yielded: {why}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            ExitCode::from(crate::tidal::YIELDED)
+        }
         Err(e) => {
             let code = e.exit_code();
             // One write, so lines of workers failing together do not interleave.

@@ -40,6 +40,10 @@ pub enum Error {
     /// the agent was interrupted.
     #[error("job stopped: {0}")]
     JobStopped(String),
+    /// A tidal job stopped for its window's end or a preemption, to be run again: exit
+    /// status 75 (`crate::tidal::YIELDED`).
+    #[error("yielded: {0}")]
+    Yielded(String),
     #[error(transparent)]
     Trainer(#[from] trainer::Error),
     #[error(transparent)]
@@ -55,6 +59,7 @@ impl Error {
         match self {
             Error::Config { .. } | Error::ConfigIo { .. } | Error::BadPath { .. } => 2,
             Error::WorkerFailed { code, .. } => *code,
+            Error::Yielded(_) => crate::tidal::YIELDED,
             Error::Trainer(e) if e.is_input() => 2,
             Error::Checkpoint(e) if e.is_input() => 2,
             Error::Parallel(parallel::Error::Layout(_)) => 2,

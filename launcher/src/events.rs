@@ -65,6 +65,9 @@ pub enum Event {
         async_save: bool,
         stall_s: f64,
         snapshot_s: f64,
+        /// Seconds from the save's start to its commit (a background save's too).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        took_s: Option<f64>,
     },
     /// A checkpoint that did not verify and was passed over.
     CheckpointSkipped {
@@ -128,6 +131,38 @@ pub enum Event {
     Recovered { step: u64, seconds_since_fault: f64 },
     /// A control-plane call without the job's token.
     AuthRejected { peer: String, reason: String },
+    /// A tidal window opened: this part of the job runs from `start` (Unix seconds) and
+    /// must have handed the GPUs back by `handback` (the window's `end` − the margin).
+    WindowOpen {
+        start: f64,
+        end: f64,
+        handback: f64,
+        world: usize,
+    },
+    /// Rank 0, at the step boundary where a tidal window's job stopped: the steps taken,
+    /// whether it saved them, and how many since the last checkpoint are lost.
+    Yield {
+        step: u64,
+        checkpointed: bool,
+        lost_steps: u64,
+        /// Unix seconds of the decision's end (the final checkpoint committed, if any).
+        at: f64,
+    },
+    /// A tidal job was preempted: every worker is to be gone by `by` (Unix seconds).
+    Preempt { by: f64 },
+    /// A tidal window closed: why, the step reached, the steps to do again next time.
+    WindowClose {
+        reason: crate::tidal::CloseReason,
+        steps: u64,
+        lost_steps: u64,
+    },
+    /// A node's workers and their process groups are gone, and no process of ours holds
+    /// GPU memory (checked with NVML on CUDA): `margin_s` to spare before the hand-back.
+    GpusReleased {
+        at: f64,
+        margin_s: f64,
+        checked: String,
+    },
     /// An event of a user's program (`launch run`) that is not one of tidemill's: its own
     /// name and fields, as it sent them.
     User {

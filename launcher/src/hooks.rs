@@ -4,6 +4,9 @@
 //! `TIDEMILL_TEST_DELAY=RANK:SECONDS[,RANK:SECONDS…]` (`*` for any rank; a rank's own entry
 //! wins): a rank sleeps that long after every step — a straggler for the coordinator to
 //! find, or steps slow enough for a test to act between them.
+//!
+//! `TIDEMILL_TEST_SAVE_DELAY=SECONDS`: every checkpoint write takes that much longer (a
+//! slow disk, for the tidal tests).
 
 use std::time::Duration;
 
@@ -33,5 +36,23 @@ pub fn step_delay(rank: usize) -> Option<Duration> {
 /// Without the `test-hooks` feature: never.
 #[cfg(not(feature = "test-hooks"))]
 pub fn step_delay(_rank: usize) -> Option<Duration> {
+    None
+}
+
+/// How much longer every checkpoint write takes, if the environment says so.
+#[cfg(feature = "test-hooks")]
+pub fn save_delay() -> Option<Duration> {
+    std::env::var("TIDEMILL_TEST_SAVE_DELAY")
+        .ok()?
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// Without the `test-hooks` feature: never.
+#[cfg(not(feature = "test-hooks"))]
+pub fn save_delay() -> Option<Duration> {
     None
 }

@@ -4,31 +4,48 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::agent::{self, LaunchPlan, WorkerCommand};
+use crate::agent::{self, AgentTide, LaunchPlan, Outcome, WorkerCommand};
 use crate::config::{JobConfig, LaunchOptions};
 use crate::coordinator::{Generation, Replan};
 use crate::error::{Error, Result};
 use crate::events::Start;
 use crate::plan::Decided;
+use crate::tidal::{Estimates, WindowWork};
 
 fn current_exe() -> Result<PathBuf> {
     std::env::current_exe().map_err(|e| Error::Launch(format!("locating the launch binary: {e}")))
 }
 
-/// `launch train CONFIG [--set ...] [--nproc-per-node N ...]`: every input file is checked
-/// and the layout decided (the strategy search runs here, once, on node 0) before any
-/// worker starts; workers get the decided layout from the coordinator.
-pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
+/// `launch train CONFIG [--set ...] [--nproc-per-node N ...] [--until TIME]`: every input
+/// file is checked and the layout decided (the strategy search runs here, once, on node 0)
+/// before any worker starts; workers get the decided layout from the coordinator. A job
+/// with `[tidal]` windows, or `--until`, trains only inside its windows (`crate::tidal`).
+pub fn train(config: &Path, overrides: &[String], until: Option<&str>) -> Result<()> {
     let cfg = JobConfig::load(config, overrides)?;
     crate::preflight::check(&cfg)?;
     // A multi-node job without its control-plane secret is refused before anything starts.
     crate::auth::Token::resolve(&cfg.launch)?;
     crate::tls::Tls::load(&cfg.launch)?;
+    if cfg.tidal.is_some() || until.is_some() {
+        return crate::tidal::run::train(&cfg, config, overrides, until);
+    }
+    run_job(&cfg, config, overrides, None).map(|_| ())
+}
+
+/// Run the job on this node (its coordinator too on node 0) until it finishes, or, in a
+/// tidal window (`tide`: the window and what the workers' estimates start from), until the
+/// window ends.
+pub fn run_job(
+    cfg: &JobConfig,
+    config: &Path,
+    overrides: &[String],
+    tide: Option<(AgentTide, Estimates)>,
+) -> Result<Outcome> {
     let l = &cfg.launch;
     let world = l.nproc_per_node * l.nnodes;
     let lead = l.node_rank == 0;
     let decided = if lead {
-        let decided = crate::plan::decide(&cfg, config, world, l.nproc_per_node)?;
+        let decided = crate::plan::decide(cfg, config, world, l.nproc_per_node)?;
         announce(&decided);
         let mut resolved = cfg.clone();
         decided.apply(&mut resolved);
@@ -41,21 +58,28 @@ pub fn train(config: &Path, overrides: &[String]) -> Result<()> {
     for o in overrides {
         args.extend(["--set".to_string(), o.clone()]);
     }
-    let start = crate::job::start(&cfg, world, decided.as_ref());
+    let start = crate::job::start(cfg, world, decided.as_ref());
+    let window = tide.as_ref().map(|(t, estimates)| WindowWork {
+        deadline: t.window.deadline,
+        estimates: *estimates,
+    });
     agent::run(LaunchPlan {
         launch: cfg.launch.clone(),
         run_dir: cfg.run_dir(),
         worker: WorkerCommand {
             program: current_exe()?,
             args,
+            env: Vec::new(),
         },
         start,
         max_steps: Some(cfg.training.max_steps),
         first: decided.map(|d| Generation {
             plan: d,
             resume: false,
+            window,
         }),
-        replan: Some(replan(cfg, config.to_path_buf())),
+        replan: Some(replan(cfg.clone(), config.to_path_buf())),
+        tidal: tide.map(|t| t.0),
     })
 }
 
@@ -139,9 +163,12 @@ pub fn run_program(
         worker: WorkerCommand {
             program: PathBuf::from(exe),
             args: args.to_vec(),
+            env: Vec::new(),
         },
         max_steps: None,
         first: None,
         replan: None,
+        tidal: None,
     })
+    .map(|_| ())
 }

@@ -26,6 +26,7 @@ mod progress;
 mod rpc;
 mod saving;
 mod setup;
+pub mod tidal;
 mod tls;
 mod train;
 
@@ -33,6 +34,7 @@ pub use agent::probe;
 pub use auth::TOKEN_ENV;
 pub use config::{
     CheckpointOptions, Device, ExportSection, JobConfig, JobSection, LaunchOptions, ModelSection,
+    TidalOptions,
 };
 pub use error::{chain, Error, Result};
 pub use tls::Tls;

@@ -66,6 +66,8 @@ pub struct Saver {
     /// The model's config and tokenizer files, copied into each checkpoint (by rank 0).
     extras: Vec<(String, PathBuf)>,
     pending: Option<Pending>,
+    /// The newest save that finished: its step and seconds from its start to its commit.
+    finished: Option<(u64, f64)>,
 }
 
 /// The save in the background.
@@ -75,7 +77,8 @@ struct Pending {
     stall_s: f64,
     /// Seconds of its host copy.
     snapshot_s: f64,
-    writer: JoinHandle<Result<Option<PathBuf>>>,
+    /// The committed directory (rank 0) and seconds from the save's start to its end.
+    writer: JoinHandle<Result<(Option<PathBuf>, f64)>>,
 }
 
 impl Saver {
@@ -95,7 +98,14 @@ impl Saver {
             section,
             extras,
             pending: None,
+            finished: None,
         }
+    }
+
+    /// The newest save that finished: its step and seconds from its start to its commit
+    /// (on rank 0; to this rank's part written elsewhere).
+    pub fn finished(&self) -> Option<(u64, f64)> {
+        self.finished
     }
 
     /// Whether to save after `step` of `max_steps`.
@@ -127,14 +137,18 @@ impl Saver {
             Duration::from_secs_f64(self.section.commit_timeout_s),
         );
         let extras = self.extras.clone();
-        let write = move || -> Result<Option<PathBuf>> {
+        let delay = crate::hooks::save_delay();
+        let write = move || -> Result<(Option<PathBuf>, f64)> {
             write_snapshot(&snapshot, &staging, rank, &extras)?;
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
             if rank != 0 {
-                return Ok(None);
+                return Ok((None, started.elapsed().as_secs_f64()));
             }
             let dir = sharded::commit(&root, &staging, step, world, state, timeout)?;
             sharded::retire(&root, keep)?;
-            Ok(Some(dir))
+            Ok((Some(dir), started.elapsed().as_secs_f64()))
         };
         if self.section.async_save {
             let handle = std::thread::spawn(write);
@@ -145,9 +159,10 @@ impl Saver {
                 writer: handle,
             });
         } else {
-            let dir = write()?;
+            let (dir, took) = write()?;
             let stall = started.elapsed().as_secs_f64();
-            self.report(step, stall, snapshot_s, dir);
+            self.finished = Some((step, took));
+            self.report(step, (stall, took), snapshot_s, dir);
         }
         Ok(())
     }
@@ -164,16 +179,23 @@ impl Saver {
             return Ok(());
         };
         let started = Instant::now();
-        let dir = writer
+        let (dir, took) = writer
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         let waited = started.elapsed().as_secs_f64();
-        self.report(step, stall_s + waited, snapshot_s, dir);
+        self.finished = Some((step, took));
+        self.report(step, (stall_s + waited, took), snapshot_s, dir);
         Ok(())
     }
 
     /// A committed checkpoint (only the committing rank has its directory).
-    fn report(&self, step: u64, blocked_s: f64, snapshot_s: f64, dir: Option<PathBuf>) {
+    fn report(
+        &self,
+        step: u64,
+        (blocked_s, took): (f64, f64),
+        snapshot_s: f64,
+        dir: Option<PathBuf>,
+    ) {
         if let Some(path) = dir {
             self.report.event(&Event::Checkpoint {
                 step,
@@ -181,6 +203,7 @@ impl Saver {
                 async_save: self.section.async_save,
                 stall_s: blocked_s,
                 snapshot_s,
+                took_s: Some(took),
             });
         }
     }

@@ -19,6 +19,8 @@ use crate::events::{Event, EventLog, ExportFormat, Split};
 use crate::plan::Decided;
 use crate::saving::{self, Saver};
 use crate::setup;
+use crate::tidal::worker::Tide;
+use crate::tidal::{Verdict, WindowWork};
 
 /// Train in this process alone, writing the run directory directly (no launcher): what
 /// library users and tests call.
@@ -56,7 +58,7 @@ pub fn run(cfg: &JobConfig) -> Result<()> {
         written
     });
     let mut reporter = Reporter::start(0, sink);
-    let result = run_rank(&cfg, &decided, &RankContext::solo(), &reporter);
+    let result = run_rank(&cfg, &decided, None, &RankContext::solo(), &reporter);
     reporter.flush(Duration::from_secs(10));
     result?;
     match failed.lock().ok().and_then(|mut f| f.take()) {
@@ -71,12 +73,19 @@ const PARALLEL: &str = "[parallel]";
 /// One rank of a launched job (`launch worker`): rank context from the environment, the
 /// layout the coordinator decided, events through the agent. A failure is also told to
 /// the agent, so the coordinator's fault event says why.
-pub fn worker(cfg: &JobConfig, decided: &Decided) -> Result<()> {
+///
+/// In a tidal window (`window`), a rank that stops for the window's end or a preemption
+/// returns [`Error::Yielded`] (exit status 75), which is not a failure.
+pub fn worker(cfg: &JobConfig, decided: &Decided, window: Option<WindowWork>) -> Result<()> {
     let mut ctx = parallel::init()?;
     let mut cfg = cfg.clone();
     decided.apply(&mut cfg);
-    let result = run_rank(&cfg, decided, &ctx, &ctx.reporter);
-    if let Err(e) = &result {
+    let result = run_rank(&cfg, decided, window, &ctx, &ctx.reporter);
+    if let Some(e) = result
+        .as_ref()
+        .err()
+        .filter(|e| !matches!(e, Error::Yielded(_)))
+    {
         ctx.reporter.error(&crate::error::chain(e));
     }
     ctx.reporter.flush(Duration::from_secs(5));
@@ -84,10 +93,17 @@ pub fn worker(cfg: &JobConfig, decided: &Decided) -> Result<()> {
 }
 
 /// This rank's training, reported to `report`.
-fn run_rank(cfg: &JobConfig, decided: &Decided, ctx: &RankContext, report: &Report) -> Result<()> {
+fn run_rank(
+    cfg: &JobConfig,
+    decided: &Decided,
+    window: Option<WindowWork>,
+    ctx: &RankContext,
+    report: &Report,
+) -> Result<()> {
     let job = Job {
         cfg,
         decided,
+        window,
         ctx,
         report,
     };
@@ -111,6 +127,8 @@ fn run_rank(cfg: &JobConfig, decided: &Decided, ctx: &RankContext, report: &Repo
 struct Job<'a> {
     cfg: &'a JobConfig,
     decided: &'a Decided,
+    /// The tidal window this rank trains in, if any.
+    window: Option<WindowWork>,
     ctx: &'a RankContext,
     report: &'a Report,
 }
@@ -131,7 +149,7 @@ fn run_on<B: trainer::ParallelBackend>(job: &Job<'_>, device: &B::Device) -> Res
     if cfg.checkpoint.resume {
         resume(&mut trainer, &saving::root(&cfg.run_dir()))?;
     }
-    let last = train_loop(cfg, job.decided, &mut trainer, eval.as_deref())?;
+    let last = train_loop(cfg, job, &mut trainer, eval.as_deref())?;
     if let Some(rows) = &eval {
         evaluate(&trainer, rows)?;
     }
@@ -198,12 +216,17 @@ fn resume<B: TrainBackend>(trainer: &mut Trainer<B>, root: &Path) -> Result<()> 
 
 /// Steps until `training.max_steps`, evaluating and checkpointing as configured; the last
 /// step's report (none if the run had nothing left to do).
+///
+/// In a tidal window, before every step the ranks agree whether another step still fits
+/// (`crate::tidal::worker`); when it does not they take the final checkpoint if that fits,
+/// and return [`Error::Yielded`].
 fn train_loop<B: TrainBackend>(
     cfg: &JobConfig,
-    decided: &Decided,
+    job: &Job<'_>,
     trainer: &mut Trainer<B>,
     eval: Option<&[Row]>,
 ) -> Result<Option<StepReport>> {
+    let decided = job.decided;
     let t = &cfg.training;
     let rank = trainer.mesh().world.rank();
     let world = trainer.mesh().world.size();
@@ -223,8 +246,16 @@ fn train_loop<B: TrainBackend>(
     let predicted = decided.auto.as_ref().filter(|_| rank == 0);
     let mut check = PlanCheck::new(t.max_steps.saturating_sub(trainer.steps_done()));
     let delay = crate::hooks::step_delay(rank);
+    let mut tide = Tide::new(job.window, trainer.steps_done());
     let mut last = None;
     while trainer.steps_done() < t.max_steps {
+        if let Some(tide) = &mut tide {
+            let done = trainer.steps_done();
+            let verdict = tide.boundary(&*trainer.mesh().world, done)?;
+            if verdict != Verdict::Continue {
+                return Err(yield_now(trainer, tide, &mut saver, &saved_state, verdict));
+            }
+        }
         let s = trainer.step()?;
         if let Some(d) = delay {
             std::thread::sleep(d);
@@ -239,11 +270,56 @@ fn train_loop<B: TrainBackend>(
         }
         if saver.due(s.step, t.max_steps) {
             saver.save(trainer, &saved_state)?;
+            if let Some(tide) = &mut tide {
+                tide.saving(s.step);
+                tide.pause();
+            }
+        }
+        if let (Some(tide), Some((_, took))) = (&mut tide, saver.finished()) {
+            tide.saved(took);
         }
         last = Some(s);
     }
     saver.wait()?;
     Ok(last)
+}
+
+/// The window ends (or a preemption came) before the next step: save the steps taken if
+/// `verdict` says a checkpoint still commits in time, else keep the last one; rank 0
+/// reports which. The error to stop this rank with.
+fn yield_now<B: TrainBackend>(
+    trainer: &Trainer<B>,
+    tide: &mut Tide,
+    saver: &mut Saver,
+    saved_state: &serde_json::Value,
+    verdict: Verdict,
+) -> Error {
+    let step = trainer.steps_done();
+    let mut save = || -> Result<()> {
+        // A save already under way for this step commits in the wait below.
+        if verdict == Verdict::Checkpoint && tide.unsaved(step) > 0 {
+            saver.save(trainer, saved_state)?;
+            tide.saving(step);
+        }
+        saver.wait()?;
+        Ok(())
+    };
+    if let Err(e) = save() {
+        return e;
+    }
+    let lost_steps = tide.unsaved(step);
+    if trainer.mesh().world.rank() == 0 {
+        trainer.report().event(&Event::Yield {
+            step,
+            checkpointed: verdict == Verdict::Checkpoint,
+            lost_steps,
+            at: crate::tidal::now(),
+        });
+    }
+    Error::Yielded(format!(
+        "stopped before step {} for the window's end ({lost_steps} steps since the last checkpoint)",
+        step + 1
+    ))
 }
 
 /// The automatic plan's predicted step time next to the measured one, once

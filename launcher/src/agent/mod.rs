@@ -39,12 +39,37 @@ pub struct LaunchPlan {
     pub first: Option<Generation>,
     /// How a restarted generation's layout is decided (see [`Settings::replan`]).
     pub replan: Option<coordinator::Replan>,
+    /// A tidal window: when this node's workers must be gone, what a preemption grants.
+    pub tidal: Option<AgentTide>,
+}
+
+/// What an agent of a tidal job needs to know of its window.
+#[derive(Clone, Debug)]
+pub struct AgentTide {
+    pub window: coordinator::TidalWindow,
+    /// Seconds a preemption (SIGTERM, SIGUSR1, `launch preempt`) grants.
+    pub grace_s: f64,
+    /// `tidal.on_release`, run after this node's GPUs are free, within `hook_timeout_s`.
+    pub on_release: Option<String>,
+    pub hook_timeout_s: f64,
+}
+
+/// How this node's part of the job ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every step done.
+    Finished,
+    /// A tidal window ended (or a preemption came) first: run again to go on.
+    Yielded {
+        /// By a preemption rather than the window's end.
+        preempted: bool,
+    },
 }
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Run this node's agent until its workers finish (Ok) or the job stops (Err).
-pub fn run(plan: LaunchPlan) -> Result<()> {
+/// Run this node's agent until its workers finish or yield (Ok) or the job stops (Err).
+pub fn run(plan: LaunchPlan) -> Result<Outcome> {
     // One thread: workers are spawned from it, so PR_SET_PDEATHSIG ties them to this process.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -57,13 +82,13 @@ fn launch_err(what: &str) -> impl FnOnce(String) -> Error + '_ {
     move |e| Error::Launch(format!("{what}: {e}"))
 }
 
-async fn agent(plan: LaunchPlan) -> Result<()> {
+async fn agent(plan: LaunchPlan) -> Result<Outcome> {
     let l = &plan.launch;
     let node = l.node_rank;
     let rdzv_timeout = l.rdzv_timeout();
     let token = Token::resolve(l)?;
     let tls = Tls::load(l)?;
-    let mut stop = Stop::new()?;
+    let mut stop = Stop::new(plan.tidal.is_some())?;
     // Node 0 hosts the coordinator.
     let (rdzv, server) = if node == 0 {
         let bind = l.rdzv.clone().unwrap_or_else(|| "127.0.0.1:0".into());
@@ -81,6 +106,7 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
             display: StepDisplay::new(plan.max_steps),
             first: plan.first.clone(),
             replan: plan.replan.clone(),
+            tidal: plan.tidal.as_ref().map(|t| t.window),
         };
         let coordinator = Coordinator::new(settings, events)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -112,30 +138,78 @@ async fn agent(plan: LaunchPlan) -> Result<()> {
     result
 }
 
-/// SIGINT and SIGTERM, listened for from the agent's start to its end: once tokio installs
-/// its handler the default action is gone for the process, so every wait for the
-/// coordinator or the other nodes listens (killing and reaping workers, bounded, does not).
+/// SIGINT and SIGTERM (and, for a tidal job, SIGUSR1), listened for from the agent's start
+/// to its end: once tokio installs its handler the default action is gone for the process,
+/// so every wait for the coordinator or the other nodes listens (killing and reaping
+/// workers, bounded, does not).
 pub(super) struct Stop {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    /// A tidal job's: SIGTERM and SIGUSR1 preempt it (the window ends now, with its grace).
+    user1: Option<tokio::signal::unix::Signal>,
+}
+
+/// A signal the agent got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Sig {
+    Interrupt,
+    Terminate,
+    User1,
 }
 
 impl Stop {
-    fn new() -> Result<Self> {
+    fn new(tidal: bool) -> Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
         let handler = |e: std::io::Error| launch_err("signal handler")(e.to_string());
         Ok(Self {
             interrupt: signal(SignalKind::interrupt()).map_err(handler)?,
             terminate: signal(SignalKind::terminate()).map_err(handler)?,
+            user1: match tidal {
+                true => Some(signal(SignalKind::user_defined1()).map_err(handler)?),
+                false => None,
+            },
         })
     }
 
-    /// The error the agent stops with once either signal arrives.
-    pub(super) async fn recv(&mut self) -> Error {
+    /// Whether SIGTERM and SIGUSR1 preempt (a tidal job) rather than stop.
+    pub(super) fn preempts(&self) -> bool {
+        self.user1.is_some()
+    }
+
+    /// The next signal.
+    pub(super) async fn next(&mut self) -> Sig {
+        let user1 = async {
+            match &mut self.user1 {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
-            _ = self.interrupt.recv() => Error::JobStopped("interrupted (SIGINT)".into()),
-            _ = self.terminate.recv() => Error::JobStopped("terminated (SIGTERM)".into()),
+            _ = self.interrupt.recv() => Sig::Interrupt,
+            _ = self.terminate.recv() => Sig::Terminate,
+            _ = user1 => Sig::User1,
         }
+    }
+
+    /// The error a signal stops the agent with where no worker runs: a tidal job's
+    /// preemption yields (exit status 75).
+    pub(super) fn error(&self, sig: Sig) -> Error {
+        match (sig, self.preempts()) {
+            (Sig::Interrupt, _) => Error::JobStopped("interrupted (SIGINT)".into()),
+            (Sig::Terminate, false) => Error::JobStopped("terminated (SIGTERM)".into()),
+            (Sig::Terminate | Sig::User1, true) => {
+                Error::Yielded(format!("preempted ({sig:?}) while no worker ran"))
+            }
+            (Sig::User1, false) => Error::JobStopped("SIGUSR1".into()),
+        }
+    }
+
+    /// The error the agent stops with once a signal arrives.
+    pub(super) async fn recv(&mut self) -> Error {
+        let sig = self.next().await;
+        self.error(sig)
     }
 
     /// Sleep for `d`, or the stop error if a signal comes first.
@@ -202,9 +276,12 @@ fn status(what: &str) -> impl FnOnce(tonic::Status) -> Error + '_ {
 }
 
 /// How this node's part of a generation ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Ended {
     /// Every worker exited 0.
     Done,
+    /// Every worker exited 75 (or was stopped) for a tidal window's end or a preemption.
+    Yielded,
     /// The coordinator started a new generation: join it.
     Restart,
 }
@@ -229,7 +306,7 @@ async fn node_agent(
     token: &Token,
     tls: &Tls,
     stop: &mut Stop,
-) -> Result<()> {
+) -> Result<Outcome> {
     let l = &plan.launch;
     let node = l.node_rank;
     let mut client = tokio::select! {
@@ -241,6 +318,7 @@ async fn node_agent(
         node,
         host,
         instance: rand::random(),
+        preempt_by: std::cell::Cell::new(0.0),
     };
     let beat_every = l.heartbeat_interval();
     // The generation this node last ran: heartbeats carry it.
@@ -248,17 +326,19 @@ async fn node_agent(
     loop {
         let Some(join) = join(&mut client, plan, &me, generation, beat_every, stop).await? else {
             // A spare the job never needed, or an agent restarted after the job finished.
-            return Ok(());
+            return Ok(Outcome::Finished);
         };
         generation = join.generation;
         let ended = workers::run_generation(plan, &mut client, &join, &me, rdzv, stop).await?;
-        if let Ended::Done = ended {
+        if let Ended::Done | Ended::Yielded = ended {
+            let yielded = ended == Ended::Yielded;
             // The coordinator must hear it: without it the job never finishes.
             let mut silent = Silence::new(l);
             loop {
                 let request = rpc::NodeDoneRequest {
                     node_rank: node as u32,
                     generation,
+                    yielded,
                 };
                 let sent = match tokio::time::timeout(RPC_TIMEOUT, client.node_done(request)).await
                 {
@@ -271,10 +351,23 @@ async fn node_agent(
                 }
                 stop.sleep(beat_every).await?;
             }
-            if let Ended::Done =
-                wait_finished(&mut client, plan, &me, generation, beat_every, stop).await?
+            match wait_finished(
+                &mut client,
+                plan,
+                &me,
+                (generation, ended),
+                beat_every,
+                stop,
+            )
+            .await?
             {
-                return Ok(());
+                Ended::Restart => {}
+                Ended::Done => return Ok(Outcome::Finished),
+                Ended::Yielded => {
+                    return Ok(Outcome::Yielded {
+                        preempted: me.preempt_by.get() > 0.0,
+                    })
+                }
             }
         }
     }
@@ -286,6 +379,9 @@ pub(super) struct Me {
     pub(super) node: usize,
     pub(super) host: String,
     pub(super) instance: u64,
+    /// A tidal job's preemption: Unix seconds by which every worker must be gone (0:
+    /// none); every heartbeat carries it to the coordinator, which tells the other nodes.
+    pub(super) preempt_by: std::cell::Cell<f64>,
 }
 
 /// Join the coordinator's current generation, beating while the others join (a node that
@@ -377,15 +473,16 @@ impl Silence {
     }
 }
 
-/// After this node's workers finished: beat until every node is done (Ok(Done)), or a
-/// restart makes this node run again (Ok(Restart)). Node 0 keeps the coordinator up until
+/// After this node's workers finished: beat until every node is done (Ok(Done), or
+/// Ok(Yielded) when a tidal window ended first), or a restart makes this node run again
+/// (Ok(Restart)). Node 0 keeps the coordinator up until
 /// then; for the others a coordinator gone for good after they finished means the job
 /// ended (node 0 stops serving once every node is done).
 async fn wait_finished(
     client: &mut Client,
     plan: &LaunchPlan,
     me: &Me,
-    generation: u64,
+    (generation, mine): (u64, Ended),
     beat_every: Duration,
     stop: &mut Stop,
 ) -> Result<Ended> {
@@ -398,11 +495,14 @@ async fn wait_finished(
                 stop.sleep(beat_every).await?;
                 continue;
             }
-            Err(_) if node != 0 => return Ok(Ended::Done),
+            Err(_) if node != 0 => return Ok(mine),
             Err(e) => return Err(e),
         };
         if reply.stop {
             return Err(stopped(&reply));
+        }
+        if reply.finished && reply.yielded {
+            return Ok(Ended::Yielded);
         }
         if reply.finished {
             return Ok(Ended::Done);
@@ -425,6 +525,7 @@ async fn beat(
         reports: std::mem::take(reports),
         generation,
         instance: me.instance,
+        preempt_by: me.preempt_by.get(),
     };
     match tokio::time::timeout(RPC_TIMEOUT, client.heartbeat(request)).await {
         Ok(Ok(reply)) => Ok(reply.into_inner()),
@@ -456,6 +557,7 @@ pub fn probe(rdzv: &str, token: &str, tls: &Tls) -> Result<()> {
                 reports: Vec::new(),
                 generation: 0,
                 instance: 0,
+                preempt_by: 0.0,
             })
             .await
             .map_err(status("probe"))?;

@@ -13,6 +13,8 @@ use parallel::runtime::env::WorkerEnv;
 pub struct WorkerCommand {
     pub program: PathBuf,
     pub args: Vec<String>,
+    /// Variables besides the rank environment (a tidal window's control file).
+    pub env: Vec<(String, String)>,
 }
 
 /// A worker's environment ([`WorkerEnv::vars`]) plus, like torchrun's OMP_NUM_THREADS=1,
@@ -36,6 +38,7 @@ pub fn spawn(cmd: &WorkerCommand, env: &WorkerEnv) -> std::io::Result<tokio::pro
     let mut c = tokio::process::Command::new(&cmd.program);
     c.args(&cmd.args)
         .envs(worker_vars(env))
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .kill_on_drop(true)
         .process_group(0);
     die_with_parent(&mut c);
@@ -68,4 +71,9 @@ pub fn code_and_signal(status: &ExitStatus) -> (i32, i32) {
         (None, Some(s)) => (-1, s),
         (None, None) => (-1, 0),
     }
+}
+
+/// Whether any process of `pid`'s process group is left (a zombie not yet reaped counts).
+pub fn group_alive(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(|pid| killpg(Pid::from_raw(pid), None).is_ok())
 }

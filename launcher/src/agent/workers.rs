@@ -41,6 +41,12 @@ struct Generation<'a> {
     exits: Exits,
     /// One of this node's workers failed.
     failed: bool,
+    /// A tidal window: when what is left of the workers is killed (Unix seconds).
+    kill_at: Option<f64>,
+    /// Where a preemption's deadline is written for the workers (`TIDEMILL_CONTROL`).
+    control: Option<std::path::PathBuf>,
+    /// The workers are stopping for the window's end or a preemption.
+    yielding: bool,
 }
 
 /// Run this node's workers for the generation `join` describes, until they all finish
@@ -72,7 +78,20 @@ pub(super) async fn run_generation(
         links,
         exits,
         failed: false,
+        kill_at: plan.tidal.as_ref().map(|t| t.window.deadline),
+        control: plan.tidal.as_ref().map(|_| {
+            std::env::temp_dir().join(format!(
+                "tidemill-control-{}-{}-{}",
+                std::process::id(),
+                me.instance,
+                join.generation
+            ))
+        }),
+        yielding: false,
     };
+    if me.preempt_by.get() > 0.0 {
+        preempt(&mut g, me.preempt_by.get());
+    }
     let outcome = match spawn_all(&mut g, &agent_addr.to_string(), rdzv, exit_tx) {
         Ok(()) => supervise(&mut g, client, stop).await,
         Err(e) => Err(e),
@@ -80,8 +99,91 @@ pub(super) async fn run_generation(
     kill_and_reap(&mut g, client).await;
     accept.abort();
     drain_links(&mut g.links, &mut g.reports, &mut BTreeMap::new());
+    if let Some(path) = &g.control {
+        let _ = std::fs::remove_file(path);
+    }
+    if let (Ok(Ended::Yielded | Ended::Done), Some(tide)) = (&outcome, &plan.tidal) {
+        released(&mut g, tide).await;
+    }
     let _ = beat(client, me, join.generation, &mut g.reports).await;
     outcome
+}
+
+/// A tidal window's end (or the job's) for this node: its workers are reaped; check their process
+/// groups are gone and (CUDA) that no process of ours holds GPU memory, report
+/// `gpus_released`, then run `tidal.on_release`.
+async fn released(g: &mut Generation<'_>, tide: &super::AgentTide) {
+    let pids: Vec<u32> = g
+        .workers
+        .iter()
+        .map(|w| w.pid)
+        .filter(|p| *p != 0)
+        .collect();
+    let checked = crate::tidal::run::check_released(&pids, tide.window.handback).await;
+    let at = crate::tidal::now();
+    let event = Event::GpusReleased {
+        at,
+        margin_s: tide.window.handback - at,
+        checked,
+    };
+    let rank = g.workers.first().map_or(0, |w| w.rank);
+    if let Ok(line) = serde_json::to_string(&ToAgent::Event { rank, event }) {
+        g.reports.push(line);
+    }
+    if let Some(cmd) = &tide.on_release {
+        crate::tidal::run::hook(
+            "tidal.on_release",
+            cmd,
+            tide.hook_timeout_s,
+            g.me.node,
+            &g.plan.run_dir,
+        )
+        .await;
+    }
+}
+
+/// Every worker is to be gone by `by` (Unix seconds): a preemption here or on another
+/// node. The workers read it from the control file at their next step boundary; what is
+/// left at `by` is killed.
+fn preempt(g: &mut Generation<'_>, by: f64) {
+    let by = g.kill_at.map_or(by, |k| k.min(by));
+    g.kill_at = Some(by);
+    g.yielding = true;
+    let mine = g.me.preempt_by.get();
+    if mine == 0.0 || by < mine {
+        g.me.preempt_by.set(by);
+    }
+    if let Some(path) = &g.control {
+        let tmp = path.with_extension("tmp");
+        let written =
+            std::fs::write(&tmp, format!("{by}\n")).and_then(|_| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!("writing the preemption to {}: {e}", path.display());
+        }
+    }
+}
+
+/// Sleep until Unix seconds `at` (forever for `None`).
+async fn until(at: Option<f64>) {
+    match at {
+        Some(at) => {
+            let left = (at - crate::tidal::now()).max(0.0);
+            tokio::time::sleep(Duration::from_secs_f64(left)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// `launch preempt RUN_DIR` on this node (node 0, whose run directory it is): the deadline
+/// it asked for, once (the file is removed).
+fn preempt_request(g: &Generation<'_>) -> Option<f64> {
+    if g.me.node != 0 || g.plan.tidal.is_none() {
+        return None;
+    }
+    let path = crate::tidal::run::preempt_file(&g.plan.run_dir);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let _ = std::fs::remove_file(&path);
+    text.trim().parse::<f64>().ok().filter(|t| t.is_finite())
 }
 
 /// The worker command of this generation: the plan's, plus for `launch train` the layout
@@ -100,6 +202,12 @@ fn command(plan: &LaunchPlan, join: &rpc::JoinReply) -> Result<spawn::WorkerComm
     if work.resume {
         command.args.push("--resume".into());
     }
+    if let Some(window) = &work.window {
+        command.args.extend([
+            "--window".to_string(),
+            serde_json::to_string(window).map_err(bad)?,
+        ]);
+    }
     Ok(command)
 }
 
@@ -111,7 +219,13 @@ fn spawn_all(
     exits: UnboundedSender<(usize, std::io::Result<std::process::ExitStatus>)>,
 ) -> Result<()> {
     let (l, join) = (&g.plan.launch, g.join);
-    let command = command(g.plan, join)?;
+    let mut command = command(g.plan, join)?;
+    if let Some(path) = &g.control {
+        command.env.push((
+            crate::tidal::worker::CONTROL_ENV.to_string(),
+            path.display().to_string(),
+        ));
+    }
     let (master_host, master_port) = rdzv.rsplit_once(':').unwrap_or((rdzv, "0"));
     for local_rank in 0..l.nproc_per_node {
         let env = parallel::runtime::env::WorkerEnv {
@@ -277,12 +391,34 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client, stop: &mut Stop)
             },
             _ = heartbeat.tick() => {
                 next_beat = Instant::now() + period;
+                if let Some(by) = preempt_request(g) {
+                    preempt(g, by - crate::tidal::REAP_ALLOWANCE_S);
+                }
                 let reply = beat(client, g.me, generation, &mut g.reports).await;
-                if let Some(outcome) = silent.check(reply)?.and_then(|r| obey(&r)) {
+                let reply = silent.check(reply)?;
+                if let Some(r) = reply.as_ref().filter(|r| r.yield_by > 0.0 && g.kill_at.is_some()) {
+                    preempt(g, r.yield_by);
+                }
+                if let Some(outcome) = reply.and_then(|r| obey(&r)) {
                     return outcome;
                 }
             },
-            e = stop.recv() => return Err(e),
+            _ = until(g.kill_at) => {
+                tracing::info!("the tidal window's deadline: stopping what is left of the workers");
+                return Ok(Ended::Yielded);
+            }
+            sig = stop.next() => match (sig, &g.plan.tidal) {
+                (super::Sig::Terminate | super::Sig::User1, Some(tide)) => {
+                    let by = crate::tidal::now() + tide.grace_s - crate::tidal::REAP_ALLOWANCE_S;
+                    tracing::warn!("{sig:?}: preempted, every worker gone within {} s", tide.grace_s);
+                    crate::tidal::run::SIGNALLED.store(true, std::sync::atomic::Ordering::SeqCst);
+                    preempt(g, by);
+                    // Tell the coordinator now rather than at the next beat.
+                    next_beat = Instant::now();
+                    heartbeat.reset_at(next_beat);
+                }
+                _ => return Err(stop.error(sig)),
+            },
         }
     }
 }
@@ -355,7 +491,16 @@ async fn on_exit(
 ) -> Option<Result<Ended>> {
     g.workers[local].running = false;
     let (code, signal) = code_and_signal(status);
-    if code == 0 {
+    // In a tidal window a worker exits 75 at the agreed step; once the window is ending,
+    // a worker that fails (its peer on another node was stopped at the deadline) is part
+    // of the stop, not a crash.
+    let ending = g
+        .kill_at
+        .is_some_and(|k| g.yielding || crate::tidal::now() >= k - 1.0);
+    if code == i32::from(crate::tidal::YIELDED) && g.kill_at.is_some() || code != 0 && ending {
+        g.yielding = true;
+    }
+    if code == 0 || g.yielding {
         // A node one of whose workers failed waits for the coordinator's word.
         if g.workers.iter().all(|w| !w.running) && !g.failed {
             let open = links
@@ -365,7 +510,11 @@ async fn on_exit(
                 .filter(|r| !links.closed.contains(r))
                 .collect();
             read_to_close(&mut g.links, &mut g.reports, open, Duration::from_secs(5)).await;
-            return Some(Ok(Ended::Done));
+            return Some(Ok(if g.yielding {
+                Ended::Yielded
+            } else {
+                Ended::Done
+            }));
         }
         return None;
     }

@@ -5,6 +5,7 @@
 
 mod launch;
 mod sections;
+mod tidal;
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,7 @@ use trainer::{DataOptions, LoraSpec, ParallelOptions, TrainOptions};
 use crate::error::{Error, Result};
 pub use launch::LaunchOptions;
 pub use sections::{CheckpointOptions, Device, ExportSection, JobSection, ModelSection};
+pub use tidal::TidalOptions;
 
 /// A whole job file.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -35,6 +37,9 @@ pub struct JobConfig {
     pub checkpoint: CheckpointOptions,
     #[serde(default)]
     pub launch: LaunchOptions,
+    /// Present: a tidal job, trained only inside its windows (`crate::tidal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tidal: Option<TidalOptions>,
 }
 
 fn config_error(file: &Path) -> impl Fn(String) -> Error + '_ {
@@ -117,6 +122,9 @@ impl JobConfig {
             );
         }
         self.launch.validate()?;
+        if let Some(t) = &self.tidal {
+            t.validate()?;
+        }
         self.parallel.validate()?;
         if self.data.max_seq_len < 2 {
             return Err("data.max_seq_len: must be at least 2".into());

@@ -42,6 +42,9 @@ pub use service::serve;
 pub struct Generation {
     pub plan: Decided,
     pub resume: bool,
+    /// A tidal window's deadline and estimates (kept by every generation of the window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::tidal::WindowWork>,
 }
 
 /// The layout for a new generation of `world` ranks (`local` per node), given the current
@@ -62,6 +65,30 @@ pub struct Settings {
     pub first: Option<Generation>,
     /// How a restarted generation's layout is decided; `None`: the same command again.
     pub replan: Option<Replan>,
+    /// A tidal window this run of the job trains in.
+    pub tidal: Option<TidalWindow>,
+}
+
+/// The window a tidal job's coordinator runs in (Unix seconds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TidalWindow {
+    pub window: crate::tidal::Window,
+    /// By when every process of the job must be gone: the window's end − the margin.
+    pub handback: f64,
+    /// When the agents kill what is left of the workers.
+    pub deadline: f64,
+}
+
+/// What the coordinator follows of a tidal window.
+struct Tide {
+    window: TidalWindow,
+    preempted: bool,
+    /// Rank 0 said it stopped for the window (a `yield` event).
+    yield_seen: bool,
+    /// Rank 0's newest step, and the step of the newest checkpoint (or resume).
+    last_step: u64,
+    saved_step: u64,
+    closed: bool,
 }
 
 /// Failed workers reported within this long of the first are one crash (and it is acted on
@@ -85,6 +112,7 @@ struct Inner {
     pending: Option<Fault>,
     finish_logged: bool,
     done_logged: bool,
+    tide: Option<Tide>,
 }
 
 /// The gRPC service; cheap to clone.
@@ -114,7 +142,25 @@ fn log(events: &mut EventLog, event: Event, rank: Option<usize>, node: Option<us
 
 impl Coordinator {
     pub fn new(settings: Settings, mut events: EventLog) -> crate::Result<Self> {
+        let world = settings.start.world_size;
         events.emit(Event::Start(settings.start), None, None)?;
+        if let Some(t) = &settings.tidal {
+            let open = Event::WindowOpen {
+                start: t.window.start,
+                end: t.window.end,
+                handback: t.handback,
+                world,
+            };
+            events.emit(open, None, None)?;
+        }
+        let tide = settings.tidal.map(|window| Tide {
+            window,
+            preempted: false,
+            yield_seen: false,
+            last_step: 0,
+            saved_step: 0,
+            closed: false,
+        });
         let now = Instant::now();
         let mut state = JobState::new(settings.nnodes);
         state.work = settings.first;
@@ -130,6 +176,7 @@ impl Coordinator {
                 pending: None,
                 finish_logged: false,
                 done_logged: false,
+                tide,
             })),
             changed: Arc::new(Notify::new()),
             nonce: rand::random(),
@@ -187,9 +234,11 @@ impl Coordinator {
         } else if inner.state.finished() && !inner.finish_logged {
             inner.finish_logged = true;
             inner.display.finish();
+            let yielded = inner.state.yielded;
+            close_window(&mut inner);
             // `launch train`'s rank 0 logs its own `done` (steps, loss); a user program
             // gets one from here.
-            if !inner.done_logged {
+            if !inner.done_logged && !yielded {
                 let seconds = self.started.elapsed().as_secs_f64();
                 let done = Event::Done {
                     steps: None,
@@ -202,9 +251,39 @@ impl Coordinator {
         }
     }
 
+    /// A tidal job preempted on `node` (or by `launch preempt`): every worker is to be
+    /// gone by `by` (Unix seconds); every agent hears it in its next heartbeat reply.
+    fn preempt(&self, inner: &mut Inner, node: usize, by: f64) {
+        let Some(tide) = &mut inner.tide else {
+            return;
+        };
+        let earlier = inner.state.yield_by.is_none_or(|t| by < t);
+        if earlier {
+            tide.preempted = true;
+            inner.state.yield_by = Some(by);
+            log(&mut inner.events, Event::Preempt { by }, None, Some(node));
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Whether a tidal window is ending: its workers stop (or are stopped) on purpose, so a
+    /// worker exiting or falling silent then is no fault.
+    fn yielding(inner: &Inner) -> bool {
+        inner.tide.as_ref().is_some_and(|t| {
+            t.yield_seen
+                || inner.state.yielded
+                || inner.state.yield_by.is_some()
+                || crate::tidal::now() >= t.window.deadline - 1.0
+        })
+    }
+
     /// Log `fault`, decide and act: drop or replace a node, give up, go on, or mark a restart
     /// pending (started by [`Self::settle`]).
     fn handle(&self, inner: &mut Inner, fault: Fault) {
+        if Self::yielding(inner) {
+            tracing::info!("the tidal window is ending; not a fault: {}", fault.detail);
+            return;
+        }
         let logged = Event::Fault {
             kind: fault.kind,
             detail: fault.detail.clone(),
@@ -315,10 +394,15 @@ impl Coordinator {
         let world = inner.state.world_size();
         let local = inner.state.local_world();
         let current = inner.state.work.as_ref().map(|w| &w.plan);
+        let window = inner.state.work.as_ref().and_then(|w| w.window);
         let work = match &self.replan {
             None => None,
             Some(replan) => match replan(world, local, current) {
-                Ok(plan) => Some(Generation { plan, resume: true }),
+                Ok(plan) => Some(Generation {
+                    plan,
+                    resume: true,
+                    window,
+                }),
                 Err(e) => {
                     inner.state.stopped = Some(format!(
                         "{} (re-planning for {world} ranks failed: {e})",
@@ -384,6 +468,32 @@ impl Coordinator {
         };
         log(&mut inner.events, event, None, None);
     }
+}
+
+/// A tidal window's end, once every node is done: why it closed, the step reached, the
+/// steps since the last checkpoint (to do again).
+fn close_window(inner: &mut Inner) {
+    let yielded = inner.state.yielded;
+    let Some(t) = inner.tide.as_mut().filter(|t| !t.closed) else {
+        return;
+    };
+    t.closed = true;
+    let reason = match (yielded, t.preempted) {
+        (false, _) => crate::tidal::CloseReason::Finished,
+        (true, true) => crate::tidal::CloseReason::Preempted,
+        (true, false) => crate::tidal::CloseReason::Deadline,
+    };
+    let lost_steps = if yielded {
+        t.last_step.saturating_sub(t.saved_step)
+    } else {
+        0
+    };
+    let close = Event::WindowClose {
+        reason,
+        steps: t.last_step,
+        lost_steps,
+    };
+    log(&mut inner.events, close, None, None);
 }
 
 /// Leave `node` out for good because of `fault`, and stop watching it.
@@ -472,6 +582,24 @@ fn ingest(inner: &mut Inner, node: usize, generation: u64, line: &str, now: Inst
             }
             if p.rank == 0 {
                 inner.display.step(s);
+                if let Some(t) = &mut inner.tide {
+                    t.last_step = s.step;
+                }
+            }
+        }
+        ToAgent::Event { event, .. } if current && inner.tide.is_some() => {
+            if let Some(t) = &mut inner.tide {
+                match event {
+                    Event::Checkpoint { step, .. } | Event::Resumed { step, .. } => {
+                        t.saved_step = t.saved_step.max(*step);
+                        t.last_step = t.last_step.max(*step);
+                    }
+                    Event::Yield { .. } => t.yield_seen = true,
+                    _ => {}
+                }
+            }
+            if let Event::Done { .. } = event {
+                inner.done_logged = true;
             }
         }
         ToAgent::Event {

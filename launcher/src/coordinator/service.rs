@@ -68,17 +68,23 @@ fn reply_for(state: &JobState, node: usize, generation: u64) -> rpc::HeartbeatRe
     if state.finished() {
         return rpc::HeartbeatReply {
             finished: true,
+            yielded: state.yielded,
             ..Default::default()
         };
     }
+    let yield_by = state.yield_by.unwrap_or(0.0);
     if state.members.contains(&node) && generation < state.generation {
         return rpc::HeartbeatReply {
             restart: true,
             generation: state.generation,
+            yield_by,
             ..Default::default()
         };
     }
-    rpc::HeartbeatReply::default()
+    rpc::HeartbeatReply {
+        yield_by,
+        ..Default::default()
+    }
 }
 
 impl Coordinator {
@@ -230,6 +236,9 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
                 return Ok(Response::new(reply_for(&inner.state, node, r.generation)));
             }
             inner.detector.heartbeat(node, now);
+            if r.preempt_by > 0.0 && r.preempt_by.is_finite() {
+                self.preempt(inner, node, r.preempt_by);
+            }
             let mut faults = Vec::new();
             for line in &r.reports {
                 faults.extend(ingest(inner, node, r.generation, line, now));
@@ -277,6 +286,7 @@ impl rpc::coordinator_server::Coordinator for Coordinator {
             let mut inner = self.lock();
             if r.generation == inner.state.generation {
                 inner.state.done.insert(node_of(r.node_rank));
+                inner.state.yielded |= r.yielded;
             }
         }
         self.tick();

@@ -104,6 +104,10 @@ pub struct JobState {
     pub input_error: bool,
     /// What the workers of the current generation run with (`launch train`'s layout).
     pub work: Option<super::Generation>,
+    /// A tidal job: some node's workers stopped for the window's end (status 75).
+    pub yielded: bool,
+    /// A tidal job was preempted: every worker gone by these Unix seconds.
+    pub yield_by: Option<f64>,
     pub restarts: u32,
 }
 
@@ -123,6 +127,8 @@ impl JobState {
             stopped: None,
             input_error: false,
             work: None,
+            yielded: false,
+            yield_by: None,
             restarts: 0,
         }
     }

@@ -16,6 +16,14 @@ use crate::rpc::coordinator_server::Coordinator as _;
 const TIMEOUT: Duration = Duration::from_secs(1);
 
 fn coordinator(nnodes: usize, dir: &std::path::Path) -> Coordinator {
+    coordinator_in(nnodes, dir, None)
+}
+
+fn coordinator_in(
+    nnodes: usize,
+    dir: &std::path::Path,
+    tidal: Option<super::TidalWindow>,
+) -> Coordinator {
     // The job file's defaults, as production runs them, with a short heartbeat timeout.
     let policy = LaunchOptions {
         heartbeat_interval_s: TIMEOUT.as_secs_f64() / 4.0,
@@ -41,6 +49,7 @@ fn coordinator(nnodes: usize, dir: &std::path::Path) -> Coordinator {
         display: StepDisplay::new(None),
         first: None,
         replan: None,
+        tidal,
     };
     let events = EventLog::open(&dir.join("events.jsonl")).expect("event log");
     Coordinator::new(settings, events).expect("coordinator")
@@ -89,6 +98,7 @@ async fn beat_as(
         reports: Vec::new(),
         generation,
         instance,
+        preempt_by: 0.0,
     };
     c.heartbeat(Request::new(request))
         .await
@@ -218,6 +228,7 @@ async fn an_agent_restarted_after_the_job_finished_is_told_so() {
         let done = rpc::NodeDoneRequest {
             node_rank: node,
             generation: 0,
+            yielded: false,
         };
         c.node_done(Request::new(done)).await.expect("done");
     }
@@ -229,4 +240,82 @@ async fn an_agent_restarted_after_the_job_finished_is_told_so() {
     assert!(reply.finished, "{reply:?}");
     assert!(events(dir.path(), fault).is_empty());
     assert!(events(dir.path(), restart).is_empty());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_preemption_on_one_node_reaches_the_others_and_its_stop_is_no_fault() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = crate::tidal::now();
+    let window = super::TidalWindow {
+        window: crate::tidal::Window {
+            start: now,
+            end: now + 3600.0,
+        },
+        handback: now + 3500.0,
+        deadline: now + 3499.5,
+    };
+    let c = coordinator_in(2, dir.path(), Some(window));
+    join_all(&c, 2).await;
+    assert_eq!(beat(&c, 0, 0).await.yield_by, 0.0, "no preemption yet");
+    // Node 1's agent got SIGTERM with a 30 s grace.
+    let by = now + 30.0;
+    let request = rpc::HeartbeatRequest {
+        node_rank: 1,
+        reports: Vec::new(),
+        generation: 0,
+        instance: 100 + 1,
+        preempt_by: by,
+    };
+    c.heartbeat(Request::new(request)).await.expect("beat");
+    assert_eq!(beat(&c, 0, 0).await.yield_by, by, "node 0 hears it");
+    // A later, looser request does not move the deadline.
+    let looser = rpc::HeartbeatRequest {
+        node_rank: 0,
+        reports: Vec::new(),
+        generation: 0,
+        instance: 100,
+        preempt_by: by + 10.0,
+    };
+    c.heartbeat(Request::new(looser)).await.expect("beat");
+    assert_eq!(beat(&c, 1, 0).await.yield_by, by);
+    // Node 1's worker exits 1 at the kill (its peer is gone): not a crash to restart for.
+    let exit = rpc::WorkerExitRequest {
+        node_rank: 1,
+        rank: 2,
+        pid: 4242,
+        code: 1,
+        signal: 0,
+        message: "peer gone".into(),
+        generation: 0,
+    };
+    c.worker_exit(Request::new(exit)).await.expect("exit");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for node in 0..2 {
+        beat(&c, node, 0).await;
+        let done = rpc::NodeDoneRequest {
+            node_rank: node,
+            generation: 0,
+            yielded: true,
+        };
+        c.node_done(Request::new(done)).await.expect("done");
+    }
+    let reply = beat(&c, 0, 0).await;
+    assert!(reply.finished && reply.yielded, "{reply:?}");
+    assert!(events(dir.path(), fault).is_empty());
+    assert!(events(dir.path(), restart).is_empty());
+    let closes = events(dir.path(), |e| matches!(e, Event::WindowClose { .. }));
+    assert!(
+        matches!(
+            closes.as_slice(),
+            [Record {
+                event: Event::WindowClose {
+                    reason: crate::tidal::CloseReason::Preempted,
+                    ..
+                },
+                ..
+            }]
+        ),
+        "{closes:?}"
+    );
+    assert!(events(dir.path(), |e| matches!(e, Event::Done { .. })).is_empty());
 }

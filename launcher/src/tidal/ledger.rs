@@ -1,0 +1,363 @@
+//! The goodput ledger of a tidal run, read back from its event log: each window's wall
+//! time (its scheduled start to its scheduled end) cut at the moments the log records —
+//! the first step starts, the last step that a checkpoint kept ends, the last step ends,
+//! the final checkpoint commits (rank 0's `yield`), the last node's GPUs are released —
+//! into start-up and restore, useful training, checkpointing, lost work, drain and idle.
+//! `launch status` prints it (text or JSON), projects the windows still needed, and draws
+//! loss, tokens/s and the windows over time (`status.svg`).
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::CloseReason;
+use crate::error::{Error, Result};
+use crate::events::{Event, Record};
+
+/// One window's account, seconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct WindowLedger {
+    pub start: f64,
+    pub end: f64,
+    pub handback: f64,
+    pub world: usize,
+    pub reason: Option<CloseReason>,
+    /// Steps this window took (first, last), and how many of them are to be done again.
+    pub first_step: Option<u64>,
+    pub last_step: Option<u64>,
+    pub lost_steps: u64,
+    /// Seconds to spare before the hand-back when the last node's GPUs were released.
+    pub handback_margin_s: Option<f64>,
+    pub startup_s: f64,
+    pub useful_s: f64,
+    pub checkpoint_s: f64,
+    pub lost_s: f64,
+    pub drain_s: f64,
+    pub idle_s: f64,
+}
+
+impl WindowLedger {
+    pub fn wall_s(&self) -> f64 {
+        self.end - self.start
+    }
+
+    /// The parts, which add up to [`Self::wall_s`].
+    pub fn parts_s(&self) -> f64 {
+        self.startup_s
+            + self.useful_s
+            + self.checkpoint_s
+            + self.lost_s
+            + self.drain_s
+            + self.idle_s
+    }
+}
+
+/// The whole run's account.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Ledger {
+    pub windows: Vec<WindowLedger>,
+    pub max_steps: Option<u64>,
+    /// The step reached (kept by a checkpoint, or finished).
+    pub step: u64,
+    pub finished: bool,
+    /// Steps kept per window, on average, and the windows still needed at that rate.
+    pub steps_per_window: Option<f64>,
+    pub windows_left: Option<u64>,
+    pub totals: Totals,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Totals {
+    pub wall_s: f64,
+    pub startup_s: f64,
+    pub useful_s: f64,
+    pub checkpoint_s: f64,
+    pub lost_s: f64,
+    pub drain_s: f64,
+    pub idle_s: f64,
+    /// useful / wall.
+    pub goodput: f64,
+}
+
+/// The events of one window, in order, split at each `window_open`.
+fn windows(records: &[Record]) -> Vec<&[Record]> {
+    let opens: Vec<usize> = records
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r.event, Event::WindowOpen { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    opens
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| &records[i..opens.get(k + 1).copied().unwrap_or(records.len())])
+        .collect()
+}
+
+/// One window's ledger from its events (the first is its `window_open`).
+fn window(events: &[Record]) -> Option<WindowLedger> {
+    let Event::WindowOpen {
+        start,
+        end,
+        handback,
+        world,
+    } = events.first()?.event
+    else {
+        return None;
+    };
+    let mut w = WindowLedger {
+        start,
+        end,
+        handback,
+        world,
+        ..Default::default()
+    };
+    // (step, its start, its end) of rank 0.
+    let mut steps: Vec<(u64, f64, f64)> = Vec::new();
+    let mut saves: Vec<(u64, f64, f64)> = Vec::new();
+    let (mut yielded_at, mut released) = (None, None::<f64>);
+    let mut saved_step = None;
+    for r in events {
+        match &r.event {
+            Event::Step(s) if r.rank == Some(0) => {
+                let st = &s.stats;
+                steps.push((st.step, r.time - st.step_time.max(0.0), r.time))
+            }
+            Event::Resumed { step, .. } => saved_step = Some(*step),
+            Event::Checkpoint { step, stall_s, .. } => {
+                saves.push((*step, r.time, *stall_s));
+                saved_step = Some(*step);
+            }
+            Event::Yield { at, .. } => yielded_at = Some(*at),
+            Event::GpusReleased { at, .. } => released = Some(released.map_or(*at, |m| m.max(*at))),
+            Event::WindowClose {
+                reason, lost_steps, ..
+            } => {
+                w.reason = Some(*reason);
+                w.lost_steps = *lost_steps;
+            }
+            Event::Done { .. } => {
+                w.reason.get_or_insert(CloseReason::Finished);
+            }
+            _ => {}
+        }
+    }
+    // A step run again after a restart in the window counts once, as its last run.
+    steps.sort_by(|a, b| a.0.cmp(&b.0).then(a.2.total_cmp(&b.2)));
+    steps.dedup_by(|later, earlier| {
+        let same = later.0 == earlier.0;
+        if same {
+            *earlier = *later;
+        }
+        same
+    });
+    let finished = w.reason == Some(CloseReason::Finished);
+    let last_kept = match finished {
+        true => steps.last().map(|s| s.0),
+        false => saved_step,
+    };
+    w.first_step = steps.first().map(|s| s.0);
+    w.last_step = steps.last().map(|s| s.0);
+    let clamp = |t: f64| t.clamp(start, end.max(start));
+    let t1 = clamp(steps.first().map_or(start, |s| s.1));
+    let t3 = clamp(steps.last().map_or(t1, |s| s.2).max(t1));
+    let t2 = clamp(
+        steps
+            .iter()
+            .filter(|s| last_kept.is_some_and(|k| s.0 <= k))
+            .map(|s| s.2)
+            .fold(t1, f64::max)
+            .min(t3),
+    );
+    let t5 = clamp(released.unwrap_or(t3).max(t3));
+    let t4 = clamp(yielded_at.unwrap_or(t3).clamp(t3, t5));
+    let stalls: f64 = saves
+        .iter()
+        .filter(|s| s.1 > t1 && s.1 <= t2)
+        .map(|s| s.2)
+        .sum::<f64>()
+        .min(t2 - t1);
+    w.startup_s = t1 - start;
+    w.useful_s = t2 - t1 - stalls;
+    w.lost_s = t3 - t2;
+    w.checkpoint_s = stalls + (t4 - t3);
+    w.drain_s = t5 - t4;
+    w.idle_s = end.max(start) - t5;
+    w.handback_margin_s = released.map(|r| handback - r);
+    if !finished {
+        w.lost_steps = w.lost_steps.max(
+            steps
+                .iter()
+                .filter(|s| last_kept.is_none_or(|k| s.0 > k))
+                .count() as u64,
+        );
+    }
+    Some(w)
+}
+
+/// The ledger of the run in `run_dir`.
+pub fn ledger(run_dir: &Path) -> Result<Ledger> {
+    let path = run_dir.join("events.jsonl");
+    if !path.exists() {
+        return Err(Error::BadPath {
+            key: "RUN_DIR".into(),
+            path: run_dir.to_path_buf(),
+            message: "not a run directory (no events.jsonl)".into(),
+        });
+    }
+    let records = crate::events::read(&path)?;
+    let mut l = Ledger {
+        windows: windows(&records).into_iter().filter_map(window).collect(),
+        max_steps: max_steps(run_dir),
+        ..Default::default()
+    };
+    l.finished = records
+        .iter()
+        .any(|r| matches!(r.event, Event::Done { .. }));
+    l.step = records
+        .iter()
+        .filter_map(|r| match (&r.event, l.finished) {
+            (Event::Checkpoint { step, .. }, _) => Some(*step),
+            (Event::Step(s), true) if r.rank == Some(0) => Some(s.stats.step),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let t = &mut l.totals;
+    for w in &l.windows {
+        t.wall_s += w.wall_s();
+        t.startup_s += w.startup_s;
+        t.useful_s += w.useful_s;
+        t.checkpoint_s += w.checkpoint_s;
+        t.lost_s += w.lost_s;
+        t.drain_s += w.drain_s;
+        t.idle_s += w.idle_s;
+    }
+    t.goodput = if t.wall_s > 0.0 {
+        t.useful_s / t.wall_s
+    } else {
+        0.0
+    };
+    let closed = l.windows.iter().filter(|w| w.reason.is_some()).count();
+    if closed > 0 && l.step > 0 {
+        let per = l.step as f64 / closed as f64;
+        l.steps_per_window = Some(per);
+        l.windows_left = l
+            .max_steps
+            .map(|m| (m.saturating_sub(l.step) as f64 / per).ceil() as u64);
+    }
+    Ok(l)
+}
+
+/// `training.max_steps` of the run's resolved config.
+fn max_steps(run_dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(run_dir.join("config.toml")).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    table
+        .get("training")?
+        .get("max_steps")?
+        .as_integer()?
+        .try_into()
+        .ok()
+}
+
+/// `launch status RUN_DIR [--format json]`: the ledger as text or JSON; writes
+/// `RUN_DIR/status.svg`.
+pub fn status(run_dir: &Path, format: &str) -> Result<String> {
+    let l = ledger(run_dir)?;
+    let svg = run_dir.join("status.svg");
+    super::picture::draw(run_dir, &l, &svg)?;
+    match format {
+        "json" => {
+            let mut v = serde_json::to_value(&l).map_err(|e| Error::Launch(e.to_string()))?;
+            v["picture"] = svg.display().to_string().into();
+            Ok(format!("{v}\n"))
+        }
+        "text" => Ok(text(&l, &svg)),
+        other => Err(Error::Config {
+            file: "--format".into(),
+            message: format!("`{other}`: expected text or json"),
+        }),
+    }
+}
+
+fn text(l: &Ledger, svg: &Path) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>3} {:>9} {:>7} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "win",
+        "closed",
+        "steps",
+        "lost",
+        "world",
+        "wall_s",
+        "startup",
+        "useful",
+        "ckpt",
+        "lost_s",
+        "drain",
+        "idle",
+        "margin_s"
+    );
+    for (i, w) in l.windows.iter().enumerate() {
+        let reason = match w.reason {
+            Some(CloseReason::Deadline) => "deadline",
+            Some(CloseReason::Preempted) => "preempted",
+            Some(CloseReason::Finished) => "finished",
+            None => "open",
+        };
+        let steps = match (w.first_step, w.last_step) {
+            (Some(a), Some(b)) => format!("{a}-{b}"),
+            _ => "-".into(),
+        };
+        let margin = w
+            .handback_margin_s
+            .map_or("-".into(), |m| format!("{m:.2}"));
+        let _ = writeln!(
+            out,
+            "{:>3} {:>9} {:>7} {:>6} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9}",
+            i + 1,
+            reason,
+            steps,
+            w.lost_steps,
+            w.world,
+            w.wall_s(),
+            w.startup_s,
+            w.useful_s,
+            w.checkpoint_s,
+            w.lost_s,
+            w.drain_s,
+            w.idle_s,
+            margin
+        );
+    }
+    let t = &l.totals;
+    let _ = writeln!(
+        out,
+        "total: {:.1} s in {} windows: start-up {:.1}, useful {:.1}, checkpointing {:.1}, lost {:.1}, drain {:.1}, idle {:.1}; goodput {:.1} %",
+        t.wall_s,
+        l.windows.len(),
+        t.startup_s,
+        t.useful_s,
+        t.checkpoint_s,
+        t.lost_s,
+        t.drain_s,
+        t.idle_s,
+        100.0 * t.goodput
+    );
+    let max = l.max_steps.map_or("?".into(), |m| m.to_string());
+    let _ = match (l.finished, l.windows_left) {
+        (true, _) => writeln!(out, "finished: step {} of {max}", l.step),
+        (false, Some(n)) => writeln!(
+            out,
+            "at step {} of {max}: about {n} more windows at {:.1} steps per window",
+            l.step,
+            l.steps_per_window.unwrap_or(0.0)
+        ),
+        (false, None) => writeln!(out, "at step {} of {max}", l.step),
+    };
+    let _ = writeln!(out, "picture: {}", svg.display());
+    out
+}

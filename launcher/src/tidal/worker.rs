@@ -1,0 +1,124 @@
+//! A tidal job's worker side: before every step, each rank decides from its own clock
+//! and estimates whether another step still fits before the deadline (the window's, or a
+//! preemption's that its agent wrote to the control file), and the ranks agree on the
+//! strictest verdict with one all-reduce, so that every rank saves, or stops, at the same
+//! step.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use parallel::{Collectives, Communicator, ReduceOp};
+
+use super::decide::{self, Estimates, Verdict};
+use super::WindowWork;
+
+/// The environment variable naming the file the agent writes a preemption's deadline to
+/// (Unix seconds, one line).
+pub const CONTROL_ENV: &str = "TIDEMILL_CONTROL";
+
+/// One rank's view of the window.
+pub struct Tide {
+    work: WindowWork,
+    control: Option<PathBuf>,
+    /// Seconds between the last step boundaries (a step with whatever ran between steps).
+    recent: VecDeque<f64>,
+    boundary: Option<Instant>,
+    /// The step of the newest checkpoint saved (or resumed from).
+    saved_step: u64,
+}
+
+/// How many recent steps the step estimate looks at (it takes the slowest).
+const RECENT: usize = 8;
+
+impl Tide {
+    /// For a worker of a tidal window (`None` outside one), whose trainer is at `step`.
+    pub fn new(work: Option<WindowWork>, step: u64) -> Option<Self> {
+        Some(Self {
+            work: work?,
+            control: std::env::var_os(CONTROL_ENV).map(PathBuf::from),
+            recent: VecDeque::new(),
+            boundary: None,
+            saved_step: step,
+        })
+    }
+
+    /// The deadline now, and whether a preemption set it: the window's, or an earlier one
+    /// a preemption set.
+    pub fn deadline(&self) -> (f64, bool) {
+        let preempted = self
+            .control
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|t| t.is_finite());
+        match preempted {
+            Some(p) => (p.min(self.work.deadline), true),
+            None => (self.work.deadline, false),
+        }
+    }
+
+    /// The estimates as measured so far in this window.
+    pub fn estimates(&self) -> Estimates {
+        let measured = self
+            .recent
+            .iter()
+            .copied()
+            .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
+        Estimates {
+            step_s: measured.or(self.work.estimates.step_s),
+            ..self.work.estimates
+        }
+    }
+
+    /// A checkpoint of `step` started (it commits before this rank exits: the steps up
+    /// to it are not lost).
+    pub fn saving(&mut self, step: u64) {
+        self.saved_step = self.saved_step.max(step);
+    }
+
+    /// A checkpoint took `seconds`, from its start to its commit.
+    pub fn saved(&mut self, seconds: f64) {
+        if seconds.is_finite() && seconds > 0.0 {
+            self.work.estimates.checkpoint_s = seconds;
+        }
+    }
+
+    /// At the boundary before step `done + 1`: this rank's verdict, agreed with every rank
+    /// of `world` (the strictest wins).
+    pub fn boundary(&mut self, world: &dyn Communicator, done: u64) -> parallel::Result<Verdict> {
+        let now = Instant::now();
+        if let Some(prev) = self.boundary.replace(now) {
+            self.recent
+                .push_back(now.duration_since(prev).as_secs_f64());
+            if self.recent.len() > RECENT {
+                self.recent.pop_front();
+            }
+        }
+        let (deadline, preempted) = self.deadline();
+        let mut estimates = self.estimates();
+        if preempted {
+            // "The window ends now, with this grace": no further step.
+            estimates.step_s = Some(f64::INFINITY);
+        }
+        let mine = decide::decide(
+            super::now(),
+            deadline,
+            &estimates,
+            done.saturating_sub(self.saved_step),
+        );
+        let mut code = [mine.code()];
+        world.all_reduce(&mut code, ReduceOp::Max)?;
+        Ok(Verdict::from_code(code[0]))
+    }
+
+    /// Steps taken since the newest checkpoint.
+    pub fn unsaved(&self, done: u64) -> u64 {
+        done.saturating_sub(self.saved_step)
+    }
+
+    /// Forget the last boundary (time spent saving is not a step's).
+    pub fn pause(&mut self) {
+        self.boundary = None;
+    }
+}
