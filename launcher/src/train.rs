@@ -269,6 +269,18 @@ fn train_loop<B: TrainBackend>(
             }
         }
         if saver.due(s.step, t.max_steps) {
+            // Never start a checkpoint that cannot commit before the window's deadline.
+            if let Some(tide) = &mut tide {
+                if !tide.save_fits(&*trainer.mesh().world)? {
+                    return Err(yield_now(
+                        trainer,
+                        tide,
+                        &mut saver,
+                        &saved_state,
+                        Verdict::Stop,
+                    ));
+                }
+            }
             saver.save(trainer, &saved_state)?;
             if let Some(tide) = &mut tide {
                 tide.saving(s.step);

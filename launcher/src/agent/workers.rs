@@ -363,6 +363,8 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client, stop: &mut Stop)
     // trails the workers by at most RELAY_WITHIN rather than a heartbeat interval.
     let mut next_beat = Instant::now();
     let mut silent = Silence::new(&g.plan.launch);
+    // How often node 0 looks for `launch preempt`'s request.
+    let mut requests = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             Some(msg) = g.links.recv() => {
@@ -389,11 +391,15 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client, stop: &mut Stop)
                     return outcome;
                 }
             },
-            _ = heartbeat.tick() => {
-                next_beat = Instant::now() + period;
+            _ = requests.tick() => {
                 if let Some(by) = preempt_request(g) {
                     preempt(g, by - crate::tidal::REAP_ALLOWANCE_S);
+                    next_beat = Instant::now();
+                    heartbeat.reset_at(next_beat);
                 }
+            }
+            _ = heartbeat.tick() => {
+                next_beat = Instant::now() + period;
                 let reply = beat(client, g.me, generation, &mut g.reports).await;
                 let reply = silent.check(reply)?;
                 if let Some(r) = reply.as_ref().filter(|r| r.yield_by > 0.0 && g.kill_at.is_some()) {

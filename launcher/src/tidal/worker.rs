@@ -112,6 +112,18 @@ impl Tide {
         Ok(Verdict::from_code(code[0]))
     }
 
+    /// Whether a checkpoint started now would commit, and the workers be gone, before the
+    /// deadline, agreed by every rank of `world` (all save, or none: a rank's commit waits
+    /// for every rank's part).
+    pub fn save_fits(&self, world: &dyn Communicator) -> parallel::Result<bool> {
+        let (deadline, _) = self.deadline();
+        let e = self.estimates();
+        let fits = super::now() + e.checkpoint_s + e.drain_s <= deadline;
+        let mut code = [if fits { 0.0f32 } else { 1.0 }];
+        world.all_reduce(&mut code, ReduceOp::Max)?;
+        Ok(code[0] == 0.0)
+    }
+
     /// Steps taken since the newest checkpoint.
     pub fn unsaved(&self, done: u64) -> u64 {
         done.saturating_sub(self.saved_step)
