@@ -35,8 +35,13 @@ pub enum Command {
         /// Train one tidal window, from now until TIME (RFC 3339, or HH:MM[:SS] in
         /// `tidal.timezone`), then hand the GPUs back: exit 0 when finished, 75 when there
         /// is more to do (for a scheduler that starts the job itself each night).
-        #[arg(long, value_name = "TIME")]
+        #[arg(long, value_name = "TIME", conflicts_with = "rehearse")]
         until: Option<String>,
+        /// Rehearse the next tidal window with a clock SPEED times fast (510: a night of
+        /// 8.5 h in a minute), for real, in `<run_dir>-rehearsal`: at which step the night
+        /// ends and whether the hand-back margin holds.
+        #[arg(long, value_name = "SPEED")]
+        rehearse: Option<f64>,
     },
     /// Preempt a running tidal job: it stops within GRACE seconds (checkpointing if that
     /// fits) and its `launch train` exits 75 (with `--until`) or waits for the next window.
@@ -171,10 +176,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             set,
             launch,
             until,
+            rehearse,
         } => {
-            let mut all = set.clone();
+            let mut all = scheduler()?;
+            all.extend(set);
             all.extend(launch.overrides());
-            crate::launch::train(&config, &all, until.as_deref())
+            match rehearse {
+                Some(speed) => crate::launch::rehearse(&config, &all, speed),
+                None => crate::launch::train(&config, &all, until.as_deref()),
+            }
         }
         Command::Preempt { run_dir, grace } => crate::tidal::run::preempt(&run_dir, grace),
         Command::Status { run_dir, format } => {
@@ -186,7 +196,11 @@ fn dispatch(cli: Cli) -> Result<()> {
             run_dir,
             collective_timeout,
             program,
-        } => crate::launch::run_program(&launch.overrides(), run_dir, collective_timeout, &program),
+        } => {
+            let mut all = scheduler()?;
+            all.extend(launch.overrides());
+            crate::launch::run_program(&all, run_dir, collective_timeout, &program)
+        }
         Command::Worker {
             config,
             set,
@@ -234,6 +248,15 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Probe => probe(),
     }
+}
+
+/// `launch.*` overrides from Slurm's or a Kubernetes Indexed Job's environment (before the
+/// command line's, which win).
+fn scheduler() -> Result<Vec<String>> {
+    crate::config::scheduler::from_env().map_err(|message| crate::error::Error::Config {
+        file: "environment".into(),
+        message,
+    })
 }
 
 /// Parse arguments, run, print the error chain; 0 success, 2 bad config or usage, 1 failure.

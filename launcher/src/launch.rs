@@ -32,6 +32,16 @@ pub fn train(config: &Path, overrides: &[String], until: Option<&str>) -> Result
     run_job(&cfg, config, overrides, None).map(|_| ())
 }
 
+/// `launch train JOB --rehearse SPEED` (`crate::tidal::run::rehearse`), after the same
+/// checks as a real run.
+pub fn rehearse(config: &Path, overrides: &[String], speed: f64) -> Result<()> {
+    let cfg = JobConfig::load(config, overrides)?;
+    crate::preflight::check(&cfg)?;
+    crate::auth::Token::resolve(&cfg.launch)?;
+    crate::tls::Tls::load(&cfg.launch)?;
+    crate::tidal::run::rehearse(&cfg, config, overrides, speed)
+}
+
 /// Run the job on this node (its coordinator too on node 0) until it finishes, or, in a
 /// tidal window (`tide`: the window and what the workers' estimates start from), until the
 /// window ends.

@@ -4,6 +4,7 @@
 //! in `configs/README.md`.
 
 mod launch;
+pub mod scheduler;
 mod sections;
 mod tidal;
 

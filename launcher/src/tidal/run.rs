@@ -148,6 +148,109 @@ pub fn train(
     }
 }
 
+/// `launch train JOB --rehearse SPEED`: play the job's next window with a clock `speed`
+/// times fast (a night of 8.5 h in a minute at 510×), for real, in a run directory of its
+/// own (`<run_dir>-rehearsal`, started afresh), and say at which step the night ended,
+/// when (on the night's clock) the GPUs were released and whether the margin held, and how
+/// many steps a real night would take at the rates measured.
+pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) -> Result<()> {
+    if !(speed.is_finite() && speed >= 1.0) {
+        return Err(config_err("--rehearse".as_ref())(format!(
+            "the clock's speed must be at least 1, got {speed}"
+        )));
+    }
+    let tidal = cfg.tidal.clone().unwrap_or_default();
+    let schedule = Schedule::new(&tidal).map_err(config_err(file))?;
+    let night = schedule.next(now()).ok_or_else(|| {
+        config_err(file)("tidal.windows: a rehearsal plays the next window; none is given".into())
+    })?;
+    let run_dir = PathBuf::from(format!("{}-rehearsal", cfg.run_dir().display()));
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).map_err(|source| Error::Io {
+            path: run_dir.clone(),
+            source,
+        })?;
+    }
+    let mut all = overrides.to_vec();
+    all.extend([
+        format!("job.run_dir=\"{}\"", run_dir.display()),
+        format!("tidal.handback_margin_s={}", tidal.handback_margin_s / speed),
+        format!("tidal.grace_s={}", tidal.grace_s / speed),
+    ]);
+    let fast = JobConfig::load(file, &all)?;
+    let (r0, len) = (now(), (night.end - night.start) / speed);
+    let virt = |t: f64| schedule.local(night.start + (t - r0) * speed);
+    println!(
+        "rehearsal: the window {} – {} at {speed}× ({len:.1} s), in {}",
+        schedule.local(night.start),
+        schedule.local(night.end),
+        run_dir.display()
+    );
+    let handback = r0 + len - tidal.handback_margin_s / speed;
+    let tide = AgentTide {
+        window: TidalWindow {
+            window: Window {
+                start: r0,
+                end: r0 + len,
+            },
+            handback,
+            deadline: handback - REAP_ALLOWANCE_S,
+        },
+        grace_s: tidal.grace_s / speed,
+        on_release: None,
+        hook_timeout_s: tidal.hook_timeout_s,
+    };
+    let estimates = estimates(&fast, &tidal)?;
+    let outcome = crate::launch::run_job(&fast, file, &all, Some((tide, estimates)))?;
+    let l = super::ledger::ledger(&run_dir)?;
+    let w = l.windows.last().ok_or_else(|| {
+        Error::Launch(format!("{}: the rehearsal logged no window", run_dir.display()))
+    })?;
+    let records = crate::events::read(&run_dir.join("events.jsonl"))?;
+    let released = records
+        .iter()
+        .filter_map(|r| match r.event {
+            Event::GpusReleased { at, .. } => Some(at),
+            _ => None,
+        })
+        .fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a))));
+    let end = match outcome {
+        Outcome::Finished => "finished the job".to_string(),
+        Outcome::Yielded { .. } => format!("stopped after step {}", w.last_step.unwrap_or(0)),
+    };
+    println!("rehearsal: the night {end} ({} steps lost)", w.lost_steps);
+    if let Some(at) = released {
+        let spare = (handback - at) * speed;
+        println!(
+            "rehearsal: GPUs released at {} on the night's clock, {spare:.0} s before the \
+             hand-back at {}: {}",
+            virt(at),
+            virt(handback),
+            if spare >= 0.0 { "the margin holds" } else { "LATE: the margin does not hold" }
+        );
+    }
+    let steps = match (w.first_step, w.last_step) {
+        (Some(a), Some(b)) => (b + 1).saturating_sub(a),
+        _ => 0,
+    };
+    if let Some(m) = measured(&records).filter(|_| steps > 0) {
+        // Wall time per step, what runs between steps included.
+        let step = w.useful_s / steps as f64;
+        let usable = night.end - night.start - tidal.handback_margin_s - w.startup_s
+            - m.checkpoint_s
+            - m.drain_s;
+        println!(
+            "rehearsal: measured a step {step:.3} s (wall), a checkpoint {:.3} s, the drain {:.3} s, \
+             start-up {:.1} s: a real night at these rates takes about {:.0} steps",
+            m.checkpoint_s,
+            m.drain_s,
+            w.startup_s,
+            (usable / step).max(0.0).floor()
+        );
+    }
+    Ok(())
+}
+
 /// Sleep until Unix seconds `at`; SIGTERM or SIGUSR1 meanwhile yields (75), SIGINT stops.
 fn wait_until(at: f64) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()

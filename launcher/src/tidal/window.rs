@@ -182,11 +182,19 @@ impl Schedule {
         None
     }
 
-    /// `--until TIME`: RFC 3339 (`2026-12-08T06:30:00+08:00`), or `HH:MM[:SS]` in the job's
-    /// timezone (its next occurrence after `now`). The window is `[now, TIME)`.
+    /// `--until TIME`: RFC 3339 (`2026-12-08T06:30:00+08:00`), a date and time without
+    /// offset (Slurm's `EndTime`, `2026-12-08T06:30:00`) or `HH:MM[:SS]` (its next
+    /// occurrence after `now`), both in the job's timezone. The window is `[now, TIME)`.
     pub fn until(&self, time: &str, now: f64) -> Result<Window, String> {
+        let civil = time.parse::<jiff::civil::DateTime>().ok();
         let end = match time.parse::<Timestamp>() {
             Ok(t) => unix(t),
+            // Slurm's `EndTime` has no offset: local time in the job's timezone.
+            Err(_) if civil.is_some() && time.contains('T') => {
+                let dt = civil.ok_or("--until")?;
+                let z = self.tz.to_zoned(dt).map_err(|e| format!("--until: {e}"))?;
+                unix(z.timestamp())
+            }
             Err(_) => {
                 let t = time_of_day("--until", time).map_err(|_| {
                     format!(
@@ -303,6 +311,8 @@ mod tests {
         let w = s.until("21:30:15", now).expect("until");
         assert_eq!(w.end, at("2026-12-07T13:30:15Z"));
         let w = s.until("2026-12-08T06:30:00+08:00", now).expect("until");
+        assert_eq!(w.end, at("2026-12-07T22:30:00Z"));
+        let w = s.until("2026-12-08T06:30:00", now).expect("until");
         assert_eq!(w.end, at("2026-12-07T22:30:00Z"));
         let e = s.until("2026-12-01T00:00:00Z", now).expect_err("past");
         assert!(e.contains("in the past"), "{e}");
