@@ -10,6 +10,7 @@
 
 #[path = "../it/common/mod.rs"]
 mod common;
+mod slurm;
 mod tidal;
 
 use std::collections::BTreeMap;

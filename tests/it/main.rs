@@ -9,6 +9,7 @@ mod bf16;
 mod checkpoint;
 mod cli;
 mod convert;
+mod deploy;
 mod examples;
 mod golden;
 mod launch;

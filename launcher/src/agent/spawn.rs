@@ -15,6 +15,11 @@ pub struct WorkerCommand {
     pub args: Vec<String>,
     /// Variables besides the rank environment (a tidal window's control file).
     pub env: Vec<(String, String)>,
+    /// The worker ignores SIGTERM and SIGUSR1 (a tidal window's): a scheduler that signals
+    /// every process of the job (Slurm's `--signal`, `scancel`) asks the agent for a
+    /// graceful stop, which tells the workers through the control file and kills what is
+    /// left at the deadline (SIGKILL).
+    pub ignore_stop_signals: bool,
 }
 
 /// A worker's environment ([`WorkerEnv::vars`]) plus, like torchrun's OMP_NUM_THREADS=1,
@@ -41,17 +46,25 @@ pub fn spawn(cmd: &WorkerCommand, env: &WorkerEnv) -> std::io::Result<tokio::pro
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .kill_on_drop(true)
         .process_group(0);
-    die_with_parent(&mut c);
+    die_with_parent(&mut c, cmd.ignore_stop_signals);
     c.spawn()
 }
 
 #[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut tokio::process::Command) {
-    // SAFETY: the closure runs in the child between fork and exec; it only calls prctl(2),
-    // which is async-signal-safe, and touches no state shared with the parent.
+fn die_with_parent(cmd: &mut tokio::process::Command, ignore_stop_signals: bool) {
+    use nix::sys::signal::{signal, SigHandler};
+    // SAFETY: the closure runs in the child between fork and exec; it only calls prctl(2)
+    // and signal(2) (to ignore, which exec keeps), both async-signal-safe, and touches no
+    // state shared with the parent.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            if ignore_stop_signals {
+                for sig in [Signal::SIGTERM, Signal::SIGUSR1] {
+                    signal(sig, SigHandler::SigIgn).map_err(std::io::Error::from)?;
+                }
+            }
+            Ok(())
         });
     }
 }

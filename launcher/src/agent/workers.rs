@@ -221,6 +221,7 @@ fn spawn_all(
     let (l, join) = (&g.plan.launch, g.join);
     let mut command = command(g.plan, join)?;
     if let Some(path) = &g.control {
+        command.ignore_stop_signals = true;
         command.env.push((
             crate::tidal::worker::CONTROL_ENV.to_string(),
             path.display().to_string(),

@@ -38,7 +38,11 @@ pub fn first_host(list: &str) -> Option<String> {
 
 /// `launch.KEY=VALUE` overrides from the scheduler's environment `env` (empty outside one).
 pub fn overrides(env: &BTreeMap<String, String>) -> Result<Vec<String>, String> {
-    let get = |k: &str| env.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let get = |k: &str| {
+        env.get(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
     let port = match get("TIDEMILL_RDZV_PORT") {
         Some(p) => p
             .parse::<u16>()
@@ -77,7 +81,11 @@ pub fn overrides(env: &BTreeMap<String, String>) -> Result<Vec<String>, String> 
              not: set it to the Job's completions",
         )?;
         out.push(format!("launch.nnodes={nnodes}"));
-        let rdzv = match (get("TIDEMILL_RDZV"), get("TIDEMILL_SERVICE"), get("HOSTNAME")) {
+        let rdzv = match (
+            get("TIDEMILL_RDZV"),
+            get("TIDEMILL_SERVICE"),
+            get("HOSTNAME"),
+        ) {
             (Some(r), _, _) => r,
             (None, Some(svc), Some(host)) => {
                 let base = host
@@ -87,9 +95,11 @@ pub fn overrides(env: &BTreeMap<String, String>) -> Result<Vec<String>, String> 
                 format!("{base}-0.{svc}:{port}")
             }
             _ => {
-                return Err("JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job): set \
+                return Err(
+                    "JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job): set \
                             TIDEMILL_RDZV, or TIDEMILL_SERVICE (the headless service)"
-                    .into())
+                        .into(),
+                )
             }
         };
         out.push(format!("launch.rdzv=\"{rdzv}\""));
@@ -160,8 +170,8 @@ mod tests {
             .is_empty());
         let e = overrides(&env(&[("JOB_COMPLETION_INDEX", "0")])).expect_err("no nnodes");
         assert!(e.contains("TIDEMILL_NNODES"), "{e}");
-        let e = overrides(&env(&[("SLURM_JOB_ID", "1"), ("SLURM_NODEID", "x")]))
-            .expect_err("bad id");
+        let e =
+            overrides(&env(&[("SLURM_JOB_ID", "1"), ("SLURM_NODEID", "x")])).expect_err("bad id");
         assert!(e.contains("SLURM_NODEID"), "{e}");
     }
 }

@@ -174,7 +174,10 @@ pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) 
     let mut all = overrides.to_vec();
     all.extend([
         format!("job.run_dir=\"{}\"", run_dir.display()),
-        format!("tidal.handback_margin_s={}", tidal.handback_margin_s / speed),
+        format!(
+            "tidal.handback_margin_s={}",
+            tidal.handback_margin_s / speed
+        ),
         format!("tidal.grace_s={}", tidal.grace_s / speed),
     ]);
     let fast = JobConfig::load(file, &all)?;
@@ -204,7 +207,10 @@ pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) 
     let outcome = crate::launch::run_job(&fast, file, &all, Some((tide, estimates)))?;
     let l = super::ledger::ledger(&run_dir)?;
     let w = l.windows.last().ok_or_else(|| {
-        Error::Launch(format!("{}: the rehearsal logged no window", run_dir.display()))
+        Error::Launch(format!(
+            "{}: the rehearsal logged no window",
+            run_dir.display()
+        ))
     })?;
     let records = crate::events::read(&run_dir.join("events.jsonl"))?;
     let released = records
@@ -226,7 +232,11 @@ pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) 
              hand-back at {}: {}",
             virt(at),
             virt(handback),
-            if spare >= 0.0 { "the margin holds" } else { "LATE: the margin does not hold" }
+            if spare >= 0.0 {
+                "the margin holds"
+            } else {
+                "LATE: the margin does not hold"
+            }
         );
     }
     let steps = match (w.first_step, w.last_step) {
@@ -236,7 +246,10 @@ pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) 
     if let Some(m) = measured(&records).filter(|_| steps > 0) {
         // Wall time per step, what runs between steps included.
         let step = w.useful_s / steps as f64;
-        let usable = night.end - night.start - tidal.handback_margin_s - w.startup_s
+        let usable = night.end
+            - night.start
+            - tidal.handback_margin_s
+            - w.startup_s
             - m.checkpoint_s
             - m.drain_s;
         println!(
