@@ -42,10 +42,11 @@ fn field(job: &str, name: &str) -> String {
 fn the_sbatch_example_yields_with_75_is_requeued_and_finishes_with_the_uninterrupted_losses() {
     let _one = crate::serial();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    sh(&format!(
-        "{}",
-        root.join("tools/slurm/slurm-local.sh").display()
-    ));
+    sh(&root.join("tools/slurm/slurm-local.sh").display().to_string());
+    // The cluster is this test's: nothing left of an earlier run may take its node.
+    let _ = Command::new("scancel")
+        .args(["--name", "tidemill-night"])
+        .status();
     let tmp = tempfile::tempdir().expect("tempdir");
     let job = write_job(tmp.path(), true, STEPS);
     let reference = {
@@ -81,6 +82,7 @@ fn the_sbatch_example_yields_with_75_is_requeued_and_finishes_with_the_uninterru
     loop {
         let state = field(&id, "JobState");
         if state == "COMPLETED" || state == "FAILED" || state == "CANCELLED" {
+            println!("{}", sh(&format!("scontrol show job {id}")));
             break;
         }
         let r: u32 = field(&id, "Restarts").parse().unwrap_or(0);
