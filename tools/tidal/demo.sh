@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A tidal job in about a minute on CPU: the quick-start job trained only inside three
-# windows of 15 s, 5 s apart (UTC), handing the "GPUs" back 1 s before each window ends;
+# A tidal job in about a minute on CPU: the quick-start job (70 steps) trained only inside
+# windows of 15 s, 5 s apart (UTC; three are needed), handing the "GPUs" back 1 s before each window ends;
 # then its ledger (`launch status`) and picture (runs/tidal-demo/status.svg).
 #   tools/tidal/demo.sh            (LAUNCH=path/to/launch to use another binary)
 set -euo pipefail
@@ -12,7 +12,7 @@ windows="[\"$(at 3)-$(at 18)\", \"$(at 23)-$(at 38)\", \"$(at 43)-$(at 58)\", \"
 rm -rf runs/tidal-demo
 "$launch" train configs/quickstart.toml \
     --set job.run_dir=runs/tidal-demo \
-    --set training.max_steps="${STEPS:-30}" \
+    --set training.max_steps="${STEPS:-70}" \
     --set training.eval_every=0 \
     --set checkpoint.every=5 \
     --set "tidal.windows=$windows" \
