@@ -178,8 +178,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             until,
             rehearse,
         } => {
-            let mut all = scheduler()?;
-            all.extend(set);
+            let mut all = set.clone();
             all.extend(launch.overrides());
             match rehearse {
                 Some(speed) => crate::launch::rehearse(&config, &all, speed),
@@ -196,11 +195,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             run_dir,
             collective_timeout,
             program,
-        } => {
-            let mut all = scheduler()?;
-            all.extend(launch.overrides());
-            crate::launch::run_program(&all, run_dir, collective_timeout, &program)
-        }
+        } => crate::launch::run_program(&launch.overrides(), run_dir, collective_timeout, &program),
         Command::Worker {
             config,
             set,
@@ -248,15 +243,6 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Probe => probe(),
     }
-}
-
-/// `launch.*` overrides from Slurm's or a Kubernetes Indexed Job's environment (before the
-/// command line's, which win).
-fn scheduler() -> Result<Vec<String>> {
-    crate::config::scheduler::from_env().map_err(|message| crate::error::Error::Config {
-        file: "environment".into(),
-        message,
-    })
 }
 
 /// Parse arguments, run, print the error chain; 0 success, 2 bad config or usage, 1 failure.

@@ -21,7 +21,8 @@ fn current_exe() -> Result<PathBuf> {
 /// before any worker starts; workers get the decided layout from the coordinator. A job
 /// with `[tidal]` windows, or `--until`, trains only inside its windows (`crate::tidal`).
 pub fn train(config: &Path, overrides: &[String], until: Option<&str>) -> Result<()> {
-    let cfg = JobConfig::load(config, overrides)?;
+    let (cfg, overrides) = load(config, overrides, until.is_some())?;
+    let overrides = &overrides[..];
     crate::preflight::check(&cfg)?;
     // A multi-node job without its control-plane secret is refused before anything starts.
     crate::auth::Token::resolve(&cfg.launch)?;
@@ -35,7 +36,8 @@ pub fn train(config: &Path, overrides: &[String], until: Option<&str>) -> Result
 /// `launch train JOB --rehearse SPEED` (`crate::tidal::run::rehearse`), after the same
 /// checks as a real run.
 pub fn rehearse(config: &Path, overrides: &[String], speed: f64) -> Result<()> {
-    let cfg = JobConfig::load(config, overrides)?;
+    let (cfg, overrides) = load(config, overrides, true)?;
+    let overrides = &overrides[..];
     crate::preflight::check(&cfg)?;
     crate::auth::Token::resolve(&cfg.launch)?;
     crate::tls::Tls::load(&cfg.launch)?;
@@ -69,9 +71,17 @@ pub fn run_job(
         args.extend(["--set".to_string(), o.clone()]);
     }
     let start = crate::job::start(cfg, world, decided.as_ref());
+    // Before a step was measured: the strategy search's prediction, with the safety factor.
+    let predicted = decided.as_ref().and_then(|d| d.auto.as_ref()).map(|a| {
+        let safety = cfg.tidal.as_ref().map_or(2.0, |t| t.safety_factor);
+        a.candidate.step_time_s * safety
+    });
     let window = tide.as_ref().map(|(t, estimates)| WindowWork {
         deadline: t.window.deadline,
-        estimates: *estimates,
+        estimates: Estimates {
+            step_s: estimates.step_s.or(predicted),
+            ..*estimates
+        },
     });
     agent::run(LaunchPlan {
         launch: cfg.launch.clone(),
@@ -92,6 +102,23 @@ pub fn run_job(
         replan: Some(replan(cfg.clone(), config.to_path_buf())),
         tidal: tide.map(|t| t.0),
     })
+}
+
+/// The job file with `overrides`, and, where `launch.from_scheduler` says so (by default
+/// for a tidal job: `[tidal]`, or `tidal` true), the scheduler's environment before them
+/// (the command line wins); the overrides the workers get.
+fn load(config: &Path, overrides: &[String], tidal: bool) -> Result<(JobConfig, Vec<String>)> {
+    let cfg = JobConfig::load(config, overrides)?;
+    let from = cfg.launch.from_scheduler;
+    if !from.unwrap_or(tidal || cfg.tidal.is_some()) {
+        return Ok((cfg, overrides.to_vec()));
+    }
+    let mut all = crate::config::scheduler::from_env().map_err(|message| Error::Config {
+        file: "environment".into(),
+        message,
+    })?;
+    all.extend(overrides.iter().cloned());
+    Ok((JobConfig::load(config, &all)?, all))
 }
 
 /// The plan as `launch train` prints it under `strategy = "auto"`.
@@ -140,7 +167,15 @@ pub fn run_program(
     if let Some(t) = collective_timeout {
         all.push(format!("launch.collective_timeout_s={t}"));
     }
-    let launch = LaunchOptions::from_overrides(&all)?;
+    let mut launch = LaunchOptions::from_overrides(&all)?;
+    if launch.from_scheduler == Some(true) {
+        let mut from = crate::config::scheduler::from_env().map_err(|message| Error::Config {
+            file: "environment".into(),
+            message,
+        })?;
+        from.extend(all);
+        launch = LaunchOptions::from_overrides(&from)?;
+    }
     let (exe, args) = program.split_first().ok_or_else(|| Error::Config {
         file: "command line".into(),
         message: "launch run: no program given after `--`".into(),

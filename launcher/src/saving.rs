@@ -73,6 +73,7 @@ pub struct Saver {
 /// The save in the background.
 struct Pending {
     step: u64,
+    started: Instant,
     /// Seconds it has blocked training so far.
     stall_s: f64,
     /// Seconds of its host copy.
@@ -106,6 +107,13 @@ impl Saver {
     /// (on rank 0; to this rank's part written elsewhere).
     pub fn finished(&self) -> Option<(u64, f64)> {
         self.finished
+    }
+
+    /// Seconds since the save in the background started, if one is in flight.
+    pub fn in_flight(&self) -> Option<f64> {
+        self.pending
+            .as_ref()
+            .map(|p| p.started.elapsed().as_secs_f64())
     }
 
     /// Whether to save after `step` of `max_steps`.
@@ -154,6 +162,7 @@ impl Saver {
             let handle = std::thread::spawn(write);
             self.pending = Some(Pending {
                 step,
+                started,
                 stall_s: started.elapsed().as_secs_f64(),
                 snapshot_s,
                 writer: handle,
@@ -171,6 +180,7 @@ impl Saver {
     pub fn wait(&mut self) -> Result<()> {
         let Some(Pending {
             step,
+            started: _,
             stall_s,
             snapshot_s,
             writer,

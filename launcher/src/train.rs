@@ -251,7 +251,7 @@ fn train_loop<B: TrainBackend>(
     while trainer.steps_done() < t.max_steps {
         if let Some(tide) = &mut tide {
             let done = trainer.steps_done();
-            let verdict = tide.boundary(&*trainer.mesh().world, done)?;
+            let verdict = tide.boundary(&*trainer.mesh().world, done, saver.in_flight())?;
             if verdict != Verdict::Continue {
                 return Err(yield_now(trainer, tide, &mut saver, &saved_state, verdict));
             }
@@ -271,7 +271,7 @@ fn train_loop<B: TrainBackend>(
         if saver.due(s.step, t.max_steps) {
             // Never start a checkpoint that cannot commit before the window's deadline.
             if let Some(tide) = &mut tide {
-                if !tide.save_fits(&*trainer.mesh().world)? {
+                if !tide.save_fits(&*trainer.mesh().world, saver.in_flight())? {
                     return Err(yield_now(
                         trainer,
                         tide,
@@ -323,7 +323,8 @@ fn yield_now<B: TrainBackend>(
     if trainer.mesh().world.rank() == 0 {
         trainer.report().event(&Event::Yield {
             step,
-            checkpointed: verdict == Verdict::Checkpoint,
+            // Saved now, or by the save that was in flight for this very step.
+            checkpointed: lost_steps == 0 && step > 0,
             lost_steps,
             at: crate::tidal::now(),
         });

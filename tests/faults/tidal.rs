@@ -110,8 +110,27 @@ fn tidal_cmd(job: &Path, nproc: usize, args: &[&str], envs: &[(&str, &str)]) -> 
     c
 }
 
+/// Run `c` to its end, at most 3 minutes (a test never waits for tomorrow's window).
 fn run(mut c: Command) -> Output {
-    c.output().expect("launch runs")
+    let child = c.spawn().expect("launch runs");
+    let pid = child.id();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = done.clone();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        while !watch.load(std::sync::atomic::Ordering::SeqCst) {
+            if start.elapsed() > Duration::from_secs(180) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let out = child.wait_with_output().expect("launch ends");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    out
 }
 
 fn code(o: &Output) -> Option<i32> {
@@ -154,17 +173,25 @@ fn a_job_needing_several_windows_hands_back_in_each_and_trains_what_an_uninterru
     let _one = crate::serial();
     reference();
     let tmp = tempfile::tempdir().expect("tempdir");
-    // Windows of 4 s, 2 s apart (the job needs three or four).
-    let windows: Vec<String> = (0..7)
+    // Windows of 4 s, 2 s apart (the job needs three or four; more are given for a slow
+    // machine).
+    let windows: Vec<String> = (0..12)
         .map(|k| {
             let start = 2.0 + 6.0 * k as f64;
             format!("\"{}-{}\"", clock(start), clock(start + 4.0))
         })
         .collect();
+    // The operator's hooks: each node's GPUs released, each window's workers about to start.
+    let hooks = tmp.path().join("hooks.log");
     let job = tidal_job(
         tmp.path(),
         "",
-        &format!("windows = [{}]", windows.join(", ")),
+        &format!(
+            "windows = [{}]\non_release = \"echo released $TIDEMILL_NODE >> {h}\"\n\
+             on_acquire = \"echo acquired $TIDEMILL_NODE >> {h}\"",
+            windows.join(", "),
+            h = hooks.display()
+        ),
     );
     let out = run(tidal_cmd(&job, 2, &[], &[("TIDEMILL_TEST_DELAY", "*:0.2")]));
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
@@ -185,6 +212,9 @@ fn a_job_needing_several_windows_hands_back_in_each_and_trains_what_an_uninterru
         );
     }
     assert_eq!(of(&ev, "resumed").len(), opens - 1);
+    let hooks = std::fs::read_to_string(&hooks).expect("the hooks ran");
+    assert_eq!(hooks.matches("acquired 0").count(), opens, "{hooks}");
+    assert_eq!(hooks.matches("released 0").count(), opens, "{hooks}");
     assert!(stdout(&out).contains("waiting for the next window"));
     assert_handed_back(&ev, "window end");
     assert_losses(&run_dir, 1e-5, "three windows");
@@ -238,7 +268,7 @@ fn a_second_window_at_half_the_world_re_plans_and_finishes_with_the_same_losses(
     let tmp = tempfile::tempdir().expect("tempdir");
     let job = tidal_job(tmp.path(), "", "");
     let auto = ["--set", "parallel.strategy=\"auto\""];
-    let pace = [("TIDEMILL_TEST_DELAY", "*:0.2")];
+    let pace = [("TIDEMILL_TEST_DELAY", "*:0.25")];
     let window = |nproc: usize, secs: f64| {
         let until = rfc3339(secs);
         run(tidal_cmd(
@@ -248,9 +278,10 @@ fn a_second_window_at_half_the_world_re_plans_and_finishes_with_the_same_losses(
             &pace,
         ))
     };
-    let first = window(4, 5.0);
+    // Windows of 7 s: 40 steps of 0.25 s need three.
+    let first = window(4, 7.0);
     assert_eq!(code(&first), Some(75), "{}", stderr(&first));
-    let second = window(2, 5.0);
+    let second = window(2, 7.0);
     assert_eq!(code(&second), Some(75), "{}", stderr(&second));
     let last = window(2, 60.0);
     assert_eq!(code(&last), Some(0), "{}", stderr(&last));
@@ -409,6 +440,10 @@ fn a_save_slower_than_the_time_left_is_not_started_and_the_previous_one_is_used(
     let (status, err, _) = wait_exit(child, Duration::from_secs(30));
     let took = sent.elapsed().as_secs_f64();
     assert_eq!(status.code(), Some(75), "{err}");
+    assert!(
+        took < 1.6,
+        "gone {took:.2} s after launch preempt, grace 1.5 s"
+    );
     let ev = run_events(&run_dir);
     let y = of(&ev, "yield");
     assert!(y.len() == 1 && y[0]["checkpointed"] == false, "{y:?}");
@@ -428,4 +463,44 @@ fn a_save_slower_than_the_time_left_is_not_started_and_the_previous_one_is_used(
         newest
     );
     assert_losses(&run_dir, 1e-5, "a save slower than the time left");
+}
+
+#[test]
+fn a_rehearsal_plays_a_night_in_seconds_and_says_where_it_ends_and_whether_the_margin_holds() {
+    let _one = crate::serial();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A night of 8.5 h at 5100×: 6 s.
+    let job = tidal_job(tmp.path(), "", "windows = [\"22:00-06:30\"]");
+    let sets = [
+        "--set",
+        "tidal.timezone=\"Asia/Shanghai\"",
+        "--set",
+        "tidal.handback_margin_s=3000",
+    ];
+    let out = run(tidal_cmd(
+        &job,
+        2,
+        &[&["--rehearse", "5100"][..], &sets].concat(),
+        &[],
+    ));
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let said = stdout(&out);
+    println!("{said}");
+    assert!(
+        said.contains("06:30:00 CST") && said.contains("at 5100×"),
+        "{said}"
+    );
+    assert!(said.contains("the night stopped after step"), "{said}");
+    assert!(said.contains("the margin holds"), "{said}");
+    assert!(
+        said.contains("a real night at these rates takes about"),
+        "{said}"
+    );
+    // It ran in a directory of its own; the job's own run is untouched.
+    assert!(!tmp.path().join("run").exists());
+    let ev = run_events(&tmp.path().join("run-rehearsal"));
+    assert_handed_back(&ev, "rehearsal");
+    let close = of(&ev, "window_close");
+    assert_eq!(close.len(), 1);
+    assert_eq!(close[0]["reason"], "deadline", "{close:?}");
 }

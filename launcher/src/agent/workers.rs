@@ -47,6 +47,12 @@ struct Generation<'a> {
     control: Option<std::path::PathBuf>,
     /// The workers are stopping for the window's end or a preemption.
     yielding: bool,
+    /// A worker exited 75, or the deadline's kill came: the node yielded (unless every
+    /// worker finished).
+    yielded: bool,
+    /// Moves the deadline of the task that kills the workers (whatever the agent is busy
+    /// with then).
+    kill_tx: Option<tokio::sync::watch::Sender<f64>>,
 }
 
 /// Run this node's workers for the generation `join` describes, until they all finish
@@ -88,14 +94,35 @@ pub(super) async fn run_generation(
             ))
         }),
         yielding: false,
+        yielded: false,
+        kill_tx: None,
     };
     if me.preempt_by.get() > 0.0 {
         preempt(&mut g, me.preempt_by.get());
     }
+    // SIGTERM or SIGUSR1 before this agent listened (while the job was being planned):
+    // the preemption counts from now.
+    if let Some(tide) = plan
+        .tidal
+        .as_ref()
+        .filter(|_| crate::tidal::run::signalled())
+    {
+        if me.preempt_by.get() == 0.0 {
+            let by = crate::tidal::now() + tide.grace_s - crate::tidal::REAP_ALLOWANCE_S;
+            preempt(&mut g, by);
+        }
+    }
+    let mut killer = None;
     let outcome = match spawn_all(&mut g, &agent_addr.to_string(), rdzv, exit_tx) {
-        Ok(()) => supervise(&mut g, client, stop).await,
+        Ok(()) => {
+            killer = deadline_killer(&mut g);
+            supervise(&mut g, client, stop).await
+        }
         Err(e) => Err(e),
     };
+    if let Some(k) = killer {
+        k.abort();
+    }
     kill_and_reap(&mut g, client).await;
     accept.abort();
     drain_links(&mut g.links, &mut g.reports, &mut BTreeMap::new());
@@ -142,6 +169,34 @@ async fn released(g: &mut Generation<'_>, tide: &super::AgentTide) {
     }
 }
 
+/// In a tidal window: a task that SIGKILLs every worker's process group at the deadline
+/// (moved earlier by a preemption), whatever the agent is waiting for then (a slow
+/// coordinator's reply included).
+fn deadline_killer(g: &mut Generation<'_>) -> Option<tokio::task::JoinHandle<()>> {
+    let at = g.kill_at?;
+    let (tx, mut rx) = tokio::sync::watch::channel(at);
+    g.kill_tx = Some(tx);
+    let pids: Vec<u32> = g
+        .workers
+        .iter()
+        .map(|w| w.pid)
+        .filter(|p| *p != 0)
+        .collect();
+    Some(tokio::spawn(async move {
+        loop {
+            let at = *rx.borrow_and_update();
+            let left = Duration::from_secs_f64((at - crate::tidal::now()).max(0.0));
+            tokio::select! {
+                _ = tokio::time::sleep(left) => break,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+        }
+        for pid in pids {
+            spawn::kill_now(pid);
+        }
+    }))
+}
+
 /// Every worker is to be gone by `by` (Unix seconds): a preemption here or on another
 /// node. The workers read it from the control file at their next step boundary; what is
 /// left at `by` is killed.
@@ -149,6 +204,9 @@ fn preempt(g: &mut Generation<'_>, by: f64) {
     let by = g.kill_at.map_or(by, |k| k.min(by));
     g.kill_at = Some(by);
     g.yielding = true;
+    if let Some(tx) = &g.kill_tx {
+        let _ = tx.send(by);
+    }
     let mine = g.me.preempt_by.get();
     if mine == 0.0 || by < mine {
         g.me.preempt_by.set(by);
@@ -183,7 +241,12 @@ fn preempt_request(g: &Generation<'_>) -> Option<f64> {
     let path = crate::tidal::run::preempt_file(&g.plan.run_dir);
     let text = std::fs::read_to_string(&path).ok()?;
     let _ = std::fs::remove_file(&path);
-    text.trim().parse::<f64>().ok().filter(|t| t.is_finite())
+    // A request whose grace ran out before this window opened is not for this window.
+    let opened = g.plan.tidal.as_ref().map_or(0.0, |t| t.window.window.start);
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|t| t.is_finite() && *t > opened)
 }
 
 /// The worker command of this generation: the plan's, plus for `launch train` the layout
@@ -412,13 +475,13 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client, stop: &mut Stop)
             },
             _ = until(g.kill_at) => {
                 tracing::info!("the tidal window's deadline: stopping what is left of the workers");
+                g.yielded = true;
                 return Ok(Ended::Yielded);
             }
             sig = stop.next() => match (sig, &g.plan.tidal) {
                 (super::Sig::Terminate | super::Sig::User1, Some(tide)) => {
                     let by = crate::tidal::now() + tide.grace_s - crate::tidal::REAP_ALLOWANCE_S;
                     tracing::warn!("{sig:?}: preempted, every worker gone within {} s", tide.grace_s);
-                    crate::tidal::run::SIGNALLED.store(true, std::sync::atomic::Ordering::SeqCst);
                     preempt(g, by);
                     // Tell the coordinator now rather than at the next beat.
                     next_beat = Instant::now();
@@ -505,7 +568,19 @@ async fn on_exit(
         .kill_at
         .is_some_and(|k| g.yielding || crate::tidal::now() >= k - 1.0);
     if code == i32::from(crate::tidal::YIELDED) && g.kill_at.is_some() || code != 0 && ending {
+        if code != i32::from(crate::tidal::YIELDED) {
+            // Part of the stop (its peer went first), but say what it said.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drain_links(&mut g.links, &mut g.reports, &mut links.errors);
+            let w = &g.workers[local];
+            let said = links.errors.get(&w.rank).cloned().unwrap_or_default();
+            tracing::warn!(
+                "rank {} exited with {code} (signal {signal}) while the window ended: {said}",
+                w.rank
+            );
+        }
         g.yielding = true;
+        g.yielded = true;
     }
     if code == 0 || g.yielding {
         // A node one of whose workers failed waits for the coordinator's word.
@@ -517,7 +592,8 @@ async fn on_exit(
                 .filter(|r| !links.closed.contains(r))
                 .collect();
             read_to_close(&mut g.links, &mut g.reports, open, Duration::from_secs(5)).await;
-            return Some(Ok(if g.yielding {
+            // Every worker finished (past the last step before the stop came): done.
+            return Some(Ok(if g.yielded {
                 Ended::Yielded
             } else {
                 Ended::Done

@@ -67,6 +67,11 @@ pub struct LaunchOptions {
     /// The name to check in the coordinator's certificate (default: the host of `rdzv`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_domain: Option<String>,
+    /// Take node rank, node count, rendezvous (and GPUs per node) from Slurm's or a
+    /// Kubernetes Indexed Job's environment (`config::scheduler`); unset: only for tidal
+    /// jobs (`[tidal]` or `--until`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_scheduler: Option<bool>,
 }
 
 impl Default for LaunchOptions {
@@ -95,6 +100,7 @@ impl Default for LaunchOptions {
             tls_cert: None,
             tls_key: None,
             tls_domain: None,
+            from_scheduler: None,
         }
     }
 }

@@ -53,7 +53,7 @@ impl Default for TidalOptions {
 impl TidalOptions {
     /// Every key checked (the windows parsed), the error naming the key.
     pub fn validate(&self) -> Result<(), String> {
-        crate::tidal::window::Schedule::new(self)?;
+        let schedule = crate::tidal::window::Schedule::new(self)?;
         let seconds = |key: &str, v: f64, positive: bool| {
             let ok = v.is_finite() && v < 1e7 && if positive { v > 0.0 } else { v >= 0.0 };
             match ok {
@@ -67,6 +67,15 @@ impl TidalOptions {
         seconds("handback_margin_s", self.handback_margin_s, false)?;
         seconds("grace_s", self.grace_s, true)?;
         seconds("hook_timeout_s", self.hook_timeout_s, true)?;
+        if let Some(shortest) = schedule.shortest_s() {
+            if self.handback_margin_s + crate::tidal::REAP_ALLOWANCE_S >= shortest {
+                return Err(format!(
+                    "tidal.handback_margin_s = {} leaves no time to train in a window of {} s \
+                     (tidal.windows)",
+                    self.handback_margin_s, shortest
+                ));
+            }
+        }
         if !(self.safety_factor.is_finite() && self.safety_factor >= 1.0) {
             return Err(format!(
                 "tidal.safety_factor: must be at least 1, got {}",

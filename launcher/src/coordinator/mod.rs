@@ -281,7 +281,32 @@ impl Coordinator {
     /// pending (started by [`Self::settle`]).
     fn handle(&self, inner: &mut Inner, fault: Fault) {
         if Self::yielding(inner) {
-            tracing::info!("the tidal window is ending; not a fault: {}", fault.detail);
+            // A node lost while the window ends (its host went, its agent was killed) has
+            // stopped too: counted as done, so that the window still closes.
+            let lost = fault.node.filter(|n| {
+                fault.kind == detect::Kind::LostHeartbeat && inner.state.members.contains(n)
+            });
+            if let Some(n) = lost {
+                let logged = Event::Fault {
+                    kind: fault.kind,
+                    detail: fault.detail.clone(),
+                    detected_at: unix(fault.detected_at),
+                    detection_latency_s: fault.detection_latency(),
+                };
+                log(&mut inner.events, logged, fault.rank, fault.node);
+                let decision = Event::Decision {
+                    action: crate::events::Action::Continue,
+                    reason: format!("the tidal window is ending: node {n} counts as stopped"),
+                    fault: Some(fault.kind),
+                };
+                log(&mut inner.events, decision, None, Some(n));
+                inner.detector.forget_node(n);
+                inner.state.done.insert(n);
+                inner.state.yielded = true;
+                self.changed.notify_waiters();
+            } else {
+                tracing::info!("the tidal window is ending; not a fault: {}", fault.detail);
+            }
             return;
         }
         let logged = Event::Fault {

@@ -319,3 +319,47 @@ async fn a_preemption_on_one_node_reaches_the_others_and_its_stop_is_no_fault() 
     );
     assert!(events(dir.path(), |e| matches!(e, Event::Done { .. })).is_empty());
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_node_lost_while_the_window_ends_counts_as_stopped_and_the_window_closes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = crate::tidal::now();
+    let window = super::TidalWindow {
+        window: crate::tidal::Window {
+            start: now,
+            end: now + 3600.0,
+        },
+        handback: now + 3500.0,
+        deadline: now + 3499.5,
+    };
+    let c = coordinator_in(2, dir.path(), Some(window));
+    join_all(&c, 2).await;
+    let request = rpc::HeartbeatRequest {
+        node_rank: 0,
+        reports: Vec::new(),
+        generation: 0,
+        instance: 100,
+        preempt_by: now + 30.0,
+    };
+    c.heartbeat(Request::new(request)).await.expect("beat");
+    let done = rpc::NodeDoneRequest {
+        node_rank: 0,
+        generation: 0,
+        yielded: true,
+    };
+    c.node_done(Request::new(done)).await.expect("done");
+    // Node 1 falls silent (its host went) before it said it was done.
+    let until = tokio::time::Instant::now() + 4 * TIMEOUT;
+    let mut reply = beat(&c, 0, 0).await;
+    while !reply.finished && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.tick();
+        reply = beat(&c, 0, 0).await;
+    }
+    assert!(reply.finished && reply.yielded, "{reply:?}");
+    assert!(events(dir.path(), restart).is_empty());
+    assert_eq!(
+        events(dir.path(), |e| matches!(e, Event::WindowClose { .. })).len(),
+        1
+    );
+}

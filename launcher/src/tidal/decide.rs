@@ -42,13 +42,16 @@ pub struct Estimates {
 }
 
 /// The decision at a step boundary at `now`, with `unsaved` steps since the last
-/// checkpoint, for a job whose workers must be gone by `deadline`.
-pub fn decide(now: f64, deadline: f64, est: &Estimates, unsaved: u64) -> Verdict {
+/// checkpoint and `in_flight` seconds still to go of a checkpoint being written in the
+/// background (the next save, and the exit, wait for it), for a job whose workers must be
+/// gone by `deadline`.
+pub fn decide(now: f64, deadline: f64, est: &Estimates, unsaved: u64, in_flight: f64) -> Verdict {
     let step = est.step_s.unwrap_or(0.0);
-    if now + step + est.checkpoint_s + est.drain_s <= deadline {
+    let after = now + in_flight.max(0.0);
+    if after + step + est.checkpoint_s + est.drain_s <= deadline {
         return Verdict::Continue;
     }
-    if unsaved > 0 && now + est.checkpoint_s + est.drain_s <= deadline {
+    if unsaved > 0 && after + est.checkpoint_s + est.drain_s <= deadline {
         return Verdict::Checkpoint;
     }
     Verdict::Stop
@@ -80,16 +83,19 @@ mod tests {
     #[test]
     fn another_step_needs_room_for_itself_its_checkpoint_and_the_drain() {
         // 8 s needed: a step, a checkpoint, the drain.
-        assert_eq!(decide(100.0, 108.0, &EST, 3), Verdict::Continue);
-        assert_eq!(decide(100.0, 107.9, &EST, 3), Verdict::Checkpoint);
+        assert_eq!(decide(100.0, 108.0, &EST, 3, 0.0), Verdict::Continue);
+        assert_eq!(decide(100.0, 107.9, &EST, 3, 0.0), Verdict::Checkpoint);
         // Just room for the checkpoint and the drain.
-        assert_eq!(decide(100.0, 106.0, &EST, 3), Verdict::Checkpoint);
+        assert_eq!(decide(100.0, 106.0, &EST, 3, 0.0), Verdict::Checkpoint);
         // Not even that: no checkpoint is started, the unsaved steps are lost.
-        assert_eq!(decide(100.0, 105.9, &EST, 3), Verdict::Stop);
+        assert_eq!(decide(100.0, 105.9, &EST, 3, 0.0), Verdict::Stop);
         // Nothing unsaved: stop, no checkpoint.
-        assert_eq!(decide(100.0, 107.0, &EST, 0), Verdict::Stop);
+        assert_eq!(decide(100.0, 107.0, &EST, 0, 0.0), Verdict::Stop);
         // Past the deadline (a preemption's grace already spent).
-        assert_eq!(decide(100.0, 90.0, &EST, 3), Verdict::Stop);
+        assert_eq!(decide(100.0, 90.0, &EST, 3, 0.0), Verdict::Stop);
+        // A background save with 2 s to go comes first.
+        assert_eq!(decide(100.0, 109.0, &EST, 3, 2.0), Verdict::Checkpoint);
+        assert_eq!(decide(100.0, 107.9, &EST, 3, 2.0), Verdict::Stop);
     }
 
     #[test]
@@ -98,7 +104,7 @@ mod tests {
             step_s: None,
             ..EST
         };
-        assert_eq!(decide(100.0, 106.0, &est, 0), Verdict::Continue);
+        assert_eq!(decide(100.0, 106.0, &est, 0, 0.0), Verdict::Continue);
         let verdicts = [Verdict::Continue, Verdict::Stop, Verdict::Checkpoint];
         let agreed = verdicts.iter().map(|v| v.code()).fold(0.0, f32::max);
         assert_eq!(Verdict::from_code(agreed), Verdict::Stop);

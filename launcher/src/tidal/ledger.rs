@@ -159,7 +159,8 @@ fn window(events: &[Record]) -> Option<WindowLedger> {
     w.first_step = steps.first().map(|s| s.0);
     w.last_step = steps.last().map(|s| s.0);
     let clamp = |t: f64| t.clamp(start, end.max(start));
-    let t1 = clamp(steps.first().map_or(start, |s| s.1));
+    // No step at all: the window went in starting up, until its release.
+    let t1 = clamp(steps.first().map_or(released.unwrap_or(start), |s| s.1));
     let t3 = clamp(steps.last().map_or(t1, |s| s.2).max(t1));
     let t2 = clamp(
         steps
@@ -360,4 +361,60 @@ fn text(l: &Ledger, svg: &Path) -> String {
     };
     let _ = writeln!(out, "picture: {}", svg.display());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventLog;
+
+    /// A window that stopped before its first step (killed at start-up): the ledger adds
+    /// up, the picture is drawn (an empty series once made plotters loop forever).
+    #[test]
+    fn a_window_without_a_step_adds_up_and_is_drawn() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = EventLog::open(&dir.path().join("events.jsonl")).expect("log");
+        let now = crate::tidal::now();
+        let open = Event::WindowOpen {
+            start: now - 10.0,
+            end: now + 10.0,
+            handback: now + 8.0,
+            world: 2,
+        };
+        log.emit(open, None, None).expect("emit");
+        let released = Event::GpusReleased {
+            at: now,
+            margin_s: 8.0,
+            checked: String::new(),
+        };
+        log.emit(released, Some(0), Some(0)).expect("emit");
+        let close = Event::WindowClose {
+            reason: CloseReason::Preempted,
+            steps: 0,
+            lost_steps: 0,
+        };
+        log.emit(close, None, None).expect("emit");
+        let out = status(dir.path(), "json").expect("status");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        let w = &v["windows"][0];
+        let part = |k: &str| w[k].as_f64().expect(k);
+        let parts: f64 = [
+            "startup_s",
+            "useful_s",
+            "checkpoint_s",
+            "lost_s",
+            "drain_s",
+            "idle_s",
+        ]
+        .iter()
+        .map(|k| part(k))
+        .sum();
+        assert!((parts - 20.0).abs() < 1e-6, "{w}");
+        assert!((part("startup_s") - 10.0).abs() < 0.01, "{w}");
+        assert!((part("handback_margin_s") - 8.0).abs() < 0.01, "{w}");
+        assert!(dir.path().join("status.svg").exists());
+        let text = status(dir.path(), "text").expect("text");
+        assert!(text.contains("preempted"), "{text}");
+        assert!(status(dir.path(), "yaml").is_err());
+    }
 }

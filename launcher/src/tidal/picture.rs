@@ -64,9 +64,12 @@ pub fn draw(run_dir: &Path, l: &Ledger, path: &Path) -> Result<()> {
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
                 (a.min(p.1), b.max(p.1))
             });
-        let (lo, hi) = match lo.is_finite() && hi > lo {
-            true => (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)),
-            false => (lo.min(0.0), lo.max(0.0) + 1.0),
+        // No point (a window that stopped before its first step) or one value: a range
+        // all the same (plotters never ends on an infinite one).
+        let (lo, hi) = match (lo.is_finite() && hi.is_finite(), hi > lo) {
+            (true, true) => (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)),
+            (true, false) => (lo - 0.5, lo + 0.5),
+            (false, _) => (0.0, 1.0),
         };
         let mut chart = ChartBuilder::on(panel)
             .caption(name, ("sans-serif", 18))

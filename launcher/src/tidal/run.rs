@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::decide::{checkpoint_guess, drain_guess};
@@ -15,9 +16,45 @@ use crate::coordinator::TidalWindow;
 use crate::error::{Error, Result};
 use crate::events::{Event, Record};
 
-/// Set when SIGTERM or SIGUSR1 preempted this process: it is being asked to go, so the
-/// loop over windows ends with status 75 rather than waiting for the next window.
-pub static SIGNALLED: AtomicBool = AtomicBool::new(false);
+/// SIGTERM or SIGUSR1 came (a preemption: this process is being asked to go, so the loop
+/// over windows ends with status 75 rather than waiting for the next window), and SIGINT.
+/// Noted from the loop's start to the process's end, whatever runs when they come.
+static TERM: std::sync::OnceLock<(Arc<AtomicBool>, Arc<AtomicBool>)> = std::sync::OnceLock::new();
+
+fn flags() -> &'static (Arc<AtomicBool>, Arc<AtomicBool>) {
+    TERM.get_or_init(|| {
+        let (term, int) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+            if let Err(e) = signal_hook::flag::register(sig, term.clone()) {
+                tracing::warn!("noting signal {sig}: {e}");
+            }
+        }
+        if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGINT, int.clone()) {
+            tracing::warn!("noting SIGINT: {e}");
+        }
+        (term, int)
+    })
+}
+
+/// Whether SIGTERM or SIGUSR1 came since the tidal loop started.
+pub fn signalled() -> bool {
+    TERM.get().is_some_and(|f| f.0.load(Ordering::SeqCst))
+}
+
+/// What the loop stops with, if a signal came.
+fn stopping(when: &str) -> Result<()> {
+    let (term, int) = flags();
+    if int.load(Ordering::SeqCst) {
+        return Err(Error::JobStopped("interrupted (SIGINT)".into()));
+    }
+    if term.load(Ordering::SeqCst) {
+        return Err(Error::Yielded(format!("preempted {when}")));
+    }
+    Ok(())
+}
 
 /// Where `launch preempt RUN_DIR` leaves its deadline for node 0's agent.
 pub fn preempt_file(run_dir: &Path) -> PathBuf {
@@ -38,6 +75,19 @@ pub fn preempt(run_dir: &Path, grace_s: f64) -> Result<()> {
             key: "RUN_DIR".into(),
             path: run_dir.to_path_buf(),
             message: "not a run directory (no events.jsonl)".into(),
+        });
+    }
+    // Only a window that is open can be preempted: one that opened and has not closed.
+    let records = crate::events::read(&run_dir.join("events.jsonl"))?;
+    let open = records.iter().rev().find_map(|r| match r.event {
+        Event::WindowOpen { .. } => Some(true),
+        Event::WindowClose { .. } => Some(false),
+        _ => None,
+    });
+    if open != Some(true) {
+        return Err(Error::Config {
+            file: run_dir.to_path_buf(),
+            message: "no tidal window is open in this run directory (nothing to preempt)".into(),
         });
     }
     let path = preempt_file(run_dir);
@@ -70,9 +120,11 @@ pub fn train(
             "tidal.windows: no window given; write the windows, or pass `--until TIME`".into(),
         ));
     }
+    flags();
     // A window the job already stopped in is over for it, however early it stopped.
     let mut done_until = f64::NEG_INFINITY;
     loop {
+        stopping("between windows")?;
         let window = match until {
             Some(t) => schedule
                 .until(t, now())
@@ -93,14 +145,25 @@ pub fn train(
         }
         let handback = window.handback(tidal.handback_margin_s);
         let deadline = handback - REAP_ALLOWANCE_S;
+        if deadline <= window.start {
+            return Err(config_err(file)(format!(
+                "tidal.handback_margin_s = {} leaves no time to train in the window {} – {}",
+                tidal.handback_margin_s,
+                schedule.local(window.start),
+                schedule.local(window.end)
+            )));
+        }
         let estimates = estimates(cfg, &tidal)?;
-        if deadline - now() < estimates.checkpoint_s + estimates.drain_s {
+        // Whether to skip a window that has begun: by the guesses, which every node makes
+        // alike (only node 0 has the measurements), so that all skip it or none.
+        let need = guess(cfg, &tidal);
+        if deadline - now() < need.checkpoint_s + need.drain_s {
             let why = format!(
                 "the window {} – {} leaves too little time before its hand-back to train \
                  (a checkpoint and the drain take about {:.1} s)",
                 schedule.local(window.start),
                 schedule.local(window.end),
-                estimates.checkpoint_s + estimates.drain_s
+                need.checkpoint_s + need.drain_s
             );
             if until.is_some() {
                 return Err(Error::Yielded(why));
@@ -127,9 +190,14 @@ pub fn train(
             on_release: tidal.on_release.clone(),
             hook_timeout_s: tidal.hook_timeout_s,
         };
+        // A preemption asked for before this window (none was open) is not for it.
+        if cfg.launch.node_rank == 0 {
+            let _ = std::fs::remove_file(preempt_file(&cfg.run_dir()));
+        }
         if let Some(cmd) = &tidal.on_acquire {
             run_hook_blocking("tidal.on_acquire", cmd, tidal.hook_timeout_s, cfg)?;
         }
+        stopping("before the window's workers started")?;
         match crate::launch::run_job(cfg, file, overrides, Some((tide, estimates)))? {
             Outcome::Finished => return Ok(()),
             Outcome::Yielded { preempted } => {
@@ -138,7 +206,7 @@ pub fn train(
                 } else {
                     "window ended"
                 };
-                if until.is_some() || SIGNALLED.load(Ordering::SeqCst) {
+                if until.is_some() || signalled() {
                     return Err(Error::Yielded(format!("{how}; run again to go on")));
                 }
                 println!("tidal: {how}; GPUs handed back");
@@ -266,24 +334,11 @@ pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) 
 
 /// Sleep until Unix seconds `at`; SIGTERM or SIGUSR1 meanwhile yields (75), SIGINT stops.
 fn wait_until(at: f64) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Launch(format!("starting a runtime: {e}")))?;
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let handler = |e: std::io::Error| Error::Launch(format!("signal handler: {e}"));
-        let mut int = signal(SignalKind::interrupt()).map_err(handler)?;
-        let mut term = signal(SignalKind::terminate()).map_err(handler)?;
-        let mut usr1 = signal(SignalKind::user_defined1()).map_err(handler)?;
-        let left = Duration::from_secs_f64((at - now()).max(0.0));
-        tokio::select! {
-            _ = tokio::time::sleep(left) => Ok(()),
-            _ = int.recv() => Err(Error::JobStopped("interrupted (SIGINT)".into())),
-            _ = term.recv() => Err(Error::Yielded("preempted (SIGTERM) between windows".into())),
-            _ = usr1.recv() => Err(Error::Yielded("preempted (SIGUSR1) between windows".into())),
-        }
-    })
+    while now() < at {
+        stopping("between windows")?;
+        std::thread::sleep(Duration::from_secs_f64((at - now()).clamp(0.0, 0.05)));
+    }
+    stopping("between windows")
 }
 
 /// What the workers' estimates start from: measured in earlier windows (node 0's event
@@ -294,52 +349,72 @@ fn estimates(cfg: &JobConfig, tidal: &TidalOptions) -> Result<Estimates> {
         true => crate::events::read(&path).unwrap_or_default(),
         false => Vec::new(),
     };
+    Ok(measured(&records).unwrap_or_else(|| guess(cfg, tidal)))
+}
+
+/// The estimates before anything was measured, the same on every node: a checkpoint of
+/// this rank's share of the model (its weights, and AdamW's two moments under full SFT)
+/// and a drain, each with the safety factor.
+fn guess(cfg: &JobConfig, tidal: &TidalOptions) -> Estimates {
     let world = (cfg.launch.nproc_per_node * cfg.launch.nnodes).max(1) as u64;
     let model_bytes = model_bytes(&cfg.model.path);
     let state = if cfg.lora.is_some() { 1 } else { 3 };
-    let guess = Estimates {
+    Estimates {
         step_s: None,
         checkpoint_s: checkpoint_guess(model_bytes * state / world, tidal.safety_factor),
         drain_s: drain_guess(tidal.safety_factor),
-    };
-    Ok(measured(&records).unwrap_or(guess))
+    }
 }
 
-/// The least a drain is taken to need, whatever was measured.
+/// The least a drain is taken to need, and the most, whatever was measured (a drain
+/// measured wrong must not keep every later window from training).
 const MIN_DRAIN_S: f64 = 0.2;
+const MAX_DRAIN_S: f64 = 120.0;
 
-/// The newest measurements in an event log: the slowest of the last few checkpoints, of
-/// the last window's drains (rank 0's `yield` → each node's `gpus_released`), and of its
-/// steps; `None` before a window has ended with a checkpoint.
+/// The newest measurements in an event log: the slowest of the last few checkpoints, and
+/// of the newest window that measured a drain (its rank 0's `yield`, after the final
+/// checkpoint, to its nodes' `gpus_released`) its drain and its steps; `None` before a
+/// window has ended that way.
 pub fn measured(records: &[Record]) -> Option<Estimates> {
     let mut checkpoints = Vec::new();
-    let mut steps = Vec::new();
-    let mut drain: Option<f64> = None;
-    let mut yielded_at = None;
+    // Per window: its yield, its steps, its drain.
+    let (mut yielded_at, mut steps, mut drain) = (None, Vec::new(), None::<f64>);
+    let mut last: Option<(f64, Vec<f64>)> = None;
+    let mut close = |steps: &mut Vec<f64>, drain: &mut Option<f64>| {
+        if let Some(d) = drain.take() {
+            last = Some((d, std::mem::take(steps)));
+        }
+        steps.clear();
+    };
     for r in records {
         match &r.event {
+            Event::WindowOpen { .. } => {
+                close(&mut steps, &mut drain);
+                yielded_at = None;
+            }
             Event::Checkpoint {
                 took_s, stall_s, ..
             } => checkpoints.push(took_s.unwrap_or(*stall_s)),
             Event::Step(s) if r.rank == Some(0) && s.stats.step_time > 0.0 => {
                 steps.push(s.stats.step_time)
             }
-            Event::WindowOpen { .. } => steps.clear(),
             Event::Yield { at, .. } => yielded_at = Some(*at),
             Event::GpusReleased { at, .. } => {
                 if let Some(y) = yielded_at {
                     let d = (at - y).max(0.0);
-                    drain = Some(drain.map_or(d, |m: f64| m.max(d)));
+                    drain = Some(drain.map_or(d, |m| m.max(d)));
                 }
             }
             _ => {}
         }
     }
+    close(&mut steps, &mut drain);
     let slowest = |v: &[f64]| v.iter().rev().take(8).copied().reduce(f64::max);
+    let (drain, steps) = last?;
     Some(Estimates {
         step_s: slowest(&steps),
         checkpoint_s: slowest(&checkpoints)?,
-        drain_s: drain?.max(MIN_DRAIN_S),
+        drain_s: drain.clamp(MIN_DRAIN_S, MAX_DRAIN_S),
     })
 }
 
@@ -454,4 +529,66 @@ fn run_hook_blocking(key: &str, cmd: &str, timeout_s: f64, cfg: &JobConfig) -> R
         &cfg.run_dir(),
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(time: f64, rank: Option<usize>, event: Event) -> Record {
+        Record {
+            time,
+            generation: 0,
+            rank,
+            node: Some(0),
+            event,
+        }
+    }
+
+    fn open(at: f64) -> Event {
+        Event::WindowOpen {
+            start: at,
+            end: at + 100.0,
+            handback: at + 90.0,
+            world: 2,
+        }
+    }
+
+    #[test]
+    fn measurements_come_from_the_newest_window_that_measured_a_drain() {
+        let checkpoint = |took| Event::Checkpoint {
+            step: 4,
+            path: "c".into(),
+            async_save: true,
+            stall_s: 0.01,
+            snapshot_s: 0.01,
+            took_s: Some(took),
+        };
+        let released = |at| Event::GpusReleased {
+            at,
+            margin_s: 1.0,
+            checked: String::new(),
+        };
+        let yielded = |at| Event::Yield {
+            step: 4,
+            checkpointed: true,
+            lost_steps: 0,
+            at,
+        };
+        let mut log = vec![record(0.0, None, open(0.0))];
+        assert_eq!(measured(&log), None, "nothing measured yet");
+        log.extend([
+            record(10.0, Some(0), checkpoint(2.0)),
+            record(50.0, Some(0), yielded(50.0)),
+            record(51.5, Some(0), released(51.5)),
+            // The next window's workers were killed: no yield. Its release is not a drain
+            // (paired with the night before, it would be a day long).
+            record(86_400.0, None, open(86_400.0)),
+            record(86_410.0, Some(0), checkpoint(1.0)),
+            record(86_490.0, Some(0), released(86_490.0)),
+        ]);
+        let m = measured(&log).expect("measured");
+        assert_eq!(m.drain_s, 1.5);
+        assert_eq!(m.checkpoint_s, 2.0, "the slowest recent checkpoint");
+    }
 }

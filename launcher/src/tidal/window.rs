@@ -125,6 +125,19 @@ impl Schedule {
         })
     }
 
+    /// The shortest daily window's length on its clock, seconds (DST may move it by an
+    /// hour).
+    pub fn shortest_s(&self) -> Option<f64> {
+        let secs = |t: Time| {
+            f64::from(t.hour()) * 3600.0 + f64::from(t.minute()) * 60.0 + f64::from(t.second())
+        };
+        self.daily
+            .iter()
+            .map(|d| (secs(d.end) - secs(d.start)).rem_euclid(86_400.0))
+            .map(|l| if l == 0.0 { 86_400.0 } else { l })
+            .reduce(f64::min)
+    }
+
     /// Whether the job file gives windows (else `--until` must).
     pub fn is_empty(&self) -> bool {
         self.daily.is_empty()
@@ -143,9 +156,10 @@ impl Schedule {
             && !self.skip.contains(&date)
     }
 
-    /// The window of `d` starting on `date`. A local time that does not exist (the hour
-    /// DST skips) is taken after the gap, one that occurs twice the first time (jiff's
-    /// "compatible" rule, as most schedulers do).
+    /// The window of `d` starting on `date`. A start that does not exist (in the hour DST
+    /// skips) is taken after the gap and one that occurs twice the first time (jiff's
+    /// "compatible" rule, as most schedulers do); an end that does not exist is the instant
+    /// before the gap, never after: the GPUs go back early rather than late.
     fn on(&self, d: Daily, date: Date) -> Option<Window> {
         let start = self.tz.to_zoned(date.to_datetime(d.start)).ok()?;
         let end_date = if d.end <= d.start {
@@ -153,7 +167,11 @@ impl Schedule {
         } else {
             date
         };
-        let end = self.tz.to_zoned(end_date.to_datetime(d.end)).ok()?;
+        let end = self
+            .tz
+            .to_ambiguous_zoned(end_date.to_datetime(d.end))
+            .earlier()
+            .ok()?;
         Some(Window {
             start: unix(start.timestamp()),
             end: unix(end.timestamp()),
@@ -278,6 +296,10 @@ mod tests {
         let s = schedule(&["02:30-05:00"], "America/New_York");
         let w = s.next(at("2026-03-08T00:00:00-05:00")).expect("a window");
         assert_eq!(w.start, at("2026-03-08T03:30:00-04:00"));
+        // An end in the skipped hour is the instant before the gap: early, not late.
+        let s = schedule(&["22:00-02:30"], "America/New_York");
+        let w = s.next(at("2026-03-07T12:00:00-05:00")).expect("a window");
+        assert_eq!(w.end, at("2026-03-08T01:30:00-05:00"));
     }
 
     #[test]
@@ -334,5 +356,10 @@ mod tests {
         assert!(bad(|o| o.skip_dates = vec!["12/25".into()]).contains("tidal.skip_dates"));
         assert!(bad(|o| o.grace_s = 0.0).contains("tidal.grace_s"));
         assert!(bad(|o| o.safety_factor = 0.5).contains("tidal.safety_factor"));
+        let short = bad(|o| {
+            o.windows = vec!["23:30-00:10".into()];
+            o.handback_margin_s = 2400.0;
+        });
+        assert!(short.contains("tidal.handback_margin_s"), "{short}");
     }
 }

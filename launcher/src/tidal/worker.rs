@@ -77,16 +77,29 @@ impl Tide {
         self.saved_step = self.saved_step.max(step);
     }
 
-    /// A checkpoint took `seconds`, from its start to its commit.
+    /// A checkpoint took `seconds`, from its start to its commit: the estimate is the
+    /// slowest seen (earlier windows' included).
     pub fn saved(&mut self, seconds: f64) {
         if seconds.is_finite() && seconds > 0.0 {
-            self.work.estimates.checkpoint_s = seconds;
+            let e = &mut self.work.estimates.checkpoint_s;
+            *e = e.max(seconds);
         }
     }
 
-    /// At the boundary before step `done + 1`: this rank's verdict, agreed with every rank
-    /// of `world` (the strictest wins).
-    pub fn boundary(&mut self, world: &dyn Communicator, done: u64) -> parallel::Result<Verdict> {
+    /// Seconds still to go of a checkpoint started `elapsed` seconds ago in the background.
+    fn in_flight(&self, elapsed: Option<f64>) -> f64 {
+        elapsed.map_or(0.0, |e| (self.work.estimates.checkpoint_s - e).max(0.0))
+    }
+
+    /// At the boundary before step `done + 1`, with a background save started `pending`
+    /// seconds ago, if any: this rank's verdict, agreed with every rank of `world` (the
+    /// strictest wins).
+    pub fn boundary(
+        &mut self,
+        world: &dyn Communicator,
+        done: u64,
+        pending: Option<f64>,
+    ) -> parallel::Result<Verdict> {
         let now = Instant::now();
         if let Some(prev) = self.boundary.replace(now) {
             self.recent
@@ -106,6 +119,7 @@ impl Tide {
             deadline,
             &estimates,
             done.saturating_sub(self.saved_step),
+            self.in_flight(pending),
         );
         let mut code = [mine.code()];
         world.all_reduce(&mut code, ReduceOp::Max)?;
@@ -115,10 +129,14 @@ impl Tide {
     /// Whether a checkpoint started now would commit, and the workers be gone, before the
     /// deadline, agreed by every rank of `world` (all save, or none: a rank's commit waits
     /// for every rank's part).
-    pub fn save_fits(&self, world: &dyn Communicator) -> parallel::Result<bool> {
+    pub fn save_fits(
+        &self,
+        world: &dyn Communicator,
+        pending: Option<f64>,
+    ) -> parallel::Result<bool> {
         let (deadline, _) = self.deadline();
         let e = self.estimates();
-        let fits = super::now() + e.checkpoint_s + e.drain_s <= deadline;
+        let fits = super::now() + self.in_flight(pending) + e.checkpoint_s + e.drain_s <= deadline;
         let mut code = [if fits { 0.0f32 } else { 1.0 }];
         world.all_reduce(&mut code, ReduceOp::Max)?;
         Ok(code[0] == 0.0)
