@@ -108,8 +108,7 @@ pub(super) async fn run_generation(
         .filter(|_| crate::tidal::run::signalled())
     {
         if me.preempt_by.get() == 0.0 {
-            let by = crate::tidal::now() + tide.grace_s - crate::tidal::REAP_ALLOWANCE_S;
-            preempt(&mut g, by);
+            preempt_now(&mut g, tide);
         }
     }
     let mut killer = None;
@@ -136,16 +135,28 @@ pub(super) async fn run_generation(
     outcome
 }
 
+impl Generation<'_> {
+    /// The workers' process ids (their process groups').
+    fn pids(&self) -> Vec<u32> {
+        self.workers
+            .iter()
+            .map(|w| w.pid)
+            .filter(|p| *p != 0)
+            .collect()
+    }
+}
+
+/// A preemption with the window's grace, from now.
+fn preempt_now(g: &mut Generation<'_>, tide: &super::AgentTide) {
+    let by = crate::tidal::now() + tide.grace_s - crate::tidal::REAP_ALLOWANCE_S;
+    preempt(g, by);
+}
+
 /// A tidal window's end (or the job's) for this node: its workers are reaped; check their process
 /// groups are gone and (CUDA) that no process of ours holds GPU memory, report
 /// `gpus_released`, then run `tidal.on_release`.
 async fn released(g: &mut Generation<'_>, tide: &super::AgentTide) {
-    let pids: Vec<u32> = g
-        .workers
-        .iter()
-        .map(|w| w.pid)
-        .filter(|p| *p != 0)
-        .collect();
+    let pids = g.pids();
     let checked = crate::tidal::run::check_released(&pids, tide.window.handback).await;
     let at = crate::tidal::now();
     let event = Event::GpusReleased {
@@ -176,12 +187,7 @@ fn deadline_killer(g: &mut Generation<'_>) -> Option<tokio::task::JoinHandle<()>
     let at = g.kill_at?;
     let (tx, mut rx) = tokio::sync::watch::channel(at);
     g.kill_tx = Some(tx);
-    let pids: Vec<u32> = g
-        .workers
-        .iter()
-        .map(|w| w.pid)
-        .filter(|p| *p != 0)
-        .collect();
+    let pids = g.pids();
     Some(tokio::spawn(async move {
         loop {
             let at = *rx.borrow_and_update();
@@ -480,9 +486,8 @@ async fn supervise(g: &mut Generation<'_>, client: &mut Client, stop: &mut Stop)
             }
             sig = stop.next() => match (sig, &g.plan.tidal) {
                 (super::Sig::Terminate | super::Sig::User1, Some(tide)) => {
-                    let by = crate::tidal::now() + tide.grace_s - crate::tidal::REAP_ALLOWANCE_S;
                     tracing::warn!("{sig:?}: preempted, every worker gone within {} s", tide.grace_s);
-                    preempt(g, by);
+                    preempt_now(g, tide);
                     // Tell the coordinator now rather than at the next beat.
                     next_beat = Instant::now();
                     heartbeat.reset_at(next_beat);

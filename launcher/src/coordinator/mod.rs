@@ -231,6 +231,7 @@ impl Coordinator {
         }
         if inner.state.stopped.is_some() {
             inner.display.abandon();
+            close_window(&mut inner);
         } else if inner.state.finished() && !inner.finish_logged {
             inner.finish_logged = true;
             inner.display.finish();
@@ -287,13 +288,7 @@ impl Coordinator {
                 fault.kind == detect::Kind::LostHeartbeat && inner.state.members.contains(n)
             });
             if let Some(n) = lost {
-                let logged = Event::Fault {
-                    kind: fault.kind,
-                    detail: fault.detail.clone(),
-                    detected_at: unix(fault.detected_at),
-                    detection_latency_s: fault.detection_latency(),
-                };
-                log(&mut inner.events, logged, fault.rank, fault.node);
+                log_fault(inner, &fault);
                 let decision = Event::Decision {
                     action: crate::events::Action::Continue,
                     reason: format!("the tidal window is ending: node {n} counts as stopped"),
@@ -309,13 +304,7 @@ impl Coordinator {
             }
             return;
         }
-        let logged = Event::Fault {
-            kind: fault.kind,
-            detail: fault.detail.clone(),
-            detected_at: unix(fault.detected_at),
-            detection_latency_s: fault.detection_latency(),
-        };
-        log(&mut inner.events, logged, fault.rank, fault.node);
+        log_fault(inner, &fault);
         if let Some(n) = fault.node.filter(|n| inner.state.spares.contains(n)) {
             // A spare went silent: it just stops being one.
             drop_node(inner, n, &fault);
@@ -495,7 +484,18 @@ impl Coordinator {
     }
 }
 
-/// A tidal window's end, once every node is done: why it closed, the step reached, the
+/// The `fault` event of `fault`.
+fn log_fault(inner: &mut Inner, fault: &Fault) {
+    let logged = Event::Fault {
+        kind: fault.kind,
+        detail: fault.detail.clone(),
+        detected_at: unix(fault.detected_at),
+        detection_latency_s: fault.detection_latency(),
+    };
+    log(&mut inner.events, logged, fault.rank, fault.node);
+}
+
+/// A tidal window's end, once every node is done (or the job stopped): why it closed, the step reached, the
 /// steps since the last checkpoint (to do again).
 fn close_window(inner: &mut Inner) {
     let yielded = inner.state.yielded;
@@ -503,12 +503,14 @@ fn close_window(inner: &mut Inner) {
         return;
     };
     t.closed = true;
-    let reason = match (yielded, t.preempted) {
-        (false, _) => crate::tidal::CloseReason::Finished,
-        (true, true) => crate::tidal::CloseReason::Preempted,
-        (true, false) => crate::tidal::CloseReason::Deadline,
+    let stopped = inner.state.stopped.is_some();
+    let reason = match (stopped, yielded, t.preempted) {
+        (true, _, _) => crate::tidal::CloseReason::Stopped,
+        (false, false, _) => crate::tidal::CloseReason::Finished,
+        (false, true, true) => crate::tidal::CloseReason::Preempted,
+        (false, true, false) => crate::tidal::CloseReason::Deadline,
     };
-    let lost_steps = if yielded {
+    let lost_steps = if yielded || stopped {
         t.last_step.saturating_sub(t.saved_step)
     } else {
         0

@@ -242,19 +242,23 @@ async fn an_agent_restarted_after_the_job_finished_is_told_so() {
     assert!(events(dir.path(), restart).is_empty());
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_preemption_on_one_node_reaches_the_others_and_its_stop_is_no_fault() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let now = crate::tidal::now();
-    let window = super::TidalWindow {
+/// A tidal window of an hour from `now`, handed back 100 s before its end.
+fn hour_window(now: f64) -> super::TidalWindow {
+    super::TidalWindow {
         window: crate::tidal::Window {
             start: now,
             end: now + 3600.0,
         },
         handback: now + 3500.0,
         deadline: now + 3499.5,
-    };
-    let c = coordinator_in(2, dir.path(), Some(window));
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_preemption_on_one_node_reaches_the_others_and_its_stop_is_no_fault() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = crate::tidal::now();
+    let c = coordinator_in(2, dir.path(), Some(hour_window(now)));
     join_all(&c, 2).await;
     assert_eq!(beat(&c, 0, 0).await.yield_by, 0.0, "no preemption yet");
     // Node 1's agent got SIGTERM with a 30 s grace.
@@ -324,15 +328,7 @@ async fn a_preemption_on_one_node_reaches_the_others_and_its_stop_is_no_fault() 
 async fn a_node_lost_while_the_window_ends_counts_as_stopped_and_the_window_closes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let now = crate::tidal::now();
-    let window = super::TidalWindow {
-        window: crate::tidal::Window {
-            start: now,
-            end: now + 3600.0,
-        },
-        handback: now + 3500.0,
-        deadline: now + 3499.5,
-    };
-    let c = coordinator_in(2, dir.path(), Some(window));
+    let c = coordinator_in(2, dir.path(), Some(hour_window(now)));
     join_all(&c, 2).await;
     let request = rpc::HeartbeatRequest {
         node_rank: 0,

@@ -14,7 +14,38 @@ use super::CloseReason;
 use crate::error::{Error, Result};
 use crate::events::{Event, Record};
 
-/// One window's account, seconds.
+/// Where a window's wall time went, seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Parts {
+    pub startup_s: f64,
+    pub useful_s: f64,
+    pub checkpoint_s: f64,
+    pub lost_s: f64,
+    pub drain_s: f64,
+    pub idle_s: f64,
+}
+
+impl Parts {
+    pub fn sum(&self) -> f64 {
+        self.startup_s
+            + self.useful_s
+            + self.checkpoint_s
+            + self.lost_s
+            + self.drain_s
+            + self.idle_s
+    }
+
+    fn add(&mut self, o: &Parts) {
+        self.startup_s += o.startup_s;
+        self.useful_s += o.useful_s;
+        self.checkpoint_s += o.checkpoint_s;
+        self.lost_s += o.lost_s;
+        self.drain_s += o.drain_s;
+        self.idle_s += o.idle_s;
+    }
+}
+
+/// One window's account.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct WindowLedger {
     pub start: f64,
@@ -28,27 +59,14 @@ pub struct WindowLedger {
     pub lost_steps: u64,
     /// Seconds to spare before the hand-back when the last node's GPUs were released.
     pub handback_margin_s: Option<f64>,
-    pub startup_s: f64,
-    pub useful_s: f64,
-    pub checkpoint_s: f64,
-    pub lost_s: f64,
-    pub drain_s: f64,
-    pub idle_s: f64,
+    /// They add up to [`Self::wall_s`].
+    #[serde(flatten)]
+    pub parts: Parts,
 }
 
 impl WindowLedger {
     pub fn wall_s(&self) -> f64 {
         self.end - self.start
-    }
-
-    /// The parts, which add up to [`Self::wall_s`].
-    pub fn parts_s(&self) -> f64 {
-        self.startup_s
-            + self.useful_s
-            + self.checkpoint_s
-            + self.lost_s
-            + self.drain_s
-            + self.idle_s
     }
 }
 
@@ -69,12 +87,8 @@ pub struct Ledger {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Totals {
     pub wall_s: f64,
-    pub startup_s: f64,
-    pub useful_s: f64,
-    pub checkpoint_s: f64,
-    pub lost_s: f64,
-    pub drain_s: f64,
-    pub idle_s: f64,
+    #[serde(flatten)]
+    pub parts: Parts,
     /// useful / wall.
     pub goodput: f64,
 }
@@ -178,12 +192,14 @@ fn window(events: &[Record]) -> Option<WindowLedger> {
         .map(|s| s.2)
         .sum::<f64>()
         .min(t2 - t1);
-    w.startup_s = t1 - start;
-    w.useful_s = t2 - t1 - stalls;
-    w.lost_s = t3 - t2;
-    w.checkpoint_s = stalls + (t4 - t3);
-    w.drain_s = t5 - t4;
-    w.idle_s = end.max(start) - t5;
+    w.parts = Parts {
+        startup_s: t1 - start,
+        useful_s: t2 - t1 - stalls,
+        lost_s: t3 - t2,
+        checkpoint_s: stalls + (t4 - t3),
+        drain_s: t5 - t4,
+        idle_s: end.max(start) - t5,
+    };
     w.handback_margin_s = released.map(|r| handback - r);
     if !finished {
         w.lost_steps = w.lost_steps.max(
@@ -227,15 +243,10 @@ pub fn ledger(run_dir: &Path) -> Result<Ledger> {
     let t = &mut l.totals;
     for w in &l.windows {
         t.wall_s += w.wall_s();
-        t.startup_s += w.startup_s;
-        t.useful_s += w.useful_s;
-        t.checkpoint_s += w.checkpoint_s;
-        t.lost_s += w.lost_s;
-        t.drain_s += w.drain_s;
-        t.idle_s += w.idle_s;
+        t.parts.add(&w.parts);
     }
     t.goodput = if t.wall_s > 0.0 {
-        t.useful_s / t.wall_s
+        t.parts.useful_s / t.wall_s
     } else {
         0.0
     };
@@ -307,6 +318,7 @@ fn text(l: &Ledger, svg: &Path) -> String {
             Some(CloseReason::Deadline) => "deadline",
             Some(CloseReason::Preempted) => "preempted",
             Some(CloseReason::Finished) => "finished",
+            Some(CloseReason::Stopped) => "stopped",
             None => "open",
         };
         let steps = match (w.first_step, w.last_step) {
@@ -316,6 +328,7 @@ fn text(l: &Ledger, svg: &Path) -> String {
         let margin = w
             .handback_margin_s
             .map_or("-".into(), |m| format!("{m:.2}"));
+        let p = &w.parts;
         let _ = writeln!(
             out,
             "{:>3} {:>9} {:>7} {:>6} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9}",
@@ -325,27 +338,27 @@ fn text(l: &Ledger, svg: &Path) -> String {
             w.lost_steps,
             w.world,
             w.wall_s(),
-            w.startup_s,
-            w.useful_s,
-            w.checkpoint_s,
-            w.lost_s,
-            w.drain_s,
-            w.idle_s,
+            p.startup_s,
+            p.useful_s,
+            p.checkpoint_s,
+            p.lost_s,
+            p.drain_s,
+            p.idle_s,
             margin
         );
     }
-    let t = &l.totals;
+    let (t, p) = (&l.totals, &l.totals.parts);
     let _ = writeln!(
         out,
         "total: {:.1} s in {} windows: start-up {:.1}, useful {:.1}, checkpointing {:.1}, lost {:.1}, drain {:.1}, idle {:.1}; goodput {:.1} %",
         t.wall_s,
         l.windows.len(),
-        t.startup_s,
-        t.useful_s,
-        t.checkpoint_s,
-        t.lost_s,
-        t.drain_s,
-        t.idle_s,
+        p.startup_s,
+        p.useful_s,
+        p.checkpoint_s,
+        p.lost_s,
+        p.drain_s,
+        p.idle_s,
         100.0 * t.goodput
     );
     let max = l.max_steps.map_or("?".into(), |m| m.to_string());
@@ -413,6 +426,8 @@ mod tests {
         assert!((part("startup_s") - 10.0).abs() < 0.01, "{w}");
         assert!((part("handback_margin_s") - 8.0).abs() < 0.01, "{w}");
         assert!(dir.path().join("status.svg").exists());
+        let l = ledger(dir.path()).expect("ledger");
+        assert!((l.windows[0].parts.sum() - l.windows[0].wall_s()).abs() < 1e-6);
         let text = status(dir.path(), "text").expect("text");
         assert!(text.contains("preempted"), "{text}");
         assert!(status(dir.path(), "yaml").is_err());

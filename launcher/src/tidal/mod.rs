@@ -49,6 +49,8 @@ pub enum CloseReason {
     Preempted,
     /// `training.max_steps` reached.
     Finished,
+    /// The job stopped with an error (the coordinator gave up).
+    Stopped,
 }
 
 /// Unix seconds now.

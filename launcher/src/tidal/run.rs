@@ -313,11 +313,11 @@ pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) 
     };
     if let Some(m) = measured(&records).filter(|_| steps > 0) {
         // Wall time per step, what runs between steps included.
-        let step = w.useful_s / steps as f64;
+        let step = w.parts.useful_s / steps as f64;
         let usable = night.end
             - night.start
             - tidal.handback_margin_s
-            - w.startup_s
+            - w.parts.startup_s
             - m.checkpoint_s
             - m.drain_s;
         println!(
@@ -325,7 +325,7 @@ pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) 
              start-up {:.1} s: a real night at these rates takes about {:.0} steps",
             m.checkpoint_s,
             m.drain_s,
-            w.startup_s,
+            w.parts.startup_s,
             (usable / step).max(0.0).floor()
         );
     }
