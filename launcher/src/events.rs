@@ -140,7 +140,8 @@ pub enum Event {
         world: usize,
     },
     /// Rank 0, at the step boundary where a tidal window's job stopped: the steps taken,
-    /// whether it saved them, and how many since the last checkpoint are lost.
+    /// whether this window took steps and every one is in a committed checkpoint, and how
+    /// many since the last checkpoint are lost.
     Yield {
         step: u64,
         checkpointed: bool,

@@ -71,11 +71,18 @@ pub fn run_job(
         args.extend(["--set".to_string(), o.clone()]);
     }
     let start = crate::job::start(cfg, world, decided.as_ref());
-    // Before a step was measured: the strategy search's prediction, with the safety factor.
-    let predicted = decided.as_ref().and_then(|d| d.auto.as_ref()).map(|a| {
-        let safety = cfg.tidal.as_ref().map_or(2.0, |t| t.safety_factor);
-        a.candidate.step_time_s * safety
-    });
+    // Before a step was measured: the strategy search's prediction, with the safety
+    // factor, and at most a quarter of the window (a wrong prediction must not keep every
+    // window from its first step; the deadline's kill guards the hand-back anyway).
+    let predicted = decided
+        .as_ref()
+        .and_then(|d| d.auto.as_ref())
+        .zip(tide.as_ref())
+        .map(|(a, (t, _))| {
+            let safety = cfg.tidal.as_ref().map_or(2.0, |t| t.safety_factor);
+            let room = (t.window.deadline - t.window.window.start).max(0.0) / 4.0;
+            (a.candidate.step_time_s * safety).min(room)
+        });
     let window = tide.as_ref().map(|(t, estimates)| WindowWork {
         deadline: t.window.deadline,
         estimates: Estimates {
@@ -108,17 +115,30 @@ pub fn run_job(
 /// for a tidal job: `[tidal]`, or `tidal` true), the scheduler's environment before them
 /// (the command line wins); the overrides the workers get.
 fn load(config: &Path, overrides: &[String], tidal: bool) -> Result<(JobConfig, Vec<String>)> {
-    let cfg = JobConfig::load(config, overrides)?;
-    let from = cfg.launch.from_scheduler;
-    if !from.unwrap_or(tidal || cfg.tidal.is_some()) {
-        return Ok((cfg, overrides.to_vec()));
+    let wants = |c: &JobConfig| {
+        c.launch
+            .from_scheduler
+            .unwrap_or(tidal || c.tidal.is_some())
+    };
+    let with_scheduler = || -> Result<(JobConfig, Vec<String>)> {
+        let mut all = crate::config::scheduler::from_env().map_err(|message| Error::Config {
+            file: "environment".into(),
+            message,
+        })?;
+        all.extend(overrides.iter().cloned());
+        Ok((JobConfig::load(config, &all)?, all))
+    };
+    match JobConfig::load(config, overrides) {
+        Ok(cfg) if wants(&cfg) => with_scheduler(),
+        Ok(cfg) => Ok((cfg, overrides.to_vec())),
+        // What the file leaves to the scheduler (`launch.rdzv` of a multi-node job) is
+        // missing until its environment is read: the job as the scheduler completes it,
+        // if it is one that takes it, else the first error.
+        Err(first) => match with_scheduler() {
+            Ok((cfg, all)) if wants(&cfg) => Ok((cfg, all)),
+            _ => Err(first),
+        },
     }
-    let mut all = crate::config::scheduler::from_env().map_err(|message| Error::Config {
-        file: "environment".into(),
-        message,
-    })?;
-    all.extend(overrides.iter().cloned());
-    Ok((JobConfig::load(config, &all)?, all))
 }
 
 /// The plan as `launch train` prints it under `strategy = "auto"`.
@@ -167,15 +187,7 @@ pub fn run_program(
     if let Some(t) = collective_timeout {
         all.push(format!("launch.collective_timeout_s={t}"));
     }
-    let mut launch = LaunchOptions::from_overrides(&all)?;
-    if launch.from_scheduler == Some(true) {
-        let mut from = crate::config::scheduler::from_env().map_err(|message| Error::Config {
-            file: "environment".into(),
-            message,
-        })?;
-        from.extend(all);
-        launch = LaunchOptions::from_overrides(&from)?;
-    }
+    let launch = LaunchOptions::from_overrides(&all)?;
     let (exe, args) = program.split_first().ok_or_else(|| Error::Config {
         file: "command line".into(),
         message: "launch run: no program given after `--`".into(),

@@ -323,8 +323,7 @@ fn yield_now<B: TrainBackend>(
     if trainer.mesh().world.rank() == 0 {
         trainer.report().event(&Event::Yield {
             step,
-            // Saved now, or by the save that was in flight for this very step.
-            checkpointed: lost_steps == 0 && step > 0,
+            checkpointed: tide.all_saved(step),
             lost_steps,
             at: crate::tidal::now(),
         });

@@ -504,3 +504,44 @@ fn a_rehearsal_plays_a_night_in_seconds_and_says_where_it_ends_and_whether_the_m
     assert_eq!(close.len(), 1);
     assert_eq!(close[0]["reason"], "deadline", "{close:?}");
 }
+
+#[test]
+fn two_nodes_whose_release_hook_outlasts_the_heartbeat_timeout_both_yield_75() {
+    let _one = crate::serial();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hooks = tmp.path().join("hooks.log");
+    // The hook takes 5 s; a node is lost after 3 s without a heartbeat.
+    let job = tidal_job(
+        tmp.path(),
+        "",
+        &format!(
+            "on_release = \"sleep 5; echo released $TIDEMILL_NODE >> {}\"",
+            hooks.display()
+        ),
+    );
+    let rdzv = format!("127.0.0.1:{}", free_port());
+    let until = rfc3339(6.0);
+    let agents: Vec<std::process::Child> = (0..2)
+        .map(|node| {
+            let mut c = agent_cmd(&job, 2, 1, node, &rdzv, &[]);
+            c.args(["--until", &until]).env("TIDEMILL_TEST_DELAY", PACE);
+            c.spawn().expect("launch starts")
+        })
+        .collect();
+    for (node, agent) in agents.into_iter().enumerate() {
+        let (status, err, _) = wait_exit(agent, Duration::from_secs(60));
+        assert_eq!(status.code(), Some(75), "node {node}: {err}");
+    }
+    let said = std::fs::read_to_string(&hooks).expect("hooks ran");
+    assert!(
+        said.contains("released 0") && said.contains("released 1"),
+        "{said}"
+    );
+    let ev = run_events(&tmp.path().join("run"));
+    assert_eq!(
+        of(&ev, "gpus_released").len(),
+        2,
+        "both nodes' reports arrived"
+    );
+    assert!(of(&ev, "fault").is_empty(), "{:?}", of(&ev, "fault"));
+}

@@ -319,17 +319,37 @@ async fn node_agent(
         host,
         instance: rand::random(),
         preempt_by: std::cell::Cell::new(0.0),
+        hooks: Default::default(),
     };
+    let outcome = generations(plan, &mut client, &me, rdzv, stop).await;
+    // The operator's hooks finish before this agent exits, whatever the outcome.
+    let hooks = std::mem::take(&mut *me.hooks.borrow_mut());
+    for hook in hooks {
+        let _ = hook.await;
+    }
+    outcome
+}
+
+/// Join and run generations until the job ends for this node.
+async fn generations(
+    plan: &LaunchPlan,
+    client: &mut Client,
+    me: &Me,
+    rdzv: &str,
+    stop: &mut Stop,
+) -> Result<Outcome> {
+    let l = &plan.launch;
+    let node = l.node_rank;
     let beat_every = l.heartbeat_interval();
     // The generation this node last ran: heartbeats carry it.
     let mut generation = 0;
     loop {
-        let Some(join) = join(&mut client, plan, &me, generation, beat_every, stop).await? else {
+        let Some(join) = join(client, plan, me, generation, beat_every, stop).await? else {
             // A spare the job never needed, or an agent restarted after the job finished.
             return Ok(Outcome::Finished);
         };
         generation = join.generation;
-        let ended = workers::run_generation(plan, &mut client, &join, &me, rdzv, stop).await?;
+        let ended = workers::run_generation(plan, client, &join, me, rdzv, stop).await?;
         if let Ended::Done | Ended::Yielded = ended {
             let yielded = ended == Ended::Yielded;
             // The coordinator must hear it: without it the job never finishes.
@@ -351,16 +371,7 @@ async fn node_agent(
                 }
                 stop.sleep(beat_every).await?;
             }
-            match wait_finished(
-                &mut client,
-                plan,
-                &me,
-                (generation, ended),
-                beat_every,
-                stop,
-            )
-            .await?
-            {
+            match wait_finished(client, plan, me, (generation, ended), beat_every, stop).await? {
                 Ended::Restart => {}
                 Ended::Done => return Ok(Outcome::Finished),
                 Ended::Yielded => {
@@ -382,6 +393,8 @@ pub(super) struct Me {
     /// A tidal job's preemption: Unix seconds by which every worker must be gone (0:
     /// none); every heartbeat carries it to the coordinator, which tells the other nodes.
     pub(super) preempt_by: std::cell::Cell<f64>,
+    /// `tidal.on_release` hooks running beside the agent: waited for before it returns.
+    pub(super) hooks: std::cell::RefCell<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// Join the coordinator's current generation, beating while the others join (a node that

@@ -90,3 +90,10 @@ pub fn code_and_signal(status: &ExitStatus) -> (i32, i32) {
 pub fn group_alive(pid: u32) -> bool {
     i32::try_from(pid).is_ok_and(|pid| killpg(Pid::from_raw(pid), None).is_ok())
 }
+
+/// SIGKILL a worker's process group (already gone is fine).
+pub fn kill_group(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}

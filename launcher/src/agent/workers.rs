@@ -100,8 +100,11 @@ pub(super) async fn run_generation(
     if me.preempt_by.get() > 0.0 {
         preempt(&mut g, me.preempt_by.get());
     }
-    // SIGTERM or SIGUSR1 before this agent listened (while the job was being planned):
-    // the preemption counts from now.
+    // SIGINT, SIGTERM or SIGUSR1 before this agent listened (while the job was being
+    // planned, or joined): a stop before any worker starts; a preemption from now.
+    if plan.tidal.is_some() && crate::tidal::run::interrupted() {
+        return Err(Error::JobStopped("interrupted (SIGINT)".into()));
+    }
     if let Some(tide) = plan
         .tidal
         .as_ref()
@@ -168,15 +171,14 @@ async fn released(g: &mut Generation<'_>, tide: &super::AgentTide) {
     if let Ok(line) = serde_json::to_string(&ToAgent::Event { rank, event }) {
         g.reports.push(line);
     }
-    if let Some(cmd) = &tide.on_release {
-        crate::tidal::run::hook(
-            "tidal.on_release",
-            cmd,
-            tide.hook_timeout_s,
-            g.me.node,
-            &g.plan.run_dir,
-        )
-        .await;
+    // The operator's hook runs beside the agent, which goes on beating (a node silent for
+    // the hook's minute would count as lost); the agent waits for it before it exits.
+    if let Some(cmd) = tide.on_release.clone() {
+        let (timeout, node, run_dir) = (tide.hook_timeout_s, g.me.node, g.plan.run_dir.clone());
+        let hook = tokio::spawn(async move {
+            crate::tidal::run::hook("tidal.on_release", &cmd, timeout, node, &run_dir).await;
+        });
+        g.me.hooks.borrow_mut().push(hook);
     }
 }
 
@@ -197,8 +199,10 @@ fn deadline_killer(g: &mut Generation<'_>) -> Option<tokio::task::JoinHandle<()>
                 changed = rx.changed() => if changed.is_err() { return },
             }
         }
+        // By process group only: a worker reaped before the deadline leaves its pid free
+        // for another process, never its group while a member lives.
         for pid in pids {
-            spawn::kill_now(pid);
+            spawn::kill_group(pid);
         }
     }))
 }
@@ -574,8 +578,8 @@ async fn on_exit(
         .is_some_and(|k| g.yielding || crate::tidal::now() >= k - 1.0);
     if code == i32::from(crate::tidal::YIELDED) && g.kill_at.is_some() || code != 0 && ending {
         if code != i32::from(crate::tidal::YIELDED) {
-            // Part of the stop (its peer went first), but say what it said.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Part of the stop (its peer went first), but say what it said (what has come:
+            // the hand-back does not wait for the rest).
             drain_links(&mut g.links, &mut g.reports, &mut links.errors);
             let w = &g.workers[local];
             let said = links.errors.get(&w.rank).cloned().unwrap_or_default();

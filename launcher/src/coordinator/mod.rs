@@ -285,7 +285,9 @@ impl Coordinator {
             // A node lost while the window ends (its host went, its agent was killed) has
             // stopped too: counted as done, so that the window still closes.
             let lost = fault.node.filter(|n| {
-                fault.kind == detect::Kind::LostHeartbeat && inner.state.members.contains(n)
+                fault.kind == detect::Kind::LostHeartbeat
+                    && inner.state.members.contains(n)
+                    && !inner.state.done.contains(n)
             });
             if let Some(n) = lost {
                 log_fault(inner, &fault);

@@ -250,7 +250,13 @@ pub fn ledger(run_dir: &Path) -> Result<Ledger> {
     } else {
         0.0
     };
-    let closed = l.windows.iter().filter(|w| w.reason.is_some()).count();
+    // The rate: windows that closed by their deadline or a preemption, or finished (not
+    // those the job failed in).
+    let closed = l
+        .windows
+        .iter()
+        .filter(|w| w.reason.is_some_and(|r| r != CloseReason::Stopped))
+        .count();
     if closed > 0 && l.step > 0 {
         let per = l.step as f64 / closed as f64;
         l.steps_per_window = Some(per);

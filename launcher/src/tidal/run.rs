@@ -44,6 +44,11 @@ pub fn signalled() -> bool {
     TERM.get().is_some_and(|f| f.0.load(Ordering::SeqCst))
 }
 
+/// Whether SIGINT came since the tidal loop started.
+pub fn interrupted() -> bool {
+    TERM.get().is_some_and(|f| f.1.load(Ordering::SeqCst))
+}
+
 /// What the loop stops with, if a signal came.
 fn stopping(when: &str) -> Result<()> {
     let (term, int) = flags();
@@ -62,7 +67,8 @@ pub fn preempt_file(run_dir: &Path) -> PathBuf {
 }
 
 /// `launch preempt RUN_DIR --grace S`: the running tidal job in RUN_DIR stops within S
-/// seconds (its node 0 agent picks the request up at its next heartbeat).
+/// seconds (its node 0 agent looks for the request every 100 ms). A request no window
+/// takes before its grace runs out is dropped.
 pub fn preempt(run_dir: &Path, grace_s: f64) -> Result<()> {
     if !(grace_s.is_finite() && grace_s > 0.0) {
         return Err(Error::Config {
@@ -77,19 +83,8 @@ pub fn preempt(run_dir: &Path, grace_s: f64) -> Result<()> {
             message: "not a run directory (no events.jsonl)".into(),
         });
     }
-    // Only a window that is open can be preempted: one that opened and has not closed.
-    let records = crate::events::read(&run_dir.join("events.jsonl"))?;
-    let open = records.iter().rev().find_map(|r| match r.event {
-        Event::WindowOpen { .. } => Some(true),
-        Event::WindowClose { .. } => Some(false),
-        _ => None,
-    });
-    if open != Some(true) {
-        return Err(Error::Config {
-            file: run_dir.to_path_buf(),
-            message: "no tidal window is open in this run directory (nothing to preempt)".into(),
-        });
-    }
+    // A window starting now takes the request (it may not have logged `window_open` yet);
+    // one opening after the grace has run out does not.
     let path = preempt_file(run_dir);
     checkpoint::atomic_write(&path, format!("{}\n", now() + grace_s).as_bytes())?;
     println!(
@@ -145,17 +140,11 @@ pub fn train(
         }
         let handback = window.handback(tidal.handback_margin_s);
         let deadline = handback - REAP_ALLOWANCE_S;
-        if deadline <= window.start {
-            return Err(config_err(file)(format!(
-                "tidal.handback_margin_s = {} leaves no time to train in the window {} – {}",
-                tidal.handback_margin_s,
-                schedule.local(window.start),
-                schedule.local(window.end)
-            )));
-        }
         let estimates = estimates(cfg, &tidal)?;
-        // Whether to skip a window that has begun: by the guesses, which every node makes
-        // alike (only node 0 has the measurements), so that all skip it or none.
+        // Whether to skip a window that has begun (or is shorter than its margin: late, or
+        // the night the clocks go forward): by the guesses, which every node makes alike
+        // (only node 0 has the measurements), so that all skip it or none. A margin that
+        // leaves no time in any window is refused when the job file is read.
         let need = guess(cfg, &tidal);
         if deadline - now() < need.checkpoint_s + need.drain_s {
             let why = format!(

@@ -158,8 +158,9 @@ impl Schedule {
 
     /// The window of `d` starting on `date`. A start that does not exist (in the hour DST
     /// skips) is taken after the gap and one that occurs twice the first time (jiff's
-    /// "compatible" rule, as most schedulers do); an end that does not exist is the instant
-    /// before the gap, never after: the GPUs go back early rather than late.
+    /// "compatible" rule, as most schedulers do); an end that does not exist is read with
+    /// the offset after the gap, the earlier of its two readings (02:30 in New York's
+    /// skipped hour is 01:30 EST): the GPUs go back early rather than late.
     fn on(&self, d: Daily, date: Date) -> Option<Window> {
         let start = self.tz.to_zoned(date.to_datetime(d.start)).ok()?;
         let end_date = if d.end <= d.start {

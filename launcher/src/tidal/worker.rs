@@ -24,8 +24,13 @@ pub struct Tide {
     /// Seconds between the last step boundaries (a step with whatever ran between steps).
     recent: VecDeque<f64>,
     boundary: Option<Instant>,
-    /// The step of the newest checkpoint saved (or resumed from).
+    /// The step of the newest checkpoint saved (or resumed from), and the step the window
+    /// started at.
     saved_step: u64,
+    first_step: u64,
+    /// The slowest checkpoint measured in this window (it replaces what the window began
+    /// with: a guess, or earlier windows' measurement).
+    checkpoint_s: Option<f64>,
 }
 
 /// How many recent steps the step estimate looks at (it takes the slowest).
@@ -40,6 +45,8 @@ impl Tide {
             recent: VecDeque::new(),
             boundary: None,
             saved_step: step,
+            first_step: step,
+            checkpoint_s: None,
         })
     }
 
@@ -67,7 +74,10 @@ impl Tide {
             .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
         Estimates {
             step_s: measured.or(self.work.estimates.step_s),
-            ..self.work.estimates
+            checkpoint_s: self
+                .checkpoint_s
+                .unwrap_or(self.work.estimates.checkpoint_s),
+            drain_s: self.work.estimates.drain_s,
         }
     }
 
@@ -78,17 +88,25 @@ impl Tide {
     }
 
     /// A checkpoint took `seconds`, from its start to its commit: the estimate is the
-    /// slowest seen (earlier windows' included).
+    /// slowest measured in this window.
     pub fn saved(&mut self, seconds: f64) {
         if seconds.is_finite() && seconds > 0.0 {
-            let e = &mut self.work.estimates.checkpoint_s;
-            *e = e.max(seconds);
+            self.checkpoint_s = Some(self.checkpoint_s.map_or(seconds, |e| e.max(seconds)));
         }
     }
 
-    /// Seconds still to go of a checkpoint started `elapsed` seconds ago in the background.
+    /// Whether steps were taken in this window and every one is in a checkpoint (saved now,
+    /// or by the save in flight that the exit waits for).
+    pub fn all_saved(&self, done: u64) -> bool {
+        done > self.first_step && self.unsaved(done) == 0
+    }
+
+    /// Seconds still to go of a checkpoint started `elapsed` seconds ago in the background:
+    /// what the estimate leaves, and at least a quarter of it (a save past its estimate is
+    /// not done yet).
     fn in_flight(&self, elapsed: Option<f64>) -> f64 {
-        elapsed.map_or(0.0, |e| (self.work.estimates.checkpoint_s - e).max(0.0))
+        let e = self.estimates().checkpoint_s;
+        elapsed.map_or(0.0, |t| (e - t).max(e * 0.25))
     }
 
     /// At the boundary before step `done + 1`, with a background save started `pending`
