@@ -185,9 +185,9 @@ fn dispatch(cli: Cli) -> Result<()> {
                 None => crate::launch::train(&config, &all, until.as_deref()),
             }
         }
-        Command::Preempt { run_dir, grace } => crate::tidal::run::preempt(&run_dir, grace),
+        Command::Preempt { run_dir, grace } => crate::launch::preempt(&run_dir, grace),
         Command::Status { run_dir, format } => {
-            print!("{}", crate::tidal::ledger::status(&run_dir, &format)?);
+            print!("{}", crate::tidal::status::status(&run_dir, &format)?);
             Ok(())
         }
         Command::Run {

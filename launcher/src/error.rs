@@ -2,6 +2,10 @@
 
 use std::path::PathBuf;
 
+/// Exit status of a job that stopped for its window's end or a preemption: sysexits'
+/// EX_TEMPFAIL, "yielded, run me again" (0 is finished, anything else a failure).
+pub const YIELDED: u8 = 75;
+
 /// What `launch` can fail with. [`Error::exit_code`]: 2 for bad configuration or usage,
 /// 1 for failures while running.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +45,7 @@ pub enum Error {
     #[error("job stopped: {0}")]
     JobStopped(String),
     /// A tidal job stopped for its window's end or a preemption, to be run again: exit
-    /// status 75 (`crate::tidal::YIELDED`).
+    /// status [`YIELDED`].
     #[error("yielded: {0}")]
     Yielded(String),
     #[error(transparent)]
@@ -59,7 +63,7 @@ impl Error {
         match self {
             Error::Config { .. } | Error::ConfigIo { .. } | Error::BadPath { .. } => 2,
             Error::WorkerFailed { code, .. } => *code,
-            Error::Yielded(_) => crate::tidal::YIELDED,
+            Error::Yielded(_) => YIELDED,
             Error::Trainer(e) if e.is_input() => 2,
             Error::Checkpoint(e) if e.is_input() => 2,
             Error::Parallel(parallel::Error::Layout(_)) => 2,

@@ -153,7 +153,7 @@ pub enum Event {
     Preempt { by: f64 },
     /// A tidal window closed: why, the step reached, the steps to do again next time.
     WindowClose {
-        reason: crate::tidal::CloseReason,
+        reason: CloseReason,
         steps: u64,
         lost_steps: u64,
     },
@@ -227,6 +227,20 @@ pub struct StepEvent {
     pub collectives: u64,
     #[serde(flatten)]
     pub stats: StepReport,
+}
+
+/// Why a tidal window closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// The window's end (less the margin) came.
+    Deadline,
+    /// A signal or `launch preempt` ended it early.
+    Preempted,
+    /// `training.max_steps` reached.
+    Finished,
+    /// The job stopped with an error (the coordinator gave up).
+    Stopped,
 }
 
 /// The kinds of fault the coordinator detects.

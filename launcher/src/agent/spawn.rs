@@ -86,11 +86,6 @@ pub fn code_and_signal(status: &ExitStatus) -> (i32, i32) {
     }
 }
 
-/// Whether any process of `pid`'s process group is left (a zombie not yet reaped counts).
-pub fn group_alive(pid: u32) -> bool {
-    i32::try_from(pid).is_ok_and(|pid| killpg(Pid::from_raw(pid), None).is_ok())
-}
-
 /// SIGKILL a worker's process group (already gone is fine).
 pub fn kill_group(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {

@@ -102,13 +102,13 @@ pub(super) async fn run_generation(
     }
     // SIGINT, SIGTERM or SIGUSR1 before this agent listened (while the job was being
     // planned, or joined): a stop before any worker starts; a preemption from now.
-    if plan.tidal.is_some() && crate::tidal::run::interrupted() {
+    if plan.tidal.is_some() && crate::tidal::signals::interrupted() {
         return Err(Error::JobStopped("interrupted (SIGINT)".into()));
     }
     if let Some(tide) = plan
         .tidal
         .as_ref()
-        .filter(|_| crate::tidal::run::signalled())
+        .filter(|_| crate::tidal::signals::signalled())
     {
         if me.preempt_by.get() == 0.0 {
             preempt_now(&mut g, tide);
@@ -160,7 +160,7 @@ fn preempt_now(g: &mut Generation<'_>, tide: &super::AgentTide) {
 /// `gpus_released`, then run `tidal.on_release`.
 async fn released(g: &mut Generation<'_>, tide: &super::AgentTide) {
     let pids = g.pids();
-    let checked = crate::tidal::run::check_released(&pids, tide.window.handback).await;
+    let checked = crate::tidal::handback::check_released(&pids, tide.window.handback).await;
     let at = crate::tidal::now();
     let event = Event::GpusReleased {
         at,
@@ -176,7 +176,7 @@ async fn released(g: &mut Generation<'_>, tide: &super::AgentTide) {
     if let Some(cmd) = tide.on_release.clone() {
         let (timeout, node, run_dir) = (tide.hook_timeout_s, g.me.node, g.plan.run_dir.clone());
         let hook = tokio::spawn(async move {
-            crate::tidal::run::hook("tidal.on_release", &cmd, timeout, node, &run_dir).await;
+            crate::tidal::handback::hook("tidal.on_release", &cmd, timeout, node, &run_dir).await;
         });
         g.me.hooks.borrow_mut().push(hook);
     }
@@ -248,7 +248,7 @@ fn preempt_request(g: &Generation<'_>) -> Option<f64> {
     if g.me.node != 0 || g.plan.tidal.is_none() {
         return None;
     }
-    let path = crate::tidal::run::preempt_file(&g.plan.run_dir);
+    let path = crate::tidal::handback::preempt_file(&g.plan.run_dir);
     let text = std::fs::read_to_string(&path).ok()?;
     let _ = std::fs::remove_file(&path);
     // A request whose grace ran out before this window opened is not for this window.

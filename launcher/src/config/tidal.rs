@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::tidal::window::{Schedule, Spec};
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TidalOptions {
@@ -51,9 +53,19 @@ impl Default for TidalOptions {
 }
 
 impl TidalOptions {
+    /// The windows, ready to be asked for the next one.
+    pub fn schedule(&self) -> Result<Schedule, String> {
+        Schedule::new(Spec {
+            windows: &self.windows,
+            timezone: &self.timezone,
+            weekdays: &self.weekdays,
+            skip_dates: &self.skip_dates,
+        })
+    }
+
     /// Every key checked (the windows parsed), the error naming the key.
     pub fn validate(&self) -> Result<(), String> {
-        let schedule = crate::tidal::window::Schedule::new(self)?;
+        let schedule = self.schedule()?;
         let seconds = |key: &str, v: f64, positive: bool| {
             let ok = v.is_finite() && v < 1e7 && if positive { v > 0.0 } else { v >= 0.0 };
             match ok {
@@ -83,5 +95,31 @@ impl TidalOptions {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_keys_are_named() {
+        let bad = |f: fn(&mut TidalOptions)| {
+            let mut o = TidalOptions::default();
+            f(&mut o);
+            o.validate().expect_err("refused")
+        };
+        assert!(bad(|o| o.timezone = "Mars/Olympus".into()).contains("tidal.timezone"));
+        assert!(bad(|o| o.windows = vec!["22:00".into()]).contains("tidal.windows"));
+        assert!(bad(|o| o.windows = vec!["25:00-06:00".into()]).contains("`25:00`"));
+        assert!(bad(|o| o.weekdays = vec!["someday".into()]).contains("tidal.weekdays"));
+        assert!(bad(|o| o.skip_dates = vec!["12/25".into()]).contains("tidal.skip_dates"));
+        assert!(bad(|o| o.grace_s = 0.0).contains("tidal.grace_s"));
+        assert!(bad(|o| o.safety_factor = 0.5).contains("tidal.safety_factor"));
+        let short = bad(|o| {
+            o.windows = vec!["23:30-00:10".into()];
+            o.handback_margin_s = 2400.0;
+        });
+        assert!(short.contains("tidal.handback_margin_s"), "{short}");
     }
 }

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::{Event, Record};
+
 /// What a rank wants at a step boundary, strictest last (the job takes the maximum).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Verdict {
@@ -70,6 +72,58 @@ pub fn drain_guess(safety: f64) -> f64 {
     safety
 }
 
+/// The least a drain is taken to need, and the most, whatever was measured (a drain
+/// measured wrong must not keep every later window from training).
+const MIN_DRAIN_S: f64 = 0.2;
+const MAX_DRAIN_S: f64 = 120.0;
+
+/// The newest measurements in an event log: the slowest of the last few checkpoints, and
+/// of the newest window that measured a drain (its rank 0's `yield`, after the final
+/// checkpoint, to its nodes' `gpus_released`) its drain and its steps; `None` before a
+/// window has ended that way.
+pub fn measured(records: &[Record]) -> Option<Estimates> {
+    let mut checkpoints = Vec::new();
+    // Per window: its yield, its steps, its drain.
+    let (mut yielded_at, mut steps, mut drain) = (None, Vec::new(), None::<f64>);
+    let mut last: Option<(f64, Vec<f64>)> = None;
+    let mut close = |steps: &mut Vec<f64>, drain: &mut Option<f64>| {
+        if let Some(d) = drain.take() {
+            last = Some((d, std::mem::take(steps)));
+        }
+        steps.clear();
+    };
+    for r in records {
+        match &r.event {
+            Event::WindowOpen { .. } => {
+                close(&mut steps, &mut drain);
+                yielded_at = None;
+            }
+            Event::Checkpoint {
+                took_s, stall_s, ..
+            } => checkpoints.push(took_s.unwrap_or(*stall_s)),
+            Event::Step(s) if r.rank == Some(0) && s.stats.step_time > 0.0 => {
+                steps.push(s.stats.step_time)
+            }
+            Event::Yield { at, .. } => yielded_at = Some(*at),
+            Event::GpusReleased { at, .. } => {
+                if let Some(y) = yielded_at {
+                    let d = (at - y).max(0.0);
+                    drain = Some(drain.map_or(d, |m| m.max(d)));
+                }
+            }
+            _ => {}
+        }
+    }
+    close(&mut steps, &mut drain);
+    let slowest = |v: &[f64]| v.iter().rev().take(8).copied().reduce(f64::max);
+    let (drain, steps) = last?;
+    Some(Estimates {
+        step_s: slowest(&steps),
+        checkpoint_s: slowest(&checkpoints)?,
+        drain_s: drain.clamp(MIN_DRAIN_S, MAX_DRAIN_S),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +171,62 @@ mod tests {
     fn guesses_scale_with_size_and_safety() {
         assert!((checkpoint_guess(400_000_000, 2.0) - 6.0).abs() < 1e-9);
         assert_eq!(drain_guess(1.5), 1.5);
+    }
+
+    fn record(time: f64, rank: Option<usize>, event: Event) -> Record {
+        Record {
+            time,
+            generation: 0,
+            rank,
+            node: Some(0),
+            event,
+        }
+    }
+
+    fn open(at: f64) -> Event {
+        Event::WindowOpen {
+            start: at,
+            end: at + 100.0,
+            handback: at + 90.0,
+            world: 2,
+        }
+    }
+
+    #[test]
+    fn measurements_come_from_the_newest_window_that_measured_a_drain() {
+        let checkpoint = |took| Event::Checkpoint {
+            step: 4,
+            path: "c".into(),
+            async_save: true,
+            stall_s: 0.01,
+            snapshot_s: 0.01,
+            took_s: Some(took),
+        };
+        let released = |at| Event::GpusReleased {
+            at,
+            margin_s: 1.0,
+            checked: String::new(),
+        };
+        let yielded = |at| Event::Yield {
+            step: 4,
+            checkpointed: true,
+            lost_steps: 0,
+            at,
+        };
+        let mut log = vec![record(0.0, None, open(0.0))];
+        assert_eq!(measured(&log), None, "nothing measured yet");
+        log.extend([
+            record(10.0, Some(0), checkpoint(2.0)),
+            record(50.0, Some(0), yielded(50.0)),
+            record(51.5, Some(0), released(51.5)),
+            // The next window's workers were killed: no yield. Its release is not a drain
+            // (paired with the night before, it would be a day long).
+            record(86_400.0, None, open(86_400.0)),
+            record(86_410.0, Some(0), checkpoint(1.0)),
+            record(86_490.0, Some(0), released(86_490.0)),
+        ]);
+        let m = measured(&log).expect("measured");
+        assert_eq!(m.drain_s, 1.5);
+        assert_eq!(m.checkpoint_s, 2.0, "the slowest recent checkpoint");
     }
 }

@@ -5,14 +5,19 @@
 //! - [`decide`]: at each step boundary, another step or the final checkpoint or stop, pure.
 //! - [`worker`]: the workers' side: the deadline (the window's, or a preemption's through
 //!   the agent's control file), the estimates, the verdict agreed by every rank.
-//! - [`run`]: the `launch train` loop over windows, the hand-back check, the hooks.
-//! - [`ledger`]: the goodput ledger of a run's windows, read back from its event log
-//!   (`launch status`).
+//! - [`handback`]: the agents' check that a node's GPUs are free, and the hooks.
+//! - [`signals`]: SIGTERM, SIGUSR1 and SIGINT noted for a tidal run's whole life.
+//! - [`ledger`], [`status`]: the goodput ledger of a run's windows, read back from its
+//!   event log, and `launch status`.
+//!
+//! The loop over windows that runs the job is the launcher's (`crate::launch`).
 
 pub mod decide;
+pub mod handback;
 pub mod ledger;
 mod picture;
-pub mod run;
+pub mod signals;
+pub mod status;
 pub mod window;
 pub mod worker;
 
@@ -21,9 +26,8 @@ use serde::{Deserialize, Serialize};
 pub use decide::{Estimates, Verdict};
 pub use window::{Schedule, Window};
 
-/// Exit status of a job that stopped for its window's end or a preemption: sysexits'
-/// EX_TEMPFAIL, "yielded, run me again" (0 is finished, anything else a failure).
-pub const YIELDED: u8 = 75;
+pub use crate::error::YIELDED;
+pub use crate::events::CloseReason;
 
 /// What the workers of a tidal window run against (in the coordinator's generation, so
 /// every node's workers get the same).
@@ -38,20 +42,6 @@ pub struct WindowWork {
 /// How long before the hand-back the agents kill what is left of the workers: time to
 /// reap them and check the GPUs are free.
 pub const REAP_ALLOWANCE_S: f64 = 0.5;
-
-/// Why a window closed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CloseReason {
-    /// The window's end (less the margin) came.
-    Deadline,
-    /// A signal or `launch preempt` ended it early.
-    Preempted,
-    /// `training.max_steps` reached.
-    Finished,
-    /// The job stopped with an error (the coordinator gave up).
-    Stopped,
-}
 
 /// Unix seconds now.
 pub fn now() -> f64 {

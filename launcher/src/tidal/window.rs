@@ -8,8 +8,6 @@ use jiff::civil::{Date, Time, Weekday};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 
-use crate::config::TidalOptions;
-
 /// One window: `[start, end)` in Unix seconds.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Window {
@@ -83,17 +81,25 @@ pub fn timestamp(t: f64) -> Timestamp {
     Timestamp::from_millisecond((t * 1000.0).round() as i64).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
+/// What a schedule is made of: `[tidal]`'s keys of the same names.
+pub struct Spec<'a> {
+    pub windows: &'a [String],
+    pub timezone: &'a str,
+    pub weekdays: &'a [String],
+    pub skip_dates: &'a [String],
+}
+
 impl Schedule {
     /// `[tidal]` read and checked: errors name the key and the value.
-    pub fn new(o: &TidalOptions) -> Result<Self, String> {
-        let tz = TimeZone::get(&o.timezone).map_err(|e| {
+    pub fn new(o: Spec<'_>) -> Result<Self, String> {
+        let tz = TimeZone::get(o.timezone).map_err(|e| {
             format!(
                 "tidal.timezone: `{}` is not an IANA timezone (e.g. \"Asia/Shanghai\"): {e}",
                 o.timezone
             )
         })?;
         let mut daily = Vec::new();
-        for w in &o.windows {
+        for w in o.windows {
             let (a, b) = w.split_once('-').ok_or_else(|| {
                 format!("tidal.windows: `{w}` is not START-END (\"22:00-06:30\")")
             })?;
@@ -253,13 +259,23 @@ impl Schedule {
 mod tests {
     use super::*;
 
-    fn schedule(windows: &[&str], tz: &str) -> Schedule {
-        let o = TidalOptions {
-            windows: windows.iter().map(|s| s.to_string()).collect(),
-            timezone: tz.into(),
-            ..Default::default()
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn with(windows: &[&str], tz: &str, weekdays: &[&str], skip: &[&str]) -> Schedule {
+        let (w, d, k) = (strings(windows), strings(weekdays), strings(skip));
+        let spec = Spec {
+            windows: &w,
+            timezone: tz,
+            weekdays: &d,
+            skip_dates: &k,
         };
-        Schedule::new(&o).expect("valid")
+        Schedule::new(spec).expect("valid")
+    }
+
+    fn schedule(windows: &[&str], tz: &str) -> Schedule {
+        with(windows, tz, &[], &[])
     }
 
     fn at(s: &str) -> f64 {
@@ -305,19 +321,13 @@ mod tests {
 
     #[test]
     fn weekdays_and_skipped_dates_move_the_next_window() {
-        let mut o = TidalOptions {
-            windows: vec!["22:00-06:00".into(), "12:00-13:00".into()],
-            timezone: "UTC".into(),
-            weekdays: vec!["fri".into(), "sat".into()],
-            skip_dates: vec!["2026-12-11".into()],
-            ..Default::default()
-        };
+        let windows = ["22:00-06:00", "12:00-13:00"];
+        let weekdays = ["fri", "sat"];
         // Monday 2026-12-07: Friday the 11th is skipped, Saturday the 12th's noon window is next.
-        let s = Schedule::new(&o).expect("valid");
+        let s = with(&windows, "UTC", &weekdays, &["2026-12-11"]);
         let w = s.next(at("2026-12-07T10:00:00Z")).expect("a window");
         assert_eq!(w.start, at("2026-12-12T12:00:00Z"));
-        o.skip_dates.clear();
-        let s = Schedule::new(&o).expect("valid");
+        let s = with(&windows, "UTC", &weekdays, &[]);
         let w = s.next(at("2026-12-07T10:00:00Z")).expect("a window");
         assert_eq!(w.start, at("2026-12-11T12:00:00Z"));
         // Friday night's window, open on Saturday at 03:00, is still Friday's.
@@ -341,26 +351,5 @@ mod tests {
         assert!(e.contains("in the past"), "{e}");
         let e = s.until("tomorrow", now).expect_err("bad");
         assert!(e.contains("--until") && e.contains("tomorrow"), "{e}");
-    }
-
-    #[test]
-    fn bad_keys_are_named() {
-        let bad = |f: fn(&mut TidalOptions)| {
-            let mut o = TidalOptions::default();
-            f(&mut o);
-            o.validate().expect_err("refused")
-        };
-        assert!(bad(|o| o.timezone = "Mars/Olympus".into()).contains("tidal.timezone"));
-        assert!(bad(|o| o.windows = vec!["22:00".into()]).contains("tidal.windows"));
-        assert!(bad(|o| o.windows = vec!["25:00-06:00".into()]).contains("`25:00`"));
-        assert!(bad(|o| o.weekdays = vec!["someday".into()]).contains("tidal.weekdays"));
-        assert!(bad(|o| o.skip_dates = vec!["12/25".into()]).contains("tidal.skip_dates"));
-        assert!(bad(|o| o.grace_s = 0.0).contains("tidal.grace_s"));
-        assert!(bad(|o| o.safety_factor = 0.5).contains("tidal.safety_factor"));
-        let short = bad(|o| {
-            o.windows = vec!["23:30-00:10".into()];
-            o.handback_margin_s = 2400.0;
-        });
-        assert!(short.contains("tidal.handback_margin_s"), "{short}");
     }
 }

@@ -4,67 +4,18 @@
 //! that starts the job itself. Exit status: 0 finished, 75 yielded (run it again).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use super::decide::{checkpoint_guess, drain_guess};
-use super::{now, Estimates, Schedule, Window, REAP_ALLOWANCE_S};
+use super::run::run_job;
 use crate::agent::{AgentTide, Outcome};
 use crate::config::{JobConfig, TidalOptions};
 use crate::coordinator::TidalWindow;
 use crate::error::{Error, Result};
-use crate::events::{Event, Record};
-
-/// SIGTERM or SIGUSR1 came (a preemption: this process is being asked to go, so the loop
-/// over windows ends with status 75 rather than waiting for the next window), and SIGINT.
-/// Noted from the loop's start to the process's end, whatever runs when they come.
-static TERM: std::sync::OnceLock<(Arc<AtomicBool>, Arc<AtomicBool>)> = std::sync::OnceLock::new();
-
-fn flags() -> &'static (Arc<AtomicBool>, Arc<AtomicBool>) {
-    TERM.get_or_init(|| {
-        let (term, int) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
-            if let Err(e) = signal_hook::flag::register(sig, term.clone()) {
-                tracing::warn!("noting signal {sig}: {e}");
-            }
-        }
-        if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGINT, int.clone()) {
-            tracing::warn!("noting SIGINT: {e}");
-        }
-        (term, int)
-    })
-}
-
-/// Whether SIGTERM or SIGUSR1 came since the tidal loop started.
-pub fn signalled() -> bool {
-    TERM.get().is_some_and(|f| f.0.load(Ordering::SeqCst))
-}
-
-/// Whether SIGINT came since the tidal loop started.
-pub fn interrupted() -> bool {
-    TERM.get().is_some_and(|f| f.1.load(Ordering::SeqCst))
-}
-
-/// What the loop stops with, if a signal came.
-fn stopping(when: &str) -> Result<()> {
-    let (term, int) = flags();
-    if int.load(Ordering::SeqCst) {
-        return Err(Error::JobStopped("interrupted (SIGINT)".into()));
-    }
-    if term.load(Ordering::SeqCst) {
-        return Err(Error::Yielded(format!("preempted {when}")));
-    }
-    Ok(())
-}
-
-/// Where `launch preempt RUN_DIR` leaves its deadline for node 0's agent.
-pub fn preempt_file(run_dir: &Path) -> PathBuf {
-    run_dir.join("preempt")
-}
+use crate::events::Event;
+use crate::tidal::decide::{checkpoint_guess, drain_guess, measured};
+use crate::tidal::handback::{hook, preempt_file};
+use crate::tidal::signals::{signalled, stopping, watch};
+use crate::tidal::{now, Estimates, Window, REAP_ALLOWANCE_S};
 
 /// `launch preempt RUN_DIR --grace S`: the running tidal job in RUN_DIR stops within S
 /// seconds (its node 0 agent looks for the request every 100 ms). A request no window
@@ -109,13 +60,13 @@ pub fn train(
     until: Option<&str>,
 ) -> Result<()> {
     let tidal = cfg.tidal.clone().unwrap_or_default();
-    let schedule = Schedule::new(&tidal).map_err(config_err(file))?;
+    let schedule = tidal.schedule().map_err(config_err(file))?;
     if schedule.is_empty() && until.is_none() {
         return Err(config_err(file)(
             "tidal.windows: no window given; write the windows, or pass `--until TIME`".into(),
         ));
     }
-    flags();
+    watch();
     // A window the job already stopped in is over for it, however early it stopped.
     let mut done_until = f64::NEG_INFINITY;
     loop {
@@ -187,7 +138,7 @@ pub fn train(
             run_hook_blocking("tidal.on_acquire", cmd, tidal.hook_timeout_s, cfg)?;
         }
         stopping("before the window's workers started")?;
-        match crate::launch::run_job(cfg, file, overrides, Some((tide, estimates)))? {
+        match run_job(cfg, file, overrides, Some((tide, estimates)))? {
             Outcome::Finished => return Ok(()),
             Outcome::Yielded { preempted } => {
                 let how = if preempted {
@@ -217,7 +168,7 @@ pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) 
         )));
     }
     let tidal = cfg.tidal.clone().unwrap_or_default();
-    let schedule = Schedule::new(&tidal).map_err(config_err(file))?;
+    let schedule = tidal.schedule().map_err(config_err(file))?;
     let night = schedule.next(now()).ok_or_else(|| {
         config_err(file)("tidal.windows: a rehearsal plays the next window; none is given".into())
     })?;
@@ -261,8 +212,8 @@ pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) 
         hook_timeout_s: tidal.hook_timeout_s,
     };
     let estimates = estimates(&fast, &tidal)?;
-    let outcome = crate::launch::run_job(&fast, file, &all, Some((tide, estimates)))?;
-    let l = super::ledger::ledger(&run_dir)?;
+    let outcome = run_job(&fast, file, &all, Some((tide, estimates)))?;
+    let l = crate::tidal::ledger::ledger(&run_dir)?;
     let w = l.windows.last().ok_or_else(|| {
         Error::Launch(format!(
             "{}: the rehearsal logged no window",
@@ -355,58 +306,6 @@ fn guess(cfg: &JobConfig, tidal: &TidalOptions) -> Estimates {
     }
 }
 
-/// The least a drain is taken to need, and the most, whatever was measured (a drain
-/// measured wrong must not keep every later window from training).
-const MIN_DRAIN_S: f64 = 0.2;
-const MAX_DRAIN_S: f64 = 120.0;
-
-/// The newest measurements in an event log: the slowest of the last few checkpoints, and
-/// of the newest window that measured a drain (its rank 0's `yield`, after the final
-/// checkpoint, to its nodes' `gpus_released`) its drain and its steps; `None` before a
-/// window has ended that way.
-pub fn measured(records: &[Record]) -> Option<Estimates> {
-    let mut checkpoints = Vec::new();
-    // Per window: its yield, its steps, its drain.
-    let (mut yielded_at, mut steps, mut drain) = (None, Vec::new(), None::<f64>);
-    let mut last: Option<(f64, Vec<f64>)> = None;
-    let mut close = |steps: &mut Vec<f64>, drain: &mut Option<f64>| {
-        if let Some(d) = drain.take() {
-            last = Some((d, std::mem::take(steps)));
-        }
-        steps.clear();
-    };
-    for r in records {
-        match &r.event {
-            Event::WindowOpen { .. } => {
-                close(&mut steps, &mut drain);
-                yielded_at = None;
-            }
-            Event::Checkpoint {
-                took_s, stall_s, ..
-            } => checkpoints.push(took_s.unwrap_or(*stall_s)),
-            Event::Step(s) if r.rank == Some(0) && s.stats.step_time > 0.0 => {
-                steps.push(s.stats.step_time)
-            }
-            Event::Yield { at, .. } => yielded_at = Some(*at),
-            Event::GpusReleased { at, .. } => {
-                if let Some(y) = yielded_at {
-                    let d = (at - y).max(0.0);
-                    drain = Some(drain.map_or(d, |m| m.max(d)));
-                }
-            }
-            _ => {}
-        }
-    }
-    close(&mut steps, &mut drain);
-    let slowest = |v: &[f64]| v.iter().rev().take(8).copied().reduce(f64::max);
-    let (drain, steps) = last?;
-    Some(Estimates {
-        step_s: slowest(&steps),
-        checkpoint_s: slowest(&checkpoints)?,
-        drain_s: drain.clamp(MIN_DRAIN_S, MAX_DRAIN_S),
-    })
-}
-
 /// Bytes of the model's weight files.
 fn model_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
@@ -419,90 +318,6 @@ fn model_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-/// After a node's workers are reaped: wait (until at most `handback`) for their process
-/// groups to be empty, and on CUDA check with NVML that no process of ours holds GPU
-/// memory. What was checked, in words.
-pub async fn check_released(pids: &[u32], handback: f64) -> String {
-    let limit = handback.max(now() + 1.0);
-    while pids.iter().any(|p| crate::agent::spawn::group_alive(*p)) && now() < limit {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let left: Vec<u32> = pids
-        .iter()
-        .copied()
-        .filter(|p| crate::agent::spawn::group_alive(*p))
-        .collect();
-    let groups = match left.is_empty() {
-        true => format!("{} worker process groups gone", pids.len()),
-        false => format!("process groups still alive: {left:?}"),
-    };
-    format!("{groups}; {}", gpu_check(pids))
-}
-
-/// No process of ours (a worker, or one in a worker's process group) on any GPU.
-#[cfg(feature = "cuda")]
-fn gpu_check(pids: &[u32]) -> String {
-    use nvml_wrapper::Nvml;
-    let nvml = match Nvml::init() {
-        Ok(n) => n,
-        Err(e) => return format!("NVML unavailable ({e}): GPU memory not checked"),
-    };
-    let ours = |pid: u32| {
-        pids.contains(&pid)
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let after = s.rsplit_once(')')?.1.split_whitespace().nth(2)?.to_string();
-                    after.parse::<u32>().ok()
-                })
-                .is_some_and(|pgrp| pids.contains(&pgrp))
-    };
-    let count = nvml.device_count().unwrap_or(0);
-    let mut held = Vec::new();
-    for i in 0..count {
-        let Ok(device) = nvml.device_by_index(i) else {
-            continue;
-        };
-        for p in device.running_compute_processes().unwrap_or_default() {
-            if ours(p.pid) {
-                held.push((i, p.pid));
-            }
-        }
-    }
-    match held.is_empty() {
-        true => format!("NVML: no process of ours on {count} GPUs"),
-        false => format!("NVML: still held (gpu, pid): {held:?}"),
-    }
-}
-
-/// Without the GPU path: nothing holds GPU memory.
-#[cfg(not(feature = "cuda"))]
-fn gpu_check(_pids: &[u32]) -> String {
-    "no GPU path in this build".into()
-}
-
-/// Run an operator's hook (`sh -c`, TIDEMILL_NODE and TIDEMILL_RUN_DIR set) within
-/// `timeout_s`; a failure or a timeout is logged, not fatal (the GPUs are free either way).
-pub async fn hook(key: &str, cmd: &str, timeout_s: f64, node: usize, run_dir: &Path) {
-    let mut c = tokio::process::Command::new("sh");
-    c.args(["-c", cmd])
-        .env("TIDEMILL_NODE", node.to_string())
-        .env("TIDEMILL_RUN_DIR", run_dir)
-        .kill_on_drop(true);
-    let run = async {
-        match c.status().await {
-            Ok(s) if s.success() => Ok(()),
-            Ok(s) => Err(format!("exited with {s}")),
-            Err(e) => Err(e.to_string()),
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs_f64(timeout_s), run).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("{key} `{cmd}`: {e}"),
-        Err(_) => tracing::warn!("{key} `{cmd}`: killed after {timeout_s} s"),
-    }
 }
 
 fn run_hook_blocking(key: &str, cmd: &str, timeout_s: f64, cfg: &JobConfig) -> Result<()> {
@@ -518,66 +333,4 @@ fn run_hook_blocking(key: &str, cmd: &str, timeout_s: f64, cfg: &JobConfig) -> R
         &cfg.run_dir(),
     ));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(time: f64, rank: Option<usize>, event: Event) -> Record {
-        Record {
-            time,
-            generation: 0,
-            rank,
-            node: Some(0),
-            event,
-        }
-    }
-
-    fn open(at: f64) -> Event {
-        Event::WindowOpen {
-            start: at,
-            end: at + 100.0,
-            handback: at + 90.0,
-            world: 2,
-        }
-    }
-
-    #[test]
-    fn measurements_come_from_the_newest_window_that_measured_a_drain() {
-        let checkpoint = |took| Event::Checkpoint {
-            step: 4,
-            path: "c".into(),
-            async_save: true,
-            stall_s: 0.01,
-            snapshot_s: 0.01,
-            took_s: Some(took),
-        };
-        let released = |at| Event::GpusReleased {
-            at,
-            margin_s: 1.0,
-            checked: String::new(),
-        };
-        let yielded = |at| Event::Yield {
-            step: 4,
-            checkpointed: true,
-            lost_steps: 0,
-            at,
-        };
-        let mut log = vec![record(0.0, None, open(0.0))];
-        assert_eq!(measured(&log), None, "nothing measured yet");
-        log.extend([
-            record(10.0, Some(0), checkpoint(2.0)),
-            record(50.0, Some(0), yielded(50.0)),
-            record(51.5, Some(0), released(51.5)),
-            // The next window's workers were killed: no yield. Its release is not a drain
-            // (paired with the night before, it would be a day long).
-            record(86_400.0, None, open(86_400.0)),
-            record(86_410.0, Some(0), checkpoint(1.0)),
-            record(86_490.0, Some(0), released(86_490.0)),
-        ]);
-        let m = measured(&log).expect("measured");
-        assert_eq!(m.drain_s, 1.5);
-        assert_eq!(m.checkpoint_s, 2.0, "the slowest recent checkpoint");
-    }
 }
