@@ -31,7 +31,7 @@ pub fn train(config: &Path, overrides: &[String], until: Option<&str>) -> Result
     run::run_job(&cfg, config, overrides, None).map(|_| ())
 }
 
-/// `launch train JOB --rehearse SPEED` (`crate::tidal::run::rehearse`), after the same
+/// `launch train JOB --rehearse SPEED` (`tidal::rehearse`), after the same
 /// checks as a real run.
 pub fn rehearse(config: &Path, overrides: &[String], speed: f64) -> Result<()> {
     let (cfg, overrides) = load(config, overrides, true)?;
