@@ -25,11 +25,7 @@ fn read(rel: &str) -> String {
 /// would set it (and nothing else about the job's shape on the command line), stdout
 /// discarded.
 fn scheduled(job: &Path, env: &[(&str, String)]) -> std::process::Child {
-    let in5 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() + 300)
-        % 86_400;
-    let until = format!("{:02}:{:02}:{:02}", in5 / 3600, in5 / 60 % 60, in5 % 60);
+    let until = utc_in(300.0, "%H:%M:%S");
     let mut c = launch_cmd();
     c.arg("train").arg(job).args(["--until", &until]);
     for (k, v) in env {

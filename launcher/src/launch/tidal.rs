@@ -117,19 +117,11 @@ pub fn train(
             schedule.local(window.end),
             schedule.local(handback)
         );
-        let tide = AgentTide {
-            window: TidalWindow {
-                window: Window {
-                    start: window.start.max(now()),
-                    end: window.end,
-                },
-                handback,
-                deadline,
-            },
-            grace_s: tidal.grace_s,
-            on_release: tidal.on_release.clone(),
-            hook_timeout_s: tidal.hook_timeout_s,
+        let opened = Window {
+            start: window.start.max(now()),
+            end: window.end,
         };
+        let tide = agent_tide(opened, &tidal);
         // A preemption asked for before this window (none was open) is not for it.
         if cfg.launch.node_rank == 0 {
             let _ = std::fs::remove_file(preempt_file(&cfg.run_dir()));
@@ -197,20 +189,17 @@ pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) 
         schedule.local(night.end),
         run_dir.display()
     );
-    let handback = r0 + len - tidal.handback_margin_s / speed;
-    let tide = AgentTide {
-        window: TidalWindow {
-            window: Window {
-                start: r0,
-                end: r0 + len,
-            },
-            handback,
-            deadline: handback - REAP_ALLOWANCE_S,
+    // The margin and the grace on the fast clock (the overrides above); no operator's hook
+    // runs in a rehearsal.
+    let mut tide = agent_tide(
+        Window {
+            start: r0,
+            end: r0 + len,
         },
-        grace_s: tidal.grace_s / speed,
-        on_release: None,
-        hook_timeout_s: tidal.hook_timeout_s,
-    };
+        &fast.tidal.clone().unwrap_or_default(),
+    );
+    tide.on_release = None;
+    let handback = tide.window.handback;
     let estimates = estimates(&fast, &tidal)?;
     let outcome = run_job(&fast, file, &all, Some((tide, estimates)))?;
     let l = crate::tidal::ledger::ledger(&run_dir)?;
@@ -270,6 +259,22 @@ pub fn rehearse(cfg: &JobConfig, file: &Path, overrides: &[String], speed: f64) 
         );
     }
     Ok(())
+}
+
+/// What the agents of `window` run with under `tidal`: the hand-back `end − margin`, the
+/// kill `REAP_ALLOWANCE_S` before it, the grace and the release hook.
+fn agent_tide(window: Window, tidal: &TidalOptions) -> AgentTide {
+    let handback = window.handback(tidal.handback_margin_s);
+    AgentTide {
+        window: TidalWindow {
+            window,
+            handback,
+            deadline: handback - REAP_ALLOWANCE_S,
+        },
+        grace_s: tidal.grace_s,
+        on_release: tidal.on_release.clone(),
+        hook_timeout_s: tidal.hook_timeout_s,
+    }
 }
 
 /// Sleep until Unix seconds `at`; SIGTERM or SIGUSR1 meanwhile yields (75), SIGINT stops.

@@ -149,10 +149,6 @@ impl Schedule {
         self.daily.is_empty()
     }
 
-    pub fn timezone(&self) -> &TimeZone {
-        &self.tz
-    }
-
     /// Whether a window may start on `date`.
     fn open_on(&self, date: Date) -> bool {
         (self.weekdays.is_empty()

@@ -129,3 +129,10 @@ pub fn stderr(o: &Output) -> String {
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// A time `secs` from now, in UTC and whole seconds, as `--until` and `[tidal].windows`
+/// read it: `fmt` is strftime's (`%H:%M:%S`, or `%Y-%m-%dT%H:%M:%SZ` for RFC 3339).
+pub fn utc_in(secs: f64, fmt: &str) -> String {
+    use tidemill::launcher::tidal::{now, window::timestamp};
+    timestamp(now() + secs).strftime(fmt).to_string()
+}
