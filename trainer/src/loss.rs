@@ -10,9 +10,9 @@ use crate::collective::{reduce_from, Group, ParallelBackend};
 pub use crate::data::IGNORE_INDEX as IGNORE;
 
 /// At most this many logits are widened to f32 at once (256 MiB): 441 rows of Qwen2's
-/// 152k vocabulary, 523 of Llama 3's 128k. (The strategy search's memory model counts
-/// the same, `parallel::plan::cost`.)
-pub const CHUNK_ELEMS: usize = 1 << 26;
+/// 152k vocabulary, 523 of Llama 3's 128k. The strategy search's memory model counts the
+/// same constant.
+pub const CHUNK_ELEMS: usize = parallel::plan::LOSS_CHUNK_ELEMS;
 
 /// Rows of a `[n, vocab]` logits matrix per chunk.
 pub fn chunk_rows(vocab: usize) -> usize {

@@ -18,8 +18,10 @@ use serde::{Deserialize, Serialize};
 use super::hardware::Hardware;
 use super::shape::{Mode, ModelShape, Params, Precision, Share};
 
-/// Logits the loss widens to f32 at once (`trainer::loss::CHUNK_ELEMS`).
-const LOSS_CHUNK_ELEMS: f64 = (1u64 << 26) as f64;
+/// At most this many logits are widened to f32 at once by the loss (256 MiB): the
+/// trainer's chunk (`trainer::loss::CHUNK_ELEMS` is this constant) and what the memory
+/// model counts.
+pub const LOSS_CHUNK_ELEMS: usize = 1 << 26;
 
 /// What is trained: the model, the batch and how.
 #[derive(Clone, Debug, PartialEq)]
@@ -627,7 +629,7 @@ fn rank_memory(k: &Costs, share: Share, r: usize, micro: usize) -> Memory {
         // The logits and their gradient in the compute dtype; the loss widens one chunk of
         // rows at a time to f32, its softmax and that gradient (trainer::loss::CHUNK_ELEMS).
         let logits = k.tokens * m.vocab as f64 / c.tp as f64;
-        activations += logits * 2.0 * k.e + logits.min(LOSS_CHUNK_ELEMS) * 8.0;
+        activations += logits * 2.0 * k.e + logits.min(LOSS_CHUNK_ELEMS as f64) * 8.0;
     }
     Memory {
         activations,

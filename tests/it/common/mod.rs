@@ -24,8 +24,13 @@ pub fn model_dir(name: &str) -> PathBuf {
 }
 
 pub fn golden() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("golden.json")).expect("golden.json");
-    serde_json::from_str(&text).expect("golden.json is JSON")
+    golden_file("golden.json")
+}
+
+/// A golden file of `tests/fixtures`, as JSON.
+pub fn golden_file(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures().join(name)).expect(name);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name} is not JSON: {e}"))
 }
 
 pub fn opts(packing: bool, max_seq_len: usize) -> DataOptions {
@@ -106,13 +111,13 @@ pub fn run_events(run: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// Run the `launch` binary.
 /// `launch export SRC --format FORMAT --out OUT EXTRA...`.
 pub fn launch_export(src: &Path, format: &str, out: &Path, extra: &[&str]) -> Output {
     let (src, out) = (src.to_str().expect("utf8"), out.to_str().expect("utf8"));
     launch(&[&["export", src, "--format", format, "--out", out], extra].concat())
 }
 
+/// Run the `launch` binary.
 pub fn launch(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_launch"))
         .args(args)
