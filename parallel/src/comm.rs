@@ -116,6 +116,60 @@ pub trait Communicator: Send + Sync {
     /// one mesh axis. Every member must call `split` with the same list, in the same order
     /// relative to other collectives.
     fn split(&self, ranks: &[usize]) -> Result<Arc<dyn Communicator>>;
+    /// This group's collectives over device memory, where it has them (NCCL): then
+    /// [`crate::device`] hands it the tensors' device buffers instead of host bytes.
+    fn device(&self) -> Option<&dyn DeviceComm> {
+        None
+    }
+}
+
+/// A dense run of `bytes` bytes of device memory at address `ptr`, on the GPU of the
+/// [`DeviceComm`] it is handed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceBuf {
+    pub ptr: u64,
+    pub bytes: usize,
+}
+
+/// Collectives over device memory (a GPU communicator). Buffers hold elements of `dtype`;
+/// outputs never alias inputs. Each call returns once the collective has completed on the
+/// device (or failed: a collective waiting past the group's timeout is aborted and
+/// reported as [`Error::Timeout`]).
+///
+/// # Safety
+/// Every buffer must be device memory of the communicator's GPU, valid for its length,
+/// alive and not written by other work until the call returns, and the work that produced
+/// the inputs must have completed (the caller synchronises the backend first).
+#[allow(unsafe_code)]
+pub unsafe trait DeviceComm: Send + Sync {
+    /// `output` = the element-wise reduction of every rank's `input` (same lengths).
+    unsafe fn all_reduce(
+        &self,
+        input: DeviceBuf,
+        output: DeviceBuf,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// `output` (`size() * input.bytes`) receives rank `r`'s `input` at `r * input.bytes`.
+    unsafe fn all_gather(&self, input: DeviceBuf, output: DeviceBuf) -> Result<()>;
+    /// `input` is `size()` equal chunks; `output` receives the reduction of every rank's
+    /// chunk `rank()`.
+    unsafe fn reduce_scatter(
+        &self,
+        input: DeviceBuf,
+        output: DeviceBuf,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// `output` receives `root`'s `input` (`input` is read on the root only).
+    unsafe fn broadcast(&self, input: DeviceBuf, output: DeviceBuf, root: usize) -> Result<()>;
+    /// Point to point, grouped: every `(peer, buffer)` of `sends` goes out and every one of
+    /// `recvs` is filled at once, none waiting for another (pipeline hand-offs, all-to-all).
+    unsafe fn exchange(
+        &self,
+        sends: &[(usize, DeviceBuf)],
+        recvs: &[(usize, DeviceBuf)],
+    ) -> Result<()>;
 }
 
 /// Typed collectives for every [`Communicator`].
@@ -144,6 +198,40 @@ pub trait Collectives {
         input: &[T],
         send_counts: &[usize],
     ) -> Result<(Vec<T>, Vec<usize>)>;
+    /// Uneven all-gather: rank `r` gives `counts[r]` elements (`input`); returns them all,
+    /// concatenated in rank order.
+    fn all_gather_v<T: Element>(&self, input: &[T], counts: &[usize]) -> Result<Vec<T>>;
+    /// Uneven reduce-scatter: `input` is cut into `counts` (one per rank, in rank order);
+    /// returns the reduction of every rank's chunk `rank()`.
+    fn reduce_scatter_v<T: Element>(
+        &self,
+        input: &[T],
+        counts: &[usize],
+        op: ReduceOp,
+    ) -> Result<Vec<T>>;
+}
+
+/// `counts` checked against the group (one per rank) and, where given, this rank's `len`.
+pub(crate) fn check_counts(
+    what: &str,
+    counts: &[usize],
+    size: usize,
+    len: Option<usize>,
+) -> Result<()> {
+    if counts.len() != size {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: {} counts for a group of {size}",
+            counts.len()
+        )));
+    }
+    if let Some((len, expected)) = len.map(|l| (l, counts.iter().sum::<usize>())) {
+        if len != expected {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: {len} elements where the counts {counts:?} sum to {expected}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl<C: Communicator + ?Sized> Collectives for C {
@@ -226,14 +314,60 @@ impl<C: Communicator + ?Sized> Collectives for C {
             at += c;
         }
         let got = self.all_to_all_bytes(&chunks)?;
-        let counts: Vec<usize> = got.iter().map(|g| g.len() / size).collect();
-        let mut out = Vec::with_capacity(counts.iter().sum());
-        for g in &got {
-            // Received bytes may not be aligned for T: copy element-wise.
-            out.extend(g.chunks_exact(size).map(bytemuck::pod_read_unaligned::<T>));
-        }
-        Ok((out, counts))
+        Ok(concat(&got, size))
     }
+
+    fn all_gather_v<T: Element>(&self, input: &[T], counts: &[usize]) -> Result<Vec<T>> {
+        check_counts("all_gather_v", counts, self.size(), None)?;
+        if counts[self.rank()] != input.len() {
+            return Err(Error::InvalidArgument(format!(
+                "all_gather_v: rank {} gives {} elements where its count is {}",
+                self.rank(),
+                input.len(),
+                counts[self.rank()]
+            )));
+        }
+        // Every chunk padded to the largest: one even all-gather.
+        let max = counts.iter().copied().max().unwrap_or(0);
+        let mut padded = input.to_vec();
+        padded.resize(max, T::zeroed());
+        let all = self.all_gather(&padded)?;
+        Ok(counts
+            .iter()
+            .enumerate()
+            .flat_map(|(r, &c)| all[r * max..r * max + c].iter().copied())
+            .collect())
+    }
+
+    fn reduce_scatter_v<T: Element>(
+        &self,
+        input: &[T],
+        counts: &[usize],
+        op: ReduceOp,
+    ) -> Result<Vec<T>> {
+        check_counts("reduce_scatter_v", counts, self.size(), Some(input.len()))?;
+        let max = counts.iter().copied().max().unwrap_or(0);
+        let mut padded = vec![T::zeroed(); max * counts.len()];
+        let mut at = 0;
+        for (r, &c) in counts.iter().enumerate() {
+            padded[r * max..r * max + c].copy_from_slice(&input[at..at + c]);
+            at += c;
+        }
+        let mut mine = self.reduce_scatter(&padded, op)?;
+        mine.truncate(counts[self.rank()]);
+        Ok(mine)
+    }
+}
+
+/// Byte chunks of `size`-byte elements, concatenated, with the element count of each.
+fn concat<T: Element>(got: &[Vec<u8>], size: usize) -> (Vec<T>, Vec<usize>) {
+    let counts: Vec<usize> = got.iter().map(|g| g.len() / size).collect();
+    let mut out = Vec::with_capacity(counts.iter().sum());
+    for g in got {
+        // Received bytes may not be aligned for T: copy element-wise.
+        out.extend(g.chunks_exact(size).map(bytemuck::pod_read_unaligned::<T>));
+    }
+    (out, counts)
 }
 
 /// `acc[i] = op(acc[i], other[i])` on raw buffers of `dtype` (Avg sums; the caller divides

@@ -11,9 +11,11 @@ use std::sync::Arc;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+use burn::tensor::{FloatDType, Slice, Tensor, TensorData, TensorPrimitive};
 
 use crate::comm::{Collectives, Communicator, ReduceOp};
+use crate::device::{self, DeviceBackend};
 use crate::error::{Error, Result};
 
 /// Elements per all-reduce bucket (25 MiB of f32, DDP's default).
@@ -144,11 +146,11 @@ impl DataParallel {
     /// buckets in module-path order. A parameter with no gradient on some rank (an expert
     /// no local token reached) counts as zeros there; it gets a gradient afterwards iff it
     /// had one on any rank, as a single process over the whole batch would.
-    pub fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
-        &self,
-        module: &M,
-        grads: &mut GradientsParams,
-    ) -> Result<()> {
+    pub fn all_reduce_grads<B, M>(&self, module: &M, grads: &mut GradientsParams) -> Result<()>
+    where
+        B: AutodiffBackend<InnerBackend: DeviceBackend>,
+        M: AutodiffModule<B>,
+    {
         for (comm, params) in self.groups(module) {
             all_reduce_params::<B, M>(comm, module, &params, grads, DEFAULT_BUCKET_ELEMS)?;
         }
@@ -193,25 +195,26 @@ impl DataParallel {
             let owners = partition(&params, comm.size());
             for p in &params {
                 if owners.get(&p.path) != Some(&comm.rank()) {
-                    let _ = take_grad::<B>(grads, p);
+                    let _ = take_flat::<B>(grads, p);
                 }
             }
         }
     }
 
     /// Under ZeRO-1, after the optimizer step: every trainable parameter takes its owner's
-    /// value. The module comes back in every case: unchanged, with the error, when a
-    /// broadcast fails.
-    pub fn sync_owned_params<B: AutodiffBackend, M: AutodiffModule<B>>(
-        &self,
-        module: M,
-    ) -> (M, Result<()>) {
+    /// value. The module comes back in every case: unchanged, with the error, when the
+    /// all-gather fails.
+    pub fn sync_owned_params<B, M>(&self, module: M) -> (M, Result<()>)
+    where
+        B: AutodiffBackend<InnerBackend: DeviceBackend>,
+        M: AutodiffModule<B>,
+    {
         if !self.zero1 || self.comm.size() == 1 {
             return (module, Ok(()));
         }
-        match self.owners_values(&module) {
+        match self.owners_values::<B, M>(&module) {
             Ok(values) => {
-                let mut mapper = Replace {
+                let mut mapper = ReplaceInner::<Inner<B>> {
                     path: Vec::new(),
                     values,
                 };
@@ -221,30 +224,51 @@ impl DataParallel {
         }
     }
 
-    /// Every trainable parameter's value on its owner, broadcast in path order within each
-    /// group (the same on every rank).
-    fn owners_values<B: Backend, M: burn::module::Module<B>>(
-        &self,
-        module: &M,
-    ) -> Result<BTreeMap<String, Vec<f32>>> {
+    /// Every trainable parameter's value on its owner (flat f32), all-gathered on the
+    /// device in buckets in path order within each group: the owners of a group's
+    /// parameters run in rank order along its paths ([`partition`]), so what arrives in
+    /// rank order is in path order.
+    fn owners_values<B, M>(&self, module: &M) -> Result<BTreeMap<String, FloatTensor<Inner<B>>>>
+    where
+        B: AutodiffBackend<InnerBackend: DeviceBackend>,
+        M: AutodiffModule<B>,
+    {
+        let device = device_of(module)?;
         let mut values = BTreeMap::new();
         for (comm, params) in self.groups(module) {
             let owners = partition(&params, comm.size());
-            let mine = owners
+            let owner = |p: &ParamInfo| owners.get(&p.path).copied().unwrap_or(0);
+            let mine = params
                 .iter()
-                .filter(|(_, &o)| o == comm.rank())
-                .map(|(path, _)| path.clone())
+                .filter(|p| owner(p) == comm.rank())
+                .map(|p| p.path.clone())
                 .collect();
-            let host = HostParams::collect(module, mine);
-            for p in &params {
-                let owner = owners.get(&p.path).copied().unwrap_or(0);
-                let mut data = if owner == comm.rank() {
-                    host.get(&p.path).cloned().ok_or_else(|| missing(&p.path))?
-                } else {
-                    vec![0.0f32; p.numel()]
+            let mut held = InnerParams::<Inner<B>>::collect::<B, M>(module, mine);
+            for (start, end) in buckets(&params, DEFAULT_BUCKET_ELEMS) {
+                let bucket = &params[start..end];
+                let mut counts = vec![0; comm.size()];
+                let mut parts = Vec::new();
+                for p in bucket {
+                    counts[owner(p)] += p.numel();
+                    if owner(p) == comm.rank() {
+                        parts.push(held.remove(&p.path).ok_or_else(|| missing(&p.path))?);
+                    }
+                }
+                let input = match parts.len() {
+                    0 => Inner::<B>::float_zeros([0].into(), &device, FloatDType::F32),
+                    _ => Inner::<B>::float_cat(parts, 0),
                 };
-                comm.broadcast(&mut data, owner)?;
-                values.insert(p.path.clone(), data);
+                let all = device::all_gather_v::<Inner<B>>(comm, input, &counts)?;
+                let mut at = 0;
+                for p in bucket {
+                    let end = at + p.numel();
+                    let view = Inner::<B>::float_slice(
+                        all.clone(),
+                        &[Slice::new(at as isize, Some(end as isize), 1)],
+                    );
+                    values.insert(p.path.clone(), view);
+                    at = end;
+                }
             }
         }
         Ok(values)
@@ -252,15 +276,24 @@ impl DataParallel {
 }
 
 /// Sum the gradients of `params` (the same list, in the same order, on every rank) over
-/// `comm`, in buckets of at most `bucket_elems`. A parameter with no gradient on some rank
-/// counts as zeros there; it gets a gradient afterwards iff it had one on any rank.
-pub fn all_reduce_params<B: AutodiffBackend, M: AutodiffModule<B>>(
+/// `comm`, in buckets of at most `bucket_elems`: each bucket is the gradients flattened
+/// into one f32 tensor on the device, all-reduced there ([`crate::device::all_reduce`]),
+/// and cut back into views of it. A parameter with no gradient on some rank counts as
+/// zeros there; it gets a gradient afterwards iff it had one on any rank.
+///
+/// burn 0.21's autodiff offers no hook per finished gradient, so the buckets go after the
+/// backward pass, not during it as in PyTorch's DDP.
+pub fn all_reduce_params<B, M>(
     comm: &dyn Communicator,
     module: &M,
     params: &[ParamInfo],
     grads: &mut GradientsParams,
     bucket_elems: usize,
-) -> Result<()> {
+) -> Result<()>
+where
+    B: AutodiffBackend<InnerBackend: DeviceBackend>,
+    M: AutodiffModule<B>,
+{
     if comm.size() == 1 || params.is_empty() {
         return Ok(());
     }
@@ -270,33 +303,49 @@ pub fn all_reduce_params<B: AutodiffBackend, M: AutodiffModule<B>>(
         .map(|p| u8::from(has_grad::<B>(grads, p)))
         .collect();
     comm.all_reduce(&mut present, ReduceOp::Max)?;
+    for (start, end) in buckets(params, bucket_elems) {
+        let bucket = &params[start..end];
+        let mut parts = Vec::with_capacity(bucket.len());
+        for p in bucket {
+            parts.push(match take_flat::<B>(grads, p)? {
+                Some(g) => g,
+                None => Inner::<B>::float_zeros([p.numel()].into(), &device, FloatDType::F32),
+            });
+        }
+        let flat =
+            device::all_reduce::<Inner<B>>(comm, Inner::<B>::float_cat(parts, 0), ReduceOp::Sum)?;
+        let mut at = 0;
+        for (p, &any) in bucket.iter().zip(&present[start..end]) {
+            if any != 0 {
+                let view = Inner::<B>::float_slice(
+                    flat.clone(),
+                    &[Slice::new(at as isize, Some((at + p.numel()) as isize), 1)],
+                );
+                put_flat::<B>(grads, p, view)?;
+            }
+            at += p.numel();
+        }
+    }
+    Ok(())
+}
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// `[start, end)` runs of `params` of at most `limit` elements (a larger parameter alone).
+fn buckets(params: &[ParamInfo], limit: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
     let mut start = 0;
     while start < params.len() {
         let mut end = start;
         let mut elems = 0;
-        while end < params.len() && (end == start || elems + params[end].numel() <= bucket_elems) {
+        while end < params.len() && (end == start || elems + params[end].numel() <= limit) {
             elems += params[end].numel();
             end += 1;
         }
-        let bucket = &params[start..end];
-        let mut flat = Vec::with_capacity(elems);
-        for p in bucket {
-            match take_grad::<B>(grads, p)? {
-                Some(g) => flat.extend_from_slice(&g),
-                None => flat.resize(flat.len() + p.numel(), 0.0),
-            }
-        }
-        comm.all_reduce(&mut flat, ReduceOp::Sum)?;
-        let mut at = 0;
-        for (p, &any) in bucket.iter().zip(&present[start..end]) {
-            if any != 0 {
-                put_grad::<B>(grads, p, flat[at..at + p.numel()].to_vec(), &device)?;
-            }
-            at += p.numel();
-        }
+        out.push((start, end));
         start = end;
     }
-    Ok(())
+    out
 }
 
 /// Every float parameter's values (as f32) by module path.
@@ -371,53 +420,48 @@ pub fn has_grad<B: AutodiffBackend>(grads: &GradientsParams, p: &ParamInfo) -> b
     }
 }
 
-fn take_grad<B: AutodiffBackend>(
+/// `p`'s gradient taken out of `grads`, flattened to f32 `[numel]`.
+fn take_flat<B: AutodiffBackend>(
     grads: &mut GradientsParams,
     p: &ParamInfo,
-) -> Result<Option<Vec<f32>>> {
-    let data = match p.shape.len() {
-        1 => grads
-            .remove::<B::InnerBackend, 1>(p.id)
-            .map(Tensor::into_data),
-        2 => grads
-            .remove::<B::InnerBackend, 2>(p.id)
-            .map(Tensor::into_data),
-        3 => grads
-            .remove::<B::InnerBackend, 3>(p.id)
-            .map(Tensor::into_data),
-        4 => grads
-            .remove::<B::InnerBackend, 4>(p.id)
-            .map(Tensor::into_data),
-        d => {
-            return Err(Error::InvalidArgument(format!(
-                "{}: {d}-dimensional parameters are not supported",
-                p.path
-            )))
-        }
-    };
-    data.map(|d| to_f32(d, &p.path)).transpose()
+) -> Result<Option<FloatTensor<Inner<B>>>> {
+    fn flat<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+        let n = t.shape().num_elements();
+        let t = B::float_reshape(t.into_primitive().tensor(), [n].into());
+        B::float_cast(t, FloatDType::F32)
+    }
+    Ok(match p.shape.len() {
+        1 => grads.remove::<Inner<B>, 1>(p.id).map(flat),
+        2 => grads.remove::<Inner<B>, 2>(p.id).map(flat),
+        3 => grads.remove::<Inner<B>, 3>(p.id).map(flat),
+        4 => grads.remove::<Inner<B>, 4>(p.id).map(flat),
+        d => return Err(dims(p, d)),
+    })
 }
 
-fn put_grad<B: AutodiffBackend>(
+/// `flat` (`[numel]`) registered in `grads` as `p`'s gradient, in `p`'s shape.
+fn put_flat<B: AutodiffBackend>(
     grads: &mut GradientsParams,
     p: &ParamInfo,
-    values: Vec<f32>,
-    device: &B::Device,
+    flat: FloatTensor<Inner<B>>,
 ) -> Result<()> {
-    let data = TensorData::new(values, p.shape.clone());
+    let t = Inner::<B>::float_reshape(flat, p.shape.clone().into());
+    let t = TensorPrimitive::Float(t);
     match p.shape.len() {
-        1 => grads.register::<B::InnerBackend, 1>(p.id, Tensor::from_data(data, device)),
-        2 => grads.register::<B::InnerBackend, 2>(p.id, Tensor::from_data(data, device)),
-        3 => grads.register::<B::InnerBackend, 3>(p.id, Tensor::from_data(data, device)),
-        4 => grads.register::<B::InnerBackend, 4>(p.id, Tensor::from_data(data, device)),
-        d => {
-            return Err(Error::InvalidArgument(format!(
-                "{}: {d}-dimensional parameters are not supported",
-                p.path
-            )))
-        }
+        1 => grads.register::<Inner<B>, 1>(p.id, Tensor::from_primitive(t)),
+        2 => grads.register::<Inner<B>, 2>(p.id, Tensor::from_primitive(t)),
+        3 => grads.register::<Inner<B>, 3>(p.id, Tensor::from_primitive(t)),
+        4 => grads.register::<Inner<B>, 4>(p.id, Tensor::from_primitive(t)),
+        d => return Err(dims(p, d)),
     }
     Ok(())
+}
+
+fn dims(p: &ParamInfo, d: usize) -> Error {
+    Error::InvalidArgument(format!(
+        "{}: {d}-dimensional parameters are not supported",
+        p.path
+    ))
 }
 
 fn to_f32(data: TensorData, path: &str) -> Result<Vec<f32>> {
@@ -489,6 +533,81 @@ impl<B: Backend> ModuleMapper<B> for Replace {
         // Values come as f32 and go back in the parameter's dtype (a bf16 frozen base).
         let mut fresh = Tensor::<B, D>::from_data(TensorData::new(values, shape), &tensor.device())
             .cast(tensor.dtype());
+        if require_grad {
+            fresh = fresh.require_grad();
+        }
+        Param::from_mapped_value(id, fresh, mapper)
+    }
+}
+
+/// The inner-backend values of the parameters at some paths, flat f32 (this rank's
+/// ZeRO-1 share).
+struct InnerParams<I: Backend> {
+    path: Vec<String>,
+    wanted: std::collections::BTreeSet<String>,
+    values: BTreeMap<String, FloatTensor<I>>,
+}
+
+impl<I: Backend> InnerParams<I> {
+    fn collect<B: AutodiffBackend<InnerBackend = I>, M: burn::module::Module<B>>(
+        module: &M,
+        wanted: std::collections::BTreeSet<String>,
+    ) -> BTreeMap<String, FloatTensor<I>> {
+        let mut v = InnerParams {
+            path: Vec::new(),
+            wanted,
+            values: BTreeMap::new(),
+        };
+        module.visit(&mut v);
+        v.values
+    }
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for InnerParams<B::InnerBackend> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let path = self.path.join(".");
+        if self.wanted.contains(&path) {
+            let t = param.val().inner();
+            let n = t.shape().num_elements();
+            let t = Inner::<B>::float_reshape(t.into_primitive().tensor(), [n].into());
+            self.values
+                .insert(path, Inner::<B>::float_cast(t, FloatDType::F32));
+        }
+    }
+}
+
+/// Replaces trainable parameters' values (same id, same require-grad) by path, from flat
+/// inner-backend tensors.
+struct ReplaceInner<I: Backend> {
+    path: Vec<String>,
+    values: BTreeMap<String, FloatTensor<I>>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for ReplaceInner<B::InnerBackend> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let path = self.path.join(".");
+        let Some(flat) = self.values.remove(&path) else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let require_grad = tensor.is_require_grad();
+        let shaped = Inner::<B>::float_reshape(flat, tensor.shape());
+        // Values come as f32 and go back in the parameter's dtype.
+        let inner = Tensor::<B::InnerBackend, D>::from_primitive(TensorPrimitive::Float(shaped))
+            .cast(tensor.dtype());
+        let mut fresh = Tensor::<B, D>::from_inner(inner);
         if require_grad {
             fresh = fresh.require_grad();
         }

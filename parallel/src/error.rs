@@ -18,6 +18,15 @@ pub enum Error {
         seq: u64,
         after: Duration,
     },
+    /// A device collective (NCCL) still running after the group's timeout: the
+    /// communicator was aborted (the peer it waits for cannot be told from here).
+    #[error("NCCL {op} #{seq} on rank {rank} did not complete within {after:?}; the communicator was aborted")]
+    Aborted {
+        op: &'static str,
+        seq: u64,
+        rank: usize,
+        after: Duration,
+    },
     /// The connection to a peer broke (it exited or its node went away).
     #[error("lost the connection to rank {peer} ({op} #{seq} on rank {rank}): {source}")]
     PeerLost {

@@ -4,6 +4,8 @@
 //! cost model and strategy search ([`plan`]).
 
 mod comm;
+pub mod contract;
+pub mod device;
 pub mod dp;
 mod error;
 mod layout;
@@ -14,7 +16,8 @@ pub mod runtime;
 mod tcp;
 
 pub use comm::{
-    finish_avg, reduce_into, Collectives, Communicator, DType, Element, ReduceOp, SoloComm,
+    finish_avg, reduce_into, Collectives, Communicator, DType, DeviceBuf, DeviceComm, Element,
+    ReduceOp, SoloComm,
 };
 pub use error::{Error, Result};
 pub use layout::{Axis, Coords, Layout, LayoutError};

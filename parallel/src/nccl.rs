@@ -1,14 +1,32 @@
 //! The GPU data plane: NCCL through cudarc (loaded at run time, so builds need no NCCL).
 //!
-//! The NCCL unique id is made on rank 0 and broadcast over the TCP group. [`NcclComm`]
-//! implements [`Communicator`] for host buffers by staging them through device memory
-//! (one copy in, one out); code that already holds device buffers calls
-//! [`NcclComm::all_reduce_device`] and friends, which never touch the host.
+//! An [`NcclComm`] is a TCP group (its bootstrap: the NCCL unique id travels over it, and
+//! host buffers — counts, flags, scalars — stay on it, where they already are) plus one
+//! NCCL communicator over the same ranks for device memory ([`DeviceComm`], used by
+//! [`crate::device`] on the tensors' buffers). [`Communicator::split`] splits the TCP group
+//! and makes the sub-group's NCCL communicator from a unique id exchanged inside it, the
+//! first time the sub-group moves device memory: every mesh group (dp, tp, pp, ep, the
+//! dense data group) gets its own, and a split only its members take part in (the
+//! tied-embedding pair of a pipeline) works as with TCP. (`ncclCommSplit` would need every
+//! rank of the parent to call it, which our split contract does not ask.)
+//!
+//! Each call runs on the communicator's own CUDA stream after the caller synchronised the
+//! backend, and returns when the stream has drained; a collective still running after the
+//! group's timeout is aborted (`ncclCommAbort`) and reported as [`Error::Aborted`], so the
+//! worker exits and the job's hang path takes over as it does on TCP.
+//!
+//! cudarc looks for `libnccl.so` (and `.so.{13,12,…,1}`), not `libnccl.so.2`, the name NCCL
+//! installs: [`library`] finds the library and the launcher puts a link to it on the
+//! workers' `LD_LIBRARY_PATH`.
 //! Without the `cuda` feature the type exists and [`NcclComm::new`] returns
 //! [`Error::NotCompiledWith`].
 
+pub mod library;
+
 #[cfg(not(feature = "cuda"))]
 use std::sync::Arc;
+#[cfg(not(feature = "cuda"))]
+use std::time::Duration;
 
 #[cfg(not(feature = "cuda"))]
 use crate::comm::Communicator;
@@ -22,306 +40,401 @@ pub struct NcclComm;
 #[cfg(not(feature = "cuda"))]
 impl NcclComm {
     /// Always [`Error::NotCompiledWith`]`("cuda")` in this build.
-    pub fn new(_bootstrap: &Arc<dyn Communicator>, _device: usize) -> crate::Result<Self> {
+    pub fn new(
+        _bootstrap: Arc<dyn Communicator>,
+        _device: usize,
+        _timeout: Duration,
+    ) -> crate::Result<Self> {
         Err(crate::Error::NotCompiledWith("cuda"))
     }
 }
 
 #[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
 mod imp {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{Arc, Mutex, MutexGuard};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::{Duration, Instant};
 
-    use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
-    use cudarc::nccl::safe::{group_end, group_start, Comm, Id, NcclType, ReduceOp as NcclOp};
-    use half::bf16;
+    use cudarc::driver::sys::{cuStreamQuery, cudaError_enum};
+    use cudarc::driver::{CudaContext, CudaStream};
+    use cudarc::nccl::result as nccl;
+    use cudarc::nccl::sys;
 
-    use crate::comm::{Collectives, Communicator, DType, Element, ReduceOp};
+    use crate::comm::{Collectives, Communicator, DType, DeviceBuf, DeviceComm, ReduceOp};
     use crate::error::{Error, Result};
 
-    /// One rank's NCCL communicator on one GPU.
+    /// One rank's communicator on one GPU: TCP for host bytes, NCCL for device memory.
     pub struct NcclComm {
-        comm: Mutex<OwnedComm>,
-        rank: usize,
-        size: usize,
-        stream: Arc<CudaStream>,
+        tcp: Arc<dyn Communicator>,
+        gpu: usize,
+        timeout: Duration,
+        /// Made the first time device memory moves (every member gets there together).
+        nccl: OnceLock<std::result::Result<Raw, String>>,
         seq: AtomicU64,
     }
 
-    /// cudarc's `Comm` holds a raw `ncclComm_t`, so it is neither Send nor Sync.
-    struct OwnedComm(Comm);
+    /// A raw NCCL communicator and the stream its calls run on.
+    struct Raw {
+        comm: Mutex<sys::ncclComm_t>,
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        aborted: AtomicBool,
+    }
 
     // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are
     // not concurrent (NCCL's thread-safety rules); the Mutex around it serialises them.
-    #[allow(unsafe_code)]
-    unsafe impl Send for OwnedComm {}
-    fn nccl(op: &'static str) -> impl Fn(cudarc::nccl::result::NcclError) -> Error {
-        move |e| Error::Connect(format!("NCCL {op}: {e:?}"))
+    unsafe impl Send for Raw {}
+    unsafe impl Sync for Raw {}
+
+    impl Drop for Raw {
+        fn drop(&mut self) {
+            if let Ok(c) = self.comm.lock() {
+                if !self.aborted.load(Ordering::Relaxed) {
+                    // SAFETY: the communicator was initialised and is not used again.
+                    let _ = unsafe { nccl::comm_destroy(*c) };
+                }
+            }
+        }
+    }
+
+    fn failed(op: &'static str) -> impl Fn(nccl::NcclError) -> Error {
+        move |e| Error::Connect(format!("NCCL {op}: {:?}", e.0))
     }
 
     fn cuda(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
         move |e| Error::Connect(format!("CUDA {op}: {e:?}"))
     }
 
-    fn op(o: ReduceOp) -> NcclOp {
+    fn dtype(d: DType) -> (sys::ncclDataType_t, usize) {
+        let t = match d {
+            DType::F32 => sys::ncclDataType_t::ncclFloat32,
+            DType::BF16 => sys::ncclDataType_t::ncclBfloat16,
+            DType::F64 => sys::ncclDataType_t::ncclFloat64,
+            DType::U8 => sys::ncclDataType_t::ncclUint8,
+            DType::I64 => sys::ncclDataType_t::ncclInt64,
+        };
+        (t, d.size())
+    }
+
+    fn op(o: ReduceOp) -> sys::ncclRedOp_t {
         match o {
-            ReduceOp::Sum => NcclOp::Sum,
-            ReduceOp::Avg => NcclOp::Avg,
-            ReduceOp::Max => NcclOp::Max,
+            ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
+            ReduceOp::Avg => sys::ncclRedOp_t::ncclAvg,
+            ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
         }
     }
 
     impl NcclComm {
-        /// Join the NCCL group of `bootstrap`'s ranks on GPU `device` (usually the local rank).
-        pub fn new(bootstrap: &Arc<dyn Communicator>, device: usize) -> Result<Self> {
-            let ctx = CudaContext::new(device).map_err(cuda("context"))?;
+        /// The NCCL group of `bootstrap`'s ranks on GPU `device` (usually the local rank);
+        /// a collective still running after `timeout` is aborted. Every member calls this
+        /// at the same point.
+        pub fn new(
+            bootstrap: Arc<dyn Communicator>,
+            device: usize,
+            timeout: Duration,
+        ) -> Result<Self> {
+            super::library::check()?;
+            let comm = Self::lazy(bootstrap, device, timeout);
+            comm.raw()?;
+            Ok(comm)
+        }
+
+        fn lazy(tcp: Arc<dyn Communicator>, gpu: usize, timeout: Duration) -> Self {
+            Self {
+                tcp,
+                gpu,
+                timeout,
+                nccl: OnceLock::new(),
+                seq: AtomicU64::new(0),
+            }
+        }
+
+        /// The NCCL communicator, made on first use from a unique id rank 0 sends over TCP.
+        fn raw(&self) -> Result<&Raw> {
+            self.nccl
+                .get_or_init(|| self.init().map_err(|e| e.to_string()))
+                .as_ref()
+                .map_err(|e| Error::Connect(e.clone()))
+        }
+
+        fn init(&self) -> Result<Raw> {
+            let ctx = CudaContext::new(self.gpu).map_err(cuda("context"))?;
             let stream = ctx.new_stream().map_err(cuda("stream"))?;
             let mut raw = [0u8; 128];
-            if bootstrap.rank() == 0 {
-                let id = Id::new().map_err(nccl("unique id"))?;
-                for (b, c) in raw.iter_mut().zip(id.internal()) {
-                    *b = *c as u8;
+            if self.tcp.rank() == 0 {
+                let id = nccl::get_uniqueid().map_err(failed("unique id"))?;
+                for (b, c) in raw.iter_mut().zip(id.internal) {
+                    *b = c as u8;
                 }
             }
-            bootstrap.broadcast(&mut raw, 0)?;
-            let id = Id::uninit(raw.map(|b| b as core::ffi::c_char));
-            let comm = Comm::from_rank(stream.clone(), bootstrap.rank(), bootstrap.size(), id)
-                .map_err(nccl("init"))?;
-            Ok(Self {
-                comm: Mutex::new(OwnedComm(comm)),
-                rank: bootstrap.rank(),
-                size: bootstrap.size(),
+            self.tcp.broadcast(&mut raw, 0)?;
+            let id = sys::ncclUniqueId {
+                internal: raw.map(|b| b as core::ffi::c_char),
+            };
+            let mut comm = std::ptr::null_mut();
+            // SAFETY: `comm` receives the new communicator; the context is current.
+            unsafe {
+                nccl::comm_init_rank(
+                    &mut comm,
+                    self.tcp.size() as i32,
+                    id,
+                    self.tcp.rank() as i32,
+                )
+            }
+            .map_err(failed("init"))?;
+            Ok(Raw {
+                comm: Mutex::new(comm),
+                ctx,
                 stream,
-                seq: AtomicU64::new(0),
+                aborted: AtomicBool::new(false),
             })
         }
 
-        /// In-place all-reduce of device memory.
-        pub fn all_reduce_device<T: NcclType + DeviceRepr>(
+        /// Enqueue `calls` on the stream (inside one NCCL group when `grouped`) and wait
+        /// for them; past the timeout, abort the communicator.
+        fn run(
             &self,
-            buf: &mut CudaSlice<T>,
-            o: ReduceOp,
+            name: &'static str,
+            grouped: bool,
+            calls: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<()>,
         ) -> Result<()> {
-            let _in = self.tick("all_reduce");
-            self.comm()
-                .0
-                .all_reduce_in_place(buf, &op(o))
-                .map_err(nccl("all_reduce"))?;
-            Ok(())
-        }
-
-        /// All-gather of device memory (`output` holds `size() * input.len()`).
-        pub fn all_gather_device<T: NcclType + DeviceRepr>(
-            &self,
-            input: &CudaSlice<T>,
-            output: &mut CudaSlice<T>,
-        ) -> Result<()> {
-            let _in = self.tick("all_gather");
-            self.comm()
-                .0
-                .all_gather(input, output)
-                .map_err(nccl("all_gather"))?;
-            Ok(())
-        }
-
-        fn comm(&self) -> MutexGuard<'_, OwnedComm> {
-            self.comm
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let _in = crate::runtime::position::enter(name, true);
+            let raw = self.raw()?;
+            if raw.aborted.load(Ordering::Relaxed) {
+                return Err(Error::Connect("the NCCL communicator was aborted".into()));
+            }
+            raw.ctx.bind_to_thread().map_err(cuda("context"))?;
+            let comm = raw
+                .comm
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        }
-
-        /// Count a collective (the job's position sees it until the guard drops).
-        fn tick(&self, name: &'static str) -> crate::runtime::position::InCollective {
-            self.seq.fetch_add(1, Ordering::Relaxed);
-            crate::runtime::position::enter(name, true)
-        }
-
-        fn up<T: DeviceRepr + Element>(&self, host: &[u8]) -> Result<CudaSlice<T>> {
-            let typed: Vec<T> = host
-                .chunks_exact(std::mem::size_of::<T>())
-                .map(bytemuck::pod_read_unaligned)
-                .collect();
-            self.stream
-                .clone_htod(&typed)
-                .map_err(cuda("copy to device"))
-        }
-
-        fn down<T: DeviceRepr + Element>(&self, dev: &CudaSlice<T>, host: &mut [u8]) -> Result<()> {
-            let typed = self.stream.clone_dtoh(dev).map_err(cuda("copy to host"))?;
-            host.copy_from_slice(bytemuck::cast_slice(&typed));
-            Ok(())
-        }
-
-        fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
-            self.stream.alloc_zeros::<T>(n).map_err(cuda("alloc"))
-        }
-
-        fn reduce_typed<T: NcclType + DeviceRepr + Element>(
-            &self,
-            buf: &mut [u8],
-            o: ReduceOp,
-        ) -> Result<()> {
-            let mut dev = self.up::<T>(buf)?;
-            self.comm()
-                .0
-                .all_reduce_in_place(&mut dev, &op(o))
-                .map_err(nccl("all_reduce"))?;
-            self.down(&dev, buf)
-        }
-
-        fn reduce_scatter_typed<T: NcclType + DeviceRepr + Element + ValidAsZeroBits>(
-            &self,
-            input: &[u8],
-            output: &mut [u8],
-            o: ReduceOp,
-        ) -> Result<()> {
-            let send = self.up::<T>(input)?;
-            let mut recv = self.zeros::<T>(output.len() / std::mem::size_of::<T>())?;
-            self.comm()
-                .0
-                .reduce_scatter(&send, &mut recv, &op(o))
-                .map_err(nccl("reduce_scatter"))?;
-            self.down(&recv, output)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let stream = raw.stream.cu_stream();
+            if grouped {
+                nccl::group_start().map_err(failed("group"))?;
+            }
+            let issued = calls(*comm, stream as sys::cudaStream_t);
+            // The group is closed whatever happened inside it.
+            let closed = if grouped {
+                nccl::group_end().map(|_| ()).map_err(failed("group"))
+            } else {
+                Ok(())
+            };
+            issued?;
+            closed?;
+            let start = Instant::now();
+            loop {
+                // SAFETY: the stream belongs to this communicator's context, bound above.
+                match unsafe { cuStreamQuery(stream) } {
+                    cudaError_enum::CUDA_SUCCESS => return Ok(()),
+                    cudaError_enum::CUDA_ERROR_NOT_READY => {}
+                    e => {
+                        return Err(Error::Connect(format!(
+                            "CUDA stream after NCCL {name}: {e:?}"
+                        )))
+                    }
+                }
+                if start.elapsed() > self.timeout {
+                    raw.aborted.store(true, Ordering::Relaxed);
+                    // SAFETY: the communicator is valid; it is never used after this.
+                    let _ = unsafe { nccl::comm_abort(*comm) };
+                    return Err(Error::Aborted {
+                        op: name,
+                        seq,
+                        rank: self.tcp.rank(),
+                        after: self.timeout,
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(
+                    if start.elapsed() < Duration::from_millis(2) {
+                        5
+                    } else {
+                        200
+                    },
+                ));
+            }
         }
     }
 
+    fn count(buf: DeviceBuf, size: usize) -> usize {
+        buf.bytes / size
+    }
+
+    fn ptr(buf: DeviceBuf) -> *mut core::ffi::c_void {
+        buf.ptr as *mut core::ffi::c_void
+    }
+
+    // SAFETY: every call hands NCCL the caller's buffers as the trait's contract allows.
+    unsafe impl DeviceComm for NcclComm {
+        unsafe fn all_reduce(
+            &self,
+            input: DeviceBuf,
+            output: DeviceBuf,
+            d: DType,
+            o: ReduceOp,
+        ) -> Result<()> {
+            let (t, size) = dtype(d);
+            self.run("all_reduce", false, |comm, stream| {
+                unsafe {
+                    nccl::all_reduce(
+                        ptr(input),
+                        ptr(output),
+                        count(input, size),
+                        t,
+                        op(o),
+                        comm,
+                        stream,
+                    )
+                }
+                .map(|_| ())
+                .map_err(failed("all_reduce"))
+            })
+        }
+
+        unsafe fn all_gather(&self, input: DeviceBuf, output: DeviceBuf) -> Result<()> {
+            self.run("all_gather", false, |comm, stream| {
+                unsafe {
+                    nccl::all_gather(
+                        ptr(input),
+                        ptr(output),
+                        input.bytes,
+                        sys::ncclDataType_t::ncclUint8,
+                        comm,
+                        stream,
+                    )
+                }
+                .map(|_| ())
+                .map_err(failed("all_gather"))
+            })
+        }
+
+        unsafe fn reduce_scatter(
+            &self,
+            input: DeviceBuf,
+            output: DeviceBuf,
+            d: DType,
+            o: ReduceOp,
+        ) -> Result<()> {
+            let (t, size) = dtype(d);
+            self.run("reduce_scatter", false, |comm, stream| {
+                unsafe {
+                    nccl::reduce_scatter(
+                        ptr(input),
+                        ptr(output),
+                        count(output, size),
+                        t,
+                        op(o),
+                        comm,
+                        stream,
+                    )
+                }
+                .map(|_| ())
+                .map_err(failed("reduce_scatter"))
+            })
+        }
+
+        unsafe fn broadcast(&self, input: DeviceBuf, output: DeviceBuf, root: usize) -> Result<()> {
+            self.run("broadcast", false, |comm, stream| {
+                unsafe {
+                    nccl::broadcast(
+                        ptr(input),
+                        ptr(output),
+                        output.bytes,
+                        sys::ncclDataType_t::ncclUint8,
+                        root as i32,
+                        comm,
+                        stream,
+                    )
+                }
+                .map(|_| ())
+                .map_err(failed("broadcast"))
+            })
+        }
+
+        unsafe fn exchange(
+            &self,
+            sends: &[(usize, DeviceBuf)],
+            recvs: &[(usize, DeviceBuf)],
+        ) -> Result<()> {
+            if sends.is_empty() && recvs.is_empty() {
+                return Ok(());
+            }
+            self.run("send_recv", true, |comm, stream| {
+                let u8t = sys::ncclDataType_t::ncclUint8;
+                for &(peer, b) in sends {
+                    unsafe { nccl::send(ptr(b), b.bytes, u8t, peer as i32, comm, stream) }
+                        .map_err(failed("send"))?;
+                }
+                for &(peer, b) in recvs {
+                    unsafe { nccl::recv(ptr(b), b.bytes, u8t, peer as i32, comm, stream) }
+                        .map_err(failed("recv"))?;
+                }
+                Ok(())
+            })
+        }
+    }
+
+    /// Host bytes stay on the host: they go over the TCP group.
     impl Communicator for NcclComm {
         fn rank(&self) -> usize {
-            self.rank
+            self.tcp.rank()
         }
         fn size(&self) -> usize {
-            self.size
+            self.tcp.size()
         }
         fn seq(&self) -> u64 {
-            self.seq.load(Ordering::Relaxed)
+            self.tcp.seq() + self.seq.load(Ordering::Relaxed)
         }
-        fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, o: ReduceOp) -> Result<()> {
-            let _in = self.tick("all_reduce");
-            if buf.is_empty() {
-                return Ok(()); // CUDA refuses zero-byte allocations; nothing to move
-            }
-            match dtype {
-                DType::F32 => self.reduce_typed::<f32>(buf, o),
-                DType::BF16 => self.reduce_typed::<bf16>(buf, o),
-                DType::F64 => self.reduce_typed::<f64>(buf, o),
-                DType::U8 => self.reduce_typed::<u8>(buf, o),
-                DType::I64 => self.reduce_typed::<i64>(buf, o),
-            }
+        fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+            self.tcp.all_reduce_bytes(buf, dtype, op)
         }
         fn all_gather_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
-            let _in = self.tick("all_gather");
-            if input.is_empty() {
-                return Ok(()); // CUDA refuses zero-byte allocations; nothing to move
-            }
-            let send = self.up::<u8>(input)?;
-            let mut recv = self.zeros::<u8>(output.len())?;
-            self.comm()
-                .0
-                .all_gather(&send, &mut recv)
-                .map_err(nccl("all_gather"))?;
-            self.down(&recv, output)
+            self.tcp.all_gather_bytes(input, output)
         }
         fn reduce_scatter_bytes(
             &self,
             input: &[u8],
             output: &mut [u8],
             dtype: DType,
-            o: ReduceOp,
+            op: ReduceOp,
         ) -> Result<()> {
-            let _in = self.tick("reduce_scatter");
-            if output.is_empty() {
-                return Ok(());
-            }
-            match dtype {
-                DType::F32 => self.reduce_scatter_typed::<f32>(input, output, o),
-                DType::BF16 => self.reduce_scatter_typed::<bf16>(input, output, o),
-                DType::F64 => self.reduce_scatter_typed::<f64>(input, output, o),
-                DType::U8 => self.reduce_scatter_typed::<u8>(input, output, o),
-                DType::I64 => self.reduce_scatter_typed::<i64>(input, output, o),
-            }
+            self.tcp.reduce_scatter_bytes(input, output, dtype, op)
         }
         fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
-            let _in = self.tick("broadcast");
-            if buf.is_empty() {
-                return Ok(()); // CUDA refuses zero-byte allocations; nothing to move
-            }
-            let mut dev = self.up::<u8>(buf)?;
-            self.comm()
-                .0
-                .broadcast_in_place(&mut dev, root as i32)
-                .map_err(nccl("broadcast"))?;
-            self.down(&dev, buf)
+            self.tcp.broadcast_bytes(buf, root)
         }
         fn send_bytes(&self, buf: &[u8], peer: usize) -> Result<()> {
-            let dev = self.up::<u8>(buf)?;
-            self.comm()
-                .0
-                .send(&dev, peer as i32)
-                .map_err(nccl("send"))?;
-            self.stream.synchronize().map_err(cuda("sync"))
+            self.tcp.send_bytes(buf, peer)
         }
         fn recv_bytes(&self, buf: &mut [u8], peer: usize) -> Result<()> {
-            let mut dev = self.zeros::<u8>(buf.len())?;
-            self.comm()
-                .0
-                .recv(&mut dev, peer as i32)
-                .map_err(nccl("recv"))?;
-            self.down(&dev, buf)
+            self.tcp.recv_bytes(buf, peer)
+        }
+        fn send_recv_bytes(
+            &self,
+            send: &[u8],
+            to: usize,
+            recv: &mut [u8],
+            from: usize,
+        ) -> Result<()> {
+            self.tcp.send_recv_bytes(send, to, recv, from)
         }
         fn all_to_all_bytes(&self, send: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
-            // Lengths first (NCCL receives need them), then grouped send/recv pairs.
-            let n = self.size();
-            let lens: Vec<i64> = send.iter().map(|s| s.len() as i64).collect();
-            let all = self.all_gather(&lens)?;
-            let _in = self.tick("all_to_all");
-            let recv_lens: Vec<usize> = (0..n).map(|j| all[j * n + self.rank()] as usize).collect();
-            // CUDA refuses zero-byte allocations: empty slots move nothing.
-            let sends = send
-                .iter()
-                .map(|s| (!s.is_empty()).then(|| self.up::<u8>(s)).transpose())
-                .collect::<Result<Vec<_>>>()?;
-            let mut recvs = recv_lens
-                .iter()
-                .map(|&l| (l > 0).then(|| self.zeros::<u8>(l)).transpose())
-                .collect::<Result<Vec<_>>>()?;
-            let comm = self.comm();
-            group_start().map_err(nccl("group"))?;
-            let mut issued = Ok(());
-            for (peer, (s, r)) in sends.iter().zip(recvs.iter_mut()).enumerate() {
-                if let Some(s) = s {
-                    issued =
-                        issued.and_then(|()| comm.0.send(s, peer as i32).map_err(nccl("send")));
-                }
-                if let Some(r) = r {
-                    issued = issued.and_then(|()| {
-                        comm.0
-                            .recv(r, peer as i32)
-                            .map(|_| ())
-                            .map_err(nccl("recv"))
-                    });
-                }
-            }
-            // The group is closed whatever happened inside it.
-            let closed = group_end().map_err(nccl("group"));
-            drop(comm);
-            issued?;
-            closed?;
-            recvs
-                .iter()
-                .map(|r| match r {
-                    Some(r) => self.stream.clone_dtoh(r).map_err(cuda("copy to host")),
-                    None => Ok(Vec::new()),
-                })
-                .collect()
+            self.tcp.all_to_all_bytes(send)
         }
         fn barrier(&self) -> Result<()> {
-            let mut one = [0u8];
-            self.all_reduce_bytes(&mut one, DType::U8, ReduceOp::Max)
+            self.tcp.barrier()
         }
-        fn split(&self, _ranks: &[usize]) -> Result<Arc<dyn Communicator>> {
-            Err(Error::InvalidArgument(
-                "NCCL sub-groups are made from the TCP group's split (NcclComm::new on the sub-group)".into(),
-            ))
+        fn split(&self, ranks: &[usize]) -> Result<Arc<dyn Communicator>> {
+            let tcp = self.tcp.split(ranks)?;
+            Ok(Arc::new(Self::lazy(tcp, self.gpu, self.timeout)))
+        }
+        fn device(&self) -> Option<&dyn DeviceComm> {
+            Some(self)
         }
     }
+
+    // Keep the typed calls in scope for `init`'s broadcast.
+    #[allow(unused_imports)]
+    use Collectives as _;
 }

@@ -14,9 +14,10 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{try_read_sync, DType, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Shape, Tensor, TensorMetadata, TensorPrimitive};
+use parallel::device::{self, DeviceBackend};
 use parallel::{Collectives, Communicator, ReduceOp};
 
 /// A communicator the model's differentiable collectives run over (one tensor- or
@@ -76,145 +77,94 @@ impl Group {
         }
     }
 
-    /// Run `op` on a host copy of `x` (as f32) and bring the result back in `x`'s dtype.
-    /// After a failure, `x` comes back unchanged.
-    fn on_host<B: Backend>(
+    /// `collective(x)`, or zeros of `shape` after a failure (this one recorded, or an
+    /// earlier one: the group then stops communicating, so its peers time out rather than
+    /// hang).
+    fn guarded<B: DeviceBackend>(
         &self,
         x: FloatTensor<B>,
-        op: impl FnOnce(&dyn Communicator, &mut Vec<f32>) -> parallel::Result<()>,
+        shape: Shape,
+        collective: impl FnOnce(&dyn Communicator, FloatTensor<B>) -> parallel::Result<FloatTensor<B>>,
     ) -> FloatTensor<B> {
-        if self.comm.size() == 1 || self.failed() {
-            return x;
+        let (device, dtype) = (B::float_device(&x), x.dtype());
+        let zeros = |shape| B::float_zeros(shape, &device, dtype.into());
+        if self.failed() {
+            return zeros(shape);
         }
-        let device = B::float_device(&x);
-        let shape = x.shape();
-        let dtype = x.dtype();
-        let Some((mut values, dtype)) = self.read::<B>(x) else {
-            let zeros = TensorData::new(vec![0f32; shape.num_elements()], shape);
-            return B::float_from_data(zeros.convert_dtype(dtype), &device);
-        };
-        if let Err(e) = op(self.comm.as_ref(), &mut values) {
-            self.fail(e);
-        }
-        B::float_from_data(TensorData::new(values, shape).convert_dtype(dtype), &device)
-    }
-
-    /// A host copy of `x` as f32 with its dtype; `None` (the failure recorded) when it
-    /// cannot be read back from the device.
-    fn read<B: Backend>(&self, x: FloatTensor<B>) -> Option<(Vec<f32>, DType)> {
-        match try_read_sync(B::float_into_data(x)) {
-            Some(Ok(d)) => {
-                let dtype = d.dtype;
-                Some((
-                    d.convert::<f32>().into_vec::<f32>().unwrap_or_default(),
-                    dtype,
-                ))
-            }
-            _ => {
-                self.fail(parallel::Error::InvalidArgument(
-                    "could not read a tensor back from the device".into(),
-                ));
-                None
+        match collective(self.comm.as_ref(), x) {
+            Ok(out) => out,
+            Err(e) => {
+                self.fail(e);
+                zeros(shape)
             }
         }
     }
 
     /// Sum `x` over the group (not differentiable).
-    pub fn all_reduce_primitive<B: Backend>(&self, x: FloatTensor<B>) -> FloatTensor<B> {
-        self.on_host::<B>(x, |c, v| c.all_reduce(v, ReduceOp::Sum))
+    pub fn all_reduce_primitive<B: DeviceBackend>(&self, x: FloatTensor<B>) -> FloatTensor<B> {
+        if self.comm.size() == 1 {
+            return x;
+        }
+        let shape = x.shape();
+        self.guarded::<B>(x, shape, |c, x| {
+            device::all_reduce::<B>(c, x, ReduceOp::Sum)
+        })
     }
 
     /// Rows of `x` exchanged over the group as `exchange` says (not differentiable). After a
     /// failure the result is zeros of the right shape.
-    pub fn all_to_all_primitive<B: Backend>(
+    pub fn all_to_all_primitive<B: DeviceBackend>(
         &self,
         x: FloatTensor<B>,
         exchange: &Exchange,
     ) -> FloatTensor<B> {
-        let device = B::float_device(&x);
-        let dims = x.shape().dims::<2>();
-        let width = dims[1];
-        let rows_out = exchange.recv.iter().sum::<usize>() + exchange.pad_out;
-        let dtype = x.dtype();
-        let zeros = |device: &B::Device| {
-            B::float_from_data(
-                TensorData::new(vec![0f32; rows_out * width], [rows_out, width])
-                    .convert_dtype(dtype),
-                device,
-            )
-        };
-        if self.failed() {
-            return zeros(&device);
+        let width = x.shape().dims::<2>()[1];
+        let rows: usize = exchange.recv.iter().sum();
+        let out = self.guarded::<B>(x, [rows, width].into(), |c, x| {
+            device::all_to_all_rows::<B>(c, x, &exchange.send, &exchange.recv)
+        });
+        if exchange.pad_out == 0 {
+            return out;
         }
-        let sent = exchange.send.iter().sum::<usize>();
-        let Some((mut values, dtype)) = self.read::<B>(x) else {
-            return zeros(&device);
-        };
-        values.truncate(sent * width);
-        let counts: Vec<usize> = exchange.send.iter().map(|&r| r * width).collect();
-        match self.comm.all_to_all(&values, &counts) {
-            Ok((mut got, from))
-                if from
-                    .iter()
-                    .zip(&exchange.recv)
-                    .all(|(&f, &r)| f == r * width) =>
-            {
-                got.resize(rows_out * width, 0.0);
-                let data = TensorData::new(got, [rows_out, width]).convert_dtype(dtype);
-                B::float_from_data(data, &device)
-            }
-            Ok((_, from)) => {
-                self.fail(parallel::Error::InvalidArgument(format!(
-                    "all_to_all: expected {:?} rows from the ranks, got {:?} elements of width {width}",
-                    exchange.recv, from
-                )));
-                zeros(&device)
-            }
-            Err(e) => {
-                self.fail(e);
-                zeros(&device)
-            }
-        }
+        let (device, dtype) = (B::float_device(&out), out.dtype());
+        let pad = B::float_zeros([exchange.pad_out, width].into(), &device, dtype.into());
+        B::float_cat(vec![out, pad], 0)
     }
 
     /// Every rank's rows of `x` (`rows[r]` on rank r), concatenated in rank order, on every
     /// rank (not differentiable): sequence parallelism's all-gather.
-    pub fn gather_rows_primitive<B: Backend>(
+    pub fn gather_rows_primitive<B: DeviceBackend>(
         &self,
         x: FloatTensor<B>,
         rows: &[usize],
     ) -> FloatTensor<B> {
-        let mine = rows.get(self.rank()).copied().unwrap_or(0);
-        let exchange = Exchange {
-            send: vec![mine; self.size()],
-            recv: rows.to_vec(),
-            pad_in: 0,
-            pad_out: 0,
-        };
-        // Sending one's rows to every rank: an all-to-all whose chunks are all `x`.
-        let copies = B::float_cat(vec![x; self.size()], 0);
-        self.all_to_all_primitive::<B>(copies, &exchange)
+        let width = x.shape().dims::<2>()[1];
+        let total: usize = rows.iter().sum();
+        let counts: Vec<usize> = rows.iter().map(|r| r * width).collect();
+        let n = x.shape().num_elements();
+        let flat = B::float_reshape(x, [n].into());
+        let out = self.guarded::<B>(flat, [total * width].into(), |c, x| {
+            device::all_gather_v::<B>(c, x, &counts)
+        });
+        B::float_reshape(out, [total, width].into())
     }
 
     /// This rank's rows (`rows[rank]` of them, at its offset) of the sum of `x` over the
     /// group (not differentiable): sequence parallelism's reduce-scatter.
-    pub fn scatter_rows_primitive<B: Backend>(
+    pub fn scatter_rows_primitive<B: DeviceBackend>(
         &self,
         x: FloatTensor<B>,
         rows: &[usize],
     ) -> FloatTensor<B> {
+        let width = x.shape().dims::<2>()[1];
         let mine = rows.get(self.rank()).copied().unwrap_or(0);
-        let exchange = Exchange {
-            send: rows.to_vec(),
-            recv: vec![mine; self.size()],
-            pad_in: 0,
-            pad_out: 0,
-        };
-        let parts = self.all_to_all_primitive::<B>(x, &exchange);
-        let width = parts.shape().dims::<2>()[1];
-        let parts = B::float_reshape(parts, [self.size(), mine, width].into());
-        let summed = B::float_sum_dim(parts, 0);
-        B::float_reshape(summed, [mine, width].into())
+        let counts: Vec<usize> = rows.iter().map(|r| r * width).collect();
+        let n = x.shape().num_elements();
+        let flat = B::float_reshape(x, [n].into());
+        let out = self.guarded::<B>(flat, [mine * width].into(), |c, x| {
+            device::reduce_scatter_v::<B>(c, x, &counts, ReduceOp::Sum)
+        });
+        B::float_reshape(out, [mine, width].into())
     }
 
     /// Uneven all-to-all of `i64` metadata (not differentiable): `values` cut into `counts`
@@ -234,9 +184,16 @@ impl Group {
     }
 
     /// Element-wise maximum of `x` over the group (not differentiable).
-    pub fn all_max<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    pub fn all_max<B: DeviceBackend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = x.into_primitive().tensor();
-        let out = self.on_host::<B>(x, |c, v| c.all_reduce(v, ReduceOp::Max));
+        let out = if self.comm.size() == 1 {
+            x
+        } else {
+            let shape = x.shape();
+            self.guarded::<B>(x, shape, |c, x| {
+                device::all_reduce::<B>(c, x, ReduceOp::Max)
+            })
+        };
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
@@ -267,7 +224,7 @@ impl Exchange {
 }
 
 /// Backends the model's tensor-parallel collectives run on.
-pub trait ParallelBackend: Backend {
+pub trait ParallelBackend: DeviceBackend {
     /// Identity forward; the gradient is summed over `group` backward (Megatron's `f`).
     fn copy_to(x: FloatTensor<Self>, group: &Group) -> FloatTensor<Self>;
     /// Sum over `group` forward; identity backward (Megatron's `g`).

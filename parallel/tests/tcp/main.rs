@@ -3,5 +3,7 @@
 
 mod common;
 
+mod contract;
+
 mod faults;
 mod props;

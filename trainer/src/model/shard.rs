@@ -99,7 +99,7 @@ impl TensorParallel {
 
     /// Sum over the group the gradients this rank computed only part of: replicated
     /// factors fed partial inputs, and kv heads held in copies.
-    pub fn complete_grads<B: AutodiffBackend>(
+    pub fn complete_grads<B: AutodiffBackend<InnerBackend: parallel::device::DeviceBackend>>(
         &self,
         model: &CausalLm<B>,
         grads: &mut GradientsParams,

@@ -23,7 +23,9 @@ use std::sync::Arc;
 
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, FloatDType, Tensor, TensorPrimitive};
+use parallel::device::{DeviceBackend, Expect};
 use parallel::{Collectives, Communicator};
 
 pub use schedule::PipelineSchedule;
@@ -37,8 +39,9 @@ use crate::error::{Error, Result};
 use crate::eval::{inputs, EvalResult};
 use crate::loss::supervised;
 use crate::model::decoder::Stage;
-use crate::model::linear::to_host;
 use crate::model::{CausalLm, Inputs};
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
 /// One rank's part in a pipeline.
 pub struct Pipeline {
@@ -130,11 +133,16 @@ impl Pipeline {
     ) -> Result<(f64, GradientsParams)> {
         let steps = self.steps(batches.len(), true)?;
         let h = model.config.hidden_size;
-        let size = |w: Work| model.local_rows(batches[w.micro].batch * batches[w.micro].seq) * h;
+        let size = |w: Work| {
+            [
+                model.local_rows(batches[w.micro].batch * batches[w.micro].seq),
+                h,
+            ]
+        };
         let mut loss_sum = 0.0;
         let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
         let mut flight: HashMap<(usize, usize), InFlight<B>> = HashMap::new();
-        self.run(&steps, size, |w, received| match w.pass {
+        self.run(&steps, size, &model.device(), |w, received| match w.pass {
             Pass::Forward => {
                 let batch = &batches[w.micro];
                 let how = (recompute, mix(seed, w.micro as u64));
@@ -190,16 +198,14 @@ impl Pipeline {
             let steps = self.steps(batches.len(), false)?;
             self.run(
                 &steps,
-                |w| rows_of(w) * h,
+                |w| [rows_of(w), h],
+                &device,
                 |w, received| {
                     let batch = &batches[w.micro];
-                    let x = received.map(|v| {
-                        Tensor::<B, 2>::from_data(TensorData::new(v, [rows_of(w), h]), &device)
-                    });
-                    let out = model.forward_stage(w.chunk, x, &inputs(batch), false);
+                    let out = model.forward_stage(w.chunk, received, &inputs(batch), false);
                     model.check_collectives()?;
                     if !model.ends_in_head(w.chunk) {
-                        return Ok(Some(values(out)));
+                        return Ok(Some(out.cast(FloatDType::F32)));
                     }
                     sums[0] += model
                         .loss_of_logits(out, &batch.targets, 1.0)
@@ -223,16 +229,19 @@ impl Pipeline {
 
     /// Run this rank's `steps`: `work` gets the tensor received for it (none on the first
     /// virtual stage's forwards and the last's backwards) and returns what goes on (none
-    /// where nothing does); `size` is the length of what travels for a piece of work.
-    fn run(
+    /// where nothing does); `shape` is the shape of what travels for a piece of work
+    /// (hidden states and their gradients, f32), which moves tensor to tensor on the
+    /// pipeline group ([`parallel::device::send_recv`]).
+    fn run<E: DeviceBackend>(
         &self,
         steps: &[Step],
-        size: impl Fn(Work) -> usize,
-        mut work: impl FnMut(Work, Option<Vec<f32>>) -> Result<Option<Vec<f32>>>,
+        shape: impl Fn(Work) -> [usize; 2],
+        device: &E::Device,
+        mut work: impl FnMut(Work, Option<Tensor<E, 2>>) -> Result<Option<Tensor<E, 2>>>,
     ) -> Result<()> {
         let p = self.stage.count;
         let (prev, next) = ((self.stage.index + p - 1) % p, (self.stage.index + 1) % p);
-        let mut received: HashMap<Work, Vec<f32>> = HashMap::new();
+        let mut received: HashMap<Work, Tensor<E, 2>> = HashMap::new();
         for step in steps {
             let out = match step.work {
                 Some(w) => work(w, received.remove(&w))?,
@@ -250,33 +259,27 @@ impl Pipeline {
                 (down, next, step.recv_down, prev),
                 (up, prev, step.recv_up, next),
             ] {
-                if let Some((w, v)) =
-                    self.transfer(send.as_deref(), to, recv.map(|w| (w, size(w))), from)?
-                {
-                    received.insert(w, v);
+                let expect = recv.map(|w| {
+                    let shape = shape(w);
+                    let e = Expect {
+                        shape: shape.into(),
+                        dtype: FloatDType::F32,
+                    };
+                    ((w, shape), (e, from))
+                });
+                let (w, expect) = match expect {
+                    Some((w, e)) => (Some(w), Some(e)),
+                    None => (None, None),
+                };
+                let send = send.map(|t| (t.cast(FloatDType::F32).into_primitive().tensor(), to));
+                let got =
+                    parallel::device::send_recv::<E>(self.comm.as_ref(), send, expect, device)?;
+                if let (Some((w, _)), Some(t)) = (w, got) {
+                    received.insert(w, Tensor::from_primitive(TensorPrimitive::Float(t)));
                 }
             }
         }
         Ok(())
-    }
-
-    /// Send `send` to `to` while receiving `len` values for `w` from `from`, either, or
-    /// neither.
-    fn transfer(
-        &self,
-        send: Option<&[f32]>,
-        to: usize,
-        recv: Option<(Work, usize)>,
-        from: usize,
-    ) -> Result<Option<(Work, Vec<f32>)>> {
-        let mut buf = recv.map(|(w, len)| (w, vec![0f32; len]));
-        match (send, &mut buf) {
-            (Some(s), Some((_, b))) => self.comm.send_recv(s, to, b, from)?,
-            (Some(s), None) => self.comm.send(s, to)?,
-            (None, Some((_, b))) => self.comm.recv(b, from)?,
-            (None, None) => {}
-        }
-        Ok(buf)
     }
 }
 
@@ -330,14 +333,11 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
         model: &CausalLm<B>,
         chunk: usize,
         batch: &'a Batch,
-        received: Option<Vec<f32>>,
+        received: Option<Tensor<Inner<B>, 2>>,
         denominator: f64,
         (recompute, seed): (bool, u64),
     ) -> Self {
         let model = own_leaves(model);
-        let n = model.local_rows(batch.batch * batch.seq);
-        let h = model.config.hidden_size;
-        let device = model.device();
         let inputs = Inputs {
             dropout_seed: Some(seed),
             ..inputs(batch)
@@ -352,8 +352,7 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
             }
         };
         if recompute {
-            let input = received.map(|v| Tensor::from_data(TensorData::new(v, [n, h]), &device));
-            let (pass, out) = Recomputed::forward(&model, chunk, input, &inputs);
+            let (pass, out) = Recomputed::forward(&model, chunk, received, &inputs);
             let (output, head) = if model.ends_in_head(chunk) {
                 let x = leaf(out);
                 let logits = model.head(x.clone(), &model.context(&inputs, true));
@@ -370,8 +369,7 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
                 recomputed: Some((pass, head)),
             };
         }
-        let input = received
-            .map(|v| Tensor::<B, 2>::from_data(TensorData::new(v, [n, h]), &device).require_grad());
+        let input = received.map(|v| Tensor::<B, 2>::from_inner(v).require_grad());
         let out = model.forward_stage(chunk, input.clone(), &inputs, true);
         let output = if model.ends_in_head(chunk) {
             loss(out)
@@ -390,11 +388,11 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
 
     /// What goes to the next stage (`None` on the last), after which a recomputed chunk
     /// keeps only the shape of its output.
-    fn send(&mut self) -> Option<Vec<f32>> {
+    fn send(&mut self) -> Option<Tensor<Inner<B>, 2>> {
         let Output::Hidden(y) = &self.output else {
             return None;
         };
-        let out = values(y.clone());
+        let out = y.clone().inner();
         if self.recomputed.is_some() {
             self.output = Output::Sent(y.dims());
         }
@@ -410,10 +408,12 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
     }
 
     /// This stage's parameter gradients and the gradient of its input.
-    fn backward(self, g: Option<Vec<f32>>) -> (GradientsParams, Option<Vec<f32>>) {
+    fn backward(
+        self,
+        g: Option<Tensor<Inner<B>, 2>>,
+    ) -> (GradientsParams, Option<Tensor<Inner<B>, 2>>) {
         let upstream = |dims: [usize; 2], device: &B::Device| {
-            let g = g.unwrap_or_else(|| vec![0.0; dims[0] * dims[1]]);
-            Tensor::<B, 2>::from_data(TensorData::new(g, dims), device)
+            Tensor::<B, 2>::from_inner(g.unwrap_or_else(|| Tensor::zeros(dims, device)))
         };
         if let Some((pass, head)) = self.recomputed {
             let inputs = Inputs {
@@ -434,7 +434,7 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
             };
             let received = !pass.embedded();
             let dx = pass.backward(&self.model, &ctx, &inputs, g, &mut acc);
-            return (acc.grads(), received.then(|| values(dx)));
+            return (acc.grads(), received.then_some(dx));
         }
         let grads = match self.output {
             Output::Loss {
@@ -449,10 +449,8 @@ impl<'a, B: TrainBackend> InFlight<'a, B> {
         // A stage whose output does not depend on its input still answers with zeros, so
         // the stage before it is not left waiting.
         let dx = self.input.map(|x| {
-            let numel = x.dims().iter().product();
             x.grad(&grads)
-                .map(values)
-                .unwrap_or_else(|| vec![0.0; numel])
+                .unwrap_or_else(|| Tensor::zeros(x.dims(), &x.device()))
         });
         (GradientsParams::from_grads(grads, &self.model), dx)
     }
@@ -476,8 +474,4 @@ fn own_leaves<B: TrainBackend>(model: &CausalLm<B>) -> CausalLm<B> {
         }
     }
     model.clone().map(&mut Detach)
-}
-
-fn values<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    to_host(t).data
 }

@@ -1,0 +1,331 @@
+//! The contract every communicator keeps, as one suite each implementation runs: the TCP
+//! group in the test suite (1 to 4 ranks, threads on loopback), NCCL where a GPU is at
+//! hand (`launch comm-check --device cuda`, one process per GPU under `launch run`).
+//!
+//! Every rank calls [`check`] at the same time with its own member of the group; inputs
+//! are derived from `(case, rank, index)` so that each rank computes every reference
+//! itself. Values are small multiples of 1/4, so sums are exact in f32 and bf16 whatever
+//! order a collective adds them in; averages are compared to rounding.
+//! Tensor collectives go through [`crate::device`] with backend `B` (the device path on a
+//! group with device collectives), host buffers through [`Collectives`].
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{FloatDType, Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+
+use crate::comm::{Collectives, Communicator, ReduceOp};
+use crate::device::{self, DeviceBackend, Expect};
+
+/// What failed, or how many cases passed.
+pub type Outcome = std::result::Result<usize, String>;
+
+/// Run every case on this rank's member of the group (all members at once).
+pub fn check<B: DeviceBackend>(comm: &dyn Communicator, device: &B::Device) -> Outcome {
+    let mut cases = 0;
+    let mut run = |name: &str, r: std::result::Result<(), String>| {
+        cases += 1;
+        r.map_err(|e| format!("{name} (rank {} of {}): {e}", comm.rank(), comm.size()))
+    };
+    for dtype in [FloatDType::F32, FloatDType::BF16] {
+        for len in [1, 7, 1000, 65_537] {
+            for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {
+                run(
+                    &format!("all_reduce {op:?} of {len} {dtype:?}"),
+                    all_reduce::<B>(comm, device, len, dtype, op),
+                )?;
+            }
+        }
+        run(
+            &format!("all_gather_v {dtype:?}"),
+            all_gather_v::<B>(comm, device, dtype),
+        )?;
+        run(
+            &format!("reduce_scatter_v {dtype:?}"),
+            reduce_scatter_v::<B>(comm, device, dtype),
+        )?;
+        run(
+            &format!("all_to_all {dtype:?}"),
+            all_to_all::<B>(comm, device, dtype),
+        )?;
+    }
+    for root in 0..comm.size() {
+        run(
+            &format!("broadcast from {root}"),
+            broadcast::<B>(comm, device, root),
+        )?;
+    }
+    run("paired send/recv", send_recv::<B>(comm, device))?;
+    run("host all_reduce and all_to_all", host(comm))?;
+    run("split", split::<B>(comm, device))?;
+    Ok(cases)
+}
+
+/// Rank `r`'s `i`-th input of case `case`: a multiple of 1/4 in [-4, 4].
+fn value(case: u64, rank: usize, i: usize) -> f32 {
+    let mut z = case
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add((rank as u64) << 32)
+        .wrapping_add(i as u64);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((z ^ (z >> 31)) % 33) as f32 / 4.0 - 4.0
+}
+
+fn inputs(case: u64, rank: usize, len: usize) -> Vec<f32> {
+    (0..len).map(|i| value(case, rank, i)).collect()
+}
+
+fn tensor<B: Backend>(
+    values: Vec<f32>,
+    shape: impl Into<Shape>,
+    dtype: FloatDType,
+    device: &B::Device,
+) -> FloatTensor<B> {
+    let data = TensorData::new(values, shape.into());
+    B::float_from_data(data.convert_dtype(dtype.into()), device)
+}
+
+fn values<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
+    let shape = t.shape();
+    let t: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(B::float_reshape(
+        t,
+        [shape.num_elements()].into(),
+    )));
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default()
+}
+
+fn same(got: &[f32], want: &[f32], tol: f32) -> std::result::Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{} values where {} were expected",
+            got.len(),
+            want.len()
+        ));
+    }
+    match got
+        .iter()
+        .zip(want)
+        .position(|(g, w)| (g - w).abs() > tol * (1.0 + w.abs()))
+    {
+        Some(i) => Err(format!(
+            "value {i} is {} where {} was expected",
+            got[i], want[i]
+        )),
+        None => Ok(()),
+    }
+}
+
+fn tol(dtype: FloatDType, op: ReduceOp) -> f32 {
+    match (dtype, op) {
+        (_, ReduceOp::Sum | ReduceOp::Max) => 0.0,
+        (FloatDType::BF16, ReduceOp::Avg) => 1.0 / 128.0,
+        _ => 1e-6,
+    }
+}
+
+fn err(e: crate::Error) -> String {
+    e.to_string()
+}
+
+fn all_reduce<B: DeviceBackend>(
+    comm: &dyn Communicator,
+    device: &B::Device,
+    len: usize,
+    dtype: FloatDType,
+    op: ReduceOp,
+) -> std::result::Result<(), String> {
+    let case = 1 + len as u64;
+    let n = comm.size();
+    let x = tensor::<B>(inputs(case, comm.rank(), len), [len], dtype, device);
+    let got = values::<B>(device::all_reduce::<B>(comm, x, op).map_err(err)?);
+    let want: Vec<f32> = (0..len)
+        .map(|i| {
+            let all = (0..n).map(|r| value(case, r, i));
+            match op {
+                ReduceOp::Sum => all.sum(),
+                ReduceOp::Avg => all.sum::<f32>() / n as f32,
+                ReduceOp::Max => all.fold(f32::MIN, f32::max),
+            }
+        })
+        .collect();
+    same(&got, &want, tol(dtype, op))
+}
+
+/// Uneven counts, one rank giving nothing where there are several.
+fn counts(case: u64, n: usize, scale: usize) -> Vec<usize> {
+    (0..n)
+        .map(|r| {
+            if n > 1 && r == 1 {
+                0
+            } else {
+                scale * (1 + (case as usize + 3 * r) % 4) + r
+            }
+        })
+        .collect()
+}
+
+fn all_gather_v<B: DeviceBackend>(
+    comm: &dyn Communicator,
+    device: &B::Device,
+    dtype: FloatDType,
+) -> std::result::Result<(), String> {
+    let (case, n) = (101, comm.size());
+    let counts = counts(case, n, 300);
+    let mine = counts[comm.rank()];
+    let x = tensor::<B>(inputs(case, comm.rank(), mine), [mine], dtype, device);
+    let got = values::<B>(device::all_gather_v::<B>(comm, x, &counts).map_err(err)?);
+    let want: Vec<f32> = (0..n).flat_map(|r| inputs(case, r, counts[r])).collect();
+    same(&got, &want, 0.0)
+}
+
+fn reduce_scatter_v<B: DeviceBackend>(
+    comm: &dyn Communicator,
+    device: &B::Device,
+    dtype: FloatDType,
+) -> std::result::Result<(), String> {
+    let (case, n, me) = (202, comm.size(), comm.rank());
+    let counts = counts(case, n, 250);
+    let total: usize = counts.iter().sum();
+    let x = tensor::<B>(inputs(case, me, total), [total], dtype, device);
+    let got =
+        values::<B>(device::reduce_scatter_v::<B>(comm, x, &counts, ReduceOp::Sum).map_err(err)?);
+    let at: usize = counts[..me].iter().sum();
+    let want: Vec<f32> = (at..at + counts[me])
+        .map(|i| (0..n).map(|r| value(case, r, i)).sum())
+        .collect();
+    same(&got, &want, 0.0)
+}
+
+/// Rows rank `from` sends rank `to` in the all-to-all case (zero for some pairs).
+fn rows(from: usize, to: usize) -> usize {
+    (from * 3 + to * 5) % 4
+}
+
+fn all_to_all<B: DeviceBackend>(
+    comm: &dyn Communicator,
+    device: &B::Device,
+    dtype: FloatDType,
+) -> std::result::Result<(), String> {
+    let (case, n, me, width) = (303, comm.size(), comm.rank(), 5);
+    let send: Vec<usize> = (0..n).map(|j| rows(me, j)).collect();
+    let recv: Vec<usize> = (0..n).map(|j| rows(j, me)).collect();
+    // Two rows more than are sent: they stay.
+    let total = send.iter().sum::<usize>() + 2;
+    let x = tensor::<B>(
+        inputs(case, me, total * width),
+        [total, width],
+        dtype,
+        device,
+    );
+    let got = values::<B>(device::all_to_all_rows::<B>(comm, x, &send, &recv).map_err(err)?);
+    let mut want = Vec::new();
+    for j in 0..n {
+        let theirs = inputs(case, j, (0..n).map(|k| rows(j, k)).sum::<usize>() * width);
+        let at: usize = (0..me).map(|k| rows(j, k)).sum::<usize>() * width;
+        want.extend_from_slice(&theirs[at..at + rows(j, me) * width]);
+    }
+    same(&got, &want, 0.0)
+}
+
+fn broadcast<B: DeviceBackend>(
+    comm: &dyn Communicator,
+    device: &B::Device,
+    root: usize,
+) -> std::result::Result<(), String> {
+    let case = 404 + root as u64;
+    let x = tensor::<B>(
+        inputs(case, comm.rank(), 4099),
+        [4099],
+        FloatDType::F32,
+        device,
+    );
+    let got = values::<B>(device::broadcast::<B>(comm, x, root).map_err(err)?);
+    same(&got, &inputs(case, root, 4099), 0.0)
+}
+
+/// Each rank sends to the next while receiving from the previous (a pipeline's
+/// activations and gradients at once); a group of one has no peer.
+fn send_recv<B: DeviceBackend>(
+    comm: &dyn Communicator,
+    device: &B::Device,
+) -> std::result::Result<(), String> {
+    let (case, n, me) = (505, comm.size(), comm.rank());
+    if n == 1 {
+        return Ok(());
+    }
+    let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
+    let len = |r: usize| 1000 + 17 * r;
+    let x = tensor::<B>(
+        inputs(case, me, len(me)),
+        [len(me)],
+        FloatDType::F32,
+        device,
+    );
+    let expect = Expect {
+        shape: [len(prev)].into(),
+        dtype: FloatDType::F32,
+    };
+    let got = device::send_recv::<B>(comm, Some((x, next)), Some((expect, prev)), device)
+        .map_err(err)?
+        .ok_or("nothing received")?;
+    same(&values::<B>(got), &inputs(case, prev, len(prev)), 0.0)
+}
+
+/// Host buffers (counts, flags, scalars) on the same group.
+fn host(comm: &dyn Communicator) -> std::result::Result<(), String> {
+    let (n, me) = (comm.size(), comm.rank());
+    let mut flags = vec![u8::from(me % 2 == 1); 3];
+    comm.all_reduce(&mut flags, ReduceOp::Max).map_err(err)?;
+    if flags != vec![u8::from(n > 1); 3] {
+        return Err(format!("u8 max: {flags:?}"));
+    }
+    let mut sums = vec![me as f64, 1.0];
+    comm.all_reduce(&mut sums, ReduceOp::Sum).map_err(err)?;
+    if sums != vec![(n * (n - 1) / 2) as f64, n as f64] {
+        return Err(format!("f64 sum: {sums:?}"));
+    }
+    let counts: Vec<usize> = (0..n).map(|j| rows(me, j)).collect();
+    let ids: Vec<i64> = (0..counts.iter().sum::<usize>())
+        .map(|i| (me * 1000 + i) as i64)
+        .collect();
+    let (got, from) = comm.all_to_all(&ids, &counts).map_err(err)?;
+    let want_from: Vec<usize> = (0..n).map(|j| rows(j, me)).collect();
+    if from != want_from {
+        return Err(format!(
+            "all_to_all counts {from:?}, expected {want_from:?}"
+        ));
+    }
+    let mut want = Vec::new();
+    for j in 0..n {
+        let at: usize = (0..me).map(|k| rows(j, k)).sum();
+        want.extend((at..at + rows(j, me)).map(|i| (j * 1000 + i) as i64));
+    }
+    if got != want {
+        return Err(format!("all_to_all values {got:?}, expected {want:?}"));
+    }
+    Ok(())
+}
+
+/// The group split in two (even and odd ranks), each half running its own collective.
+fn split<B: DeviceBackend>(
+    comm: &dyn Communicator,
+    device: &B::Device,
+) -> std::result::Result<(), String> {
+    let (n, me) = (comm.size(), comm.rank());
+    let half: Vec<usize> = (0..n).filter(|r| r % 2 == me % 2).collect();
+    let sub = comm.split(&half).map_err(err)?;
+    if sub.size() != half.len() || half[sub.rank()] != me {
+        return Err(format!(
+            "rank {me} is rank {} of {} in the split {half:?}",
+            sub.rank(),
+            sub.size()
+        ));
+    }
+    let x = tensor::<B>(vec![me as f32; 3], [3], FloatDType::F32, device);
+    let got = values::<B>(device::all_reduce::<B>(sub.as_ref(), x, ReduceOp::Sum).map_err(err)?);
+    let sum = half.iter().sum::<usize>() as f32;
+    same(&got, &[sum; 3], 0.0)
+}
