@@ -78,6 +78,21 @@ pub enum Command {
     /// kernels are compiled against, NVRTC and NCCL (JSON); exit 2 when one GPU rank could
     /// not run here.
     Probe,
+    /// Put this host's data plane through the communicator contract (every collective,
+    /// uneven sizes, split groups) with the device's tensors, alone or as each rank of
+    /// `launch run -- launch comm-check` (on GPUs: NCCL, one GPU per rank), and time an
+    /// all-reduce through the device path against host memory. One JSON line per rank;
+    /// exit 1 when a case fails.
+    CommCheck {
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: crate::config::Device,
+        /// MiB of f32 to all-reduce for the timing (0: no timing).
+        #[arg(long, default_value_t = 0)]
+        bench_mb: usize,
+        /// Timed all-reduces per path (interleaved; the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
     /// One rank of `launch train` (started by the agent, not by hand).
     #[command(hide = true)]
     Worker {
@@ -242,6 +257,11 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Probe => probe(),
+        Command::CommCheck {
+            device,
+            bench_mb,
+            repeats,
+        } => crate::comm_check::run(device, bench_mb, repeats),
     }
 }
 

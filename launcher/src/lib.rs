@@ -10,6 +10,7 @@
 mod agent;
 mod auth;
 pub mod cli;
+mod comm_check;
 mod config;
 mod convert;
 mod coordinator;

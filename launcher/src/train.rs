@@ -58,7 +58,10 @@ pub fn run(cfg: &JobConfig) -> Result<()> {
         written
     });
     let mut reporter = Reporter::start(0, sink);
-    let result = run_rank(&cfg, &decided, None, &RankContext::solo(), &reporter);
+    let mut ctx = RankContext::solo();
+    ctx.collective_timeout = cfg.launch.collective_timeout();
+    let result =
+        data_plane(&cfg, &mut ctx).and_then(|()| run_rank(&cfg, &decided, None, &ctx, &reporter));
     reporter.flush(Duration::from_secs(10));
     result?;
     match failed.lock().ok().and_then(|mut f| f.take()) {
@@ -80,7 +83,8 @@ pub fn worker(cfg: &JobConfig, decided: &Decided, window: Option<WindowWork>) ->
     let mut ctx = parallel::init()?;
     let mut cfg = cfg.clone();
     decided.apply(&mut cfg);
-    let result = run_rank(&cfg, decided, window, &ctx, &ctx.reporter);
+    let result = data_plane(&cfg, &mut ctx)
+        .and_then(|()| run_rank(&cfg, decided, window, &ctx, &ctx.reporter));
     if let Some(e) = result
         .as_ref()
         .err()
@@ -90,6 +94,19 @@ pub fn worker(cfg: &JobConfig, decided: &Decided, window: Option<WindowWork>) ->
     }
     ctx.reporter.flush(Duration::from_secs(5));
     result
+}
+
+/// NCCL on this rank's group where `launch.data_plane` says so (the device is checked
+/// first, so that a host without the GPU path gets that error rather than NCCL's).
+fn data_plane(cfg: &JobConfig, ctx: &mut RankContext) -> Result<()> {
+    if cfg.launch.data_plane.nccl(cfg.job.device, ctx.world_size) {
+        cfg.job.device.ready()?;
+        ctx.use_nccl().map_err(|e| Error::Config {
+            file: "this host".into(),
+            message: format!("launch.data_plane: {e}"),
+        })?;
+    }
+    Ok(())
 }
 
 /// This rank's training, reported to `report`.

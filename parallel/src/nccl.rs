@@ -19,7 +19,7 @@
 //! installs: [`library`] finds the library and the launcher puts a link to it on the
 //! workers' `LD_LIBRARY_PATH`.
 //! Without the `cuda` feature the type exists and [`NcclComm::new`] returns
-//! [`Error::NotCompiledWith`].
+//! [`crate::Error::NotCompiledWith`].
 
 pub mod library;
 
@@ -33,13 +33,31 @@ use crate::comm::Communicator;
 #[cfg(feature = "cuda")]
 pub use imp::NcclComm;
 
+/// [`NcclComm::new`] as a group every caller can hold ([`crate::Error::NotCompiledWith`] without
+/// the `cuda` feature).
+pub fn group(
+    bootstrap: std::sync::Arc<dyn crate::Communicator>,
+    device: usize,
+    timeout: std::time::Duration,
+) -> crate::Result<std::sync::Arc<dyn crate::Communicator>> {
+    #[cfg(feature = "cuda")]
+    return Ok(std::sync::Arc::new(NcclComm::new(
+        bootstrap, device, timeout,
+    )?));
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (bootstrap, device, timeout);
+        Err(crate::Error::NotCompiledWith("cuda"))
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 /// NCCL communicator (needs the `cuda` feature).
 pub struct NcclComm;
 
 #[cfg(not(feature = "cuda"))]
 impl NcclComm {
-    /// Always [`Error::NotCompiledWith`]`("cuda")` in this build.
+    /// Always [`crate::Error::NotCompiledWith`]`("cuda")` in this build.
     pub fn new(
         _bootstrap: Arc<dyn Communicator>,
         _device: usize,

@@ -65,6 +65,42 @@ fn data_parallel_gives_the_losses_of_one_process() {
     }
 }
 
+/// The data plane as a user checks it: `launch comm-check` on each rank of `launch run`
+/// (TCP here; NCCL on a GPU host with `--device cuda`, see tools/bench/nccl_check.sh).
+#[test]
+fn comm_check_passes_on_every_rank_of_launch_run() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let exe = env!("CARGO_BIN_EXE_launch");
+    let out = launch(&[
+        "run",
+        "--nproc-per-node",
+        "3",
+        "--run-dir",
+        run.to_str().expect("utf8"),
+        "--",
+        exe,
+        "comm-check",
+        "--bench-mb",
+        "1",
+        "--repeats",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let mut ranks: Vec<u64> = lines.iter().filter_map(|l| l["rank"].as_u64()).collect();
+    ranks.sort_unstable();
+    assert_eq!(ranks, [0, 1, 2], "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["world"], 3, "{l}");
+        assert_eq!(l["contract"]["cases"], 36, "{l}");
+        assert_eq!(l["data_plane"], "tcp", "{l}");
+    }
+}
+
 #[test]
 fn launch_run_starts_a_user_binary_per_rank() {
     let exe = example("dp_custom");

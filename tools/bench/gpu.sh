@@ -2,8 +2,11 @@
 # The one prepared script for a GPU machine (one H100 or H200, no network; PyTorch,
 # transformers and peft installed there). It runs tools/bench/gpu_bench.py, which writes
 # OUT/summary.json as it goes: probe and calibration, CUDA-vs-CPU loss parity on the
-# quick-start job, then tidemill vs transformers(+peft) tokens/s, MFU and peak memory for
-# LoRA and full SFT of Qwen2-0.5B- and Llama-1B-shaped models at sequence 2048.
+# quick-start job, the data plane at world 1 (`launch comm-check`: the communicator
+# contract through NCCL and a 256 MiB all-reduce through NCCL vs through host memory; a
+# `launch train` with launch.data_plane = "nccl"), then tidemill vs transformers(+peft)
+# tokens/s, MFU and peak memory for LoRA and full SFT of Qwen2-0.5B- and Llama-1B-shaped
+# models at sequence 2048.
 #
 # The `launch` binary is built elsewhere (no toolkit or network needed; 7 min 26 s on 2
 # cores from clean, 4 min 22 s after a change of CUDARC_CUDA_VERSION) and carried:

@@ -75,7 +75,8 @@ def run(cmd, timeout, env=None):
         return None, "", err[-3000:], time.perf_counter() - start
 
 
-def job_file(work, name, model, train, device, dtype, steps, batch, seq, lr, lora, recompute):
+def job_file(work, name, model, train, device, dtype, steps, batch, seq, lr, lora, recompute,
+             data_plane="auto"):
     run_dir = work / name
     text = f"""[job]
 name = "{name}"
@@ -102,6 +103,7 @@ recompute = {str(recompute).lower()}
 dtype = "bf16"
 [launch]
 max_restarts = 0
+data_plane = "{data_plane}"
 """
     if lora:
         text += f"[lora]\nr = {lora[0]}\nalpha = {lora[1]}\ndropout = 0.0\ntargets = {ALL_LINEAR}\n"
@@ -195,6 +197,28 @@ def parity(a, work, summary, deadline, modes):
         summary.put(f"parity_{mode}", result)
 
 
+def nccl(a, work, summary):
+    """The data plane at world 1 (one GPU: NCCL refuses two ranks on it): the communicator
+    contract through NCCL and a 256 MiB all-reduce through NCCL vs through host memory
+    (`launch comm-check`), then a `launch train` with `launch.data_plane = "nccl"`."""
+    mb = "16" if a.small else "256"
+    rc, stdout, err, secs = run([a.launch, "comm-check", "--device", a.device, "--bench-mb", mb,
+                                 "--repeats", "5"], 180)
+    item = {"rc": rc, "seconds": secs, "stderr": err if rc else ""}
+    try:
+        item.update(json.loads(stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        item["stdout"] = stdout[-2000:]
+    summary.put("comm_check", item)
+    qs = ROOT / "assets" / "quickstart"
+    got = train(a, work, "nccl-world1", 180, model=qs / "model", train=qs / "data" / "train.jsonl",
+                device=a.device, dtype="f32", steps=3, batch=8, seq=512, lr=1e-3, lora=None,
+                recompute=False, data_plane="nccl" if a.device == "cuda" else "tcp")
+    summary.put("train_data_plane_nccl", {"rc": got["rc"], "seconds": got["seconds"],
+                                          "losses": [s["loss"] for s in got["steps"]],
+                                          "stderr": got["stderr"]})
+
+
 def ours(a, work, shape, mode, model, seq, candidates):
     tried = []
     for mb in candidates:
@@ -283,6 +307,7 @@ def main():
         summary.put("stopped", "the probe found the GPU path cannot run here")
         return
     parity(a, work, summary, deadline, ["lora"])
+    nccl(a, work, summary)
     throughput(a, work, summary, deadline)
     parity(a, work, summary, deadline + 40, ["full"])
     if time.time() < deadline + 40:

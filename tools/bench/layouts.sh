@@ -7,6 +7,10 @@
 # stages per rank). Full SFT, 8 rows of 512 packed tokens per step in micro-batches of 1,
 # mean over steps 3.. of rank 0's step_time.
 #   tools/bench/layouts.sh [STEPS] [/tmp/refenv]
+#
+# With BEFORE=path/to/an/older/launch it compares the two builds instead: for each two-rank
+# layout, PAIRS (default 5) runs of the older and this build, interleaved (A B A B ...),
+# and prints the median of this build's step time over the older one's with the spread.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 steps=${1:-12}
@@ -38,8 +42,9 @@ for f in ["tokenizer.json", "tokenizer_config.json"]:
 PY
 
 # Mean step time (ms) of rank 0 of a run: `measure MODEL NPROC [--set k=v]...`
-measure() {
-  local model=$1 nproc=$2; shift 2
+measure() { measure_with target/release/launch "$@"; }
+measure_with() {
+  local bin=$1 model=$2 nproc=$3; shift 3
   local run=$tmp/run-$RANDOM
   cat > "$tmp/job.toml" <<TOML
 [job]
@@ -62,7 +67,7 @@ TOML
   # The machine's cores are shared out between the ranks.
   local threads=$(( $(nproc) / nproc ))
   RUST_LOG=warn RAYON_NUM_THREADS=$(( threads > 0 ? threads : 1 )) \
-    target/release/launch train "$tmp/job.toml" --nproc-per-node "$nproc" "$@" > /dev/null
+    "$bin" train "$tmp/job.toml" --nproc-per-node "$nproc" "$@" > /dev/null
   python3 - "$run/events.jsonl" <<'PY'
 import json, sys
 steps = [e for e in map(json.loads, open(sys.argv[1]))
@@ -74,6 +79,36 @@ PY
 row() { # name ms baseline
   python3 -c "print(f'{\"$1\":<28} {float(\"$2\"):8.1f} ms/step   {float(\"$2\")/float(\"$3\"):5.2f} × one process')"
 }
+
+# `compare NAME MODEL NPROC [--set k=v]...`: this build against $BEFORE, interleaved.
+compare() {
+  local name=$1; shift
+  local ratios=() a b
+  for _ in $(seq "${PAIRS:-5}"); do
+    a=$(measure_with "$BEFORE" "$@")
+    b=$(measure_with target/release/launch "$@")
+    ratios+=("$a $b")
+  done
+  printf '%s\n' "${ratios[@]}" | python3 -c "
+import statistics, sys
+pairs = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
+r = sorted(b / a for a, b in pairs)
+print(f'{\"$name\":<28} before {statistics.median(a for a, _ in pairs):7.1f} ms  now {statistics.median(b for _, b in pairs):7.1f} ms  '
+      f'now/before {statistics.median(r):5.2f} (range {r[0]:.2f}-{r[-1]:.2f}, {len(r)} pairs)')"
+}
+
+if [ -n "${BEFORE:-}" ]; then
+  echo "$(nproc) cores; this build against $BEFORE, ${PAIRS:-5} interleaved pairs of $steps steps"
+  q=assets/quickstart/model
+  compare "dp2" $q 2
+  compare "dp2 ZeRO-1" $q 2 --set parallel.zero1=true
+  compare "tp2" $q 2 --set parallel.tp=2
+  compare "tp2 + sequence parallel" $q 2 --set parallel.tp=2 --set parallel.sequence_parallel=true
+  compare "pp2 1F1B" $q 2 --set parallel.pp=2
+  compare "ep2 (Mixtral)" "$moe" 2 --set parallel.ep=2
+  compare "pp2 interleaved (4 layers)" "$deep" 2 --set parallel.pp=2 --set parallel.schedule=interleaved
+  exit 0
+fi
 
 echo "$(nproc) cores; quick-start Llama (2 layers, h 64), full SFT"
 one=$(measure assets/quickstart/model 1)

@@ -69,7 +69,8 @@ pub enum Outcome {
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Run this node's agent until its workers finish or yield (Ok) or the job stops (Err).
-pub fn run(plan: LaunchPlan) -> Result<Outcome> {
+pub fn run(mut plan: LaunchPlan) -> Result<Outcome> {
+    plan.worker.env.extend(spawn::nccl_env()?);
     // One thread: workers are spawned from it, so PR_SET_PDEATHSIG ties them to this process.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -36,6 +36,34 @@ fn worker_vars(env: &WorkerEnv) -> Vec<(&'static str, String)> {
     v
 }
 
+/// `LD_LIBRARY_PATH` for the workers with a directory linking `libnccl.so` to the NCCL
+/// this host has (cudarc does not load `libnccl.so.2`, NCCL's own name); nothing on a
+/// host without NCCL, and nothing in a build without the GPU path. The directory is this
+/// agent's own, on this host (a run directory may be shared by nodes whose NCCL differ).
+pub fn nccl_env() -> crate::error::Result<Vec<(String, String)>> {
+    if !cfg!(feature = "cuda") {
+        return Ok(Vec::new());
+    }
+    let under = std::env::temp_dir().join(format!("tidemill-{}", std::process::id()));
+    let dir = parallel::nccl::library::link_dir(&under)
+        .map_err(|e| crate::error::Error::Launch(e.to_string()))?;
+    Ok(dir
+        .map(|d| {
+            let mut paths = vec![d];
+            paths.extend(
+                std::env::var_os("LD_LIBRARY_PATH")
+                    .map_or_else(Vec::new, |p| std::env::split_paths(&p).collect()),
+            );
+            let joined = std::env::join_paths(paths).unwrap_or_default();
+            (
+                "LD_LIBRARY_PATH".to_string(),
+                joined.to_string_lossy().into_owned(),
+            )
+        })
+        .into_iter()
+        .collect())
+}
+
 /// Start one worker, leader of its own process group (so stopping it also stops anything it
 /// started, e.g. `launch run -- bash train.sh`). It is killed if this agent dies
 /// (PR_SET_PDEATHSIG), so no worker outlives its agent.

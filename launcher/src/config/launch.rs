@@ -10,6 +10,27 @@ use serde::{Deserialize, Serialize};
 
 use parallel::runtime::env::MAX_SECONDS;
 
+/// `launch.data_plane`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlane {
+    #[default]
+    Auto,
+    Tcp,
+    Nccl,
+}
+
+impl DataPlane {
+    /// Whether a rank of a world of `world` ranks on `device` moves tensors over NCCL.
+    pub fn nccl(self, device: super::Device, world: usize) -> bool {
+        match self {
+            DataPlane::Auto => device == super::Device::Cuda && world > 1,
+            DataPlane::Nccl => true,
+            DataPlane::Tcp => false,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LaunchOptions {
@@ -26,8 +47,13 @@ pub struct LaunchOptions {
     /// this node reaches the coordinator from (127.0.0.1 on one machine).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    /// Seconds a collective may wait for a peer before failing with an error naming it.
+    /// Seconds a collective may wait for a peer before failing with an error naming it
+    /// (an NCCL collective is aborted then).
     pub collective_timeout_s: f64,
+    /// What moves tensors between GPU ranks: `auto` (NCCL when `job.device = "cuda"` and
+    /// the world has more than one rank, else TCP), `nccl` (also at world 1: checks the
+    /// NCCL install), `tcp` (through host memory, never NCCL).
+    pub data_plane: DataPlane,
     /// Seconds between an agent's heartbeats (they carry the workers' reports).
     pub heartbeat_interval_s: f64,
     /// Seconds without a heartbeat after which the coordinator declares a node lost.
@@ -83,6 +109,7 @@ impl Default for LaunchOptions {
             rdzv: None,
             host: None,
             collective_timeout_s: 300.0,
+            data_plane: DataPlane::Auto,
             heartbeat_interval_s: 1.0,
             heartbeat_timeout_s: 3.0,
             hang_factor: 10.0,

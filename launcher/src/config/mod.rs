@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use trainer::{DataOptions, LoraSpec, ParallelOptions, TrainOptions};
 
 use crate::error::{Error, Result};
-pub use launch::LaunchOptions;
+pub use launch::{DataPlane, LaunchOptions};
 pub use sections::{CheckpointOptions, Device, ExportSection, JobSection, ModelSection};
 pub use tidal::TidalOptions;
 
@@ -123,6 +123,12 @@ impl JobConfig {
             );
         }
         self.launch.validate()?;
+        if self.launch.data_plane == DataPlane::Nccl && self.job.device != Device::Cuda {
+            return Err(
+                "launch.data_plane: \"nccl\" moves GPU memory and needs job.device = \"cuda\""
+                    .into(),
+            );
+        }
         if let Some(t) = &self.tidal {
             t.validate()?;
         }
@@ -246,6 +252,21 @@ mod tests {
         assert!(parse(MIN, &["training.recompute=true", "parallel.pp=2"]).is_ok());
     }
 
+    /// NCCL moves GPU memory: asked for on the CPU it is refused before any work; `auto`
+    /// means NCCL only for GPU ranks with peers.
+    #[test]
+    fn the_data_plane_follows_the_device() {
+        let err = parse(MIN, &["launch.data_plane=nccl"]).unwrap_err();
+        assert!(err.to_string().contains("launch.data_plane"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        let auto = DataPlane::Auto;
+        assert!(!auto.nccl(Device::Cpu, 8));
+        assert!(!auto.nccl(Device::Cuda, 1));
+        assert!(auto.nccl(Device::Cuda, 2));
+        assert!(DataPlane::Nccl.nccl(Device::Cuda, 1));
+        assert!(!DataPlane::Tcp.nccl(Device::Cuda, 8));
+    }
+
     #[test]
     fn choices_list_their_values() {
         for (set, key, allowed) in [
@@ -267,6 +288,11 @@ mod tests {
             ),
             ("export.dtype=f8", "export.dtype", &["f32", "bf16", "f16"]),
             ("model.dtype=f8", "model.dtype", &["f32", "bf16", "f16"]),
+            (
+                "launch.data_plane=gloo",
+                "launch.data_plane",
+                &["auto", "tcp", "nccl"],
+            ),
         ] {
             let err = parse(MIN, &[set]).unwrap_err().to_string();
             assert!(err.contains(key), "{set}: {err}");

@@ -44,8 +44,11 @@ pub struct RankContext {
     pub node_rank: usize,
     /// Incremented by the coordinator each time the job restarts.
     pub generation: u64,
-    /// The world group on the data plane.
+    /// The world group on the data plane: TCP as [`init`] connects it; [`Self::use_nccl`]
+    /// puts NCCL on it for device memory.
     pub comm: Arc<dyn Communicator>,
+    /// How long a collective may wait for a peer (`TIDEMILL_COLLECTIVE_TIMEOUT_S`).
+    pub collective_timeout: Duration,
     /// Progress and events to the agent (a no-op without one); also the process's
     /// reporter ([`report`]) until this is dropped.
     pub reporter: Reporter,
@@ -62,8 +65,19 @@ impl RankContext {
             node_rank: 0,
             generation: 0,
             comm: Arc::new(SoloComm::new()),
+            collective_timeout: Duration::from_secs(300),
             reporter: Reporter::disabled(),
         }
+    }
+
+    /// Move device memory over NCCL on this rank's GPU (`local_rank`): the world group
+    /// and every group split from it then hand tensors' device buffers to NCCL, while host
+    /// buffers stay on TCP ([`crate::NcclComm`]). Every rank calls this at the same point.
+    /// Fails with a message naming what is missing (the `cuda` feature, libnccl.so.2).
+    pub fn use_nccl(&mut self) -> Result<()> {
+        self.comm =
+            crate::nccl::group(self.comm.clone(), self.local_rank, self.collective_timeout)?;
+        Ok(())
     }
 }
 
@@ -129,6 +143,7 @@ pub fn init() -> Result<RankContext> {
         node_rank: vars.node_rank,
         generation: vars.generation,
         comm: Arc::new(comm),
+        collective_timeout: vars.collective_timeout,
         reporter,
     })
 }
