@@ -101,10 +101,16 @@ pub fn worker(cfg: &JobConfig, decided: &Decided, window: Option<WindowWork>) ->
 fn data_plane(cfg: &JobConfig, ctx: &mut RankContext) -> Result<()> {
     if cfg.launch.data_plane.nccl(cfg.job.device, ctx.world_size) {
         cfg.job.device.ready()?;
-        ctx.use_nccl().map_err(|e| Error::Config {
+        // A host without NCCL is an input error (exit 2, not retried); NCCL failing to
+        // connect the ranks is a failure like a TCP one.
+        parallel::nccl::library::check().map_err(|e| Error::Config {
             file: "this host".into(),
-            message: format!("launch.data_plane: {e}"),
+            message: format!(
+                "launch.data_plane: {e} (data_plane = \"tcp\" moves tensors through host \
+                 memory instead)"
+            ),
         })?;
+        ctx.use_nccl()?;
     }
     Ok(())
 }

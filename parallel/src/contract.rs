@@ -19,12 +19,19 @@ use crate::device::{self, DeviceBackend, Expect};
 /// What failed, or how many cases passed.
 pub type Outcome = std::result::Result<usize, String>;
 
-/// Run every case on this rank's member of the group (all members at once).
+/// Run every case on this rank's member of the group (all members at once). A case whose
+/// values are wrong on one rank does not stop that rank early (its peers would wait in the
+/// next collective): every case runs, then the ranks agree whether any failed.
 pub fn check<B: DeviceBackend>(comm: &dyn Communicator, device: &B::Device) -> Outcome {
     let mut cases = 0;
+    let mut first: Option<String> = None;
     let mut run = |name: &str, r: std::result::Result<(), String>| {
         cases += 1;
-        r.map_err(|e| format!("{name} (rank {} of {}): {e}", comm.rank(), comm.size()))
+        if let Err(e) = r {
+            first.get_or_insert_with(|| {
+                format!("{name} (rank {} of {}): {e}", comm.rank(), comm.size())
+            });
+        }
     };
     for dtype in [FloatDType::F32, FloatDType::BF16] {
         for len in [1, 7, 1000, 65_537] {
@@ -32,32 +39,41 @@ pub fn check<B: DeviceBackend>(comm: &dyn Communicator, device: &B::Device) -> O
                 run(
                     &format!("all_reduce {op:?} of {len} {dtype:?}"),
                     all_reduce::<B>(comm, device, len, dtype, op),
-                )?;
+                );
             }
         }
         run(
             &format!("all_gather_v {dtype:?}"),
             all_gather_v::<B>(comm, device, dtype),
-        )?;
+        );
         run(
             &format!("reduce_scatter_v {dtype:?}"),
             reduce_scatter_v::<B>(comm, device, dtype),
-        )?;
+        );
         run(
             &format!("all_to_all {dtype:?}"),
             all_to_all::<B>(comm, device, dtype),
-        )?;
+        );
     }
     for root in 0..comm.size() {
         run(
             &format!("broadcast from {root}"),
             broadcast::<B>(comm, device, root),
-        )?;
+        );
     }
-    run("paired send/recv", send_recv::<B>(comm, device))?;
-    run("host all_reduce and all_to_all", host(comm))?;
-    run("split", split::<B>(comm, device))?;
-    Ok(cases)
+    run("paired send/recv", send_recv::<B>(comm, device));
+    run("host all_reduce and all_to_all", host(comm));
+    run("split", split::<B>(comm, device));
+    let mut failed = [u8::from(first.is_some())];
+    comm.all_reduce(&mut failed, ReduceOp::Max).map_err(err)?;
+    match (first, failed[0]) {
+        (Some(e), _) => Err(e),
+        (None, 0) => Ok(cases),
+        (None, _) => Err(format!(
+            "another rank of the group failed a case (rank {} passed all {cases})",
+            comm.rank()
+        )),
+    }
 }
 
 /// Rank `r`'s `i`-th input of case `case`: a multiple of 1/4 in [-4, 4].

@@ -30,6 +30,10 @@ use crate::error::{Error, Result};
 
 /// What a backend tells the collectives about its memory.
 pub trait DeviceBackend: Backend {
+    /// Whether [`Self::dense`] gives device buffers: then a group with device collectives
+    /// (NCCL) works on them; else every collective takes the host path.
+    const DEVICE_BUFFERS: bool = false;
+
     /// `x` laid out densely, with the address of its buffer where the backend's memory is
     /// device memory a [`DeviceComm`] can use; `None` where it is host memory (then the
     /// bytes go through the group's byte calls).
@@ -49,8 +53,9 @@ pub trait DeviceBackend: Backend {
 
 impl DeviceBackend for burn::backend::Flex {}
 
-/// Tensors of a training backend take the host path: the trainer's collectives run on
-/// the inner backend's tensors (gradients, detached activations).
+/// Tensors of a training backend take the host path (the trainer's collectives run on the
+/// inner backend's tensors: gradients, detached activations; what is left is small, as the
+/// per-row maxima of a vocabulary-parallel loss).
 impl<B: DeviceBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>
     DeviceBackend for burn::backend::Autodiff<B, C>
 {
@@ -108,21 +113,19 @@ fn pad1<B: Backend>(x: FloatTensor<B>, len: usize, to: usize) -> FloatTensor<B> 
     B::float_cat(vec![x, zeros], 0)
 }
 
-/// The device path: the group's device collectives and the backend's buffers, after one
-/// wait for the work queued on `device`.
-fn on_device<'a, B: DeviceBackend>(
-    comm: &'a dyn Communicator,
-    device: &B::Device,
-) -> Result<Option<&'a dyn DeviceComm>> {
-    match comm.device() {
-        Some(d) => {
-            B::sync(device).map_err(|e| {
-                Error::InvalidArgument(format!("waiting for the device before a collective: {e:?}"))
-            })?;
-            Ok(Some(d))
-        }
-        None => Ok(None),
-    }
+/// The device path, where the group has device collectives and the backend device
+/// buffers (a training backend's tensors take the host path).
+fn on_device<B: DeviceBackend>(comm: &dyn Communicator) -> Option<&dyn DeviceComm> {
+    comm.device().filter(|_| B::DEVICE_BUFFERS)
+}
+
+/// Wait for the work queued on `device`, which produced the buffers a device collective
+/// is about to read (their padding and copies included): called after every buffer of
+/// the call is made, right before the collective.
+fn ready<B: DeviceBackend>(device: &B::Device) -> Result<()> {
+    B::sync(device).map_err(|e| {
+        Error::InvalidArgument(format!("waiting for the device before a collective: {e:?}"))
+    })
 }
 
 /// A new dense tensor of `shape` with its device buffer (the device path only).
@@ -157,11 +160,12 @@ pub fn all_reduce<B: DeviceBackend>(
     op: ReduceOp,
 ) -> Result<FloatTensor<B>> {
     let (device, shape, dtype) = (B::float_device(&x), x.shape(), our_dtype(x.dtype())?);
-    if let Some(dev) = on_device::<B>(comm, &device)? {
+    if let Some(dev) = on_device::<B>(comm) {
         let (x, input) = buffer_of::<B>(x)?;
         let (out, output) = empty_on::<B>(shape, float_dtype(dtype), &device)?;
         // SAFETY: both buffers are dense tensors of this device, alive until the call
         // returns (`x` is dropped after it) and the device was synchronised.
+        ready::<B>(&device)?;
         #[allow(unsafe_code)]
         unsafe {
             dev.all_reduce(input, output, dtype, op)?
@@ -181,10 +185,11 @@ pub fn broadcast<B: DeviceBackend>(
     root: usize,
 ) -> Result<FloatTensor<B>> {
     let (device, shape, dtype) = (B::float_device(&x), x.shape(), our_dtype(x.dtype())?);
-    if let Some(dev) = on_device::<B>(comm, &device)? {
+    if let Some(dev) = on_device::<B>(comm) {
         let (x, input) = buffer_of::<B>(x)?;
         let (out, output) = empty_on::<B>(shape, float_dtype(dtype), &device)?;
         // SAFETY: as in `all_reduce`.
+        ready::<B>(&device)?;
         #[allow(unsafe_code)]
         unsafe {
             dev.broadcast(input, output, root)?
@@ -219,11 +224,12 @@ pub fn all_gather_v<B: DeviceBackend>(
         return Ok(B::float_zeros([0].into(), &device, float_dtype(dtype)));
     }
     let x = B::float_reshape(x, [mine].into());
-    if let Some(dev) = on_device::<B>(comm, &device)? {
+    if let Some(dev) = on_device::<B>(comm) {
         // Chunks padded to the largest: one even all-gather, then the padding cut out.
         let (x, input) = buffer_of::<B>(pad1::<B>(x, mine, max))?;
         let (all, output) = empty_on::<B>([n * max].into(), float_dtype(dtype), &device)?;
         // SAFETY: as in `all_reduce`; `output` holds `n` inputs.
+        ready::<B>(&device)?;
         #[allow(unsafe_code)]
         unsafe {
             dev.all_gather(input, output)?
@@ -285,10 +291,11 @@ pub fn reduce_scatter_v<B: DeviceBackend>(
             .collect();
         B::float_cat(parts, 0)
     };
-    if let Some(dev) = on_device::<B>(comm, &device)? {
+    if let Some(dev) = on_device::<B>(comm) {
         let (x, input) = buffer_of::<B>(padded)?;
         let (out, output) = empty_on::<B>([max].into(), float_dtype(dtype), &device)?;
         // SAFETY: as in `all_reduce`; `input` holds `n` outputs.
+        ready::<B>(&device)?;
         #[allow(unsafe_code)]
         unsafe {
             dev.reduce_scatter(input, output, dtype, op)?
@@ -332,7 +339,7 @@ pub fn send_recv<B: DeviceBackend>(
     recv: Option<(Expect, usize)>,
     device: &B::Device,
 ) -> Result<Option<FloatTensor<B>>> {
-    if let Some(dev) = on_device::<B>(comm, device)? {
+    if let Some(dev) = on_device::<B>(comm) {
         let sent = send
             .map(|(x, to)| buffer_of::<B>(x).map(|b| (b, to)))
             .transpose()?;
@@ -342,6 +349,7 @@ pub fn send_recv<B: DeviceBackend>(
         let sends: Vec<_> = sent.iter().map(|((_, b), to)| (*to, *b)).collect();
         let recvs: Vec<_> = got.iter().map(|((_, b), from)| (*from, *b)).collect();
         // SAFETY: as in `all_reduce`; the tensors live until after the call.
+        ready::<B>(device)?;
         #[allow(unsafe_code)]
         unsafe {
             dev.exchange(&sends, &recvs)?
@@ -402,7 +410,7 @@ pub fn all_to_all_rows<B: DeviceBackend>(
             ],
         )
     };
-    if let Some(dev) = on_device::<B>(comm, &device)? {
+    if let Some(dev) = on_device::<B>(comm) {
         let me = comm.rank();
         let mut at = 0;
         let mut sends = Vec::new();
@@ -430,6 +438,7 @@ pub fn all_to_all_rows<B: DeviceBackend>(
         let s: Vec<_> = sends.iter().map(|(j, (_, b))| (*j, *b)).collect();
         let r: Vec<_> = recvs.iter().map(|(j, (_, b))| (*j, *b)).collect();
         // SAFETY: as in `all_reduce`; the tensors live until after the call.
+        ready::<B>(&device)?;
         #[allow(unsafe_code)]
         unsafe {
             dev.exchange(&s, &r)?
@@ -484,6 +493,8 @@ pub fn all_to_all_rows<B: DeviceBackend>(
 
 #[cfg(feature = "cuda")]
 impl DeviceBackend for burn::backend::Cuda {
+    const DEVICE_BUFFERS: bool = true;
+
     fn dense(x: FloatTensor<Self>) -> (FloatTensor<Self>, Option<DeviceBuf>) {
         // A strictly row-major tensor is returned as it is (its handle's offset is in the
         // resource's address); anything else is copied into a new dense buffer.

@@ -202,9 +202,14 @@ impl DataParallel {
     }
 
     /// Under ZeRO-1, after the optimizer step: every trainable parameter takes its owner's
-    /// value. The module comes back in every case: unchanged, with the error, when the
-    /// all-gather fails.
-    pub fn sync_owned_params<B, M>(&self, module: M) -> (M, Result<()>)
+    /// value, all-gathered on the device a bucket at a time (each bucket put into the
+    /// module as it arrives, so no second copy of the parameters is ever whole). The module
+    /// comes back in every case: with the error, when an all-gather fails, and then only
+    /// partly synchronised (the trainer stops there).
+    ///
+    /// Within a group the owners of its parameters run in rank order along their paths
+    /// ([`partition`]), so what a bucket's all-gather returns in rank order is in path order.
+    pub fn sync_owned_params<B, M>(&self, mut module: M) -> (M, Result<()>)
     where
         B: AutodiffBackend<InnerBackend: DeviceBackend>,
         M: AutodiffModule<B>,
@@ -212,30 +217,11 @@ impl DataParallel {
         if !self.zero1 || self.comm.size() == 1 {
             return (module, Ok(()));
         }
-        match self.owners_values::<B, M>(&module) {
-            Ok(values) => {
-                let mut mapper = ReplaceInner::<Inner<B>> {
-                    path: Vec::new(),
-                    values,
-                };
-                (module.map(&mut mapper), Ok(()))
-            }
-            Err(e) => (module, Err(e)),
-        }
-    }
-
-    /// Every trainable parameter's value on its owner (flat f32), all-gathered on the
-    /// device in buckets in path order within each group: the owners of a group's
-    /// parameters run in rank order along its paths ([`partition`]), so what arrives in
-    /// rank order is in path order.
-    fn owners_values<B, M>(&self, module: &M) -> Result<BTreeMap<String, FloatTensor<Inner<B>>>>
-    where
-        B: AutodiffBackend<InnerBackend: DeviceBackend>,
-        M: AutodiffModule<B>,
-    {
-        let device = device_of(module)?;
-        let mut values = BTreeMap::new();
-        for (comm, params) in self.groups(module) {
+        let device = match device_of(&module) {
+            Ok(d) => d,
+            Err(e) => return (module, Err(e)),
+        };
+        for (comm, params) in self.groups(&module) {
             let owners = partition(&params, comm.size());
             let owner = |p: &ParamInfo| owners.get(&p.path).copied().unwrap_or(0);
             let mine = params
@@ -243,36 +229,62 @@ impl DataParallel {
                 .filter(|p| owner(p) == comm.rank())
                 .map(|p| p.path.clone())
                 .collect();
-            let mut held = InnerParams::<Inner<B>>::collect::<B, M>(module, mine);
+            let mut held = InnerParams::<Inner<B>>::collect::<B, M>(&module, mine);
             for (start, end) in buckets(&params, DEFAULT_BUCKET_ELEMS) {
                 let bucket = &params[start..end];
-                let mut counts = vec![0; comm.size()];
-                let mut parts = Vec::new();
-                for p in bucket {
-                    counts[owner(p)] += p.numel();
-                    if owner(p) == comm.rank() {
-                        parts.push(held.remove(&p.path).ok_or_else(|| missing(&p.path))?);
+                let values = gather_bucket::<B>(comm, bucket, &owner, &mut held, &device);
+                match values {
+                    Ok(values) => {
+                        module = module.map(&mut ReplaceInner::<Inner<B>> {
+                            path: Vec::new(),
+                            values,
+                        });
                     }
-                }
-                let input = match parts.len() {
-                    0 => Inner::<B>::float_zeros([0].into(), &device, FloatDType::F32),
-                    _ => Inner::<B>::float_cat(parts, 0),
-                };
-                let all = device::all_gather_v::<Inner<B>>(comm, input, &counts)?;
-                let mut at = 0;
-                for p in bucket {
-                    let end = at + p.numel();
-                    let view = Inner::<B>::float_slice(
-                        all.clone(),
-                        &[Slice::new(at as isize, Some(end as isize), 1)],
-                    );
-                    values.insert(p.path.clone(), view);
-                    at = end;
+                    Err(e) => return (module, Err(e)),
                 }
             }
         }
-        Ok(values)
+        (module, Ok(()))
     }
+}
+
+/// One bucket of a group's parameters, each rank giving those it owns (`held`): every
+/// parameter's value by path, flat f32.
+fn gather_bucket<B>(
+    comm: &dyn Communicator,
+    bucket: &[ParamInfo],
+    owner: &dyn Fn(&ParamInfo) -> usize,
+    held: &mut BTreeMap<String, FloatTensor<Inner<B>>>,
+    device: &burn::tensor::Device<Inner<B>>,
+) -> Result<BTreeMap<String, FloatTensor<Inner<B>>>>
+where
+    B: AutodiffBackend<InnerBackend: DeviceBackend>,
+{
+    let mut counts = vec![0; comm.size()];
+    let mut parts = Vec::new();
+    for p in bucket {
+        counts[owner(p)] += p.numel();
+        if owner(p) == comm.rank() {
+            parts.push(held.remove(&p.path).ok_or_else(|| missing(&p.path))?);
+        }
+    }
+    let input = match parts.len() {
+        0 => Inner::<B>::float_zeros([0].into(), device, FloatDType::F32),
+        _ => Inner::<B>::float_cat(parts, 0),
+    };
+    let all = device::all_gather_v::<Inner<B>>(comm, input, &counts)?;
+    let mut values = BTreeMap::new();
+    let mut at = 0;
+    for p in bucket {
+        let end = at + p.numel();
+        let view = Inner::<B>::float_slice(
+            all.clone(),
+            &[Slice::new(at as isize, Some(end as isize), 1)],
+        );
+        values.insert(p.path.clone(), view);
+        at = end;
+    }
+    Ok(values)
 }
 
 /// Sum the gradients of `params` (the same list, in the same order, on every rank) over

@@ -4,11 +4,12 @@
 //! host buffers — counts, flags, scalars — stay on it, where they already are) plus one
 //! NCCL communicator over the same ranks for device memory ([`DeviceComm`], used by
 //! [`crate::device`] on the tensors' buffers). [`Communicator::split`] splits the TCP group
-//! and makes the sub-group's NCCL communicator from a unique id exchanged inside it, the
-//! first time the sub-group moves device memory: every mesh group (dp, tp, pp, ep, the
-//! dense data group) gets its own, and a split only its members take part in (the
-//! tied-embedding pair of a pipeline) works as with TCP. (`ncclCommSplit` would need every
-//! rank of the parent to call it, which our split contract does not ask.)
+//! and makes the sub-group's NCCL communicator from a unique id exchanged inside it: every
+//! mesh group (dp, tp, pp, ep, the dense data group) gets its own, and a split only its
+//! members take part in (the tied-embedding pair of a pipeline) works as with TCP.
+//! (`ncclCommSplit` would need every rank of the parent to call it, which our split
+//! contract does not ask.) `ncclCommInitRank` itself has no timeout: a member that never
+//! comes leaves the others there until the job's hang detection restarts them.
 //!
 //! Each call runs on the communicator's own CUDA stream after the caller synchronised the
 //! backend, and returns when the stream has drained; a collective still running after the
@@ -87,7 +88,7 @@ mod imp {
         tcp: Arc<dyn Communicator>,
         gpu: usize,
         timeout: Duration,
-        /// Made the first time device memory moves (every member gets there together).
+        /// Made by `new` and `split`, where every member is present.
         nccl: OnceLock<std::result::Result<Raw, String>>,
         seq: AtomicU64,
     }
@@ -168,7 +169,8 @@ mod imp {
             }
         }
 
-        /// The NCCL communicator, made on first use from a unique id rank 0 sends over TCP.
+        /// The NCCL communicator, made the first time (in `new` or `split`) from a unique
+        /// id rank 0 sends over TCP.
         fn raw(&self) -> Result<&Raw> {
             self.nccl
                 .get_or_init(|| self.init().map_err(|e| e.to_string()))
@@ -444,8 +446,11 @@ mod imp {
             self.tcp.barrier()
         }
         fn split(&self, ranks: &[usize]) -> Result<Arc<dyn Communicator>> {
-            let tcp = self.tcp.split(ranks)?;
-            Ok(Arc::new(Self::lazy(tcp, self.gpu, self.timeout)))
+            // Made now, while every member is here: made on first use, a member with
+            // nothing to move (an empty exchange) would skip the making the others wait in.
+            let sub = Self::lazy(self.tcp.split(ranks)?, self.gpu, self.timeout);
+            sub.raw()?;
+            Ok(Arc::new(sub))
         }
         fn device(&self) -> Option<&dyn DeviceComm> {
             Some(self)

@@ -70,13 +70,16 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Run this node's agent until its workers finish or yield (Ok) or the job stops (Err).
 pub fn run(mut plan: LaunchPlan) -> Result<Outcome> {
-    plan.worker.env.extend(spawn::nccl_env()?);
+    let nccl = spawn::NcclLink::make();
+    plan.worker.env.extend(nccl.env());
     // One thread: workers are spawned from it, so PR_SET_PDEATHSIG ties them to this process.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Launch(format!("starting the agent runtime: {e}")))?;
-    rt.block_on(agent(plan))
+    let outcome = rt.block_on(agent(plan));
+    drop(nccl);
+    outcome
 }
 
 fn launch_err(what: &str) -> impl FnOnce(String) -> Error + '_ {

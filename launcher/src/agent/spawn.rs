@@ -36,32 +36,60 @@ fn worker_vars(env: &WorkerEnv) -> Vec<(&'static str, String)> {
     v
 }
 
-/// `LD_LIBRARY_PATH` for the workers with a directory linking `libnccl.so` to the NCCL
-/// this host has (cudarc does not load `libnccl.so.2`, NCCL's own name); nothing on a
-/// host without NCCL, and nothing in a build without the GPU path. The directory is this
-/// agent's own, on this host (a run directory may be shared by nodes whose NCCL differ).
-pub fn nccl_env() -> crate::error::Result<Vec<(String, String)>> {
-    if !cfg!(feature = "cuda") {
-        return Ok(Vec::new());
-    }
-    let under = std::env::temp_dir().join(format!("tidemill-{}", std::process::id()));
-    let dir = parallel::nccl::library::link_dir(&under)
-        .map_err(|e| crate::error::Error::Launch(e.to_string()))?;
-    Ok(dir
-        .map(|d| {
-            let mut paths = vec![d];
-            paths.extend(
-                std::env::var_os("LD_LIBRARY_PATH")
-                    .map_or_else(Vec::new, |p| std::env::split_paths(&p).collect()),
-            );
-            let joined = std::env::join_paths(paths).unwrap_or_default();
-            (
-                "LD_LIBRARY_PATH".to_string(),
+/// A directory of this agent's, on this host, linking `libnccl.so` to the NCCL the host
+/// has (cudarc does not load `libnccl.so.2`, NCCL's own name), put first on the workers'
+/// `LD_LIBRARY_PATH`; removed when dropped. Nothing on a host without NCCL or in a build
+/// without the GPU path; a link that cannot be made is a warning (a job on TCP does not
+/// need it; one on NCCL then fails naming the library).
+pub struct NcclLink {
+    under: Option<PathBuf>,
+    env: Option<(String, String)>,
+}
+
+impl NcclLink {
+    pub fn make() -> Self {
+        let none = Self {
+            under: None,
+            env: None,
+        };
+        if !cfg!(feature = "cuda") {
+            return none;
+        }
+        let under = std::env::temp_dir().join(format!("tidemill-{}", std::process::id()));
+        let dir = match parallel::nccl::library::link_dir(&under) {
+            Ok(Some(dir)) => dir,
+            Ok(None) => return none,
+            Err(e) => {
+                tracing::warn!("the workers may not find NCCL: {e}");
+                return none;
+            }
+        };
+        let mut paths = vec![dir];
+        if let Some(p) = std::env::var_os("LD_LIBRARY_PATH") {
+            paths.extend(std::env::split_paths(&p));
+        }
+        let joined = std::env::join_paths(paths).unwrap_or_default();
+        Self {
+            under: Some(under),
+            env: Some((
+                "LD_LIBRARY_PATH".into(),
                 joined.to_string_lossy().into_owned(),
-            )
-        })
-        .into_iter()
-        .collect())
+            )),
+        }
+    }
+
+    /// The workers' variable, if any.
+    pub fn env(&self) -> Option<(String, String)> {
+        self.env.clone()
+    }
+}
+
+impl Drop for NcclLink {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.under {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// Start one worker, leader of its own process group (so stopping it also stops anything it
