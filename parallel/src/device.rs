@@ -159,23 +159,14 @@ pub fn all_reduce<B: DeviceBackend>(
     x: FloatTensor<B>,
     op: ReduceOp,
 ) -> Result<FloatTensor<B>> {
-    let (device, shape, dtype) = (B::float_device(&x), x.shape(), our_dtype(x.dtype())?);
-    if let Some(dev) = on_device::<B>(comm) {
-        let (x, input) = buffer_of::<B>(x)?;
-        let (out, output) = empty_on::<B>(shape, float_dtype(dtype), &device)?;
-        // SAFETY: both buffers are dense tensors of this device, alive until the call
-        // returns (`x` is dropped after it) and the device was synchronised.
-        ready::<B>(&device)?;
+    same_shape::<B>(
+        comm,
+        x,
+        // SAFETY: as `same_shape` promises.
         #[allow(unsafe_code)]
-        unsafe {
-            dev.all_reduce(input, output, dtype, op)?
-        };
-        drop(x);
-        return Ok(out);
-    }
-    let mut data = host::<B>(x)?;
-    comm.all_reduce_bytes(&mut data.bytes, dtype, op)?;
-    Ok(B::float_from_data(data, &device))
+        |dev, input, output, dtype| unsafe { dev.all_reduce(input, output, dtype, op) },
+        |c, bytes, dtype| c.all_reduce_bytes(bytes, dtype, op),
+    )
 }
 
 /// Every rank ends with `root`'s `x` (the same shape on every rank).
@@ -184,21 +175,36 @@ pub fn broadcast<B: DeviceBackend>(
     x: FloatTensor<B>,
     root: usize,
 ) -> Result<FloatTensor<B>> {
+    same_shape::<B>(
+        comm,
+        x,
+        // SAFETY: as `same_shape` promises.
+        #[allow(unsafe_code)]
+        |dev, input, output, _| unsafe { dev.broadcast(input, output, root) },
+        |c, bytes, _| c.broadcast_bytes(bytes, root),
+    )
+}
+
+/// A collective whose result has its input's shape: on the device from `x`'s buffer into
+/// a new one (`on_device` gets two dense buffers of this device, alive until it returns,
+/// after the device was synchronised), else on the host bytes, in place.
+fn same_shape<B: DeviceBackend>(
+    comm: &dyn Communicator,
+    x: FloatTensor<B>,
+    on_device_bufs: impl FnOnce(&dyn DeviceComm, DeviceBuf, DeviceBuf, DType) -> Result<()>,
+    on_host: impl FnOnce(&dyn Communicator, &mut [u8], DType) -> Result<()>,
+) -> Result<FloatTensor<B>> {
     let (device, shape, dtype) = (B::float_device(&x), x.shape(), our_dtype(x.dtype())?);
     if let Some(dev) = on_device::<B>(comm) {
         let (x, input) = buffer_of::<B>(x)?;
         let (out, output) = empty_on::<B>(shape, float_dtype(dtype), &device)?;
-        // SAFETY: as in `all_reduce`.
         ready::<B>(&device)?;
-        #[allow(unsafe_code)]
-        unsafe {
-            dev.broadcast(input, output, root)?
-        };
+        on_device_bufs(dev, input, output, dtype)?;
         drop(x);
         return Ok(out);
     }
     let mut data = host::<B>(x)?;
-    comm.broadcast_bytes(&mut data.bytes, root)?;
+    on_host(comm, &mut data.bytes, dtype)?;
     Ok(B::float_from_data(data, &device))
 }
 

@@ -157,6 +157,39 @@ impl DataParallel {
         Ok(())
     }
 
+    /// Complete every trainable parameter's gradient over the group it is replicated over:
+    /// all-reduced ([`Self::all_reduce_grads`]), or under ZeRO-1 reduce-scattered, each
+    /// rank keeping only the summed gradients of the parameters it owns — the ones its
+    /// optimizer steps — in half an all-reduce's traffic. Returns the gradient elements the
+    /// model's replica holds once reduced, what an all-reduce leaves on every rank (the
+    /// parameters some rank had a gradient for), for the step's report.
+    pub fn reduce_grads<B, M>(&self, module: &M, grads: &mut GradientsParams) -> Result<usize>
+    where
+        B: AutodiffBackend<InnerBackend: DeviceBackend>,
+        M: AutodiffModule<B>,
+    {
+        if !self.scatters() {
+            self.all_reduce_grads(module, grads)?;
+            return Ok(params_by_path(module)
+                .iter()
+                .filter(|p| has_grad::<B>(grads, p))
+                .map(ParamInfo::numel)
+                .sum());
+        }
+        let mut held = 0;
+        for (comm, params) in self.groups(module) {
+            held += reduce_scatter_params::<B, M>(comm, module, &params, grads)?;
+        }
+        Ok(held)
+    }
+
+    /// Whether gradients are reduce-scattered (ZeRO-1 over more than one rank): then each
+    /// rank holds only its own parameters' gradients, and a gradient norm is summed over
+    /// every rank holding some (the world) rather than over one replica.
+    pub fn scatters(&self) -> bool {
+        self.zero1 && self.comm.size() > 1
+    }
+
     /// Under ZeRO-1, the paths of the trainable parameters whose optimizer state this rank
     /// keeps; `None` without it (all of them).
     pub fn owned<B: Backend, M: burn::module::Module<B>>(
@@ -229,13 +262,13 @@ impl DataParallel {
                 .filter(|p| owner(p) == comm.rank())
                 .map(|p| p.path.clone())
                 .collect();
-            let mut held = InnerParams::<Inner<B>>::collect::<B, M>(&module, mine);
+            let mut held = Collect::<Flat<Inner<B>>>::collect::<B, M>(&module, mine);
             for (start, end) in buckets(&params, DEFAULT_BUCKET_ELEMS) {
                 let bucket = &params[start..end];
                 let values = gather_bucket::<B>(comm, bucket, &owner, &mut held, &device);
                 match values {
                     Ok(values) => {
-                        module = module.map(&mut ReplaceInner::<Inner<B>> {
+                        module = module.map(&mut Replace {
                             path: Vec::new(),
                             values,
                         });
@@ -254,9 +287,9 @@ fn gather_bucket<B>(
     comm: &dyn Communicator,
     bucket: &[ParamInfo],
     owner: &dyn Fn(&ParamInfo) -> usize,
-    held: &mut BTreeMap<String, FloatTensor<Inner<B>>>,
+    held: &mut BTreeMap<String, Flat<Inner<B>>>,
     device: &burn::tensor::Device<Inner<B>>,
-) -> Result<BTreeMap<String, FloatTensor<Inner<B>>>>
+) -> Result<BTreeMap<String, Flat<Inner<B>>>>
 where
     B: AutodiffBackend<InnerBackend: DeviceBackend>,
 {
@@ -265,7 +298,7 @@ where
     for p in bucket {
         counts[owner(p)] += p.numel();
         if owner(p) == comm.rank() {
-            parts.push(held.remove(&p.path).ok_or_else(|| missing(&p.path))?);
+            parts.push(held.remove(&p.path).ok_or_else(|| missing(&p.path))?.0);
         }
     }
     let input = match parts.len() {
@@ -281,7 +314,7 @@ where
             all.clone(),
             &[Slice::new(at as isize, Some(end as isize), 1)],
         );
-        values.insert(p.path.clone(), view);
+        values.insert(p.path.clone(), Flat(view));
         at = end;
     }
     Ok(values)
@@ -343,6 +376,68 @@ where
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
+/// ZeRO-1's gradient reduction over `comm` of `params` (the same list on every rank): in
+/// buckets, each flattened on the device and reduce-scattered so that each rank gets the
+/// sums of the parameters it owns ([`partition`]: owners run in rank order along the
+/// paths, so a bucket's chunks are its owners' runs). Other gradients are dropped. Returns
+/// the elements of the parameters any rank had a gradient for.
+fn reduce_scatter_params<B, M>(
+    comm: &dyn Communicator,
+    module: &M,
+    params: &[ParamInfo],
+    grads: &mut GradientsParams,
+) -> Result<usize>
+where
+    B: AutodiffBackend<InnerBackend: DeviceBackend>,
+    M: AutodiffModule<B>,
+{
+    if params.is_empty() {
+        return Ok(0);
+    }
+    let device = device_of(module)?;
+    let mut present: Vec<u8> = params
+        .iter()
+        .map(|p| u8::from(has_grad::<B>(grads, p)))
+        .collect();
+    comm.all_reduce(&mut present, ReduceOp::Max)?;
+    let owners = partition(params, comm.size());
+    let owner = |p: &ParamInfo| owners.get(&p.path).copied().unwrap_or(0);
+    for (start, end) in buckets(params, DEFAULT_BUCKET_ELEMS) {
+        let bucket = &params[start..end];
+        let mut counts = vec![0; comm.size()];
+        let mut parts = Vec::with_capacity(bucket.len());
+        for p in bucket {
+            counts[owner(p)] += p.numel();
+            parts.push(match take_flat::<B>(grads, p)? {
+                Some(g) => g,
+                None => Inner::<B>::float_zeros([p.numel()].into(), &device, FloatDType::F32),
+            });
+        }
+        let flat = Inner::<B>::float_cat(parts, 0);
+        let mine = device::reduce_scatter_v::<Inner<B>>(comm, flat, &counts, ReduceOp::Sum)?;
+        let mut at = 0;
+        for (p, &any) in bucket.iter().zip(&present[start..end]) {
+            if owner(p) != comm.rank() {
+                continue;
+            }
+            if any != 0 {
+                let view = Inner::<B>::float_slice(
+                    mine.clone(),
+                    &[Slice::new(at as isize, Some((at + p.numel()) as isize), 1)],
+                );
+                put_flat::<B>(grads, p, view)?;
+            }
+            at += p.numel();
+        }
+    }
+    Ok(params
+        .iter()
+        .zip(&present)
+        .filter(|(_, &any)| any != 0)
+        .map(|(p, _)| p.numel())
+        .sum())
+}
+
 /// `[start, end)` runs of `params` of at most `limit` elements (a larger parameter alone).
 fn buckets(params: &[ParamInfo], limit: usize) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
@@ -377,7 +472,7 @@ pub fn values_where<B: Backend, M: burn::module::Module<B>>(
         .map(|p| p.path)
         .filter(|p| keep(p))
         .collect();
-    HostParams::collect(module, paths)
+    Collect::<Vec<f32>>::collect(module, paths)
 }
 
 /// Put `values` (by module path, same shapes) into `module`'s parameters; parameters not
@@ -482,19 +577,60 @@ fn to_f32(data: TensorData, path: &str) -> Result<Vec<f32>> {
         .map_err(|e| Error::InvalidArgument(format!("{path}: {e:?}")))
 }
 
-/// Host copies of the parameters at some paths (this rank's ZeRO-1 share).
-struct HostParams {
-    path: Vec<String>,
-    wanted: std::collections::BTreeSet<String>,
-    values: BTreeMap<String, Vec<f32>>,
+/// A parameter's value as [`Collect`] takes it out of a module and [`Replace`] puts it
+/// back in: host f32 values, or a flat f32 tensor of the inner backend ([`Flat`]).
+trait ParamValue<B: Backend>: Sized {
+    /// `param`'s value, `None` when it cannot be read.
+    fn take<const D: usize>(param: &Param<Tensor<B, D>>, path: &str) -> Option<Self>;
+    /// A tensor with this value made like `old` (its shape, dtype and device).
+    fn like<const D: usize>(self, old: &Tensor<B, D>) -> Tensor<B, D>;
 }
 
-impl HostParams {
+impl<B: Backend> ParamValue<B> for Vec<f32> {
+    fn take<const D: usize>(param: &Param<Tensor<B, D>>, path: &str) -> Option<Self> {
+        to_f32(param.val().into_data(), path).ok()
+    }
+    fn like<const D: usize>(self, old: &Tensor<B, D>) -> Tensor<B, D> {
+        // Values come as f32 and go back in the parameter's dtype (a bf16 frozen base).
+        Tensor::<B, D>::from_data(TensorData::new(self, old.dims().to_vec()), &old.device())
+            .cast(old.dtype())
+    }
+}
+
+/// A parameter's value as a flat f32 tensor of the inner backend, on the device.
+struct Flat<I: Backend>(FloatTensor<I>);
+
+impl<B: AutodiffBackend> ParamValue<B> for Flat<B::InnerBackend> {
+    fn take<const D: usize>(param: &Param<Tensor<B, D>>, _: &str) -> Option<Self> {
+        let t = param.val().inner();
+        let n = t.shape().num_elements();
+        let t = Inner::<B>::float_reshape(t.into_primitive().tensor(), [n].into());
+        Some(Flat(Inner::<B>::float_cast(t, FloatDType::F32)))
+    }
+    fn like<const D: usize>(self, old: &Tensor<B, D>) -> Tensor<B, D> {
+        let shaped = Inner::<B>::float_reshape(self.0, old.shape());
+        let inner = Tensor::<B::InnerBackend, D>::from_primitive(TensorPrimitive::Float(shaped))
+            .cast(old.dtype());
+        Tensor::<B, D>::from_inner(inner)
+    }
+}
+
+/// The values of the parameters at some paths.
+struct Collect<V> {
+    path: Vec<String>,
+    wanted: std::collections::BTreeSet<String>,
+    values: BTreeMap<String, V>,
+}
+
+impl<V> Collect<V> {
     fn collect<B: Backend, M: burn::module::Module<B>>(
         module: &M,
         wanted: std::collections::BTreeSet<String>,
-    ) -> BTreeMap<String, Vec<f32>> {
-        let mut v = HostParams {
+    ) -> BTreeMap<String, V>
+    where
+        V: ParamValue<B>,
+    {
+        let mut v = Collect {
             path: Vec::new(),
             wanted,
             values: BTreeMap::new(),
@@ -504,7 +640,7 @@ impl HostParams {
     }
 }
 
-impl<B: Backend> ModuleVisitor<B> for HostParams {
+impl<B: Backend, V: ParamValue<B>> ModuleVisitor<B> for Collect<V> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.push(name.to_string());
     }
@@ -514,20 +650,20 @@ impl<B: Backend> ModuleVisitor<B> for HostParams {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let path = self.path.join(".");
         if self.wanted.contains(&path) {
-            if let Ok(v) = to_f32(param.val().into_data(), &path) {
+            if let Some(v) = V::take(param, &path) {
                 self.values.insert(path, v);
             }
         }
     }
 }
 
-/// Replaces trainable parameters' values (same id, same require-grad) by path.
-struct Replace {
+/// Replaces parameters' values (same id, same require-grad) by path.
+struct Replace<V> {
     path: Vec<String>,
-    values: BTreeMap<String, Vec<f32>>,
+    values: BTreeMap<String, V>,
 }
 
-impl<B: Backend> ModuleMapper<B> for Replace {
+impl<B: Backend, V: ParamValue<B>> ModuleMapper<B> for Replace<V> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.push(name.to_string());
     }
@@ -536,91 +672,12 @@ impl<B: Backend> ModuleMapper<B> for Replace {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let path = self.path.join(".");
-        let Some(values) = self.values.remove(&path) else {
+        let Some(value) = self.values.remove(&path) else {
             return param;
         };
         let (id, tensor, mapper) = param.consume();
-        let require_grad = tensor.is_require_grad();
-        let shape = tensor.dims().to_vec();
-        // Values come as f32 and go back in the parameter's dtype (a bf16 frozen base).
-        let mut fresh = Tensor::<B, D>::from_data(TensorData::new(values, shape), &tensor.device())
-            .cast(tensor.dtype());
-        if require_grad {
-            fresh = fresh.require_grad();
-        }
-        Param::from_mapped_value(id, fresh, mapper)
-    }
-}
-
-/// The inner-backend values of the parameters at some paths, flat f32 (this rank's
-/// ZeRO-1 share).
-struct InnerParams<I: Backend> {
-    path: Vec<String>,
-    wanted: std::collections::BTreeSet<String>,
-    values: BTreeMap<String, FloatTensor<I>>,
-}
-
-impl<I: Backend> InnerParams<I> {
-    fn collect<B: AutodiffBackend<InnerBackend = I>, M: burn::module::Module<B>>(
-        module: &M,
-        wanted: std::collections::BTreeSet<String>,
-    ) -> BTreeMap<String, FloatTensor<I>> {
-        let mut v = InnerParams {
-            path: Vec::new(),
-            wanted,
-            values: BTreeMap::new(),
-        };
-        module.visit(&mut v);
-        v.values
-    }
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for InnerParams<B::InnerBackend> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let path = self.path.join(".");
-        if self.wanted.contains(&path) {
-            let t = param.val().inner();
-            let n = t.shape().num_elements();
-            let t = Inner::<B>::float_reshape(t.into_primitive().tensor(), [n].into());
-            self.values
-                .insert(path, Inner::<B>::float_cast(t, FloatDType::F32));
-        }
-    }
-}
-
-/// Replaces trainable parameters' values (same id, same require-grad) by path, from flat
-/// inner-backend tensors.
-struct ReplaceInner<I: Backend> {
-    path: Vec<String>,
-    values: BTreeMap<String, FloatTensor<I>>,
-}
-
-impl<B: AutodiffBackend> ModuleMapper<B> for ReplaceInner<B::InnerBackend> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let path = self.path.join(".");
-        let Some(flat) = self.values.remove(&path) else {
-            return param;
-        };
-        let (id, tensor, mapper) = param.consume();
-        let require_grad = tensor.is_require_grad();
-        let shaped = Inner::<B>::float_reshape(flat, tensor.shape());
-        // Values come as f32 and go back in the parameter's dtype.
-        let inner = Tensor::<B::InnerBackend, D>::from_primitive(TensorPrimitive::Float(shaped))
-            .cast(tensor.dtype());
-        let mut fresh = Tensor::<B, D>::from_inner(inner);
-        if require_grad {
+        let mut fresh = value.like(&tensor);
+        if tensor.is_require_grad() {
             fresh = fresh.require_grad();
         }
         Param::from_mapped_value(id, fresh, mapper)

@@ -242,7 +242,7 @@ impl<B: TrainBackend> Trainer<B> {
             .map(|&i| supervised(&self.rows[i].targets))
             .sum();
         let tokens: usize = picked.iter().map(|&i| self.rows[i].tokens.len()).sum();
-        let (loss, grad_norm, grads) =
+        let (loss, grad_norm, grads, grad_elems) =
             self.forward_backward(self.model(), &batches, denominator.max(1) as f64)?;
         if !(loss.is_finite() && grad_norm.is_finite()) {
             return Err(Error::NonFinite {
@@ -252,11 +252,6 @@ impl<B: TrainBackend> Trainer<B> {
             });
         }
         let lr = self.opts.lr_at(self.step);
-        let grad_elems = params_by_path(self.model())
-            .iter()
-            .filter(|p| parallel::dp::has_grad::<B>(&grads, p))
-            .map(ParamInfo::numel)
-            .sum();
         self.apply(lr, grads)?;
         self.step += 1;
         let step_time = start.elapsed().as_secs_f64();
@@ -302,7 +297,9 @@ impl<B: TrainBackend> Trainer<B> {
     }
 
     /// Forward and backward over this rank's micro-batches, gradients completed across the
-    /// groups, clipped: `(global loss, global gradient norm before clipping, gradients)`.
+    /// groups, clipped: `(global loss, global gradient norm before clipping, gradients,
+    /// gradient elements of the replica)` (under ZeRO-1 the gradients are this rank's
+    /// share; the count is what an all-reduce would have left, as the step reports it).
     /// The loss and the norm come to the host together, the step's one wait for the device
     /// (beside what the collectives of a layout need).
     fn forward_backward(
@@ -310,7 +307,7 @@ impl<B: TrainBackend> Trainer<B> {
         model: &CausalLm<B>,
         batches: &[Batch],
         denominator: f64,
-    ) -> Result<(f64, f64, GradientsParams)> {
+    ) -> Result<(f64, f64, GradientsParams, usize)> {
         // This rank's draws for the step (its micro-batches' dropout).
         let seed = mix(mix(self.opts.seed, self.step), self.mesh.data.rank() as u64);
         let (loss, mut grads) = match &self.parts.pipeline {
@@ -328,13 +325,22 @@ impl<B: TrainBackend> Trainer<B> {
         if let Some(tp) = &self.parts.tp {
             tp.complete_grads(model, &mut grads)?;
         }
-        if let Some(dp) = &self.parts.dp {
-            dp.all_reduce_grads(model, &mut grads)?;
-        }
+        let grad_elems = match &self.parts.dp {
+            Some(dp) => dp.reduce_grads(model, &mut grads)?,
+            None => params_by_path(model)
+                .iter()
+                .filter(|p| parallel::dp::has_grad::<B>(&grads, p))
+                .map(ParamInfo::numel)
+                .sum(),
+        };
+        // Reduce-scattered (ZeRO-1), a gradient is held by its owner alone: each is counted
+        // where it is held (once per tensor-parallel slice and tied pair), summed over every
+        // rank; else each replica holds them all and the sum is over one replica.
+        let scattered = self.parts.dp.as_ref().is_some_and(|dp| dp.scatters());
         let p = &self.parts;
         let counted = |id: &_| {
             p.tp.as_ref().is_none_or(|tp| tp.counts_in_norm(id))
-                && p.ep.as_ref().is_none_or(|ep| ep.counts_in_norm(id))
+                && (scattered || p.ep.as_ref().is_none_or(|ep| ep.counts_in_norm(id)))
                 && p.pipeline.as_ref().is_none_or(|p| p.counts_in_norm(id))
         };
         let sq = grad_sq_tensor::<B, _>(model, &grads, counted);
@@ -350,17 +356,23 @@ impl<B: TrainBackend> Trainer<B> {
             dp.comm().all_reduce(&mut sum, ReduceOp::Sum)?;
             loss_sum = sum[0];
         }
-        // Summed over the ranks that together hold one whole replica of the model.
-        if self.mesh.model.size() > 1 {
+        // Summed over the ranks that together hold one whole replica of the model (or, its
+        // gradients scattered, over all of them).
+        let holders = if scattered {
+            &self.mesh.world
+        } else {
+            &self.mesh.model
+        };
+        if holders.size() > 1 {
             let mut s = [sq];
-            self.mesh.model.all_reduce(&mut s, ReduceOp::Sum)?;
+            holders.all_reduce(&mut s, ReduceOp::Sum)?;
             sq = s[0];
         }
         let grad_norm = sq.sqrt();
         if grad_norm.is_finite() {
             clip_to(model, &mut grads, grad_norm, self.opts.clip());
         }
-        Ok((loss_sum, grad_norm, grads))
+        Ok((loss_sum, grad_norm, grads, grad_elems))
     }
 
     /// What this step's random draws start from: a resumed run draws what an
