@@ -1,6 +1,7 @@
 //! Data parallelism over a communicator: gradient all-reduce in buckets ordered by module
-//! path, and ZeRO-1 (each rank keeps optimizer state only for the parameters it owns and
-//! broadcasts them after its step).
+//! path, and ZeRO-1 (gradients reduce-scattered to the rank that owns each parameter, which
+//! alone keeps its optimizer state and steps it; the new values are all-gathered after the
+//! step, see [`crate::zero`]).
 //!
 //! Parameters are identified across ranks by their module path (`layers.0.attn.q_proj.weight`),
 //! never by burn's `ParamId`, which is random per process.
@@ -17,6 +18,7 @@ use burn::tensor::{FloatDType, Slice, Tensor, TensorData, TensorPrimitive};
 use crate::comm::{Collectives, Communicator, ReduceOp};
 use crate::device::{self, DeviceBackend};
 use crate::error::{Error, Result};
+use crate::zero;
 
 /// Elements per all-reduce bucket (25 MiB of f32, DDP's default).
 pub const DEFAULT_BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
@@ -235,14 +237,12 @@ impl DataParallel {
     }
 
     /// Under ZeRO-1, after the optimizer step: every trainable parameter takes its owner's
-    /// value, all-gathered on the device a bucket at a time (each bucket put into the
-    /// module as it arrives, so no second copy of the parameters is ever whole). The module
-    /// comes back in every case: with the error, when an all-gather fails, and then only
-    /// partly synchronised (the trainer stops there).
-    ///
-    /// Within a group the owners of its parameters run in rank order along their paths
-    /// ([`partition`]), so what a bucket's all-gather returns in rank order is in path order.
-    pub fn sync_owned_params<B, M>(&self, mut module: M) -> (M, Result<()>)
+    /// value, all-gathered on the device in buckets of every owner's next window
+    /// ([`zero::all_gather`]), each parameter put into the module as soon as it has all
+    /// arrived (no second copy of the whole model is held). The module comes back in every
+    /// case: with the error, when an all-gather fails, and then only partly synchronised
+    /// (the trainer stops there).
+    pub fn sync_owned_params<B, M>(&self, module: M) -> (M, Result<()>)
     where
         B: AutodiffBackend<InnerBackend: DeviceBackend>,
         M: AutodiffModule<B>,
@@ -254,70 +254,52 @@ impl DataParallel {
             Ok(d) => d,
             Err(e) => return (module, Err(e)),
         };
-        for (comm, params) in self.groups(&module) {
-            let owners = partition(&params, comm.size());
-            let owner = |p: &ParamInfo| owners.get(&p.path).copied().unwrap_or(0);
-            let mine = params
-                .iter()
-                .filter(|p| owner(p) == comm.rank())
-                .map(|p| p.path.clone())
-                .collect();
-            let mut held = Collect::<Flat<Inner<B>>>::collect::<B, M>(&module, mine);
-            for (start, end) in buckets(&params, DEFAULT_BUCKET_ELEMS) {
-                let bucket = &params[start..end];
-                let values = gather_bucket::<B>(comm, bucket, &owner, &mut held, &device);
-                match values {
-                    Ok(values) => {
-                        module = module.map(&mut Replace {
-                            path: Vec::new(),
-                            values,
-                        });
-                    }
-                    Err(e) => return (module, Err(e)),
-                }
+        let mut slot = Some(module);
+        for (comm, params) in self.groups(slot.as_ref().expect("the module is in its slot")) {
+            let gathered = (|| {
+                let (sizes, windows) = windows(comm, &params)?;
+                let (first, end) = windows.run(comm.rank());
+                let mine_paths = params[first..end].iter().map(|p| p.path.clone()).collect();
+                let module = slot.as_ref().expect("the module is in its slot");
+                let mut held = Collect::<Flat<Inner<B>>>::collect::<B, M>(module, mine_paths);
+                let mine = params[first..end]
+                    .iter()
+                    .map(|p| {
+                        held.remove(&p.path)
+                            .map(|f| f.0)
+                            .ok_or_else(|| missing(&p.path))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                zero::all_gather::<Inner<B>>(comm, &windows, &sizes, mine, &device, |complete| {
+                    let values = complete
+                        .into_iter()
+                        .map(|(i, v)| (params[i].path.clone(), Flat(v)))
+                        .collect();
+                    let m = slot.take().expect("the module is in its slot");
+                    slot = Some(m.map(&mut Replace {
+                        path: Vec::new(),
+                        values,
+                    }));
+                })
+            })();
+            if let Err(e) = gathered {
+                return (slot.expect("the module is in its slot"), Err(e));
             }
         }
-        (module, Ok(()))
+        (slot.expect("the module is in its slot"), Ok(()))
     }
 }
 
-/// One bucket of a group's parameters, each rank giving those it owns (`held`): every
-/// parameter's value by path, flat f32.
-fn gather_bucket<B>(
-    comm: &dyn Communicator,
-    bucket: &[ParamInfo],
-    owner: &dyn Fn(&ParamInfo) -> usize,
-    held: &mut BTreeMap<String, Flat<Inner<B>>>,
-    device: &burn::tensor::Device<Inner<B>>,
-) -> Result<BTreeMap<String, Flat<Inner<B>>>>
-where
-    B: AutodiffBackend<InnerBackend: DeviceBackend>,
-{
-    let mut counts = vec![0; comm.size()];
-    let mut parts = Vec::new();
-    for p in bucket {
-        counts[owner(p)] += p.numel();
-        if owner(p) == comm.rank() {
-            parts.push(held.remove(&p.path).ok_or_else(|| missing(&p.path))?.0);
-        }
-    }
-    let input = match parts.len() {
-        0 => Inner::<B>::float_zeros([0].into(), device, FloatDType::F32),
-        _ => Inner::<B>::float_cat(parts, 0),
-    };
-    let all = device::all_gather_v::<Inner<B>>(comm, input, &counts)?;
-    let mut values = BTreeMap::new();
-    let mut at = 0;
-    for p in bucket {
-        let end = at + p.numel();
-        let view = Inner::<B>::float_slice(
-            all.clone(),
-            &[Slice::new(at as isize, Some(end as isize), 1)],
-        );
-        values.insert(p.path.clone(), Flat(view));
-        at = end;
-    }
-    Ok(values)
+/// A group's parameter sizes and their owners' windows ([`zero::Windows`]).
+fn windows(comm: &dyn Communicator, params: &[ParamInfo]) -> Result<(Vec<usize>, zero::Windows)> {
+    let owners = partition(params, comm.size());
+    let sizes: Vec<usize> = params.iter().map(ParamInfo::numel).collect();
+    let owner: Vec<usize> = params
+        .iter()
+        .map(|p| owners.get(&p.path).copied().unwrap_or(0))
+        .collect();
+    let windows = zero::Windows::new(&sizes, &owner, comm.size(), DEFAULT_BUCKET_ELEMS)?;
+    Ok((sizes, windows))
 }
 
 /// Sum the gradients of `params` (the same list, in the same order, on every rank) over
@@ -376,11 +358,11 @@ where
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
-/// ZeRO-1's gradient reduction over `comm` of `params` (the same list on every rank): in
-/// buckets, each flattened on the device and reduce-scattered so that each rank gets the
-/// sums of the parameters it owns ([`partition`]: owners run in rank order along the
-/// paths, so a bucket's chunks are its owners' runs). Other gradients are dropped. Returns
-/// the elements of the parameters any rank had a gradient for.
+/// ZeRO-1's gradient reduction over `comm` of `params` (the same list on every rank):
+/// reduce-scattered on the device in buckets of every owner's next window
+/// ([`zero::reduce_scatter`]), so that each rank gets the sums of the parameters it owns
+/// ([`partition`]); other gradients are dropped. Returns the elements of the parameters any
+/// rank had a gradient for.
 fn reduce_scatter_params<B, M>(
     comm: &dyn Communicator,
     module: &M,
@@ -394,48 +376,37 @@ where
     if params.is_empty() {
         return Ok(0);
     }
-    let device = device_of(module)?;
     let mut present: Vec<u8> = params
         .iter()
         .map(|p| u8::from(has_grad::<B>(grads, p)))
         .collect();
+    let held = |present: &[u8]| -> usize {
+        params
+            .iter()
+            .zip(present)
+            .filter(|(_, &any)| any != 0)
+            .map(|(p, _)| p.numel())
+            .sum()
+    };
+    if comm.size() == 1 {
+        return Ok(held(&present));
+    }
+    let device = device_of(module)?;
     comm.all_reduce(&mut present, ReduceOp::Max)?;
-    let owners = partition(params, comm.size());
-    let owner = |p: &ParamInfo| owners.get(&p.path).copied().unwrap_or(0);
-    for (start, end) in buckets(params, DEFAULT_BUCKET_ELEMS) {
-        let bucket = &params[start..end];
-        let mut counts = vec![0; comm.size()];
-        let mut parts = Vec::with_capacity(bucket.len());
-        for p in bucket {
-            counts[owner(p)] += p.numel();
-            parts.push(match take_flat::<B>(grads, p)? {
-                Some(g) => g,
-                None => Inner::<B>::float_zeros([p.numel()].into(), &device, FloatDType::F32),
-            });
-        }
-        let flat = Inner::<B>::float_cat(parts, 0);
-        let mine = device::reduce_scatter_v::<Inner<B>>(comm, flat, &counts, ReduceOp::Sum)?;
-        let mut at = 0;
-        for (p, &any) in bucket.iter().zip(&present[start..end]) {
-            if owner(p) != comm.rank() {
-                continue;
-            }
-            if any != 0 {
-                let view = Inner::<B>::float_slice(
-                    mine.clone(),
-                    &[Slice::new(at as isize, Some((at + p.numel()) as isize), 1)],
-                );
-                put_flat::<B>(grads, p, view)?;
-            }
-            at += p.numel();
+    let (sizes, windows) = windows(comm, params)?;
+    let flats = params
+        .iter()
+        .map(|p| take_flat::<B>(grads, p))
+        .collect::<Result<Vec<_>>>()?;
+    let mine = zero::reduce_scatter::<Inner<B>>(comm, &windows, &sizes, &flats, &device)?;
+    drop(flats);
+    let (first, _) = windows.run(comm.rank());
+    for (k, g) in mine.into_iter().enumerate() {
+        if present[first + k] != 0 {
+            put_flat::<B>(grads, &params[first + k], g)?;
         }
     }
-    Ok(params
-        .iter()
-        .zip(&present)
-        .filter(|(_, &any)| any != 0)
-        .map(|(p, _)| p.numel())
-        .sum())
+    Ok(held(&present))
 }
 
 /// `[start, end)` runs of `params` of at most `limit` elements (a larger parameter alone).

@@ -14,6 +14,7 @@ pub mod nccl;
 pub mod plan;
 pub mod runtime;
 mod tcp;
+pub mod zero;
 
 pub use comm::{
     finish_avg, reduce_into, Collectives, Communicator, DType, DeviceBuf, DeviceComm, Element,

@@ -42,6 +42,21 @@ const LAYOUTS: &[(&str, usize, &[&str], bool)] = &[
         true,
     ),
     ("tp4 > kv heads", 4, &["parallel.tp=4"], false),
+    // ZeRO-1 reduce-scatters the gradients: over dp (dense), over dp × ep with experts
+    // over dp alone, and with tensor slices and a tied embedding across stages.
+    ("dp2 + ZeRO-1", 2, &["parallel.zero1=true"], false),
+    (
+        "dp2×ep2 + ZeRO-1",
+        4,
+        &["parallel.ep=2", "parallel.zero1=true"],
+        true,
+    ),
+    (
+        "dp2×tp2×pp2 + ZeRO-1",
+        8,
+        &["parallel.tp=2", "parallel.pp=2", "parallel.zero1=true"],
+        false,
+    ),
     ("tp2 + sequence parallel", 2, &["parallel.tp=2", SP], false),
     (
         "tp2×pp2 + SP",

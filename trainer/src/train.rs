@@ -273,8 +273,8 @@ impl<B: TrainBackend> Trainer<B> {
         Ok(report)
     }
 
-    /// The optimizer step (of this rank's share under ZeRO-1, whose owners then broadcast
-    /// their parameters). A failed broadcast leaves the trainer unusable, its model in place.
+    /// The optimizer step (of this rank's share under ZeRO-1, whose new values are then
+    /// all-gathered). A failed all-gather leaves the trainer unusable, its model in place.
     fn apply(&mut self, lr: f64, mut grads: GradientsParams) -> Result<()> {
         let model = self.model.take().expect("model is present between steps");
         if let Some(dp) = &self.parts.dp {
@@ -288,7 +288,7 @@ impl<B: TrainBackend> Trainer<B> {
         self.model = Some(model);
         synced.map_err(|e| {
             let why = format!(
-                "step {}: ZeRO-1's parameter broadcast failed: {e}",
+                "step {}: ZeRO-1's parameter all-gather failed: {e}",
                 self.step + 1
             );
             self.broken = Some(why);

@@ -4,6 +4,7 @@
 mod common;
 
 mod contract;
+mod zero;
 
 mod faults;
 mod props;
