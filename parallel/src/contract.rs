@@ -15,6 +15,7 @@ use burn::tensor::{FloatDType, Shape, Tensor, TensorData, TensorMetadata, Tensor
 
 use crate::comm::{Collectives, Communicator, ReduceOp};
 use crate::device::{self, DeviceBackend, Expect};
+use crate::zero;
 
 /// What failed, or how many cases passed.
 pub type Outcome = std::result::Result<usize, String>;
@@ -62,6 +63,10 @@ pub fn check<B: DeviceBackend>(comm: &dyn Communicator, device: &B::Device) -> O
         );
     }
     run("paired send/recv", send_recv::<B>(comm, device));
+    run(
+        "ZeRO-1 windowed reduce-scatter and all-gather",
+        zero1::<B>(comm, device),
+    );
     run("host all_reduce and all_to_all", host(comm));
     run("split", split::<B>(comm, device));
     let mut failed = [u8::from(first.is_some())];
@@ -288,6 +293,79 @@ fn send_recv<B: DeviceBackend>(
         .map_err(err)?
         .ok_or("nothing received")?;
     same(&values::<B>(got), &inputs(case, prev, len(prev)), 0.0)
+}
+
+/// ZeRO-1's collectives ([`zero`]) with buckets small enough that parameters span several
+/// windows: runs of very different lengths, rank 0 owning nothing where there are several
+/// ranks, empty parameters, and rank 0 without a gradient for parameter 3 (an expert no
+/// token reached), which counts as zeros. Each rank's sums of its own parameters are then
+/// all-gathered as their new values.
+fn zero1<B: DeviceBackend>(
+    comm: &dyn Communicator,
+    device: &B::Device,
+) -> std::result::Result<(), String> {
+    let (case, n, me) = (606, comm.size(), comm.rank());
+    let sizes = [0, 7, 130, 3, 3, 0, 41, 1, 90, 2, 11];
+    let owners: Vec<usize> = (0..sizes.len())
+        .map(|i| match n {
+            1 => 0,
+            _ => 1 + i * (n - 1) / sizes.len(),
+        })
+        .collect();
+    let windows = zero::Windows::new(&sizes, &owners, n, 24).map_err(err)?;
+    let id = |i: usize| case + 10 * i as u64;
+    let grads: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            (me != 0 || i != 3)
+                .then(|| tensor::<B>(inputs(id(i), me, len), [len], FloatDType::F32, device))
+        })
+        .collect();
+    let want = |i: usize| -> Vec<f32> {
+        (0..sizes[i])
+            .map(|k| {
+                (0..n)
+                    .filter(|&r| r != 0 || i != 3)
+                    .map(|r| value(id(i), r, k))
+                    .sum()
+            })
+            .collect()
+    };
+    let sums = zero::reduce_scatter::<B>(comm, &windows, &sizes, &grads, device).map_err(err)?;
+    // A wrong value is noted, not returned: the all-gather still runs, as on the peers.
+    let (first, end) = windows.run(me);
+    let mut wrong = None;
+    if sums.len() != end - first {
+        wrong = Some(format!(
+            "reduce-scatter gave {} parameters for a run of {}",
+            sums.len(),
+            end - first
+        ));
+    }
+    for (k, s) in sums.iter().enumerate() {
+        if let Err(e) = same(&values::<B>(s.clone()), &want(first + k), 0.0) {
+            wrong.get_or_insert(format!("reduce-scatter, parameter {}: {e}", first + k));
+        }
+    }
+    let mut seen: Vec<Option<Vec<f32>>> = vec![None; sizes.len()];
+    zero::all_gather::<B>(comm, &windows, &sizes, sums, device, |done| {
+        for (i, v) in done {
+            if seen[i].is_some() {
+                wrong.get_or_insert(format!("all-gather delivered parameter {i} twice"));
+            }
+            seen[i] = Some(values::<B>(v));
+        }
+    })
+    .map_err(err)?;
+    if let Some(e) = wrong {
+        return Err(e);
+    }
+    for (i, v) in seen.into_iter().enumerate() {
+        let v = v.ok_or(format!("all-gather never delivered parameter {i}"))?;
+        same(&v, &want(i), 0.0).map_err(|e| format!("all-gather, parameter {i}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Host buffers (counts, flags, scalars) on the same group.

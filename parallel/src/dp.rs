@@ -78,6 +78,8 @@ pub struct DataParallel {
     comm: Arc<dyn Communicator>,
     zero1: bool,
     narrow: Option<Narrow>,
+    /// Elements of f32 per gradient bucket (ZeRO-1: per bucket of all owners' windows).
+    bucket_elems: usize,
 }
 
 /// Parameters replicated over a sub-group only (experts under expert parallelism: each is
@@ -93,7 +95,17 @@ impl DataParallel {
             comm,
             zero1,
             narrow: None,
+            bucket_elems: DEFAULT_BUCKET_ELEMS,
         }
+    }
+
+    /// Buckets of at most `elems` f32 elements (at least 1) instead of
+    /// [`DEFAULT_BUCKET_ELEMS`]: PyTorch DDP's `bucket_cap_mb`, Megatron's
+    /// `--ddp-bucket-size`. Larger buckets mean fewer collectives, smaller ones less memory
+    /// held for them.
+    pub fn with_bucket_elems(mut self, elems: usize) -> Self {
+        self.bucket_elems = elems.max(1);
+        self
     }
 
     /// Parameters whose module path satisfies `applies` are replicated only over `comm` (a
@@ -154,7 +166,7 @@ impl DataParallel {
         M: AutodiffModule<B>,
     {
         for (comm, params) in self.groups(module) {
-            all_reduce_params::<B, M>(comm, module, &params, grads, DEFAULT_BUCKET_ELEMS)?;
+            all_reduce_params::<B, M>(comm, module, &params, grads, self.bucket_elems)?;
         }
         Ok(())
     }
@@ -162,7 +174,10 @@ impl DataParallel {
     /// Complete every trainable parameter's gradient over the group it is replicated over:
     /// all-reduced ([`Self::all_reduce_grads`]), or under ZeRO-1 reduce-scattered, each
     /// rank keeping only the summed gradients of the parameters it owns — the ones its
-    /// optimizer steps — in half an all-reduce's traffic. Returns the gradient elements the
+    /// optimizer steps. That is half an all-reduce's traffic when the owners' runs are
+    /// even; a run made longer by one large tensor (an embedding bigger than the group's
+    /// even share) sets every bucket's width, since ownership is by whole parameter, and
+    /// the shorter runs' chunks are padded to it on NCCL. Returns the gradient elements the
     /// model's replica holds once reduced, what an all-reduce leaves on every rank (the
     /// parameters some rank had a gradient for), for the step's report.
     pub fn reduce_grads<B, M>(&self, module: &M, grads: &mut GradientsParams) -> Result<usize>
@@ -180,7 +195,7 @@ impl DataParallel {
         }
         let mut held = 0;
         for (comm, params) in self.groups(module) {
-            held += reduce_scatter_params::<B, M>(comm, module, &params, grads)?;
+            held += reduce_scatter_params::<B, M>(comm, module, &params, grads, self.bucket_elems)?;
         }
         Ok(held)
     }
@@ -256,8 +271,12 @@ impl DataParallel {
         };
         let mut slot = Some(module);
         for (comm, params) in self.groups(slot.as_ref().expect("the module is in its slot")) {
+            if comm.size() == 1 {
+                // Its one rank owns and has stepped every parameter of the group.
+                continue;
+            }
             let gathered = (|| {
-                let (sizes, windows) = windows(comm, &params)?;
+                let (sizes, windows) = windows(comm, &params, self.bucket_elems)?;
                 let (first, end) = windows.run(comm.rank());
                 let mine_paths = params[first..end].iter().map(|p| p.path.clone()).collect();
                 let module = slot.as_ref().expect("the module is in its slot");
@@ -291,14 +310,18 @@ impl DataParallel {
 }
 
 /// A group's parameter sizes and their owners' windows ([`zero::Windows`]).
-fn windows(comm: &dyn Communicator, params: &[ParamInfo]) -> Result<(Vec<usize>, zero::Windows)> {
+fn windows(
+    comm: &dyn Communicator,
+    params: &[ParamInfo],
+    limit: usize,
+) -> Result<(Vec<usize>, zero::Windows)> {
     let owners = partition(params, comm.size());
     let sizes: Vec<usize> = params.iter().map(ParamInfo::numel).collect();
     let owner: Vec<usize> = params
         .iter()
         .map(|p| owners.get(&p.path).copied().unwrap_or(0))
         .collect();
-    let windows = zero::Windows::new(&sizes, &owner, comm.size(), DEFAULT_BUCKET_ELEMS)?;
+    let windows = zero::Windows::new(&sizes, &owner, comm.size(), limit)?;
     Ok((sizes, windows))
 }
 
@@ -368,6 +391,7 @@ fn reduce_scatter_params<B, M>(
     module: &M,
     params: &[ParamInfo],
     grads: &mut GradientsParams,
+    bucket_elems: usize,
 ) -> Result<usize>
 where
     B: AutodiffBackend<InnerBackend: DeviceBackend>,
@@ -393,7 +417,7 @@ where
     }
     let device = device_of(module)?;
     comm.all_reduce(&mut present, ReduceOp::Max)?;
-    let (sizes, windows) = windows(comm, params)?;
+    let (sizes, windows) = windows(comm, params, bucket_elems)?;
     let flats = params
         .iter()
         .map(|p| take_flat::<B>(grads, p))

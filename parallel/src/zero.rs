@@ -167,8 +167,9 @@ pub fn reduce_scatter<B: DeviceBackend>(
 }
 
 /// The all-gather: `mine` holds this rank's parameters' values (flat f32, in order);
-/// `done(i, value)` gets every parameter of the group as soon as all of it has arrived, so
-/// that no second copy of the whole model is ever held.
+/// `done` gets, after each bucket, the `(parameter, value)` pairs of the group's
+/// parameters that bucket completed, so that no second copy of the whole model is ever
+/// held. Every parameter is handed over exactly once, provided some run has an element.
 pub fn all_gather<B: DeviceBackend>(
     comm: &dyn Communicator,
     windows: &Windows,

@@ -96,7 +96,7 @@ fn comm_check_passes_on_every_rank_of_launch_run() {
     assert_eq!(ranks, [0, 1, 2], "{lines:?}");
     for l in &lines {
         assert_eq!(l["world"], 3, "{l}");
-        assert_eq!(l["contract"]["cases"], 36, "{l}");
+        assert_eq!(l["contract"]["cases"], 37, "{l}");
         assert_eq!(l["data_plane"], "tcp", "{l}");
     }
 }

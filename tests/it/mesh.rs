@@ -24,7 +24,7 @@ const LAYOUTS: &[(&str, usize, &[&str], bool)] = &[
     ("ep2", 2, &["parallel.ep=2"], true),
     ("dp2×tp2", 4, &["parallel.tp=2"], false),
     ("tp2×pp2", 4, &["parallel.tp=2", "parallel.pp=2"], false),
-    ("dp2×pp2", 4, &["parallel.pp=2"], false),
+    ("dp2×pp2", 4, &["parallel.pp=2", SMALL_BUCKETS], false),
     ("dp2×ep2", 4, &["parallel.ep=2"], true),
     ("ep2×tp2", 4, &["parallel.ep=2", "parallel.tp=2"], true),
     ("ep2×pp2", 4, &["parallel.ep=2", "parallel.pp=2"], true),
@@ -43,12 +43,19 @@ const LAYOUTS: &[(&str, usize, &[&str], bool)] = &[
     ),
     ("tp4 > kv heads", 4, &["parallel.tp=4"], false),
     // ZeRO-1 reduce-scatters the gradients: over dp (dense), over dp × ep with experts
-    // over dp alone, and with tensor slices and a tied embedding across stages.
-    ("dp2 + ZeRO-1", 2, &["parallel.zero1=true"], false),
+    // over dp alone, and with tensor slices and a tied embedding across stages; the first
+    // two in buckets of ~2600 elements (many per step, parameters spanning windows), as
+    // is dp2×pp2's all-reduce.
+    (
+        "dp2 + ZeRO-1",
+        2,
+        &["parallel.zero1=true", SMALL_BUCKETS],
+        false,
+    ),
     (
         "dp2×ep2 + ZeRO-1",
         4,
-        &["parallel.ep=2", "parallel.zero1=true"],
+        &["parallel.ep=2", "parallel.zero1=true", SMALL_BUCKETS],
         true,
     ),
     (
@@ -88,6 +95,9 @@ const LAYOUTS: &[(&str, usize, &[&str], bool)] = &[
 ];
 
 const RECOMPUTE: &str = "training.recompute=true";
+
+/// 0.01 MiB: 2621 f32 elements per bucket, where the fixtures have ~22k parameters.
+const SMALL_BUCKETS: &str = "parallel.bucket_mb=0.01";
 
 const SP: &str = "parallel.sequence_parallel=true";
 

@@ -68,9 +68,13 @@ pub struct ParallelOptions {
     /// Sequence parallelism (Megatron's `--sequence-parallel`, with tp > 1): norms and
     /// residuals run on each tensor-parallel rank's chunk of the tokens.
     pub sequence_parallel: bool,
-    /// ZeRO-1: shard AdamW state across data-parallel ranks (each rank steps and then
-    /// broadcasts the parameters it owns; experts' state across the dp ranks holding them).
+    /// ZeRO-1: shard AdamW state across data-parallel ranks (gradients reduce-scattered to
+    /// their owners, each rank steps the parameters it owns, then they are all-gathered;
+    /// experts' state across the dp ranks holding them).
     pub zero1: bool,
+    /// MiB of f32 gradients per data-parallel bucket (PyTorch DDP's `bucket_cap_mb`,
+    /// default 25): each bucket is one collective.
+    pub bucket_mb: f64,
     pub strategy: Strategy,
     /// Hardware profile the search plans for under `strategy = "auto"`: a built-in name
     /// (a100-80g, h100-80g, h200, cpu) or a .toml file; "cpu" on the CPU backend.
@@ -91,6 +95,7 @@ impl Default for ParallelOptions {
             stage_layers: None,
             sequence_parallel: false,
             zero1: false,
+            bucket_mb: 25.0,
             strategy: Strategy::Manual,
             hardware: None,
         }
@@ -117,6 +122,12 @@ impl ParallelOptions {
         }
         if self.micro_batch == Some(0) {
             return Err("parallel.micro_batch: must be at least 1".into());
+        }
+        if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
+            return Err(format!(
+                "parallel.bucket_mb: {}: must be a positive number of MiB",
+                self.bucket_mb
+            ));
         }
         if self.strategy == Strategy::Auto && self.stage_layers.is_some() {
             return Err(
@@ -156,6 +167,11 @@ impl ParallelOptions {
             }
         }
         Ok(())
+    }
+
+    /// f32 elements per data-parallel gradient bucket (`bucket_mb`).
+    pub fn bucket_elems(&self) -> usize {
+        (self.bucket_mb * (1024.0 * 1024.0 / 4.0)).round().max(1.0) as usize
     }
 
     /// Chunks of layers per pipeline rank: `virtual_stages` when interleaved, else 1.
@@ -364,7 +380,8 @@ impl<B: TrainBackend> TrainerBuilder<B> {
             // Dense weights are replicated over dp × ep; each expert over dp only.
             parts.dp = Some(
                 DataParallel::new(mesh.data.clone(), popts.zero1)
-                    .with_narrow_group(mesh.dp.clone(), is_expert_path),
+                    .with_narrow_group(mesh.dp.clone(), is_expert_path)
+                    .with_bucket_elems(popts.bucket_elems()),
             );
         }
         if let Some(ep) = model.sharding.ep.clone() {

@@ -268,6 +268,23 @@ mod tests {
     }
 
     #[test]
+    fn the_bucket_size_is_a_positive_number_of_mib() {
+        for bad in [
+            "parallel.bucket_mb=0",
+            "parallel.bucket_mb=-2.5",
+            "parallel.bucket_mb=nan",
+        ] {
+            let err = parse(MIN, &[bad]).unwrap_err();
+            assert!(
+                err.to_string().contains("parallel.bucket_mb"),
+                "{bad}: {err}"
+            );
+            assert_eq!(err.exit_code(), 2, "{bad}");
+        }
+        assert!(parse(MIN, &["parallel.bucket_mb=0.01"]).is_ok());
+    }
+
+    #[test]
     fn choices_list_their_values() {
         for (set, key, allowed) in [
             ("job.device=tpu", "job.device", &["cpu", "cuda"][..]),

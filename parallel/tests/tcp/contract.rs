@@ -17,7 +17,7 @@ fn tcp_groups_keep_the_communicator_contract() {
         });
         for outcome in outcomes {
             let cases = outcome.unwrap_or_else(|e| panic!("world {n}: {e}"));
-            assert_eq!(cases, 33 + n, "world {n}: cases run");
+            assert_eq!(cases, 34 + n, "world {n}: cases run");
         }
     }
 }

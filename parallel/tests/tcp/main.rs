@@ -4,7 +4,6 @@
 mod common;
 
 mod contract;
-mod zero;
 
 mod faults;
 mod props;
