@@ -296,23 +296,31 @@ fn send_recv<B: DeviceBackend>(
 }
 
 /// ZeRO-1's collectives ([`zero`]) with buckets small enough that parameters span several
-/// windows: runs of very different lengths, rank 0 owning nothing where there are several
-/// ranks, empty parameters, and rank 0 without a gradient for parameter 3 (an expert no
-/// token reached), which counts as zeros. Each rank's sums of its own parameters are then
-/// all-gathered as their new values.
+/// windows: runs of very different lengths, rank 0 (and with 3 ranks or more rank 1, between
+/// owners) owning nothing, empty parameters, and rank 0 without a gradient for parameter 3
+/// (an expert no token reached), which counts as zeros. Then each rank all-gathers the
+/// expected sums of its own parameters as their new values (not what the reduce-scatter
+/// gave it, so that a wrong reduce-scatter cannot make this rank skip the all-gather its
+/// peers wait in).
 fn zero1<B: DeviceBackend>(
     comm: &dyn Communicator,
     device: &B::Device,
 ) -> std::result::Result<(), String> {
     let (case, n, me) = (606, comm.size(), comm.rank());
     let sizes = [0, 7, 130, 3, 3, 0, 41, 1, 90, 2, 11];
+    let owning: Vec<usize> = match n {
+        1 => vec![0],
+        2 => vec![1],
+        _ => (2..n).collect(),
+    };
     let owners: Vec<usize> = (0..sizes.len())
-        .map(|i| match n {
-            1 => 0,
-            _ => 1 + i * (n - 1) / sizes.len(),
-        })
+        .map(|i| owning[i * owning.len() / sizes.len()])
         .collect();
     let windows = zero::Windows::new(&sizes, &owners, n, 24).map_err(err)?;
+    if windows.buckets() <= 3 {
+        // The same on every rank: none has called a collective yet.
+        return Err(format!("only {} buckets", windows.buckets()));
+    }
     let id = |i: usize| case + 10 * i as u64;
     let grads: Vec<_> = sizes
         .iter()
@@ -348,8 +356,11 @@ fn zero1<B: DeviceBackend>(
             wrong.get_or_insert(format!("reduce-scatter, parameter {}: {e}", first + k));
         }
     }
+    let mine = (first..end)
+        .map(|i| tensor::<B>(want(i), [sizes[i]], FloatDType::F32, device))
+        .collect();
     let mut seen: Vec<Option<Vec<f32>>> = vec![None; sizes.len()];
-    zero::all_gather::<B>(comm, &windows, &sizes, sums, device, |done| {
+    zero::all_gather::<B>(comm, &windows, &sizes, mine, device, |done| {
         for (i, v) in done {
             if seen[i].is_some() {
                 wrong.get_or_insert(format!("all-gather delivered parameter {i} twice"));
