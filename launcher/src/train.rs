@@ -90,6 +90,7 @@ pub fn worker(cfg: &JobConfig, decided: &Decided, window: Option<WindowWork>) ->
         .err()
         .filter(|e| !matches!(e, Error::Yielded(_)))
     {
+        parallel::nccl::abandon();
         ctx.reporter.error(&crate::error::chain(e));
     }
     ctx.reporter.flush(Duration::from_secs(5));
@@ -163,6 +164,10 @@ fn run_on<B: trainer::ParallelBackend>(job: &Job<'_>, device: &B::Device) -> Res
     let (train, eval) = load_data(cfg, ctx.rank == 0, report)?;
     let (model, spec) = setup::model::<Autodiff<B>>(cfg, device)?;
     let mesh = cfg.parallel.mesh(ctx)?;
+    // Dropped before `mesh`, whose groups outlive the trainer's: on an early return it
+    // marks the process failed first, so no NCCL group is destroyed (which would wait for
+    // peers stuck in a collective this rank will never join).
+    let failing = Failing(true);
     let mut trainer = Trainer::builder(model, train, &cfg.training)
         .shuffle(cfg.data.shuffle)
         .precision(cfg.model.dtype)
@@ -185,7 +190,26 @@ fn run_on<B: trainer::ParallelBackend>(job: &Job<'_>, device: &B::Device) -> Res
             seconds: started.elapsed().as_secs_f64(),
         });
     }
+    failing.disarm();
     Ok(())
+}
+
+/// Marks the process failed ([`parallel::nccl::abandon`]) when dropped armed: a rank
+/// returning early with an error.
+struct Failing(bool);
+
+impl Failing {
+    fn disarm(mut self) {
+        self.0 = false;
+    }
+}
+
+impl Drop for Failing {
+    fn drop(&mut self) {
+        if self.0 {
+            parallel::nccl::abandon();
+        }
+    }
 }
 
 /// The training and evaluation rows (audits printed and reported by rank 0).

@@ -134,7 +134,7 @@ pub struct DeviceBuf {
 /// Collectives over device memory (a GPU communicator). Buffers hold elements of `dtype`;
 /// outputs never alias inputs. Each call returns once the collective has completed on the
 /// device (or failed: a collective waiting past the group's timeout is aborted and
-/// reported as [`Error::Timeout`]).
+/// reported as [`Error::Aborted`]).
 ///
 /// # Safety
 /// Every buffer must be device memory of the communicator's GPU, valid for its length,

@@ -11,10 +11,21 @@
 //! contract does not ask.) `ncclCommInitRank` itself has no timeout: a member that never
 //! comes leaves the others there until the job's hang detection restarts them.
 //!
+//! A split with the same ranks as its parent, or as an earlier split of the same parent,
+//! shares that NCCL communicator (with dp only, the data group is the world); a group of
+//! one makes its NCCL communicator only if it is ever used.
+//!
 //! Each call runs on the communicator's own CUDA stream after the caller synchronised the
 //! backend, and returns when the stream has drained; a collective still running after the
-//! group's timeout is aborted (`ncclCommAbort`) and reported as [`Error::Aborted`], so the
+//! group's timeout, or one NCCL reports an asynchronous error for (a peer's link died), is
+//! aborted (`ncclCommAbort`) and reported ([`Error::Aborted`] for the timeout), so the
 //! worker exits and the job's hang path takes over as it does on TCP.
+//!
+//! After any failure in the process ([`abandon`]) no NCCL communicator is destroyed:
+//! `ncclCommDestroy` (and, in newer NCCL, `ncclCommAbort`) waits for the other ranks on the
+//! node, which may be stuck in a collective this rank will never join. The process is
+//! about to exit, and its exit frees them. The abort itself runs on a helper thread and is
+//! given a few seconds.
 //!
 //! cudarc looks for `libnccl.so` (and `.so.{13,12,…,1}`), not `libnccl.so.2`, the name NCCL
 //! installs: [`library`] finds the library and the launcher puts a link to it on the
@@ -50,6 +61,21 @@ pub fn group(
         let _ = (bootstrap, device, timeout);
         Err(crate::Error::NotCompiledWith("cuda"))
     }
+}
+
+/// Set by [`abandon`] and by any NCCL failure in this process.
+static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// This process is failing (its error is being reported): from now on no NCCL
+/// communicator is destroyed when dropped (destroying waits for peers that may be stuck in
+/// a collective this rank will never join). Call it before the groups are dropped.
+pub fn abandon() {
+    FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`abandon`] was called or an NCCL call failed in this process.
+pub fn abandoned() -> bool {
+    FAILED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -88,8 +114,13 @@ mod imp {
         tcp: Arc<dyn Communicator>,
         gpu: usize,
         timeout: Duration,
-        /// Made by `new` and `split`, where every member is present.
-        nccl: OnceLock<std::result::Result<Raw, String>>,
+        /// This rank in the world, for errors (`tcp.rank()` is its rank in the group).
+        world_rank: usize,
+        /// Made by `new` and `split` (where every member is present), or shared with the
+        /// parent or an earlier split of the same ranks.
+        nccl: OnceLock<std::result::Result<Arc<Raw>, String>>,
+        /// The NCCL communicators of this group's splits, by their ranks.
+        splits: Mutex<Vec<(Vec<usize>, Arc<Raw>)>>,
         seq: AtomicU64,
     }
 
@@ -108,14 +139,42 @@ mod imp {
 
     impl Drop for Raw {
         fn drop(&mut self) {
+            // After a failure the communicator is left to the process's exit (module docs).
+            if self.aborted.load(Ordering::SeqCst) || super::abandoned() {
+                return;
+            }
             if let Ok(c) = self.comm.lock() {
-                if !self.aborted.load(Ordering::Relaxed) {
-                    // SAFETY: the communicator was initialised and is not used again.
-                    let _ = unsafe { nccl::comm_destroy(*c) };
-                }
+                // SAFETY: the communicator was initialised and is not used again.
+                let _ = unsafe { nccl::comm_destroy(*c) };
             }
         }
     }
+
+    impl Raw {
+        /// Abort the communicator (marking the process failed first): on a helper thread,
+        /// given a few seconds, since newer NCCL waits there for the node's other ranks.
+        fn abort(&self, comm: sys::ncclComm_t) {
+            super::abandon();
+            if self.aborted.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            let (done, wait) = std::sync::mpsc::channel();
+            let address = comm as usize;
+            let spawned = std::thread::Builder::new()
+                .name("nccl-abort".into())
+                .spawn(move || {
+                    // SAFETY: the communicator is valid and never used after this.
+                    let _ = unsafe { nccl::comm_abort(address as sys::ncclComm_t) };
+                    let _ = done.send(());
+                });
+            if spawned.is_ok() {
+                let _ = wait.recv_timeout(ABORT_GRACE);
+            }
+        }
+    }
+
+    /// How long an abort may take before the worker goes on to exit without it.
+    const ABORT_GRACE: Duration = Duration::from_secs(10);
 
     fn failed(op: &'static str) -> impl Fn(nccl::NcclError) -> Error {
         move |e| Error::Connect(format!("NCCL {op}: {:?}", e.0))
@@ -144,6 +203,20 @@ mod imp {
         }
     }
 
+    /// NCCL's asynchronous error on `comm` (a peer's connection broke, a remote failure),
+    /// if it has one.
+    fn async_error(comm: sys::ncclComm_t) -> Option<sys::ncclResult_t> {
+        let mut r = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: the communicator is valid; `r` receives the state.
+        let asked = unsafe { sys::ncclCommGetAsyncError(comm, &mut r) };
+        match (asked, r) {
+            (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclSuccess)
+            | (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclInProgress) => None,
+            (sys::ncclResult_t::ncclSuccess, e) => Some(e),
+            (e, _) => Some(e),
+        }
+    }
+
     impl NcclComm {
         /// The NCCL group of `bootstrap`'s ranks on GPU `device` (usually the local rank);
         /// a collective still running after `timeout` is aborted. Every member calls this
@@ -154,44 +227,76 @@ mod imp {
             timeout: Duration,
         ) -> Result<Self> {
             super::library::check()?;
-            let comm = Self::lazy(bootstrap, device, timeout);
+            let world_rank = bootstrap.rank();
+            let comm = Self::lazy(bootstrap, device, timeout, world_rank);
             comm.raw()?;
             Ok(comm)
         }
 
-        fn lazy(tcp: Arc<dyn Communicator>, gpu: usize, timeout: Duration) -> Self {
+        fn lazy(
+            tcp: Arc<dyn Communicator>,
+            gpu: usize,
+            timeout: Duration,
+            world_rank: usize,
+        ) -> Self {
             Self {
                 tcp,
                 gpu,
                 timeout,
+                world_rank,
                 nccl: OnceLock::new(),
+                splits: Mutex::new(Vec::new()),
                 seq: AtomicU64::new(0),
             }
         }
 
         /// The NCCL communicator, made the first time (in `new` or `split`) from a unique
         /// id rank 0 sends over TCP.
-        fn raw(&self) -> Result<&Raw> {
+        fn raw(&self) -> Result<&Arc<Raw>> {
             self.nccl
-                .get_or_init(|| self.init().map_err(|e| e.to_string()))
+                .get_or_init(|| self.init().map(Arc::new).map_err(|e| e.to_string()))
                 .as_ref()
                 .map_err(|e| Error::Connect(e.clone()))
         }
 
         fn init(&self) -> Result<Raw> {
-            let ctx = CudaContext::new(self.gpu).map_err(cuda("context"))?;
-            let stream = ctx.new_stream().map_err(cuda("stream"))?;
-            let mut raw = [0u8; 128];
+            // Rank 0 sends the unique id with a byte saying it could make one, so that the
+            // others do not wait out the TCP timeout when it cannot.
+            let mut made = None;
+            let mut raw = [0u8; 129];
             if self.tcp.rank() == 0 {
-                let id = nccl::get_uniqueid().map_err(failed("unique id"))?;
-                for (b, c) in raw.iter_mut().zip(id.internal) {
-                    *b = c as u8;
+                match self.context().and_then(|c| {
+                    let id = nccl::get_uniqueid().map_err(failed("unique id"))?;
+                    Ok((c, id))
+                }) {
+                    Ok((c, id)) => {
+                        for (b, c) in raw.iter_mut().zip(id.internal) {
+                            *b = c as u8;
+                        }
+                        raw[128] = 1;
+                        made = Some(c);
+                    }
+                    Err(e) => {
+                        self.tcp.broadcast(&mut raw, 0)?;
+                        return Err(e);
+                    }
                 }
             }
             self.tcp.broadcast(&mut raw, 0)?;
-            let id = sys::ncclUniqueId {
-                internal: raw.map(|b| b as core::ffi::c_char),
+            if raw[128] != 1 {
+                return Err(Error::Connect(
+                    "the first rank of the group could not make its NCCL id (see its error)".into(),
+                ));
+            }
+            let (ctx, stream) = match made {
+                Some(c) => c,
+                None => self.context()?,
             };
+            let mut internal = [0 as core::ffi::c_char; 128];
+            for (c, b) in internal.iter_mut().zip(raw) {
+                *c = b as core::ffi::c_char;
+            }
+            let id = sys::ncclUniqueId { internal };
             let mut comm = std::ptr::null_mut();
             // SAFETY: `comm` receives the new communicator; the context is current.
             unsafe {
@@ -202,7 +307,10 @@ mod imp {
                     self.tcp.rank() as i32,
                 )
             }
-            .map_err(failed("init"))?;
+            .map_err(|e| {
+                super::abandon();
+                failed("init")(e)
+            })?;
             Ok(Raw {
                 comm: Mutex::new(comm),
                 ctx,
@@ -211,8 +319,16 @@ mod imp {
             })
         }
 
+        /// This rank's CUDA context (bound to the thread) and the stream NCCL runs on.
+        fn context(&self) -> Result<(Arc<CudaContext>, Arc<CudaStream>)> {
+            let ctx = CudaContext::new(self.gpu).map_err(cuda("context"))?;
+            let stream = ctx.new_stream().map_err(cuda("stream"))?;
+            Ok((ctx, stream))
+        }
+
         /// Enqueue `calls` on the stream (inside one NCCL group when `grouped`) and wait
-        /// for them; past the timeout, abort the communicator.
+        /// for them; past the timeout, or on an asynchronous NCCL error, abort the
+        /// communicator. Any failure marks the process failed ([`super::abandon`]).
         fn run(
             &self,
             name: &'static str,
@@ -221,8 +337,22 @@ mod imp {
         ) -> Result<()> {
             let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
             let _in = crate::runtime::position::enter(name, true);
+            let done = self.run_at(name, seq, grouped, calls);
+            if done.is_err() {
+                super::abandon();
+            }
+            done
+        }
+
+        fn run_at(
+            &self,
+            name: &'static str,
+            seq: u64,
+            grouped: bool,
+            calls: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<()>,
+        ) -> Result<()> {
             let raw = self.raw()?;
-            if raw.aborted.load(Ordering::Relaxed) {
+            if raw.aborted.load(Ordering::SeqCst) {
                 return Err(Error::Connect("the NCCL communicator was aborted".into()));
             }
             raw.ctx.bind_to_thread().map_err(cuda("context"))?;
@@ -255,14 +385,20 @@ mod imp {
                         )))
                     }
                 }
+                if let Some(e) = async_error(*comm) {
+                    raw.abort(*comm);
+                    return Err(Error::Connect(format!(
+                        "NCCL {name} #{seq} on rank {}: {e:?} (a peer or its link failed); \
+                         the communicator was aborted",
+                        self.world_rank
+                    )));
+                }
                 if start.elapsed() > self.timeout {
-                    raw.aborted.store(true, Ordering::Relaxed);
-                    // SAFETY: the communicator is valid; it is never used after this.
-                    let _ = unsafe { nccl::comm_abort(*comm) };
+                    raw.abort(*comm);
                     return Err(Error::Aborted {
                         op: name,
                         seq,
-                        rank: self.tcp.rank(),
+                        rank: self.world_rank,
                         after: self.timeout,
                     });
                 }
@@ -285,6 +421,17 @@ mod imp {
         buf.ptr as *mut core::ffi::c_void
     }
 
+    /// The trait's length contract, checked before NCCL reads or writes past a buffer.
+    fn sizes(op: &str, got: usize, want: usize) -> Result<()> {
+        if got == want {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "NCCL {op}: a buffer of {got} bytes where {want} were due"
+            )))
+        }
+    }
+
     // SAFETY: every call hands NCCL the caller's buffers as the trait's contract allows.
     unsafe impl DeviceComm for NcclComm {
         unsafe fn all_reduce(
@@ -295,6 +442,7 @@ mod imp {
             o: ReduceOp,
         ) -> Result<()> {
             let (t, size) = dtype(d);
+            sizes("all_reduce", output.bytes, input.bytes)?;
             self.run("all_reduce", false, |comm, stream| {
                 unsafe {
                     nccl::all_reduce(
@@ -313,6 +461,7 @@ mod imp {
         }
 
         unsafe fn all_gather(&self, input: DeviceBuf, output: DeviceBuf) -> Result<()> {
+            sizes("all_gather", output.bytes, input.bytes * self.size())?;
             self.run("all_gather", false, |comm, stream| {
                 unsafe {
                     nccl::all_gather(
@@ -337,6 +486,7 @@ mod imp {
             o: ReduceOp,
         ) -> Result<()> {
             let (t, size) = dtype(d);
+            sizes("reduce_scatter", input.bytes, output.bytes * self.size())?;
             self.run("reduce_scatter", false, |comm, stream| {
                 unsafe {
                     nccl::reduce_scatter(
@@ -378,6 +528,9 @@ mod imp {
             recvs: &[(usize, DeviceBuf)],
         ) -> Result<()> {
             if sends.is_empty() && recvs.is_empty() {
+                // Counted as a collective, as on TCP, so that hang reports compare ranks
+                // that made the same calls.
+                self.seq.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             self.run("send_recv", true, |comm, stream| {
@@ -446,10 +599,38 @@ mod imp {
             self.tcp.barrier()
         }
         fn split(&self, ranks: &[usize]) -> Result<Arc<dyn Communicator>> {
-            // Made now, while every member is here: made on first use, a member with
-            // nothing to move (an empty exchange) would skip the making the others wait in.
-            let sub = Self::lazy(self.tcp.split(ranks)?, self.gpu, self.timeout);
-            sub.raw()?;
+            let sub = Self::lazy(
+                self.tcp.split(ranks)?,
+                self.gpu,
+                self.timeout,
+                self.world_rank,
+            );
+            // The same ranks as this group, or as an earlier split of it (every member made
+            // that split too, at the same point): the same NCCL communicator.
+            let same = if ranks.len() == self.size() {
+                Some(Arc::clone(self.raw()?))
+            } else {
+                let splits = self
+                    .splits
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                splits
+                    .iter()
+                    .find(|(r, _)| r == ranks)
+                    .map(|(_, raw)| Arc::clone(raw))
+            };
+            if let Some(raw) = same {
+                let _ = sub.nccl.set(Ok(raw));
+            } else if ranks.len() > 1 {
+                // Made now, while every member is here: made on first use, a member with
+                // nothing to move (an empty exchange) would skip the making the others wait
+                // in. A group of one has no one to wait for: made if ever used.
+                let raw = Arc::clone(sub.raw()?);
+                self.splits
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push((ranks.to_vec(), raw));
+            }
             Ok(Arc::new(sub))
         }
         fn device(&self) -> Option<&dyn DeviceComm> {
