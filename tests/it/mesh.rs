@@ -390,9 +390,9 @@ fn assert_same_tensors(
 /// job as `sets` lays it out on `nproc` ranks, against what each rank's trainer reported
 /// holding at step 1 (f32: 4 bytes an element; AdamW: two moments). Exact, except that
 /// ZeRO-1 hands out whole tensors: there each rank is within one tensor of the predicted
-/// even share, and the data group's shares add up to the predicted whole.
+/// fullest share, and the data group's shares add up to the predicted whole.
 fn assert_state_predicted(job: &Path, nproc: usize, sets: &[&str], what: &str) {
-    use tidemill::parallel::plan::{rank_layers, state_memory, Candidate, Share};
+    use tidemill::parallel::plan::{rank_layers, shared_state, state_memory, Candidate, Share};
     let overrides: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let cfg = tidemill::launcher::JobConfig::load(job, &overrides).expect("job file");
     let model = tidemill::trainer::ModelConfig::from_dir(&cfg.model.path).expect("model");
@@ -457,7 +457,8 @@ fn assert_state_predicted(job: &Path, nproc: usize, sets: &[&str], what: &str) {
         } else {
             let sum = zero1_sum.entry((at.tp, at.pp)).or_default();
             sum.0 += got;
-            sum.1 += want.optimizer;
+            let held = plan_job.model.params(&plan_job.mode, &share);
+            sum.1 += shared_state(c, held) * plan_job.precision.optimizer_bytes() as f64;
             let largest = 8.0 * (model.vocab_size * model.hidden_size) as f64 / layout.tp as f64;
             assert!(
                 (got - want.optimizer).abs() <= largest,

@@ -548,16 +548,42 @@ pub fn estimate(job: &Job, hw: &Hardware, c: Candidate, sizes: &[usize]) -> Esti
     }
 }
 
-/// Elements of optimizer state a rank keeps: its trained parameters, or under ZeRO-1 its
-/// share of them over the ranks that hold the same ones (dense over dp × ep, experts over dp).
+/// Elements of optimizer state the fullest rank keeps: its trained parameters, or under
+/// ZeRO-1 its share of them over the ranks that hold the same ones (dense over dp × ep,
+/// experts over dp). ZeRO-1 hands out whole tensors, so no share is below the largest
+/// tensor: where one outweighs an even share (Llama-3.2-1B's tied embedding is a fifth of
+/// the model), its owner keeps it and the others split the rest.
 pub fn owned_state(c: Candidate, held: Params) -> f64 {
-    let dense = (held.trainable - held.expert_trainable) as f64;
-    let experts = held.expert_trainable as f64;
+    let (dense, experts) = split_trainable(held);
+    if c.zero1 {
+        fullest(dense, held.largest, c.data_ranks()) + fullest(experts, held.largest_expert, c.dp)
+    } else {
+        dense + experts
+    }
+}
+
+/// Under ZeRO-1, the state a rank keeps on average: the group's ranks together keep each
+/// trained parameter's once.
+pub fn shared_state(c: Candidate, held: Params) -> f64 {
+    let (dense, experts) = split_trainable(held);
     if c.zero1 {
         dense / c.data_ranks() as f64 + experts / c.dp as f64
     } else {
         dense + experts
     }
+}
+
+fn split_trainable(held: Params) -> (f64, f64) {
+    (
+        (held.trainable - held.expert_trainable) as f64,
+        held.expert_trainable as f64,
+    )
+}
+
+/// The fullest of `ranks` shares of `total` elements handed out as whole tensors, the
+/// largest of them `largest`.
+fn fullest(total: f64, largest: u64, ranks: usize) -> f64 {
+    (total / ranks.max(1) as f64).max(largest as f64).min(total)
 }
 
 /// Seconds of the data-parallel gradient reduction and of ZeRO-1's all-gather of the
@@ -570,16 +596,25 @@ fn dp_reduce(hw: &Hardware, c: Candidate, p: Precision, held: Params) -> (f64, f
         let n = size as f64;
         (n - 1.0) / n * bytes / hw.group_bandwidth(size, stride) + hw.latency_us * 1e-6
     };
-    let dense = (held.trainable - held.expert_trainable) as f64;
-    let experts = held.expert_trainable as f64;
+    let (dense, experts) = split_trainable(held);
     let (g, w) = (p.grad_bytes() as f64, p.weight_bytes() as f64);
-    // (bytes per element, collectives): an all-reduce is a reduce-scatter and an
-    // all-gather in one; ZeRO-1 runs them apart, the second on the weights.
-    let phase =
-        |b: f64| ring(dense * b, c.data_ranks(), c.tp) + ring(experts * b, c.dp, c.tp * c.ep);
+    let (dn, en) = (c.data_ranks(), c.dp);
     if c.zero1 {
+        // A reduce-scatter of the gradients, then an all-gather of the stepped weights:
+        // every rank's chunk as long as the fullest rank's run (NCCL wants equal chunks,
+        // and a ring step waits for its longest one).
+        let phase = |b: f64| {
+            ring(fullest(dense, held.largest, dn) * dn as f64 * b, dn, c.tp)
+                + ring(
+                    fullest(experts, held.largest_expert, en) * en as f64 * b,
+                    en,
+                    c.tp * c.ep,
+                )
+        };
         (phase(g), phase(w))
     } else {
+        // An all-reduce: a reduce-scatter and an all-gather in one, both of gradients.
+        let phase = |b: f64| ring(dense * b, dn, c.tp) + ring(experts * b, en, c.tp * c.ep);
         (phase(2.0 * g), 0.0)
     }
 }
@@ -587,7 +622,7 @@ fn dp_reduce(hw: &Hardware, c: Candidate, p: Precision, held: Params) -> (f64, f
 /// Bytes of weights, gradients and optimizer state a rank of `c` holding `share` keeps
 /// (no activations): its parameters at the precision's widths, gradients of those it
 /// trains, and AdamW's state (with master weights in mixed precision) of its trained
-/// parameters, or under ZeRO-1 of its even share of them.
+/// parameters, or under ZeRO-1 of its share of them ([`owned_state`]: the fullest rank's).
 pub fn state_memory(job: &Job, c: Candidate, share: Share) -> Memory {
     let p = job.precision;
     let held = job.model.params(&job.mode, &share);

@@ -118,12 +118,16 @@ pub struct Share {
 }
 
 /// Parameter elements one rank holds: all of them, those it trains, and of those the
-/// experts' (reduced over data-parallel ranks only, not over expert-parallel ones).
+/// experts' (reduced over data-parallel ranks only, not over expert-parallel ones); and
+/// the largest single tensor it trains among the others and among the experts' (ZeRO-1
+/// hands out whole tensors, so one big tensor bounds how evenly it can share them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Params {
     pub weights: u64,
     pub trainable: u64,
     pub expert_trainable: u64,
+    pub largest: u64,
+    pub largest_expert: u64,
 }
 
 impl std::ops::AddAssign for Params {
@@ -131,6 +135,8 @@ impl std::ops::AddAssign for Params {
         self.weights += o.weights;
         self.trainable += o.trainable;
         self.expert_trainable += o.expert_trainable;
+        self.largest = self.largest.max(o.largest);
+        self.largest_expert = self.largest_expert.max(o.largest_expert);
     }
 }
 
@@ -203,14 +209,16 @@ impl ModelShape {
             Mode::Lora { rank, targets } => (Some(rank as u64), targets),
         };
         let full = lora.is_none();
-        // (weights, trainable) of one linear: `out_here`/`in_here` its local box.
+        // (weights, trainable, the largest trained tensor) of one linear: `out_here`/
+        // `in_here` its local box.
         let linear = |input: u64, output: u64, column: bool, target: bool, bias: bool| {
             let (in_here, out_here) = if column {
                 (input, output / tp)
             } else {
                 (input / tp, output)
             };
-            let mut w = in_here * out_here;
+            let matrix = in_here * out_here;
+            let mut w = matrix;
             if bias {
                 w += if column { out_here } else { output };
             }
@@ -218,17 +226,25 @@ impl ModelShape {
                 Some(r) if target => r * in_here + r * out_here,
                 _ => 0,
             };
-            (w + adapters, if full { w } else { adapters })
+            match lora {
+                None => (w, w, matrix),
+                Some(_) if adapters == 0 => (w, 0, 0),
+                // A is r × in, B is out × r: the larger of the two.
+                Some(r) => (w + adapters, adapters, r * in_here.max(out_here)),
+            }
         };
         let mut dense = Params::default();
-        let add = |p: &mut Params, (w, t): (u64, u64)| {
+        let add = |p: &mut Params, (w, t, one): (u64, u64, u64)| {
             p.weights += w;
             p.trainable += t;
+            p.largest = p.largest.max(one);
         };
+        // A tensor that is trained only in full fine-tuning (norms, router, embedding).
+        let whole = |n: u64| (n, if full { n } else { 0 }, if full { n } else { 0 });
         let norm = if self.norm_bias { 2 * h } else { h };
-        let norms = (2 * norm, if full { 2 * norm } else { 0 });
         let mut layer = Params::default();
-        add(&mut layer, norms);
+        add(&mut layer, whole(norm));
+        add(&mut layer, whole(norm));
         add(&mut layer, linear(h, q, true, targets.q, self.qkv_bias));
         // k and v: whole heads per rank (`kv × tp` columns cut tp ways).
         add(
@@ -250,23 +266,27 @@ impl ModelShape {
         if self.experts == 0 {
             layer += mlp;
         } else {
-            let router = h * self.experts as u64;
-            add(&mut layer, (router, if full { router } else { 0 }));
+            add(&mut layer, whole(h * self.experts as u64));
             let local = (self.experts / s.ep) as u64;
             let one = mlp;
             experts.weights = local * one.weights;
             experts.trainable = local * one.trainable;
             experts.expert_trainable = experts.trainable;
+            experts.largest_expert = one.largest;
         }
         let l = s.layers as u64;
         dense.weights = l * layer.weights;
         dense.trainable = l * layer.trainable;
+        if l > 0 {
+            dense.largest = layer.largest;
+            dense.largest_expert = experts.largest_expert;
+        }
         let embedding = v / tp * h;
         if s.first || (s.last && self.tied_embeddings) {
-            add(&mut dense, (embedding, if full { embedding } else { 0 }));
+            add(&mut dense, whole(embedding));
         }
         if s.last {
-            add(&mut dense, (norm, if full { norm } else { 0 }));
+            add(&mut dense, whole(norm));
             if !self.tied_embeddings {
                 add(&mut dense, linear(h, v, true, targets.head, false));
             }
