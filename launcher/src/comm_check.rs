@@ -23,6 +23,8 @@ pub fn run(device: Device, bench_mb: usize, repeats: usize) -> Result<()> {
     })?;
     device.ready()?;
     let mut ctx = parallel::init()?;
+    // Dropped before `ctx`: a failure marks the process failed before its NCCL groups go.
+    let failing = parallel::nccl::FailGuard::new();
     let host: Arc<dyn Communicator> = ctx.comm.clone();
     let out = match device {
         Device::Cpu => {
@@ -43,6 +45,7 @@ pub fn run(device: Device, bench_mb: usize, repeats: usize) -> Result<()> {
     line["device"] = format!("{device:?}").to_lowercase().into();
     println!("{line}");
     ctx.reporter.flush(std::time::Duration::from_secs(2));
+    failing.ended_well();
     Ok(())
 }
 

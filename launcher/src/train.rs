@@ -81,17 +81,20 @@ const PARALLEL: &str = "[parallel]";
 /// returns [`Error::Yielded`] (exit status 75), which is not a failure.
 pub fn worker(cfg: &JobConfig, decided: &Decided, window: Option<WindowWork>) -> Result<()> {
     let mut ctx = parallel::init()?;
+    // Dropped before `ctx` and its groups: on a failure (or a panic) it marks the process
+    // failed first, so that no NCCL group is destroyed (that waits for peers which may be
+    // stuck in a collective this rank will never join).
+    let failing = parallel::nccl::FailGuard::new();
     let mut cfg = cfg.clone();
     decided.apply(&mut cfg);
     let result = data_plane(&cfg, &mut ctx)
         .and_then(|()| run_rank(&cfg, decided, window, &ctx, &ctx.reporter));
-    if let Some(e) = result
-        .as_ref()
-        .err()
-        .filter(|e| !matches!(e, Error::Yielded(_)))
-    {
-        parallel::nccl::abandon();
-        ctx.reporter.error(&crate::error::chain(e));
+    match &result {
+        Ok(()) | Err(Error::Yielded(_)) => failing.ended_well(),
+        Err(e) => {
+            parallel::nccl::abandon();
+            ctx.reporter.error(&crate::error::chain(e));
+        }
     }
     ctx.reporter.flush(Duration::from_secs(5));
     result
@@ -164,52 +167,38 @@ fn run_on<B: trainer::ParallelBackend>(job: &Job<'_>, device: &B::Device) -> Res
     let (train, eval) = load_data(cfg, ctx.rank == 0, report)?;
     let (model, spec) = setup::model::<Autodiff<B>>(cfg, device)?;
     let mesh = cfg.parallel.mesh(ctx)?;
-    // Dropped before `mesh`, whose groups outlive the trainer's: on an early return it
-    // marks the process failed first, so no NCCL group is destroyed (which would wait for
-    // peers stuck in a collective this rank will never join).
-    let failing = Failing(true);
-    let mut trainer = Trainer::builder(model, train, &cfg.training)
-        .shuffle(cfg.data.shuffle)
-        .precision(cfg.model.dtype)
-        .parallel(&mesh, &cfg.parallel)
-        .reporter(report)
-        .build()?;
-    if cfg.checkpoint.resume {
-        resume(&mut trainer, &saving::root(&cfg.run_dir()))?;
-    }
-    let last = train_loop(cfg, job, &mut trainer, eval.as_deref())?;
-    if let Some(rows) = &eval {
-        evaluate(&trainer, rows)?;
-    }
-    let lead = ctx.rank == 0;
-    export(cfg, trainer, spec, device)?;
-    if lead {
-        report.event(&Event::Done {
-            steps: Some(cfg.training.max_steps),
-            loss: last.map(|s| s.loss),
-            seconds: started.elapsed().as_secs_f64(),
-        });
-    }
-    failing.disarm();
-    Ok(())
-}
-
-/// Marks the process failed ([`parallel::nccl::abandon`]) when dropped armed: a rank
-/// returning early with an error.
-struct Failing(bool);
-
-impl Failing {
-    fn disarm(mut self) {
-        self.0 = false;
-    }
-}
-
-impl Drop for Failing {
-    fn drop(&mut self) {
-        if self.0 {
-            parallel::nccl::abandon();
+    // Dropped before `mesh`, whose groups (and the splits cached in them) outlive the
+    // trainer's: a failure marks the process failed before any NCCL group is dropped.
+    let failing = parallel::nccl::FailGuard::new();
+    let result = (|| -> Result<()> {
+        let mut trainer = Trainer::builder(model, train, &cfg.training)
+            .shuffle(cfg.data.shuffle)
+            .precision(cfg.model.dtype)
+            .parallel(&mesh, &cfg.parallel)
+            .reporter(report)
+            .build()?;
+        if cfg.checkpoint.resume {
+            resume(&mut trainer, &saving::root(&cfg.run_dir()))?;
         }
+        let last = train_loop(cfg, job, &mut trainer, eval.as_deref())?;
+        if let Some(rows) = &eval {
+            evaluate(&trainer, rows)?;
+        }
+        let lead = ctx.rank == 0;
+        export(cfg, trainer, spec, device)?;
+        if lead {
+            report.event(&Event::Done {
+                steps: Some(cfg.training.max_steps),
+                loss: last.map(|s| s.loss),
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+        Ok(())
+    })();
+    if matches!(result, Ok(()) | Err(Error::Yielded(_))) {
+        failing.ended_well();
     }
+    result
 }
 
 /// The training and evaluation rows (audits printed and reported by rank 0).

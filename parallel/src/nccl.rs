@@ -73,9 +73,44 @@ pub fn abandon() {
     FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Whether [`abandon`] was called or an NCCL call failed in this process.
+/// Whether [`abandon`] was called or an NCCL call failed in this process. It stays set:
+/// a long-lived process that goes on after a failure leaves its later NCCL communicators
+/// to its exit too.
 pub fn abandoned() -> bool {
     FAILED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Calls [`abandon`] when dropped, unless [`FailGuard::ended_well`] came first (a return
+/// with an error, or a panic, drops it armed). Declared after the groups it protects, it
+/// drops before them.
+#[must_use = "the guard marks the process failed when it is dropped"]
+pub struct FailGuard {
+    armed: bool,
+}
+
+impl FailGuard {
+    pub fn new() -> Self {
+        Self { armed: true }
+    }
+
+    /// The work ended as it should (or stopped on purpose): no failure to mark.
+    pub fn ended_well(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Default for FailGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for FailGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            abandon();
+        }
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -167,8 +202,14 @@ mod imp {
                     let _ = unsafe { nccl::comm_abort(address as sys::ncclComm_t) };
                     let _ = done.send(());
                 });
-            if spawned.is_ok() {
-                let _ = wait.recv_timeout(ABORT_GRACE);
+            match spawned {
+                Ok(_) => {
+                    let _ = wait.recv_timeout(ABORT_GRACE);
+                }
+                // SAFETY: as above; no thread to bound it, so abort here.
+                Err(_) => {
+                    let _ = unsafe { nccl::comm_abort(comm) };
+                }
             }
         }
     }
@@ -277,7 +318,8 @@ mod imp {
                         made = Some(c);
                     }
                     Err(e) => {
-                        self.tcp.broadcast(&mut raw, 0)?;
+                        // The others learn it failed; the cause is this rank's error.
+                        let _ = self.tcp.broadcast(&mut raw, 0);
                         return Err(e);
                     }
                 }
