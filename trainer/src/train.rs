@@ -268,6 +268,7 @@ impl<B: TrainBackend> Trainer<B> {
             param_elems: self.param_elems(),
             optimizer_state_elems: self.optimizer_state_elems(),
             peak_mem_bytes: self.peak_memory(),
+            compute_dtype: Some(format!("{:?}", self.model().compute).to_lowercase()),
         };
         self.report.step(&report, self.collective_seq());
         Ok(report)

@@ -92,6 +92,9 @@ pub struct StepReport {
     /// high-water mark), or on the CPU the process's peak resident memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_mem_bytes: Option<u64>,
+    /// The dtype this rank's matmuls ran in (`f32`, or `bf16` under mixed precision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_dtype: Option<String>,
 }
 
 /// A worker's progress after a step.
