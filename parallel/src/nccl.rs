@@ -8,8 +8,12 @@
 //! mesh group (dp, tp, pp, ep, the dense data group) gets its own, and a split only its
 //! members take part in (the tied-embedding pair of a pipeline) works as with TCP.
 //! (`ncclCommSplit` would need every rank of the parent to call it, which our split
-//! contract does not ask.) `ncclCommInitRank` itself has no timeout: a member that never
-//! comes leaves the others there until the job's hang detection restarts them.
+//! contract does not ask.) `ncclCommInitRank` has no timeout of its own: it runs on a
+//! helper thread given the group's timeout, so a member that never comes fails the others
+//! as a TCP collective would. (A collective's first call can also wait inside NCCL, where
+//! newer versions connect peers lazily; that wait is not bounded here: a peer that crashed
+//! ends it through the job's crash detection, and after the first step its hang detection
+//! ends any other.)
 //!
 //! A split with the same ranks as its parent, or as an earlier split of the same parent,
 //! shares that NCCL communicator (with dp only, the data group is the world); a group of
@@ -339,20 +343,37 @@ mod imp {
                 *c = b as core::ffi::c_char;
             }
             let id = sys::ncclUniqueId { internal };
-            let mut comm = std::ptr::null_mut();
-            // SAFETY: `comm` receives the new communicator; the context is current.
-            unsafe {
-                nccl::comm_init_rank(
-                    &mut comm,
-                    self.tcp.size() as i32,
-                    id,
-                    self.tcp.rank() as i32,
-                )
-            }
-            .map_err(|e| {
-                super::abandon();
-                failed("init")(e)
-            })?;
+            // `ncclCommInitRank` waits for every member without a deadline: it runs on a
+            // helper thread, given the group's timeout (then this rank fails and exits,
+            // leaving the thread to the exit).
+            let (n, rank) = (self.tcp.size() as i32, self.tcp.rank() as i32);
+            let bound = Arc::clone(&ctx);
+            let (done, wait) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("nccl-init".into())
+                .spawn(move || {
+                    let made = bound
+                        .bind_to_thread()
+                        .map_err(cuda("context"))
+                        .and_then(|()| {
+                            let mut comm = std::ptr::null_mut();
+                            // SAFETY: `comm` receives the new communicator; the context is
+                            // current on this thread.
+                            unsafe { nccl::comm_init_rank(&mut comm, n, id, rank) }
+                                .map_err(failed("init"))?;
+                            Ok(comm as usize)
+                        });
+                    let _ = done.send(made);
+                })
+                .map_err(|e| Error::Connect(format!("starting NCCL's init: {e}")))?;
+            let made = wait.recv_timeout(self.timeout).unwrap_or_else(|_| {
+                Err(Error::Connect(format!(
+                    "NCCL's init of a group of {n} did not complete within {:?} (a member \
+                     never came)",
+                    self.timeout
+                )))
+            });
+            let comm = made.inspect_err(|_| super::abandon())? as sys::ncclComm_t;
             Ok(Raw {
                 comm: Mutex::new(comm),
                 ctx,
