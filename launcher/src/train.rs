@@ -167,8 +167,12 @@ fn run_on<B: trainer::ParallelBackend>(job: &Job<'_>, device: &B::Device) -> Res
     let (train, eval) = load_data(cfg, ctx.rank == 0, report)?;
     let (model, spec) = setup::model::<Autodiff<B>>(cfg, device)?;
     let mesh = cfg.parallel.mesh(ctx)?;
-    // Dropped before `mesh`, whose groups (and the splits cached in them) outlive the
-    // trainer's: a failure marks the process failed before any NCCL group is dropped.
+    // Dropped before `mesh`: a failure marks the process failed before any NCCL group is
+    // dropped. The trainer itself drops earlier (inside the closure), which is safe only
+    // because every NCCL communicator it holds is also held here: its groups are the
+    // mesh's, and the splits it makes of them (kv-head copies, the tied-embedding pair)
+    // are cached in the group they were split from. A split the trainer made of its own
+    // would need the guard moved into the closure.
     let failing = parallel::nccl::FailGuard::new();
     let result = (|| -> Result<()> {
         let mut trainer = Trainer::builder(model, train, &cfg.training)

@@ -9,7 +9,7 @@
 //! members take part in (the tied-embedding pair of a pipeline) works as with TCP.
 //! (`ncclCommSplit` would need every rank of the parent to call it, which our split
 //! contract does not ask.) `ncclCommInitRank` has no timeout of its own: it runs on a
-//! helper thread given the group's timeout, so a member that never comes fails the others
+//! helper thread given the group's timeout (at least 2 minutes), so a member that never comes fails the others
 //! as a TCP collective would. (A collective's first call can also wait inside NCCL, where
 //! newer versions connect peers lazily; that wait is not bounded here: a peer that crashed
 //! ends it through the job's crash detection, and after the first step its hang detection
@@ -86,7 +86,7 @@ pub fn abandoned() -> bool {
 
 /// Calls [`abandon`] when dropped, unless [`FailGuard::ended_well`] came first (a return
 /// with an error, or a panic, drops it armed). Declared after the groups it protects, it
-/// drops before them.
+/// drops before them. Bind it to a name: `let _ = FailGuard::new()` drops it at once.
 #[must_use = "the guard marks the process failed when it is dropped"]
 pub struct FailGuard {
     armed: bool,
@@ -220,6 +220,10 @@ mod imp {
 
     /// How long an abort may take before the worker goes on to exit without it.
     const ABORT_GRACE: Duration = Duration::from_secs(10);
+
+    /// The least time NCCL's init is given, whatever the collective timeout (its first
+    /// topology and CUDA set-up can take tens of seconds).
+    const INIT_FLOOR: Duration = Duration::from_secs(120);
 
     fn failed(op: &'static str) -> impl Fn(nccl::NcclError) -> Error {
         move |e| Error::Connect(format!("NCCL {op}: {:?}", e.0))
@@ -366,13 +370,17 @@ mod imp {
                     let _ = done.send(made);
                 })
                 .map_err(|e| Error::Connect(format!("starting NCCL's init: {e}")))?;
-            let made = wait.recv_timeout(self.timeout).unwrap_or_else(|_| {
-                Err(Error::Connect(format!(
-                    "NCCL's init of a group of {n} did not complete within {:?} (a member \
-                     never came)",
-                    self.timeout
-                )))
-            });
+            let deadline = self.timeout.max(INIT_FLOOR);
+            let made = match wait.recv_timeout(deadline) {
+                Ok(made) => made,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Error::Connect(format!(
+                    "NCCL's init of a group of {n} did not complete within {deadline:?} (a \
+                     member never came)"
+                ))),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(Error::Connect(
+                    "NCCL's init thread panicked (see the message above)".into(),
+                )),
+            };
             let comm = made.inspect_err(|_| super::abandon())? as sys::ncclComm_t;
             Ok(Raw {
                 comm: Mutex::new(comm),
