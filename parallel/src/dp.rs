@@ -484,19 +484,29 @@ pub fn replace_by_path<B: Backend, M: burn::module::Module<B>>(
 
 /// Contiguous, element-balanced split of `params` (in their order) into `parts` owners.
 pub fn partition(params: &[ParamInfo], parts: usize) -> BTreeMap<String, usize> {
-    let total: usize = params.iter().map(ParamInfo::numel).sum();
-    let mut out = BTreeMap::new();
-    let mut before = 0usize;
-    for p in params {
-        // The owner is the part the parameter's midpoint falls in.
-        let mid = before + p.numel() / 2;
-        let owner = (mid * parts)
-            .checked_div(total)
-            .map_or(0, |o| o.min(parts - 1));
-        out.insert(p.path.clone(), owner);
-        before += p.numel();
-    }
-    out
+    let sizes: Vec<u64> = params.iter().map(|p| p.numel() as u64).collect();
+    params
+        .iter()
+        .zip(owners(&sizes, parts))
+        .map(|(p, o)| (p.path.clone(), o))
+        .collect()
+}
+
+/// [`partition`] of tensors of `sizes` elements: each one's owner, the part its midpoint
+/// falls in. The cost model prices ZeRO-1's shares with it.
+pub fn owners(sizes: &[u64], parts: usize) -> Vec<usize> {
+    let total: u64 = sizes.iter().sum();
+    let mut before = 0u64;
+    sizes
+        .iter()
+        .map(|&n| {
+            let mid = before + n / 2;
+            before += n;
+            (u128::from(mid) * parts as u128)
+                .checked_div(u128::from(total))
+                .map_or(0, |o| (o as usize).min(parts.saturating_sub(1)))
+        })
+        .collect()
 }
 
 fn missing(path: &str) -> Error {

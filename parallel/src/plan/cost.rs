@@ -501,7 +501,7 @@ pub fn estimate(job: &Job, hw: &Hardware, c: Candidate, sizes: &[usize]) -> Esti
     let steps = micro_f + (c.pp - 1) as f64 / v as f64;
     // The data-parallel reduction of the fullest pipeline rank's gradients (under ZeRO-1,
     // of the rank with the fullest share: a stage's largest tensor can outweigh layers).
-    let held = (0..c.pp)
+    let owned = (0..c.pp)
         .map(|r| {
             let share = Share {
                 tp: c.tp,
@@ -510,18 +510,17 @@ pub fn estimate(job: &Job, hw: &Hardware, c: Candidate, sizes: &[usize]) -> Esti
                 first: r == 0,
                 last: r + 1 == c.pp,
             };
-            m.params(&job.mode, &share)
+            Owned::of(job, c, share)
         })
-        .max_by(|a, b| owned_state(c, *a).total_cmp(&owned_state(c, *b)))
+        .max_by_key(Owned::fullest)
         .unwrap_or_default();
-    let (reduce_s, gather_s) = dp_reduce(hw, c, p, held);
+    let (reduce_s, gather_s) = dp_reduce(hw, c, p, &owned);
     // Gradients stream out during the last micro-batch's backward (twice its forward);
     // ZeRO-1's all-gather of the stepped weights comes after the optimizer.
     let deepest = layers.iter().copied().max().unwrap_or(0) as f64;
     let last_backward = k.layer_forward().compute_s * 2.0 * deepest;
     let dp_comm_s = (reduce_s - last_backward).max(0.0) + gather_s;
-    let owned = owned_state(c, held);
-    let optimizer_s = owned
+    let optimizer_s = owned.fullest() as f64
         * (2 * p.weight_bytes() + p.grad_bytes() + 2 * p.optimizer_bytes()) as f64
         / k.bytes_per_s;
     let step_time_s = pipeline_s + dp_comm_s + optimizer_s;
@@ -549,27 +548,19 @@ pub fn estimate(job: &Job, hw: &Hardware, c: Candidate, sizes: &[usize]) -> Esti
     }
 }
 
-/// Elements of optimizer state the fullest rank keeps: its trained parameters, or under
-/// ZeRO-1 its share of them over the ranks that hold the same ones (dense over dp × ep,
-/// experts over dp). ZeRO-1 hands out whole tensors, so no share is below the largest
-/// tensor: where one outweighs an even share (Llama-3.2-1B's tied embedding is a fifth of
-/// the model), its owner keeps it and the others split the rest. This is a lower bound:
-/// contiguous runs of whole tensors leave the trainer's fullest rank above it by up to
-/// 2 % for Llama-3.2-1B and Llama-2-7B at dp ≤ 8, more on some shapes and wider groups
-/// (5 % for Qwen2-7B at dp 8, 14 % for TinyLlama at dp 16, 17 % for Llama-2-7B at dp 32).
-pub fn owned_state(c: Candidate, held: Params) -> f64 {
-    let (dense, experts) = split_trainable(held);
-    if c.zero1 {
-        fullest(dense, held.largest, c.data_ranks()) + fullest(experts, held.largest_expert, c.dp)
-    } else {
-        dense + experts
-    }
+/// Elements of optimizer state the fullest rank holding `share` keeps: its trained
+/// parameters, or under ZeRO-1 what it owns of them ([`Owned`]).
+pub fn owned_state(job: &Job, c: Candidate, share: Share) -> f64 {
+    Owned::of(job, c, share).fullest() as f64
 }
 
 /// Under ZeRO-1, the state a rank keeps on average: the group's ranks together keep each
 /// trained parameter's once.
 pub fn shared_state(c: Candidate, held: Params) -> f64 {
-    let (dense, experts) = split_trainable(held);
+    let (dense, experts) = (
+        (held.trainable - held.expert_trainable) as f64,
+        held.expert_trainable as f64,
+    );
     if c.zero1 {
         dense / c.data_ranks() as f64 + experts / c.dp as f64
     } else {
@@ -577,22 +568,54 @@ pub fn shared_state(c: Candidate, held: Params) -> f64 {
     }
 }
 
-fn split_trainable(held: Params) -> (f64, f64) {
-    (
-        (held.trainable - held.expert_trainable) as f64,
-        held.expert_trainable as f64,
-    )
+/// The trained elements each rank holding one share owns: all of them, or under ZeRO-1
+/// the trainer's own split ([`crate::dp::owners`]) of the tensors in module-path order
+/// ([`super::ModelShape::trained_tensors`]), the dense ones over dp × ep, the experts'
+/// over dp. The split hands out whole tensors, so one larger than an even share
+/// (Llama-3.2-1B's tied embedding, a fifth of the model) leaves its owner above the rest.
+#[derive(Clone, Debug, Default)]
+struct Owned {
+    /// Per rank of the data group (dp × ep; index `ep + ep_size × dp`).
+    dense: Vec<u64>,
+    /// Per dp rank.
+    experts: Vec<u64>,
+    ep: usize,
 }
 
-/// The fullest of `ranks` shares of `total` elements handed out as whole tensors, the
-/// largest of them `largest`.
-fn fullest(total: f64, largest: u64, ranks: usize) -> f64 {
-    (total / ranks.max(1) as f64).max(largest as f64).min(total)
+impl Owned {
+    fn of(job: &Job, c: Candidate, share: Share) -> Self {
+        let (dense, experts) = job.model.trained_tensors(&job.mode, &share);
+        let (dn, en) = if c.zero1 {
+            (c.data_ranks(), c.dp)
+        } else {
+            (1, 1)
+        };
+        let split = |sizes: &[u64], parts: usize| {
+            let mut out = vec![0; parts];
+            for (n, o) in sizes.iter().zip(crate::dp::owners(sizes, parts)) {
+                out[o] += n;
+            }
+            out
+        };
+        Self {
+            dense: split(&dense, dn),
+            experts: split(&experts, en),
+            ep: if c.zero1 { c.ep } else { 1 },
+        }
+    }
+
+    /// What the fullest rank owns, dense and experts together.
+    fn fullest(&self) -> u64 {
+        (0..self.dense.len())
+            .map(|k| self.dense[k] + self.experts.get(k / self.ep.max(1)).copied().unwrap_or(0))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// Seconds of the data-parallel gradient reduction and of ZeRO-1's all-gather of the
 /// stepped weights after it (0 without ZeRO-1, whose all-reduce does both halves at once).
-fn dp_reduce(hw: &Hardware, c: Candidate, p: Precision, held: Params) -> (f64, f64) {
+fn dp_reduce(hw: &Hardware, c: Candidate, p: Precision, owned: &Owned) -> (f64, f64) {
     let ring = |bytes: f64, size: usize, stride: usize| {
         if size == 1 {
             return 0.0;
@@ -600,24 +623,21 @@ fn dp_reduce(hw: &Hardware, c: Candidate, p: Precision, held: Params) -> (f64, f
         let n = size as f64;
         (n - 1.0) / n * bytes / hw.group_bandwidth(size, stride) + hw.latency_us * 1e-6
     };
-    let (dense, experts) = split_trainable(held);
     let (g, w) = (p.grad_bytes() as f64, p.weight_bytes() as f64);
     let (dn, en) = (c.data_ranks(), c.dp);
+    let most = |v: &[u64]| v.iter().copied().max().unwrap_or(0) as f64;
     if c.zero1 {
         // A reduce-scatter of the gradients, then an all-gather of the stepped weights:
         // every rank's chunk as long as the fullest rank's run (NCCL wants equal chunks,
         // and a ring step waits for its longest one).
         let phase = |b: f64| {
-            ring(fullest(dense, held.largest, dn) * dn as f64 * b, dn, c.tp)
-                + ring(
-                    fullest(experts, held.largest_expert, en) * en as f64 * b,
-                    en,
-                    c.tp * c.ep,
-                )
+            ring(most(&owned.dense) * dn as f64 * b, dn, c.tp)
+                + ring(most(&owned.experts) * en as f64 * b, en, c.tp * c.ep)
         };
         (phase(g), phase(w))
     } else {
         // An all-reduce: a reduce-scatter and an all-gather in one, both of gradients.
+        let (dense, experts) = (most(&owned.dense), most(&owned.experts));
         let phase = |b: f64| ring(dense * b, dn, c.tp) + ring(experts * b, en, c.tp * c.ep);
         (phase(2.0 * g), 0.0)
     }
@@ -626,14 +646,14 @@ fn dp_reduce(hw: &Hardware, c: Candidate, p: Precision, held: Params) -> (f64, f
 /// Bytes of weights, gradients and optimizer state a rank of `c` holding `share` keeps
 /// (no activations): its parameters at the precision's widths, gradients of those it
 /// trains, and AdamW's state (with master weights in mixed precision) of its trained
-/// parameters, or under ZeRO-1 of its share of them ([`owned_state`]: the fullest rank's).
+/// parameters, or under ZeRO-1 of what the fullest rank owns of them ([`owned_state`]).
 pub fn state_memory(job: &Job, c: Candidate, share: Share) -> Memory {
     let p = job.precision;
     let held = job.model.params(&job.mode, &share);
     Memory {
         weights: held.weights as f64 * p.weight_bytes() as f64,
         grads: held.trainable as f64 * p.grad_bytes() as f64,
-        optimizer: owned_state(c, held) * p.optimizer_bytes() as f64,
+        optimizer: owned_state(job, c, share) * p.optimizer_bytes() as f64,
         ..Memory::default()
     }
 }

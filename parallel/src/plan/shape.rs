@@ -118,16 +118,12 @@ pub struct Share {
 }
 
 /// Parameter elements one rank holds: all of them, those it trains, and of those the
-/// experts' (reduced over data-parallel ranks only, not over expert-parallel ones); and
-/// the largest single tensor it trains among the others and among the experts' (ZeRO-1
-/// hands out whole tensors, so one big tensor bounds how evenly it can share them).
+/// experts' (reduced over data-parallel ranks only, not over expert-parallel ones).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Params {
     pub weights: u64,
     pub trainable: u64,
     pub expert_trainable: u64,
-    pub largest: u64,
-    pub largest_expert: u64,
 }
 
 impl std::ops::AddAssign for Params {
@@ -135,8 +131,6 @@ impl std::ops::AddAssign for Params {
         self.weights += o.weights;
         self.trainable += o.trainable;
         self.expert_trainable += o.expert_trainable;
-        self.largest = self.largest.max(o.largest);
-        self.largest_expert = self.largest_expert.max(o.largest_expert);
     }
 }
 
@@ -209,16 +203,14 @@ impl ModelShape {
             Mode::Lora { rank, targets } => (Some(rank as u64), targets),
         };
         let full = lora.is_none();
-        // (weights, trainable, the largest trained tensor) of one linear: `out_here`/
-        // `in_here` its local box.
+        // (weights, trainable) of one linear: `out_here`/`in_here` its local box.
         let linear = |input: u64, output: u64, column: bool, target: bool, bias: bool| {
             let (in_here, out_here) = if column {
                 (input, output / tp)
             } else {
                 (input / tp, output)
             };
-            let matrix = in_here * out_here;
-            let mut w = matrix;
+            let mut w = in_here * out_here;
             if bias {
                 w += if column { out_here } else { output };
             }
@@ -226,25 +218,17 @@ impl ModelShape {
                 Some(r) if target => r * in_here + r * out_here,
                 _ => 0,
             };
-            match lora {
-                None => (w, w, matrix),
-                Some(_) if adapters == 0 => (w, 0, 0),
-                // A is r × in, B is out × r: the larger of the two.
-                Some(r) => (w + adapters, adapters, r * in_here.max(out_here)),
-            }
+            (w + adapters, if full { w } else { adapters })
         };
         let mut dense = Params::default();
-        let add = |p: &mut Params, (w, t, one): (u64, u64, u64)| {
+        let add = |p: &mut Params, (w, t): (u64, u64)| {
             p.weights += w;
             p.trainable += t;
-            p.largest = p.largest.max(one);
         };
-        // A tensor that is trained only in full fine-tuning (norms, router, embedding).
-        let whole = |n: u64| (n, if full { n } else { 0 }, if full { n } else { 0 });
         let norm = if self.norm_bias { 2 * h } else { h };
+        let norms = (2 * norm, if full { 2 * norm } else { 0 });
         let mut layer = Params::default();
-        add(&mut layer, whole(norm));
-        add(&mut layer, whole(norm));
+        add(&mut layer, norms);
         add(&mut layer, linear(h, q, true, targets.q, self.qkv_bias));
         // k and v: whole heads per rank (`kv × tp` columns cut tp ways).
         add(
@@ -266,27 +250,23 @@ impl ModelShape {
         if self.experts == 0 {
             layer += mlp;
         } else {
-            add(&mut layer, whole(h * self.experts as u64));
+            let router = h * self.experts as u64;
+            add(&mut layer, (router, if full { router } else { 0 }));
             let local = (self.experts / s.ep) as u64;
             let one = mlp;
             experts.weights = local * one.weights;
             experts.trainable = local * one.trainable;
             experts.expert_trainable = experts.trainable;
-            experts.largest_expert = one.largest;
         }
         let l = s.layers as u64;
         dense.weights = l * layer.weights;
         dense.trainable = l * layer.trainable;
-        if l > 0 {
-            dense.largest = layer.largest;
-            dense.largest_expert = experts.largest_expert;
-        }
         let embedding = v / tp * h;
         if s.first || (s.last && self.tied_embeddings) {
-            add(&mut dense, whole(embedding));
+            add(&mut dense, (embedding, if full { embedding } else { 0 }));
         }
         if s.last {
-            add(&mut dense, whole(norm));
+            add(&mut dense, (norm, if full { norm } else { 0 }));
             if !self.tied_embeddings {
                 add(&mut dense, linear(h, v, true, targets.head, false));
             }
@@ -295,5 +275,91 @@ impl ModelShape {
         dense.trainable += l * experts.trainable;
         dense.expert_trainable = l * experts.expert_trainable;
         dense
+    }
+
+    /// The tensors a rank trains, as `(dense, experts)` element counts, each in the order
+    /// the trainer sorts their module paths (ZeRO-1 cuts its runs in that order, the dense
+    /// ones over dp × ep and the experts' over dp): `embed_tokens`, then each layer's
+    /// `ffn` (an MoE router; a dense MLP's down, gate, up), its two norms and `self_attn`'s
+    /// k, o, q, v, then `lm_head` and `norm`; within a linear `bias`, `lora.a`, `lora.b`,
+    /// `weight`. Layers all hold the same, so their order does not matter. The counts add
+    /// up to [`Self::params`]' `trainable` and `expert_trainable`.
+    pub fn trained_tensors(&self, mode: &Mode, s: &Share) -> (Vec<u64>, Vec<u64>) {
+        let tp = s.tp as u64;
+        let (h, v, f) = (self.hidden as u64, self.vocab as u64, self.ffn as u64);
+        let d = self.head_dim as u64;
+        let q = self.heads as u64 * d;
+        let kv = self.kv_heads_per_rank(s.tp) as u64 * d;
+        let (lora, targets) = match *mode {
+            Mode::Full => (None, LoraTargets::default()),
+            Mode::Lora { rank, targets } => (Some(rank as u64), targets),
+        };
+        let full = lora.is_none();
+        let linear = |out: &mut Vec<u64>,
+                      input: u64,
+                      output: u64,
+                      column: bool,
+                      target: bool,
+                      bias: bool| {
+            let (in_here, out_here) = if column {
+                (input, output / tp)
+            } else {
+                (input / tp, output)
+            };
+            match lora {
+                None => {
+                    if bias {
+                        out.push(if column { out_here } else { output });
+                    }
+                    out.push(in_here * out_here);
+                }
+                Some(r) if target => out.extend([r * in_here, out_here * r]),
+                Some(_) => {}
+            }
+        };
+        let norm = |out: &mut Vec<u64>| {
+            if full {
+                if self.norm_bias {
+                    out.push(h);
+                }
+                out.push(h);
+            }
+        };
+        let mlp = |out: &mut Vec<u64>| {
+            linear(out, f, h, false, targets.down, self.mlp_bias);
+            linear(out, h, f, true, targets.gate, self.mlp_bias);
+            if self.gated_mlp {
+                linear(out, h, f, true, targets.up, self.mlp_bias);
+            }
+        };
+        let (mut dense, mut experts) = (Vec::new(), Vec::new());
+        if full && (s.first || (s.last && self.tied_embeddings)) {
+            dense.push(v / tp * h);
+        }
+        for _ in 0..s.layers {
+            if self.experts == 0 {
+                mlp(&mut dense);
+            } else {
+                for _ in 0..self.experts / s.ep {
+                    mlp(&mut experts);
+                }
+                if full {
+                    dense.push(h * self.experts as u64);
+                }
+            }
+            norm(&mut dense);
+            norm(&mut dense);
+            linear(&mut dense, h, kv * tp, true, targets.k, self.qkv_bias);
+            linear(&mut dense, q, h, false, targets.o, self.o_bias);
+            linear(&mut dense, h, q, true, targets.q, self.qkv_bias);
+            linear(&mut dense, h, kv * tp, true, targets.v, self.qkv_bias);
+        }
+        if s.last {
+            if !self.tied_embeddings {
+                linear(&mut dense, h, v, true, targets.head, false);
+            }
+            norm(&mut dense);
+        }
+        (dense, experts)
     }
 }
