@@ -663,3 +663,48 @@ fn bf16_layouts_give_the_losses_and_norms_of_one_bf16_process() {
         }
     }
 }
+
+/// The cost model's list of a rank's trained tensors — what ZeRO-1 splits, in the order it
+/// splits them — is the trainer's, tensor for tensor: the llama3 (tied head), qwen2 (q/k/v
+/// biases) and mixtral (experts apart) fixtures, full and LoRA.
+#[test]
+fn the_cost_models_trained_tensors_are_the_trainers_in_path_order() {
+    use tidemill::parallel::dp::{params_by_path, ParamInfo};
+    use tidemill::parallel::plan::Share;
+    use tidemill::trainer::model::experts::is_expert_path;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let device = Default::default();
+    for model in ["llama3", "qwen2", "mixtral"] {
+        for lora in [false, true] {
+            let job = write_job(tmp.path(), model, lora);
+            let cfg = tidemill::launcher::JobConfig::load(&job, &[]).expect("job file");
+            let config = tidemill::trainer::ModelConfig::from_dir(&cfg.model.path).expect("model");
+            let mut m = tidemill::trainer::load_hf_model::<Train>(&cfg.model.path, !lora, &device)
+                .expect("loads");
+            if let Some(spec) = &cfg.lora {
+                m = tidemill::trainer::lora::apply(m, spec, cfg.training.seed)
+                    .expect("adapters")
+                    .0;
+            }
+            let (experts, dense): (Vec<ParamInfo>, Vec<ParamInfo>) = params_by_path(&m)
+                .into_iter()
+                .filter(|p| p.trainable)
+                .partition(|p| is_expert_path(&p.path));
+            let sizes = |v: &[ParamInfo]| v.iter().map(|p| p.numel() as u64).collect::<Vec<_>>();
+            let plan_job = tidemill::launcher::plan::job_of(&cfg, &config);
+            let share = Share {
+                tp: 1,
+                ep: 1,
+                layers: config.num_layers,
+                first: true,
+                last: true,
+            };
+            assert_eq!(
+                plan_job.model.trained_tensors(&plan_job.mode, &share),
+                (sizes(&dense), sizes(&experts)),
+                "{model} lora {lora}: {:?}",
+                dense.iter().map(|p| &p.path).collect::<Vec<_>>()
+            );
+        }
+    }
+}

@@ -499,9 +499,9 @@ pub fn estimate(job: &Job, hw: &Hardware, c: Candidate, sizes: &[usize]) -> Esti
     let pipeline_s = (micro_f + (c.pp - 1) as f64 / v as f64) * slowest_total;
     let bubble_s = (c.pp - 1) as f64 / v as f64 * slowest_total;
     let steps = micro_f + (c.pp - 1) as f64 / v as f64;
-    // The data-parallel reduction of the fullest pipeline rank's gradients (under ZeRO-1,
-    // of the rank with the fullest share: a stage's largest tensor can outweigh layers).
-    let owned = (0..c.pp)
+    // The data-parallel reduction of each pipeline rank's gradients (under ZeRO-1, padded
+    // to its fullest share): the step waits for the slowest.
+    let owned: Vec<Owned> = (0..c.pp)
         .map(|r| {
             let share = Share {
                 tp: c.tp,
@@ -512,15 +512,18 @@ pub fn estimate(job: &Job, hw: &Hardware, c: Candidate, sizes: &[usize]) -> Esti
             };
             Owned::of(job, c, share)
         })
-        .max_by_key(Owned::fullest)
-        .unwrap_or_default();
-    let (reduce_s, gather_s) = dp_reduce(hw, c, p, &owned);
+        .collect();
+    let (reduce_s, gather_s) = owned
+        .iter()
+        .map(|o| dp_reduce(hw, c, p, o))
+        .fold((0.0f64, 0.0f64), |(r, g), (x, y)| (r.max(x), g.max(y)));
     // Gradients stream out during the last micro-batch's backward (twice its forward);
     // ZeRO-1's all-gather of the stepped weights comes after the optimizer.
     let deepest = layers.iter().copied().max().unwrap_or(0) as f64;
     let last_backward = k.layer_forward().compute_s * 2.0 * deepest;
     let dp_comm_s = (reduce_s - last_backward).max(0.0) + gather_s;
-    let optimizer_s = owned.fullest() as f64
+    let fullest = owned.iter().map(Owned::fullest).max().unwrap_or(0);
+    let optimizer_s = fullest as f64
         * (2 * p.weight_bytes() + p.grad_bytes() + 2 * p.optimizer_bytes()) as f64
         / k.bytes_per_s;
     let step_time_s = pipeline_s + dp_comm_s + optimizer_s;
