@@ -134,6 +134,19 @@ impl std::ops::AddAssign for Params {
     }
 }
 
+/// A model's sizes as one rank of a share sees them: tp, hidden, vocabulary, MLP width, the
+/// query and (per rank) key/value widths, and the LoRA rank and targets if any.
+struct Dims {
+    tp: u64,
+    h: u64,
+    v: u64,
+    f: u64,
+    q: u64,
+    kv: u64,
+    lora: Option<u64>,
+    targets: LoraTargets,
+}
+
 impl ModelShape {
     /// Megatron's GPT: LayerNorm, biases everywhere, a GeLU MLP of 4 × hidden, the head tied
     /// to the embedding, dropout.
@@ -185,6 +198,25 @@ impl ModelShape {
         costs
     }
 
+    /// The sizes [`Self::params`] and [`Self::trained_tensors`] cut a rank's share from.
+    fn dims(&self, mode: &Mode, s: &Share) -> Dims {
+        let d = self.head_dim as u64;
+        let (lora, targets) = match *mode {
+            Mode::Full => (None, LoraTargets::default()),
+            Mode::Lora { rank, targets } => (Some(rank as u64), targets),
+        };
+        Dims {
+            tp: s.tp as u64,
+            h: self.hidden as u64,
+            v: self.vocab as u64,
+            f: self.ffn as u64,
+            q: self.heads as u64 * d,
+            kv: self.kv_heads_per_rank(s.tp) as u64 * d,
+            lora,
+            targets,
+        }
+    }
+
     /// Parameter elements a rank holds and trains, exactly as the trainer builds its
     /// shard: column-parallel projections (q, k, v, gate, up, the head and the embedding's
     /// vocabulary) and their biases cut over tp, row-parallel ones (o, down) cut on their
@@ -193,15 +225,16 @@ impl ModelShape {
     /// not the first holds its copy of the embedding. LoRA: A of a column projection
     /// whole and B cut, the other way round for a row projection.
     pub fn params(&self, mode: &Mode, s: &Share) -> Params {
-        let tp = s.tp as u64;
-        let (h, v, f) = (self.hidden as u64, self.vocab as u64, self.ffn as u64);
-        let d = self.head_dim as u64;
-        let q = self.heads as u64 * d;
-        let kv = self.kv_heads_per_rank(s.tp) as u64 * d;
-        let (lora, targets) = match *mode {
-            Mode::Full => (None, LoraTargets::default()),
-            Mode::Lora { rank, targets } => (Some(rank as u64), targets),
-        };
+        let Dims {
+            tp,
+            h,
+            v,
+            f,
+            q,
+            kv,
+            lora,
+            targets,
+        } = self.dims(mode, s);
         let full = lora.is_none();
         // (weights, trainable) of one linear: `out_here`/`in_here` its local box.
         let linear = |input: u64, output: u64, column: bool, target: bool, bias: bool| {
@@ -285,15 +318,16 @@ impl ModelShape {
     /// `weight`. Layers all hold the same, so their order does not matter. The counts add
     /// up to [`Self::params`]' `trainable` and `expert_trainable`.
     pub fn trained_tensors(&self, mode: &Mode, s: &Share) -> (Vec<u64>, Vec<u64>) {
-        let tp = s.tp as u64;
-        let (h, v, f) = (self.hidden as u64, self.vocab as u64, self.ffn as u64);
-        let d = self.head_dim as u64;
-        let q = self.heads as u64 * d;
-        let kv = self.kv_heads_per_rank(s.tp) as u64 * d;
-        let (lora, targets) = match *mode {
-            Mode::Full => (None, LoraTargets::default()),
-            Mode::Lora { rank, targets } => (Some(rank as u64), targets),
-        };
+        let Dims {
+            tp,
+            h,
+            v,
+            f,
+            q,
+            kv,
+            lora,
+            targets,
+        } = self.dims(mode, s);
         let full = lora.is_none();
         let linear = |out: &mut Vec<u64>,
                       input: u64,
