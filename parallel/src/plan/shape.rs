@@ -134,17 +134,22 @@ impl std::ops::AddAssign for Params {
     }
 }
 
-/// A model's sizes as one rank of a share sees them: tp, hidden, vocabulary, MLP width, the
-/// query and (per rank) key/value widths, and the LoRA rank and targets if any.
-struct Dims {
-    tp: u64,
-    h: u64,
-    v: u64,
-    f: u64,
-    q: u64,
-    kv: u64,
-    lora: Option<u64>,
-    targets: LoraTargets,
+/// One parameter tensor a rank holds: its elements, whether it is trained, whether it is
+/// an expert's (reduced over dp only).
+#[derive(Clone, Copy, Debug)]
+struct Tensor {
+    elems: u64,
+    trained: bool,
+    expert: bool,
+}
+
+/// A rank's parameter tensors in the order the trainer sorts their module paths, in three
+/// runs: before the layers (the embedding), one layer's (every layer holds the same, so
+/// their order does not matter), and after them (the head, the final norm).
+struct Tensors {
+    before: Vec<Tensor>,
+    layer: Vec<Tensor>,
+    after: Vec<Tensor>,
 }
 
 impl ModelShape {
@@ -198,201 +203,161 @@ impl ModelShape {
         costs
     }
 
-    /// The sizes [`Self::params`] and [`Self::trained_tensors`] cut a rank's share from.
-    fn dims(&self, mode: &Mode, s: &Share) -> Dims {
+    /// The tensors a rank holds, exactly as the trainer builds its shard ([`Tensors`]):
+    /// column-parallel projections (q, k, v, gate, up, the head and the embedding's
+    /// vocabulary) and their biases cut over tp, row-parallel ones (o, down) cut on their
+    /// input with the bias whole, norms and the router whole; k/v whole heads in copies
+    /// when tp exceeds them; experts/ep experts each; a tied head on a last stage that is
+    /// not the first holds its copy of the embedding. LoRA trains only the adapters: A of a
+    /// column projection whole and B cut, the other way round for a row projection.
+    ///
+    /// Path order: `embed_tokens`, then each layer's `ffn` (the experts, then an MoE
+    /// router; a dense MLP's down, gate, up), its two norms and `self_attn`'s k, o, q, v,
+    /// then `lm_head` and `norm`; within a linear `bias`, `lora.a`, `lora.b`, `weight`.
+    fn tensors(&self, mode: &Mode, s: &Share) -> Tensors {
+        let tp = s.tp as u64;
+        let (h, v, f) = (self.hidden as u64, self.vocab as u64, self.ffn as u64);
         let d = self.head_dim as u64;
+        let q = self.heads as u64 * d;
+        let kv = self.kv_heads_per_rank(s.tp) as u64 * d;
         let (lora, targets) = match *mode {
             Mode::Full => (None, LoraTargets::default()),
             Mode::Lora { rank, targets } => (Some(rank as u64), targets),
         };
-        Dims {
-            tp: s.tp as u64,
-            h: self.hidden as u64,
-            v: self.vocab as u64,
-            f: self.ffn as u64,
-            q: self.heads as u64 * d,
-            kv: self.kv_heads_per_rank(s.tp) as u64 * d,
-            lora,
-            targets,
-        }
-    }
-
-    /// Parameter elements a rank holds and trains, exactly as the trainer builds its
-    /// shard: column-parallel projections (q, k, v, gate, up, the head and the embedding's
-    /// vocabulary) and their biases cut over tp, row-parallel ones (o, down) cut on their
-    /// input with the bias whole, norms and the router whole; k/v whole heads in copies
-    /// when tp exceeds them; experts/ep experts each; a tied head on a last stage that is
-    /// not the first holds its copy of the embedding. LoRA: A of a column projection
-    /// whole and B cut, the other way round for a row projection.
-    pub fn params(&self, mode: &Mode, s: &Share) -> Params {
-        let Dims {
-            tp,
-            h,
-            v,
-            f,
-            q,
-            kv,
-            lora,
-            targets,
-        } = self.dims(mode, s);
         let full = lora.is_none();
-        // (weights, trainable) of one linear: `out_here`/`in_here` its local box.
-        let linear = |input: u64, output: u64, column: bool, target: bool, bias: bool| {
-            let (in_here, out_here) = if column {
-                (input, output / tp)
-            } else {
-                (input / tp, output)
-            };
-            let mut w = in_here * out_here;
-            if bias {
-                w += if column { out_here } else { output };
-            }
-            let adapters = match lora {
-                Some(r) if target => r * in_here + r * out_here,
-                _ => 0,
-            };
-            (w + adapters, if full { w } else { adapters })
+        // A tensor trained only in full fine-tuning.
+        let base = |elems: u64, expert: bool| Tensor {
+            elems,
+            trained: full,
+            expert,
         };
-        let mut dense = Params::default();
-        let add = |p: &mut Params, (w, t): (u64, u64)| {
-            p.weights += w;
-            p.trainable += t;
-        };
-        let norm = if self.norm_bias { 2 * h } else { h };
-        let norms = (2 * norm, if full { 2 * norm } else { 0 });
-        let mut layer = Params::default();
-        add(&mut layer, norms);
-        add(&mut layer, linear(h, q, true, targets.q, self.qkv_bias));
-        // k and v: whole heads per rank (`kv × tp` columns cut tp ways).
-        add(
-            &mut layer,
-            linear(h, kv * tp, true, targets.k, self.qkv_bias),
-        );
-        add(
-            &mut layer,
-            linear(h, kv * tp, true, targets.v, self.qkv_bias),
-        );
-        add(&mut layer, linear(q, h, false, targets.o, self.o_bias));
-        let mut mlp = Params::default();
-        add(&mut mlp, linear(h, f, true, targets.gate, self.mlp_bias));
-        if self.gated_mlp {
-            add(&mut mlp, linear(h, f, true, targets.up, self.mlp_bias));
-        }
-        add(&mut mlp, linear(f, h, false, targets.down, self.mlp_bias));
-        let mut experts = Params::default();
-        if self.experts == 0 {
-            layer += mlp;
-        } else {
-            let router = h * self.experts as u64;
-            add(&mut layer, (router, if full { router } else { 0 }));
-            let local = (self.experts / s.ep) as u64;
-            let one = mlp;
-            experts.weights = local * one.weights;
-            experts.trainable = local * one.trainable;
-            experts.expert_trainable = experts.trainable;
-        }
-        let l = s.layers as u64;
-        dense.weights = l * layer.weights;
-        dense.trainable = l * layer.trainable;
-        let embedding = v / tp * h;
-        if s.first || (s.last && self.tied_embeddings) {
-            add(&mut dense, (embedding, if full { embedding } else { 0 }));
-        }
-        if s.last {
-            add(&mut dense, (norm, if full { norm } else { 0 }));
-            if !self.tied_embeddings {
-                add(&mut dense, linear(h, v, true, targets.head, false));
-            }
-        }
-        dense.weights += l * experts.weights;
-        dense.trainable += l * experts.trainable;
-        dense.expert_trainable = l * experts.expert_trainable;
-        dense
-    }
-
-    /// The tensors a rank trains, as `(dense, experts)` element counts, each in the order
-    /// the trainer sorts their module paths (ZeRO-1 cuts its runs in that order, the dense
-    /// ones over dp × ep and the experts' over dp): `embed_tokens`, then each layer's
-    /// `ffn` (an MoE router; a dense MLP's down, gate, up), its two norms and `self_attn`'s
-    /// k, o, q, v, then `lm_head` and `norm`; within a linear `bias`, `lora.a`, `lora.b`,
-    /// `weight`. Layers all hold the same, so their order does not matter. The counts add
-    /// up to [`Self::params`]' `trainable` and `expert_trainable`.
-    pub fn trained_tensors(&self, mode: &Mode, s: &Share) -> (Vec<u64>, Vec<u64>) {
-        let Dims {
-            tp,
-            h,
-            v,
-            f,
-            q,
-            kv,
-            lora,
-            targets,
-        } = self.dims(mode, s);
-        let full = lora.is_none();
-        let linear = |out: &mut Vec<u64>,
+        let linear = |out: &mut Vec<Tensor>,
                       input: u64,
                       output: u64,
                       column: bool,
                       target: bool,
-                      bias: bool| {
+                      bias: bool,
+                      expert: bool| {
             let (in_here, out_here) = if column {
                 (input, output / tp)
             } else {
                 (input / tp, output)
             };
-            match lora {
-                None => {
-                    if bias {
-                        out.push(if column { out_here } else { output });
-                    }
-                    out.push(in_here * out_here);
-                }
-                Some(r) if target => out.extend([r * in_here, out_here * r]),
-                Some(_) => {}
+            if bias {
+                out.push(base(if column { out_here } else { output }, expert));
             }
-        };
-        let norm = |out: &mut Vec<u64>| {
-            if full {
-                if self.norm_bias {
-                    out.push(h);
+            if let (Some(r), true) = (lora, target) {
+                for elems in [r * in_here, out_here * r] {
+                    out.push(Tensor {
+                        elems,
+                        trained: true,
+                        expert,
+                    });
                 }
-                out.push(h);
             }
+            out.push(base(in_here * out_here, expert));
         };
-        let mlp = |out: &mut Vec<u64>| {
-            linear(out, f, h, false, targets.down, self.mlp_bias);
-            linear(out, h, f, true, targets.gate, self.mlp_bias);
+        let norm = |out: &mut Vec<Tensor>| {
+            if self.norm_bias {
+                out.push(base(h, false));
+            }
+            out.push(base(h, false));
+        };
+        let mlp = |out: &mut Vec<Tensor>, expert: bool| {
+            linear(out, f, h, false, targets.down, self.mlp_bias, expert);
+            linear(out, h, f, true, targets.gate, self.mlp_bias, expert);
             if self.gated_mlp {
-                linear(out, h, f, true, targets.up, self.mlp_bias);
+                linear(out, h, f, true, targets.up, self.mlp_bias, expert);
             }
         };
-        let (mut dense, mut experts) = (Vec::new(), Vec::new());
-        if full && (s.first || (s.last && self.tied_embeddings)) {
-            dense.push(v / tp * h);
+        let mut before = Vec::new();
+        if s.first || (s.last && self.tied_embeddings) {
+            before.push(base(v / tp * h, false));
         }
-        for _ in 0..s.layers {
-            if self.experts == 0 {
-                mlp(&mut dense);
-            } else {
-                for _ in 0..self.experts / s.ep {
-                    mlp(&mut experts);
-                }
-                if full {
-                    dense.push(h * self.experts as u64);
-                }
+        let mut layer = Vec::new();
+        if self.experts == 0 {
+            mlp(&mut layer, false);
+        } else {
+            for _ in 0..self.experts / s.ep {
+                mlp(&mut layer, true);
             }
-            norm(&mut dense);
-            norm(&mut dense);
-            linear(&mut dense, h, kv * tp, true, targets.k, self.qkv_bias);
-            linear(&mut dense, q, h, false, targets.o, self.o_bias);
-            linear(&mut dense, h, q, true, targets.q, self.qkv_bias);
-            linear(&mut dense, h, kv * tp, true, targets.v, self.qkv_bias);
+            layer.push(base(h * self.experts as u64, false));
         }
+        norm(&mut layer);
+        norm(&mut layer);
+        // k and v: whole heads per rank (`kv × tp` columns cut tp ways).
+        linear(
+            &mut layer,
+            h,
+            kv * tp,
+            true,
+            targets.k,
+            self.qkv_bias,
+            false,
+        );
+        linear(&mut layer, q, h, false, targets.o, self.o_bias, false);
+        linear(&mut layer, h, q, true, targets.q, self.qkv_bias, false);
+        linear(
+            &mut layer,
+            h,
+            kv * tp,
+            true,
+            targets.v,
+            self.qkv_bias,
+            false,
+        );
+        let mut after = Vec::new();
         if s.last {
             if !self.tied_embeddings {
-                linear(&mut dense, h, v, true, targets.head, false);
+                linear(&mut after, h, v, true, targets.head, false, false);
             }
-            norm(&mut dense);
+            norm(&mut after);
+        }
+        Tensors {
+            before,
+            layer,
+            after,
+        }
+    }
+
+    /// Parameter elements a rank holds and trains ([`Self::tensors`]).
+    pub fn params(&self, mode: &Mode, s: &Share) -> Params {
+        let t = self.tensors(mode, s);
+        let sum = |run: &[Tensor]| {
+            let mut p = Params::default();
+            for x in run {
+                p.weights += x.elems;
+                if x.trained {
+                    p.trainable += x.elems;
+                    if x.expert {
+                        p.expert_trainable += x.elems;
+                    }
+                }
+            }
+            p
+        };
+        let (layer, l) = (sum(&t.layer), s.layers as u64);
+        let mut p = sum(&t.before);
+        p += Params {
+            weights: l * layer.weights,
+            trainable: l * layer.trainable,
+            expert_trainable: l * layer.expert_trainable,
+        };
+        p += sum(&t.after);
+        p
+    }
+
+    /// The tensors a rank trains, as `(dense, experts)` element counts, each in the order
+    /// the trainer sorts their module paths ([`Self::tensors`]): ZeRO-1 cuts its runs in
+    /// that order, the dense ones over dp × ep and the experts' over dp.
+    pub fn trained_tensors(&self, mode: &Mode, s: &Share) -> (Vec<u64>, Vec<u64>) {
+        let t = self.tensors(mode, s);
+        let (mut dense, mut experts) = (Vec::new(), Vec::new());
+        let layers = std::iter::repeat_n(&t.layer, s.layers).flatten();
+        for x in t.before.iter().chain(layers).chain(&t.after) {
+            if x.trained {
+                if x.expert { &mut experts } else { &mut dense }.push(x.elems);
+            }
         }
         (dense, experts)
     }
