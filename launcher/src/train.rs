@@ -91,10 +91,7 @@ pub fn worker(cfg: &JobConfig, decided: &Decided, window: Option<WindowWork>) ->
         .and_then(|()| run_rank(&cfg, decided, window, &ctx, &ctx.reporter));
     match &result {
         Ok(()) | Err(Error::Yielded(_)) => failing.ended_well(),
-        Err(e) => {
-            parallel::nccl::abandon();
-            ctx.reporter.error(&crate::error::chain(e));
-        }
+        Err(e) => ctx.reporter.error(&crate::error::chain(e)),
     }
     ctx.reporter.flush(Duration::from_secs(5));
     result
