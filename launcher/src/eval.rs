@@ -23,6 +23,10 @@ pub fn run(cfg: &JobConfig, adapter: Option<&Path>) -> Result<EvalReport> {
     match cfg.job.device {
         Device::Cpu => run_on::<trainer::backend::Cpu>(cfg, adapter, &Default::default()),
         #[cfg(feature = "cuda")]
+        Device::Cuda if cfg.job.fusion => {
+            run_on::<trainer::backend::CudaFused>(cfg, adapter, &Default::default())
+        }
+        #[cfg(feature = "cuda")]
         Device::Cuda => run_on::<burn::backend::Cuda>(cfg, adapter, &Default::default()),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => Err(crate::error::Error::Config {

@@ -135,6 +135,11 @@ fn run_rank(
     match cfg.job.device {
         Device::Cpu => run_on::<trainer::backend::Cpu>(&job, &Default::default()),
         #[cfg(feature = "cuda")]
+        Device::Cuda if cfg.job.fusion => run_on::<trainer::backend::CudaFused>(
+            &job,
+            &burn::backend::cuda::CudaDevice::new(ctx.local_rank),
+        ),
+        #[cfg(feature = "cuda")]
         Device::Cuda => run_on::<burn::backend::Cuda>(
             &job,
             &burn::backend::cuda::CudaDevice::new(ctx.local_rank),

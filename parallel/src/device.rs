@@ -53,6 +53,55 @@ pub trait DeviceBackend: Backend {
 
 impl DeviceBackend for burn::backend::Flex {}
 
+/// burn's wgpu backend (a developer's check of the cubecl kernels without a GPU): its
+/// tensors take the host path.
+#[cfg(feature = "wgpu")]
+impl DeviceBackend for burn::backend::Wgpu {}
+
+/// burn's kernel fusion over a backend (`job.fusion`): `dense` first runs the fused work
+/// queued for the tensor (resolving it to the inner backend's tensor), takes the inner
+/// backend's buffer, and hands the tensor back to the fusion client under a new id. Only
+/// the device path calls it; the host path reads the fused tensor as it is.
+#[cfg(feature = "fusion")]
+impl<B: DeviceBackend + burn_fusion::FusionBackend> DeviceBackend for burn_fusion::Fusion<B> {
+    const DEVICE_BUFFERS: bool = B::DEVICE_BUFFERS;
+
+    fn dense(x: FloatTensor<Self>) -> (FloatTensor<Self>, Option<DeviceBuf>) {
+        let inner = x.client.clone().resolve_tensor_float::<B>(x);
+        let (inner, buf) = B::dense(inner);
+        (fused::<B>(inner), buf)
+    }
+
+    fn dense_empty(
+        shape: Shape,
+        dtype: FloatDType,
+        device: &Self::Device,
+    ) -> (FloatTensor<Self>, Option<DeviceBuf>) {
+        let (inner, buf) = B::dense_empty(shape, dtype, device);
+        (fused::<B>(inner), buf)
+    }
+}
+
+/// `x` handed to the fusion client of its device, as burn-fusion's own `float_from_data`
+/// does with the inner backend's tensor it makes.
+#[cfg(feature = "fusion")]
+fn fused<B: burn_fusion::FusionBackend>(
+    x: FloatTensor<B>,
+) -> FloatTensor<burn_fusion::Fusion<B>> {
+    use burn_ir::{InitOperationIr, OperationIr, OperationOutput};
+    let client = burn_fusion::get_client::<B>(&B::float_device(&x));
+    let (shape, dtype) = (x.shape(), x.dtype());
+    let handle = B::float_tensor_handle(x);
+    let desc = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
+    client
+        .register(
+            burn_fusion::stream::OperationStreams::default(),
+            OperationIr::Init(desc),
+            burn_fusion::NoOp::<B>::new(),
+        )
+        .output()
+}
+
 /// Tensors of a training backend take the host path (the trainer's collectives run on the
 /// inner backend's tensors: gradients, detached activations; what is left is small, as the
 /// per-row maxima of a vocabulary-parallel loss).

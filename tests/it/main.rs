@@ -9,6 +9,8 @@ mod bf16;
 mod checkpoint;
 mod cli;
 mod convert;
+#[cfg(feature = "wgpu")]
+mod cubecl;
 mod deploy;
 mod examples;
 mod golden;

@@ -13,6 +13,18 @@ pub type Cuda = burn::backend::Cuda;
 /// [`Cuda`] with autodiff, for training.
 #[cfg(feature = "cuda")]
 pub type CudaTrain = burn::backend::Autodiff<Cuda>;
+/// [`Cuda`] under burn's kernel fusion (`job.fusion`): element-wise chains and reductions
+/// are compiled into fewer kernels at run time.
+#[cfg(feature = "cuda")]
+pub type CudaFused = burn_fusion::Fusion<Cuda>;
+
+/// burn's wgpu backend: a developer's check of the cubecl kernels (which the CUDA backend
+/// shares) on any Vulkan driver, without a GPU (`tools/cubecl_check.sh`).
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn::backend::Wgpu;
+/// [`Wgpu`] under burn's kernel fusion, as `CudaFused` is CUDA's.
+#[cfg(feature = "wgpu")]
+pub type WgpuFused = burn_fusion::Fusion<Wgpu>;
 
 /// The process's peak resident memory (`VmHWM` in /proc/self/status), in bytes; `None`
 /// where there is no such file.

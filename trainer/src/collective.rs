@@ -285,8 +285,11 @@ pub fn reduce_from<B: ParallelBackend, const D: usize>(
 }
 
 macro_rules! plain_collective {
-    ($backend:ty, dense_tables = $dense:literal $(, $memory:path)?) => {
-        impl ParallelBackend for $backend {
+    (
+        $(@[$($generics:tt)*])? $backend:ty,
+        dense_tables = $dense:expr $(, $memory:path)?
+    ) => {
+        impl$(<$($generics)*>)? ParallelBackend for $backend {
             fn dense_tables() -> bool {
                 $dense
             }
@@ -330,6 +333,18 @@ plain_collective!(
     burn::backend::Cuda,
     dense_tables = false,
     crate::backend::cuda_memory_reserved
+);
+// A developer's check of the cubecl kernels without a GPU (tests/it/cubecl.rs): the tables
+// as on CUDA, so that the GPU-shaped inputs are what it runs.
+#[cfg(feature = "wgpu")]
+plain_collective!(burn::backend::Wgpu, dense_tables = false);
+// burn's kernel fusion over either (`job.fusion`): its collectives are the inner backend's,
+// through the fused tensors' device buffers (`parallel::device`).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+plain_collective!(
+    @[B: ParallelBackend + burn_fusion::FusionBackend] burn_fusion::Fusion<B>,
+    dense_tables = B::dense_tables(),
+    B::memory_reserved
 );
 
 #[derive(Debug)]

@@ -122,6 +122,12 @@ impl JobConfig {
                     .into(),
             );
         }
+        if self.job.fusion && self.job.device != Device::Cuda {
+            return Err(
+                "job.fusion: kernel fusion is burn's GPU path and needs job.device = \"cuda\""
+                    .into(),
+            );
+        }
         self.launch.validate()?;
         if self.launch.data_plane == DataPlane::Nccl && self.job.device != Device::Cuda {
             return Err(
@@ -250,6 +256,18 @@ mod tests {
         assert!(err.to_string().contains("model.dtype") && err.to_string().contains("bf16"));
         assert_eq!(err.exit_code(), 2);
         assert!(parse(MIN, &["training.recompute=true", "parallel.pp=2"]).is_ok());
+    }
+
+    /// Kernel fusion is burn's GPU path: asked for on the CPU it is an input error naming the
+    /// key; off, it is left out of the resolved config.
+    #[test]
+    fn fusion_needs_the_gpu() {
+        let err = parse(MIN, &["job.fusion=true"]).unwrap_err();
+        assert!(err.to_string().contains("job.fusion"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        let c = parse(MIN, &["job.fusion=false"]).unwrap();
+        assert!(!c.job.fusion);
+        assert!(!c.to_toml().unwrap().contains("fusion"));
     }
 
     /// NCCL moves GPU memory: asked for on the CPU it is refused before any work; `auto`

@@ -59,6 +59,10 @@ pub struct JobSection {
     pub run_dir: Option<PathBuf>,
     #[serde(default = "cpu")]
     pub device: Device,
+    /// burn's kernel fusion on the GPU (`device = "cuda"` only): element-wise chains and
+    /// reductions compiled into fewer kernels at run time. Off until measured faster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fusion: bool,
 }
 
 fn cpu() -> Device {
