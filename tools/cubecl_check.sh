@@ -4,10 +4,11 @@
 # included (Debian: `apt-get install mesa-vulkan-drivers`). tests/it/cubecl.rs trains the
 # fixture models on it, plain and under kernel fusion (`job.fusion`), against the CPU
 # backend, single-process and over data-parallel, ZeRO-1 and pipeline layouts, and checks
-# a fused tensor's round trip through a collective's buffer.
+# the fusion client's side of handing a fused tensor to a device collective.
 #
-# Not in .ci/run: it builds burn a second time with the wgpu backend (11 minutes on 2
-# cores from clean) and llvmpipe is slow. What it cannot check is CUDA's own: NVRTC, bf16
+# Not run by .ci/run, which only compiles it (`cargo check --features wgpu`): it builds
+# burn a second time with the wgpu backend (11 minutes on 2 cores from clean) and needs a
+# Vulkan driver. What it cannot check is CUDA's own: NVRTC, bf16
 # kernels, NCCL, device memory statistics (tools/bench/gpu.sh, on a GPU).
 #
 #   tools/cubecl_check.sh            exit status 0 when every check passes

@@ -102,8 +102,7 @@ fn mixtral_full_on_cubecl_kernels_matches_the_cpu() {
 }
 
 /// Each step's loss on rank 0 of `popts`' layout over `world` ranks, trained in threads
-/// of this process over TCP on 127.0.0.1, then the evaluation loss of rank 0's model
-/// (a pipeline's evaluation runs on every stage: only the one-stage layouts evaluate).
+/// of this process over TCP on 127.0.0.1.
 fn run_mesh<B: TrainBackend>(
     model: &str,
     world: usize,
@@ -191,10 +190,12 @@ fn layouts_on_cubecl_kernels_give_the_losses_of_one_cpu_process() {
     }
 }
 
-/// A fused tensor's device buffer, as a collective takes it (`DeviceBackend::dense`): the
-/// queued fused work runs first, the tensor comes back to the fusion client with its
-/// values, and later fused work reads it; `dense_empty` gives a tensor fused work can
-/// overwrite.
+/// The fusion client's side of a collective on a fused tensor (`DeviceBackend::dense`,
+/// which NCCL's device path calls): the queued fused work runs, the inner tensor comes back
+/// to the fusion client under a new id with its values, and later fused work reads it;
+/// `dense_empty` gives a tensor fused work can overwrite. (wgpu's own `dense` takes no
+/// buffer: the pointer NCCL gets is CUDA's, checked only on a GPU by gpu.sh's fused NCCL
+/// run.)
 #[test]
 fn a_fused_tensor_handed_to_a_collective_keeps_its_values_and_goes_on_fusing() {
     let device = Default::default();

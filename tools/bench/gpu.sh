@@ -6,10 +6,11 @@
 # contract through NCCL and a 256 MiB all-reduce through NCCL vs through host memory; a
 # `launch train` with launch.data_plane = "nccl"), then tidemill vs transformers(+peft)
 # tokens/s, MFU and peak memory for LoRA and full SFT of Qwen2-0.5B- and Llama-1B-shaped
-# models at sequence 2048.
+# models at sequence 2048, the hardware calibration, and last burn's kernel fusion
+# (`job.fusion`) against the same runs without it.
 #
-# The `launch` binary is built elsewhere (no toolkit or network needed; 7 min 26 s on 2
-# cores from clean, 4 min 22 s after a change of CUDARC_CUDA_VERSION) and carried:
+# The `launch` binary is built elsewhere (no toolkit or network needed; 11 min 15 s on 2
+# cores from clean; 62 MB stripped, near the 64 MiB a device run carries) and carried:
 #   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda --bin launch
 #   mkdir -p bin && cp target/release/launch bin/launch && strip bin/launch
 #

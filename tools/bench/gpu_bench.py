@@ -15,6 +15,10 @@ its time limit still tells what it reached):
      step's time (kernel compilation and autotuning), and the ratio.
   4. full-SFT parity, then `launch plan --calibrate --device DEVICE` (the measured hardware
      profile), if time is left.
+  5. fusion: the throughput runs again under burn's kernel fusion (`job.fusion = true`),
+     full SFT of the largest shape first, each at the micro-batch step 3 found, while time
+     is left. (After step 2, the data plane at world 1: `launch comm-check`, and a
+     `launch train` over NCCL, plain and fused.)
 --small runs the same on tiny shapes (sequence 128) for a dry run on a CPU.
 """
 import argparse
@@ -76,12 +80,13 @@ def run(cmd, timeout, env=None):
 
 
 def job_file(work, name, model, train, device, dtype, steps, batch, seq, lr, lora, recompute,
-             data_plane="auto"):
+             data_plane="auto", fusion=False):
     run_dir = work / name
     text = f"""[job]
 name = "{name}"
 run_dir = "{run_dir}"
 device = "{device}"
+{"fusion = true" if fusion else "# job.fusion unset: off (a binary older than the key refuses it)"}
 [model]
 path = "{model}"
 dtype = "{dtype}"
@@ -217,14 +222,24 @@ def nccl(a, work, summary):
     summary.put("train_data_plane_nccl", {"rc": got["rc"], "seconds": got["seconds"],
                                           "losses": [s["loss"] for s in got["steps"]],
                                           "stderr": got["stderr"]})
+    if a.device == "cuda":
+        # The same under kernel fusion: a fused tensor's device buffer through NCCL.
+        got = train(a, work, "nccl-world1-fused", 180, model=qs / "model",
+                    train=qs / "data" / "train.jsonl", device=a.device, dtype="f32", steps=3,
+                    batch=8, seq=512, lr=1e-3, lora=None, recompute=False, data_plane="nccl",
+                    fusion=True)
+        summary.put("train_data_plane_nccl_fused", {"rc": got["rc"], "seconds": got["seconds"],
+                                                    "losses": [s["loss"] for s in got["steps"]],
+                                                    "stderr": got["stderr"]})
 
 
-def ours(a, work, shape, mode, model, seq, candidates):
+def ours(a, work, shape, mode, model, seq, candidates, fusion=False, timeout=240):
     tried = []
     for mb in candidates:
-        got = train(a, work, f"ours-{shape}-{mode}-mb{mb}", 240, True, device=a.device, dtype="bf16",
+        name = f"ours-{shape}-{mode}-mb{mb}" + ("-fused" if fusion else "")
+        got = train(a, work, name, timeout, True, device=a.device, dtype="bf16",
                     model=model, train=model / "train.jsonl", steps=a.steps, batch=mb, seq=seq, lr=1e-4,
-                    lora=(16, 32) if mode == "lora" else None, recompute=True)
+                    lora=(16, 32) if mode == "lora" else None, recompute=True, fusion=fusion)
         steps = got["steps"]
         if got["rc"] == 0 and len(steps) == a.steps:
             steady = [s["step_time"] for s in steps[1:]] or [steps[0]["step_time"]]
@@ -282,6 +297,32 @@ def throughput(a, work, summary, deadline):
             summary.put(f"throughput_{shape}_{mode}", item)
 
 
+def fusion(a, work, summary, deadline):
+    """burn's kernel fusion (`job.fusion = true`) against the same run without it, for each
+    shape and mode the throughput step measured (full SFT of the largest shape first), at
+    the micro-batch it found: whether fusion measures faster, and its compile time. Each
+    run gets what is left of the budget plus 80 s (gpu.sh's LIMIT is the budget plus 90)."""
+    if a.device != "cuda":
+        summary.put("fusion", {"skipped": "kernel fusion is burn's GPU path (device = cuda)"})
+        return
+    items = [i for k, i in summary.data["items"].items() if k.startswith("throughput_")]
+    for item in sorted(items, key=lambda i: (i["mode"] != "full", -i["flops_per_token"])):
+        plain = item["tidemill"]
+        if not plain.get("micro_batch"):
+            continue
+        left = min(240.0, deadline + 80 - time.time())
+        if left < 60:
+            summary.put("stopped_fusion", f"time budget spent before {item['shape']} {item['mode']}")
+            return
+        fused = ours(a, work, item["shape"], item["mode"], work / item["shape"], item["seq"],
+                     [plain["micro_batch"]], fusion=True, timeout=left)
+        entry = {"shape": item["shape"], "mode": item["mode"], "micro_batch": plain["micro_batch"],
+                 "unfused_tokens_per_s": plain["tokens_per_s"], "fused": fused}
+        if fused.get("tokens_per_s"):
+            entry["ratio_fused_over_unfused"] = fused["tokens_per_s"] / plain["tokens_per_s"]
+        summary.put(f"fusion_{item['shape']}_{item['mode']}", entry)
+
+
 def main():
     a = parse()
     signal.signal(signal.SIGTERM, stop_live)
@@ -313,6 +354,7 @@ def main():
     if time.time() < deadline + 40:
         rc, stdout, err, secs = run([a.launch, "plan", "--calibrate", "--device", a.device], 60)
         summary.put("calibrate", {"rc": rc, "seconds": secs, "profile": stdout, "stderr": err if rc else ""})
+    fusion(a, work, summary, deadline)
     summary.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     summary.save()
     table(summary.data)
@@ -320,6 +362,8 @@ def main():
 
 def table(data):
     """The summary as a table (also what the note quotes)."""
+    fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    gib = lambda b: b / 2**30 if b else None  # noqa: E731
     print(f"{'shape':<12}{'mode':<6}{'mb':>4}{'ours tok/s':>12}{'torch tok/s':>13}{'ratio':>7}"
           f"{'ours MFU':>10}{'torch MFU':>11}{'ours GiB':>10}{'torch GiB':>11}{'compile s':>11}")
     for key, item in data["items"].items():
@@ -328,13 +372,19 @@ def table(data):
         us, them = item["tidemill"], item["transformers"]
         mem = them.get("peak_memory_bytes") or {}
         torch_mem = mem.get("max_memory_reserved") or mem.get("max_rss")
-        fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"  # noqa: E731
-        gib = lambda b: b / 2**30 if b else None  # noqa: E731
         print(f"{item['shape']:<12}{item['mode']:<6}{fmt(us.get('micro_batch'), 'd'):>4}"
               f"{fmt(us.get('tokens_per_s'), '.0f'):>12}{fmt(them.get('tokens_per_s'), '.0f'):>13}"
               f"{fmt(item.get('ratio_tokens_per_s'), '.2f'):>7}{fmt(us.get('mfu'), '.1%'):>10}"
               f"{fmt(them.get('mfu'), '.1%'):>11}{fmt(gib(us.get('peak_memory_bytes')), '.1f'):>10}"
               f"{fmt(gib(torch_mem), '.1f'):>11}{fmt(us.get('compile_s'), '.1f'):>11}")
+    for key, item in data["items"].items():
+        if key.startswith("fusion_"):
+            fused = item["fused"]
+            print(f"fusion {item['shape']} {item['mode']} mb {item['micro_batch']}: "
+                  f"{fmt(fused.get('tokens_per_s'), '.0f')} tok/s fused vs "
+                  f"{fmt(item['unfused_tokens_per_s'], '.0f')} unfused "
+                  f"(ratio {fmt(item.get('ratio_fused_over_unfused'), '.2f')}, "
+                  f"compile {fmt(fused.get('compile_s'), '.1f')} s)")
 
 
 if __name__ == "__main__":
