@@ -85,9 +85,7 @@ impl<B: DeviceBackend + burn_fusion::FusionBackend> DeviceBackend for burn_fusio
 /// `x` handed to the fusion client of its device, as burn-fusion's own `float_from_data`
 /// does with the inner backend's tensor it makes.
 #[cfg(feature = "fusion")]
-fn fused<B: burn_fusion::FusionBackend>(
-    x: FloatTensor<B>,
-) -> FloatTensor<burn_fusion::Fusion<B>> {
+fn fused<B: burn_fusion::FusionBackend>(x: FloatTensor<B>) -> FloatTensor<burn_fusion::Fusion<B>> {
     use burn_ir::{InitOperationIr, OperationIr, OperationOutput};
     let client = burn_fusion::get_client::<B>(&B::float_device(&x));
     let (shape, dtype) = (x.shape(), x.dtype());

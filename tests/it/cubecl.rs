@@ -1,7 +1,7 @@
 //! The GPU code path on a machine without a GPU (feature `wgpu`, run by
 //! `tools/cubecl_check.sh`): burn's wgpu backend runs the cubecl kernels that the CUDA
-//! backend shares with it (matmul, reductions, indexing, the fused attention and loss
-//! pieces) on any Vulkan driver, Mesa's software llvmpipe included. What it cannot check is
+//! backend shares with it (matmul, reductions, softmax, gather and scatter, indexing) on
+//! any Vulkan driver, Mesa's software llvmpipe included. What it cannot check is
 //! CUDA's own: NVRTC, bf16 kernels, NCCL, device memory statistics.
 //!
 //! Each run trains the same fixture model on the CPU backend, on wgpu, and on wgpu under
@@ -38,14 +38,16 @@ fn run<B: TrainBackend>(model: &str, adapter: bool, recompute: bool, steps: u64)
     }
     let opts = options(adapter, recompute, steps);
     let rows = token_rows("train_tokens.jsonl", true, 64);
-    let mut trainer = Trainer::builder(m, rows, &opts)
-        .build()
-        .expect("trainer");
+    let mut trainer = Trainer::builder(m, rows, &opts).build().expect("trainer");
     let mut out: Vec<f64> = (0..steps)
         .map(|_| trainer.step().expect("step").loss)
         .collect();
     let eval = token_rows("eval_tokens.jsonl", false, 64);
-    out.push(evaluate_trained(trainer.model(), &eval, 4).expect("eval").loss);
+    out.push(
+        evaluate_trained(trainer.model(), &eval, 4)
+            .expect("eval")
+            .loss,
+    );
     out
 }
 
@@ -214,14 +216,13 @@ fn a_fused_tensor_handed_to_a_collective_keeps_its_values_and_goes_on_fusing() {
         dense.into_data().to_vec::<f32>().expect("f32"),
         vec![3.0, 9.0, 5.0, 11.0, 7.0, 13.0]
     );
-    let (empty, _) = WgpuFused::dense_empty(
-        [2, 2].into(),
-        burn::tensor::FloatDType::F32,
-        &device,
-    );
+    let (empty, _) = WgpuFused::dense_empty([2, 2].into(), burn::tensor::FloatDType::F32, &device);
     let empty = Tensor::<WgpuFused, 2>::from_primitive(TensorPrimitive::Float(empty));
     assert_eq!(empty.dims(), [2, 2]);
     let sevens = Tensor::<WgpuFused, 2>::ones([2, 2], &device) * 7.0;
     let filled = empty.slice_assign([0..2, 0..2], sevens);
-    assert_eq!(filled.into_data().to_vec::<f32>().expect("f32"), vec![7.0; 4]);
+    assert_eq!(
+        filled.into_data().to_vec::<f32>().expect("f32"),
+        vec![7.0; 4]
+    );
 }
