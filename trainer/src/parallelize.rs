@@ -325,6 +325,11 @@ impl<B: TrainBackend> TrainerBuilder<B> {
 
     /// Train this rank's part of `mesh`'s layout (built with [`ParallelOptions::mesh`]);
     /// without this call, the trainer holds the whole model on one rank.
+    ///
+    /// One rank per process, as `launch run` starts them: burn 0.21's autodiff locks every
+    /// graph of the process when a backward pass ends, so two ranks in one process can
+    /// wait on each other for ever when a collective runs inside the backward pass (tensor,
+    /// sequence and expert parallelism's do).
     pub fn parallel(mut self, mesh: &Mesh, options: &ParallelOptions) -> Self {
         self.parallel = Some((mesh.clone(), options.clone()));
         self
