@@ -40,6 +40,20 @@ fn h100(gpus_per_node: usize, memory_gib: f64) -> Hardware {
     }
 }
 
+/// Data parallelism over `dp` ranks alone: micro-batch 1, no recomputation, no ZeRO-1.
+fn data_parallel(dp: usize) -> Candidate {
+    Candidate {
+        dp,
+        tp: 1,
+        pp: 1,
+        ep: 1,
+        micro_batch: 1,
+        recompute: false,
+        zero1: false,
+        virtual_stages: 1,
+    }
+}
+
 fn job(model: ModelShape, global_batch: usize, mode: Mode) -> Job {
     Job {
         model,
@@ -186,16 +200,7 @@ fn each_lever_moves_memory_and_time_the_way_it_should() {
     let job = job(llama(32, 4096, 32, 8, 0), 64, Mode::Full);
     let hw = h100(8, 80.0);
     let sizes = |pp: usize, v: usize| balance(&job.model.layer_costs(), pp * v);
-    let base = Candidate {
-        dp: 8,
-        tp: 1,
-        pp: 1,
-        ep: 1,
-        micro_batch: 1,
-        recompute: false,
-        zero1: false,
-        virtual_stages: 1,
-    };
+    let base = data_parallel(8);
     let at = |c: Candidate| estimate(&job, &hw, c, &sizes(c.pp, c.virtual_stages));
     let e = at(base);
     let z = at(Candidate {
@@ -260,14 +265,9 @@ fn gpt_flops_with_recomputation_are_megatrons_formula() {
         ..job(model, b, Mode::Full)
     };
     let c = Candidate {
-        dp: 32,
-        tp: 1,
-        pp: 1,
-        ep: 1,
         micro_batch: 2,
         recompute: true,
-        zero1: false,
-        virtual_stages: 1,
+        ..data_parallel(32)
     };
     let e = estimate(&job, &h100(8, 80.0), c, &[l]);
     let (bf, sf, lf, hf, vf) = (b as f64, s as f64, l as f64, h as f64, v as f64);
@@ -390,16 +390,7 @@ fn zero1_prices_the_fullest_rank_where_one_tensor_outweighs_an_even_share() {
     let m = llama_1b();
     let job = job(m, 64, Mode::Full);
     let hw = h100(8, 80.0);
-    let base = Candidate {
-        dp: 8,
-        tp: 1,
-        pp: 1,
-        ep: 1,
-        micro_batch: 1,
-        recompute: false,
-        zero1: false,
-        virtual_stages: 1,
-    };
+    let base = data_parallel(8);
     let sizes = balance(&job.model.layer_costs(), 1);
     let e = estimate(&job, &hw, base, &sizes);
     let z = estimate(
