@@ -392,7 +392,7 @@ fn assert_same_tensors(
 /// which hands out whole tensors unevenly, for the fullest rank of each data group, and
 /// the group's shares add up to the predicted whole.
 fn assert_state_predicted(job: &Path, nproc: usize, sets: &[&str], what: &str) {
-    use tidemill::parallel::plan::{rank_layers, shared_state, state_memory, Candidate, Share};
+    use tidemill::parallel::plan::{rank_layers, state_memory, Candidate, Share};
     let overrides: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let cfg = tidemill::launcher::JobConfig::load(job, &overrides).expect("job file");
     let model = tidemill::trainer::ModelConfig::from_dir(&cfg.model.path).expect("model");
@@ -458,9 +458,14 @@ fn assert_state_predicted(job: &Path, nproc: usize, sets: &[&str], what: &str) {
             assert_eq!(got, want.optimizer, "{what}: rank {rank} optimizer state");
         } else {
             let group = zero1.entry((at.tp, at.pp)).or_default();
+            // On average a rank keeps its dense state over dp × ep, its experts' over dp: the
+            // group's ranks together keep each trained parameter's once.
             let held = plan_job.model.params(&plan_job.mode, &share);
+            let dense = (held.trainable - held.expert_trainable) as f64;
+            let average =
+                dense / c.data_ranks() as f64 + held.expert_trainable as f64 / c.dp as f64;
             group[0] += got;
-            group[1] += shared_state(c, held) * plan_job.precision.optimizer_bytes() as f64;
+            group[1] += average * plan_job.precision.optimizer_bytes() as f64;
             group[2] = group[2].max(got);
             group[3] = want.optimizer;
         }

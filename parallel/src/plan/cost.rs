@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::hardware::Hardware;
-use super::shape::{Mode, ModelShape, Params, Precision, Share};
+use super::shape::{Mode, ModelShape, Precision, Share};
 
 /// At most this many logits are widened to f32 at once by the loss (256 MiB): the
 /// trainer's chunk (`trainer::loss::CHUNK_ELEMS` is this constant) and what the memory
@@ -555,20 +555,6 @@ pub fn estimate(job: &Job, hw: &Hardware, c: Candidate, sizes: &[usize]) -> Esti
 /// parameters, or under ZeRO-1 what it owns of them ([`Owned`]).
 pub fn owned_state(job: &Job, c: Candidate, share: Share) -> f64 {
     Owned::of(job, c, share).fullest() as f64
-}
-
-/// Under ZeRO-1, the state a rank keeps on average: the group's ranks together keep each
-/// trained parameter's once.
-pub fn shared_state(c: Candidate, held: Params) -> f64 {
-    let (dense, experts) = (
-        (held.trainable - held.expert_trainable) as f64,
-        held.expert_trainable as f64,
-    );
-    if c.zero1 {
-        dense / c.data_ranks() as f64 + experts / c.dp as f64
-    } else {
-        dense + experts
-    }
 }
 
 /// The trained elements each rank holding one share owns: all of them, or under ZeRO-1

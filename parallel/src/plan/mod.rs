@@ -31,8 +31,8 @@ mod search;
 mod shape;
 
 pub use cost::{
-    balance, estimate, owned_state, rank_layers, shared_state, state_memory, Candidate, Estimate,
-    Job, Memory, LOSS_CHUNK_ELEMS,
+    balance, estimate, owned_state, rank_layers, state_memory, Candidate, Estimate, Job, Memory,
+    LOSS_CHUNK_ELEMS,
 };
 pub use hardware::{human_bytes, Hardware, GIB};
 pub use search::{search, Plan, Priced, Rejection, Space, MAX_WORLD};
