@@ -9,8 +9,8 @@
 //! members take part in (the tied-embedding pair of a pipeline) works as with TCP.
 //! (`ncclCommSplit` would need every rank of the parent to call it, which our split
 //! contract does not ask.) `ncclCommInitRank` has no timeout of its own: it runs on a
-//! helper thread given the group's timeout (at least 2 minutes), so a member that never comes fails the others
-//! as a TCP collective would. (A collective's first call can also wait inside NCCL, where
+//! helper thread given the group's timeout (at least 2 minutes), so a member that never
+//! comes fails the others as a TCP collective would. (A collective's first call can also wait inside NCCL, where
 //! newer versions connect peers lazily; that wait is not bounded here: a peer that crashed
 //! ends it through the job's crash detection, and after the first step its hang detection
 //! ends any other.)

@@ -79,7 +79,10 @@ fn same(model: &str, adapter: bool, recompute: bool) {
             .zip(&got)
             .map(|(a, b)| rel_diff(*b, *a))
             .fold(0.0, f64::max);
-        println!("{model} adapter={adapter} recompute={recompute}: cpu {cpu:?} {name} {got:?} worst {worst:.2e}");
+        println!(
+            "{model} adapter={adapter} recompute={recompute}: cpu {cpu:?} {name} {got:?} \
+             worst {worst:.2e}"
+        );
         assert_eq!(got.len(), cpu.len());
         assert!(
             worst < 1e-4,
